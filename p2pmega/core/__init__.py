@@ -1,0 +1,1 @@
+"""Pure core: formats, crypto, placement. No sockets, no clock, no files."""

@@ -1,0 +1,1 @@
+"""Networking: the hardened DHT, LAN discovery and the chunk transfer protocol (asyncio only)."""
