@@ -1,0 +1,262 @@
+"""Chunk ids, the stored-chunk format (header, associated data, padding) and the key schedule.
+
+Pure functions over bytes; the manifest tree that lists chunks lives in core.manifest.
+The byte-level specification is docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import NewType
+
+from p2pmega.core import crypto
+from p2pmega.errors import ChunkHashMismatch, DecryptionFailed
+
+ChunkId = NewType("ChunkId", bytes)
+"""SHA-256 of the exact stored bytes of a chunk (32 bytes); anyone can check it without a key."""
+
+CHUNK_ID_BYTES = crypto.HASH_BYTES
+DHT_KEY_BYTES = 20  # Kademlia's 160-bit key space: the DHT key is the first 20 bytes of the id.
+
+FORMAT_VERSION = 1
+KIND_DATA = 0
+KIND_NODE = 1
+KIND_ROOT = 2
+KIND_META = 3  # the metadata box nested inside the root; never a stored chunk of its own
+HEADER_BYTES = 2  # version, kind
+CHUNK_OVERHEAD_BYTES = HEADER_BYTES + crypto.SEAL_OVERHEAD_BYTES
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+# 64 bytes is the smallest size that still lets a manifest node list two 32-byte ids; tests use it
+# to build deep manifest trees cheaply.
+MIN_CHUNK_SIZE = 64
+# A manifest may declare at most 4 MiB chunks, so a holder never buffers more than that per chunk.
+MAX_CHUNK_SIZE = 4 << 20
+# The root manifest chunk carries, beyond a node's ids, a fixed header and the sealed metadata
+# (name of at most MAX_NAME_BYTES); 4 KiB bounds both with room to spare (see docs/FORMAT.md).
+MAX_NAME_BYTES = 1024
+ROOT_EXTRA_MAX_BYTES = 4096
+MAX_SEALED_CHUNK_BYTES = MAX_CHUNK_SIZE + ROOT_EXTRA_MAX_BYTES + CHUNK_OVERHEAD_BYTES
+
+# Every padded final chunk holds at least this many plaintext bytes (unless the chunk size is
+# smaller), so tiny files all look alike.
+MIN_PADDED_BYTES = 256
+
+PURPOSE_VERIFY = b"p2pmega:verify:v1"
+PURPOSE_FILE_ID = b"p2pmega:file-id:v1"
+PURPOSE_CHUNK = b"p2pmega:chunk:v1"
+PURPOSE_META = b"p2pmega:meta:v1"
+FILE_ID_BYTES = 16
+ROOT_LEVEL = 255  # level byte of the root and metadata in the associated data
+
+
+def chunk_id_of(data: bytes | bytearray | memoryview) -> ChunkId:
+    """The id of a stored chunk: the hash of exactly these bytes.
+
+    Args:
+        data: The stored (sealed) chunk; not copied.
+
+    Returns:
+        Its ``ChunkId``.
+    """
+    return ChunkId(crypto.hash_bytes(data))
+
+
+def verify_chunk(chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> None:
+    """Check that ``data`` is the chunk named ``chunk_id``; needs no key.
+
+    Args:
+        chunk_id: The expected id.
+        data: The bytes offered under that id.
+
+    Raises:
+        ChunkHashMismatch: The bytes hash to something else.
+    """
+    if not hmac.compare_digest(crypto.hash_bytes(data), chunk_id):
+        raise ChunkHashMismatch(
+            f"chunk {short_id(chunk_id)} ({len(data)} bytes) does not match its id; "
+            "discard it and fetch from another holder"
+        )
+
+
+def dht_key_of(chunk_id: ChunkId) -> bytes:
+    """The 160-bit Kademlia key under which holders of a chunk announce themselves.
+
+    Args:
+        chunk_id: A chunk id.
+
+    Returns:
+        Its first ``DHT_KEY_BYTES`` bytes (SHA-256 prefixes are uniform, as Kademlia needs).
+    """
+    return bytes(chunk_id[:DHT_KEY_BYTES])
+
+
+def short_id(chunk_id: bytes) -> str:
+    """A chunk id abbreviated for messages, e.g. ``3f9a1c…e1b2``.
+
+    Args:
+        chunk_id: Any id.
+
+    Returns:
+        The first 6 and last 2 bytes in hex.
+    """
+    text = chunk_id.hex()
+    return f"{text[:12]}…{text[-4:]}" if len(text) > 16 else text
+
+
+@dataclass(frozen=True, repr=False)
+class FileKeys:
+    """The keys of one file. ``chunk_key`` and ``meta_key`` are None for a keep-alive holder."""
+
+    verify_key: bytes
+    file_id: bytes
+    chunk_key: bytes | None
+    meta_key: bytes | None
+
+    @classmethod
+    def from_file_key(cls, file_key: bytes) -> FileKeys:
+        """Derive every key from the random file key K of a read link.
+
+        Args:
+            file_key: K, ``crypto.KEY_BYTES`` long.
+
+        Returns:
+            All four keys.
+        """
+        verify_key = crypto.derive_key(file_key, PURPOSE_VERIFY)
+        return cls(
+            verify_key=verify_key,
+            file_id=crypto.derive_key(verify_key, PURPOSE_FILE_ID)[:FILE_ID_BYTES],
+            chunk_key=crypto.derive_key(file_key, PURPOSE_CHUNK),
+            meta_key=crypto.derive_key(file_key, PURPOSE_META),
+        )
+
+    @classmethod
+    def from_verify_key(cls, verify_key: bytes) -> FileKeys:
+        """The keys a keep-alive link gives: enough to open the manifest tree, not the data.
+
+        Args:
+            verify_key: V, ``crypto.KEY_BYTES`` long.
+
+        Returns:
+            Keys with ``chunk_key`` and ``meta_key`` set to None.
+        """
+        return cls(
+            verify_key=verify_key,
+            file_id=crypto.derive_key(verify_key, PURPOSE_FILE_ID)[:FILE_ID_BYTES],
+            chunk_key=None,
+            meta_key=None,
+        )
+
+
+def make_aad(kind: int, file_id: bytes, index: int, *, final: bool, level: int) -> bytes:
+    """The associated data that binds a sealed box to its place in its file.
+
+    Args:
+        kind: ``KIND_*``.
+        file_id: The file's ``FILE_ID_BYTES`` id.
+        index: Position among its level (data chunk index for data).
+        final: Whether it is the last one of its level.
+        level: 0 for data, 1.. for tree nodes (1 lists data ids), ``ROOT_LEVEL`` for root/meta.
+
+    Returns:
+        ``version || kind || file_id || index (u64 BE) || final (u8) || level (u8)``: 28 bytes.
+    """
+    return b"".join(
+        (
+            bytes((FORMAT_VERSION, kind)),
+            file_id,
+            index.to_bytes(8, "big"),
+            bytes((int(final), level)),
+        )
+    )
+
+
+def seal_chunk(key: bytes, kind: int, plaintext: bytes, aad: bytes) -> tuple[ChunkId, bytes]:
+    """Seal one stored chunk: ``version || kind || nonce || ciphertext || tag``, and name it.
+
+    Args:
+        key: The chunk key (data) or verify key (manifest nodes).
+        kind: ``KIND_DATA``, ``KIND_NODE`` or ``KIND_ROOT``.
+        plaintext: Exact plaintext, padding included.
+        aad: From `make_aad` with the same kind.
+
+    Returns:
+        The chunk id and the stored bytes.
+    """
+    stored = crypto.seal(key, plaintext, aad, header=bytes((FORMAT_VERSION, kind)))
+    return chunk_id_of(stored), stored
+
+
+def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
+    """Check the header and open a stored chunk (its hash is checked by the caller).
+
+    Args:
+        key: As for `seal_chunk`.
+        kind: The kind this chunk must be.
+        stored: The stored bytes.
+        aad: The associated data it must have been sealed with.
+
+    Returns:
+        The plaintext, padding included.
+
+    Raises:
+        DecryptionFailed: Unknown version, wrong kind, or it does not authenticate here.
+    """
+    if len(stored) < CHUNK_OVERHEAD_BYTES or stored[0] != FORMAT_VERSION or stored[1] != kind:
+        header = stored[:HEADER_BYTES].hex()
+        raise DecryptionFailed(
+            f"chunk header {header!r} ({len(stored)} bytes) is not format v{FORMAT_VERSION} "
+            f"kind {kind}; it was altered or needs a newer p2pmega"
+        )
+    return crypto.open_sealed(key, stored[HEADER_BYTES:], aad)
+
+
+def padme(length: int) -> int:
+    """Padmé (Nikitin et al., PETS 2019): round up, leaking O(log log L) bits, overhead < 12%.
+
+    Args:
+        length: A non-negative length.
+
+    Returns:
+        The smallest Padmé length >= ``length``.
+    """
+    if length < 2:
+        return length
+    exponent = length.bit_length() - 1  # E = floor(log2 L)
+    size_bits = exponent.bit_length()  # S = floor(log2 E) + 1
+    low_bits = exponent - size_bits  # the mantissa keeps S bits; the rest are zeroed
+    mask = (1 << low_bits) - 1
+    return (length + mask) & ~mask
+
+
+def data_chunk_count(size: int, chunk_size: int) -> int:
+    """How many data chunks a file has: at least one, so an empty file still has a chunk.
+
+    Args:
+        size: File size in bytes.
+        chunk_size: Plaintext bytes per chunk.
+
+    Returns:
+        ``max(1, ceil(size / chunk_size))``.
+    """
+    return max(1, -(-size // chunk_size))
+
+
+def padded_final_length(size: int, chunk_size: int) -> int:
+    """Plaintext length of the final data chunk after padding.
+
+    The whole file is padded to ``max(padme(size), MIN_PADDED_BYTES)`` but never past the end
+    of its last chunk, so padding never adds a chunk.
+
+    Args:
+        size: File size in bytes.
+        chunk_size: Plaintext bytes per chunk.
+
+    Returns:
+        Bytes of plaintext (data then zeros) sealed into the final chunk.
+    """
+    before_final = (data_chunk_count(size, chunk_size) - 1) * chunk_size
+    padded_total = max(padme(size), MIN_PADDED_BYTES)
+    return min(chunk_size, padded_total - before_final)

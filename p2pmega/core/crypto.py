@@ -1,0 +1,208 @@
+"""Every cryptographic primitive p2pmega uses, in one reviewable place; the only importer of nacl.
+
+Callers see plain ``bytes`` only. Nothing here knows about chunks, manifests or links.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+import nacl.utils
+
+from p2pmega.errors import BadSignature, DecryptionFailed
+
+KEY_BYTES = 32
+NONCE_BYTES = (
+    24  # XChaCha20: 192-bit nonces are safe to draw at random (draft-irtf-cfrg-xchacha, 3.1).
+)
+TAG_BYTES = 16
+SEAL_OVERHEAD_BYTES = NONCE_BYTES + TAG_BYTES
+HASH_BYTES = 32
+SEED_BYTES = 32
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+NODE_ID_BYTES = 20  # Kademlia's 160-bit id space (kademlia 2.2.3 uses 20-byte ids).
+
+# BLAKE2b's personalisation field holds at most 16 bytes; this one keeps node ids apart from
+# every other BLAKE2b use in p2pmega.
+_NODE_ID_PERSON = b"p2pmega:node:v1"
+
+
+def _random_bytes(count: int) -> bytes:
+    # One indirection so the golden-vector generator (tests/vectors/make_vectors.py) can make
+    # nonces and keys deterministic; production code never replaces it.
+    return nacl.utils.random(count)
+
+
+def new_key() -> bytes:
+    """A fresh random 256-bit key from the OS CSPRNG.
+
+    Returns:
+        ``KEY_BYTES`` random bytes.
+    """
+    return _random_bytes(KEY_BYTES)
+
+
+def derive_key(root: bytes, purpose: bytes) -> bytes:
+    """Derive an independent sub-key for one purpose (BLAKE2b-256 keyed with ``root``).
+
+    Args:
+        root: A ``KEY_BYTES`` secret.
+        purpose: A tag unique to the use, such as ``b"p2pmega:chunk:v1"``.
+
+    Returns:
+        A 32-byte key; different purposes give unrelated keys.
+
+    Raises:
+        ValueError: ``root`` is not ``KEY_BYTES`` long (a caller bug).
+    """
+    if len(root) != KEY_BYTES:
+        raise ValueError(f"root key must be {KEY_BYTES} bytes, got {len(root)}")
+    return hashlib.blake2b(purpose, key=root, digest_size=KEY_BYTES).digest()
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes, *, header: bytes = b"") -> bytes:
+    """Encrypt and authenticate with XChaCha20-Poly1305-IETF under a random nonce.
+
+    Args:
+        key: A ``KEY_BYTES`` key.
+        plaintext: The bytes to hide.
+        aad: Associated data: authenticated, not stored.
+        header: Bytes to put in front of the result (not authenticated unless also in ``aad``);
+            passing it here saves the caller one copy of a large buffer.
+
+    Returns:
+        ``header || nonce(24) || ciphertext || tag(16)``.
+    """
+    return _seal_with_nonce(key, _random_bytes(NONCE_BYTES), plaintext, aad, header)
+
+
+def _seal_with_nonce(
+    key: bytes, nonce: bytes, plaintext: bytes, aad: bytes, header: bytes
+) -> bytes:
+    ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plaintext, aad, nonce, key
+    )
+    return b"".join((header, nonce, ciphertext))
+
+
+def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Check and decrypt what `seal` produced (without its header).
+
+    Args:
+        key: The key it was sealed with.
+        sealed: ``nonce || ciphertext || tag``.
+        aad: The associated data it was sealed with.
+
+    Returns:
+        The plaintext.
+
+    Raises:
+        DecryptionFailed: Too short, wrong key, wrong associated data or any modified byte.
+    """
+    if len(sealed) < SEAL_OVERHEAD_BYTES:
+        raise DecryptionFailed(
+            f"sealed data is {len(sealed)} bytes, shorter than nonce and tag; it is truncated"
+        )
+    nonce = sealed[:NONCE_BYTES]
+    try:
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            sealed[NONCE_BYTES:], aad, nonce, key
+        )
+    except nacl.exceptions.CryptoError as exc:
+        raise DecryptionFailed(
+            "data does not authenticate under this key; it was altered, moved or the key is wrong"
+        ) from exc
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """The chunk-id hash: SHA-256 (measured faster than BLAKE2b here; see docs/FORMAT.md).
+
+    Args:
+        data: Any bytes-like object; not copied.
+
+    Returns:
+        ``HASH_BYTES`` digest.
+    """
+    return hashlib.sha256(data).digest()
+
+
+def new_signing_seed() -> bytes:
+    """A fresh Ed25519 seed (the node's secret).
+
+    Returns:
+        ``SEED_BYTES`` random bytes.
+    """
+    return _random_bytes(SEED_BYTES)
+
+
+def public_key_of(seed: bytes) -> bytes:
+    """The Ed25519 public key of a seed.
+
+    Args:
+        seed: ``SEED_BYTES`` secret.
+
+    Returns:
+        ``PUBLIC_KEY_BYTES`` public key.
+
+    Raises:
+        ValueError: ``seed`` has the wrong length (a caller bug).
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"signing seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    return bytes(nacl.signing.SigningKey(seed).verify_key)
+
+
+def sign(seed: bytes, msg: bytes) -> bytes:
+    """Ed25519 detached signature.
+
+    Args:
+        seed: ``SEED_BYTES`` secret.
+        msg: The message; callers prefix it with their own purpose tag.
+
+    Returns:
+        ``SIGNATURE_BYTES`` signature.
+
+    Raises:
+        ValueError: ``seed`` has the wrong length (a caller bug).
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"signing seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    return nacl.signing.SigningKey(seed).sign(msg).signature
+
+
+def verify_signature(public: bytes, msg: bytes, sig: bytes) -> None:
+    """Check an Ed25519 detached signature; untrusted input of any length is fine.
+
+    Args:
+        public: Signer's public key.
+        msg: The signed message.
+        sig: The signature.
+
+    Raises:
+        BadSignature: Wrong lengths, invalid key or the signature does not match.
+    """
+    if len(public) != PUBLIC_KEY_BYTES or len(sig) != SIGNATURE_BYTES:
+        raise BadSignature(
+            f"public key is {len(public)} bytes and signature {len(sig)}; "
+            f"expected {PUBLIC_KEY_BYTES} and {SIGNATURE_BYTES}, drop the record"
+        )
+    try:
+        nacl.signing.VerifyKey(public).verify(msg, sig)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError) as exc:
+        raise BadSignature("signature does not verify; drop the record") from exc
+
+
+def node_id_of(public: bytes) -> bytes:
+    """The 160-bit DHT node id of a public key (personalised BLAKE2b).
+
+    Args:
+        public: Ed25519 public key.
+
+    Returns:
+        ``NODE_ID_BYTES`` id.
+    """
+    return hashlib.blake2b(public, digest_size=NODE_ID_BYTES, person=_NODE_ID_PERSON).digest()
