@@ -1,0 +1,580 @@
+"""The chunk-transfer protocol as a sans-I/O state machine: bytes in, events out.
+
+It contains no networking code at all: no socket, clock or task (h11 style). The asyncio pump
+around it lives in p2pmega.net.transfer; the byte layout is documented in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId
+from p2pmega.errors import RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+
+# Frame header: u32 length of everything after the prefix, u8 version, u8 type, u32 request id.
+_HEADER = struct.Struct(">IBBI")
+PREFIX_BYTES: Final = 4
+HEADER_BYTES: Final = _HEADER.size
+CHUNK_ID_BYTES: Final = 32
+_STORE_FIXED = struct.Struct(">32sI")  # chunk id, lease seconds
+_RENEW_FIXED = struct.Struct(">IH")  # lease seconds, id count
+_COUNT = struct.Struct(">H")
+_ERROR_FIXED = struct.Struct(">B")
+
+# 4096 ids are 128 KiB of request and 4 KiB of reply: large enough that a holder with 100 GiB of
+# 1 MiB chunks renews everything in 25 round trips, small enough to stay far below one chunk frame.
+MAX_BATCH_IDS: Final = 4096
+# Leases travel as whole seconds in a u32 (136 years), so the largest lease is 2**32 - 1 seconds.
+MAX_LEASE_S: Final = 2**32 - 1
+# Error text is for logs only; 256 bytes fit one line and keep a hostile peer from sending novels.
+MAX_ERROR_MESSAGE_BYTES: Final = 256
+# The biggest frame is a StoreRequest with a maximum chunk: header (10) + chunk id (32) + lease (4).
+# 4 KiB of slack covers that and leaves room for a future field without a version bump of the limit.
+FRAME_SLACK_BYTES: Final = 4096
+MAX_FRAME_BYTES: Final = MAX_SEALED_CHUNK_BYTES + FRAME_SLACK_BYTES
+# Request id 0 is reserved for errors about the whole connection (BUSY, TOO_LARGE before a header).
+CONNECTION_REQUEST_ID: Final = 0
+_MAX_REQUEST_ID: Final = 2**32 - 1
+
+
+class Role(enum.Enum):
+    """Which side of a connection this state machine plays."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class MessageType(enum.IntEnum):
+    """The type byte of a frame. Requests have the top bit clear, replies have it set."""
+
+    STORE = 0x01
+    FETCH = 0x02
+    HAS = 0x03
+    RENEW = 0x04
+    STORE_OK = 0x81
+    CHUNK_DATA = 0x82
+    HAS_REPLY = 0x83
+    RENEW_REPLY = 0x84
+    ERROR = 0xFF
+
+
+class ErrorCode(enum.IntEnum):
+    """The code of an Error reply. Unknown codes received from a peer decode as INTERNAL."""
+
+    NOT_FOUND = 1
+    QUOTA_FULL = 2
+    BAD_HASH = 3
+    TOO_LARGE = 4
+    UNSUPPORTED_VERSION = 5
+    BAD_REQUEST = 6
+    BUSY = 7
+    INTERNAL = 8
+
+
+class Sentinel(enum.Enum):
+    """Singleton values returned by next_event()."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """Store ``data`` under ``chunk_id`` and keep it for at least ``lease_s`` seconds."""
+
+    request_id: int
+    chunk_id: ChunkId
+    lease_s: int
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Send the bytes stored under ``chunk_id``."""
+
+    request_id: int
+    chunk_id: ChunkId
+
+
+@dataclass(frozen=True)
+class HasRequest:
+    """Which of ``ids`` are held? At most MAX_BATCH_IDS ids."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """Extend the lease of each held id in ``ids`` to at least ``lease_s`` seconds from now."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+    lease_s: int
+
+
+@dataclass(frozen=True)
+class StoreOK:
+    """The chunk is durably stored; ``newly_stored`` is False if it was already held."""
+
+    request_id: int
+    newly_stored: bool
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """The bytes of a chunk, unverified: the receiver must hash-check them before use."""
+
+    request_id: int
+    chunk_id: ChunkId
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HasReply:
+    """One flag per id of the HasRequest, in order."""
+
+    request_id: int
+    flags: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class RenewReply:
+    """One flag per id of the RenewRequest, in order: True if the lease was renewed."""
+
+    request_id: int
+    flags: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class Error:
+    """A typed refusal of one request (or of the connection when request_id is 0)."""
+
+    request_id: int
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed its sending side at a frame boundary."""
+
+
+Request = StoreRequest | FetchRequest | HasRequest | RenewRequest
+Reply = StoreOK | ChunkData | HasReply | RenewReply | Error
+Event = Request | Reply | ConnectionClosed
+
+_REPLY_FOR: Final[dict[MessageType, MessageType]] = {
+    MessageType.STORE: MessageType.STORE_OK,
+    MessageType.FETCH: MessageType.CHUNK_DATA,
+    MessageType.HAS: MessageType.HAS_REPLY,
+    MessageType.RENEW: MessageType.RENEW_REPLY,
+}
+
+
+class ProtocolViolation(RemoteProtocolError):
+    """The peer broke the protocol; the connection is dead.
+
+    ``code`` and ``request_id`` say what a server should answer (one Error frame) before closing.
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass
+class _Outstanding:
+    kind: MessageType
+    chunk_id: bytes = b""
+    count: int = 0
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _check_ids(ids: tuple[ChunkId, ...]) -> None:
+    if not 1 <= len(ids) <= MAX_BATCH_IDS:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH_IDS} ids, got {len(ids)}")
+    for chunk_id in ids:
+        if len(chunk_id) != CHUNK_ID_BYTES:
+            raise ValueError(f"chunk ids are {CHUNK_ID_BYTES} bytes, got {len(chunk_id)}")
+
+
+def _check_lease(lease_s: int) -> None:
+    if not 0 < lease_s <= MAX_LEASE_S:
+        raise ValueError(f"lease_s must be 1..{MAX_LEASE_S} whole seconds, got {lease_s}")
+
+
+class TransferConnection:
+    """One side of one transfer connection: feed it bytes, read events; give it events, write bytes.
+
+    Requests may be pipelined: a client may send many before the first reply, and a server may
+    answer them in any order, matched by request id. Anything that breaks the protocol raises
+    ProtocolViolation and leaves the connection failed; a server may still send one final Error.
+    """
+
+    def __init__(self, *, role: Role, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < PREFIX_BYTES + HEADER_BYTES:
+            raise ValueError(f"max_frame_bytes must be at least {PREFIX_BYTES + HEADER_BYTES}")
+        self.role = role
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._peer_closed = False
+        self._state = _State.OPEN
+        # Requests sent (client) or received (server) and not answered yet, by request id.
+        self._outstanding: dict[int, _Outstanding] = {}
+        self._next_request_id = 1
+
+    @property
+    def outstanding(self) -> int:
+        """How many requests are awaiting a reply on this connection."""
+        return len(self._outstanding)
+
+    @property
+    def receiving_frame(self) -> bool:
+        """True while part of a frame is buffered: the pump applies the per-request timeout."""
+        return bool(self._buffer)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet turned into events (bounded by max_frame_bytes + one read)."""
+        return len(self._buffer)
+
+    @property
+    def failed(self) -> bool:
+        """True once the peer broke the protocol."""
+        return self._state is _State.FAILED
+
+    def new_request_id(self) -> int:
+        """A request id not in use on this connection (never 0, which names the connection).
+
+        Raises:
+            RuntimeError: if every request id is in use.
+        """
+        for _ in range(len(self._outstanding) + 1):
+            request_id = self._next_request_id
+            self._next_request_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
+            if request_id not in self._outstanding:
+                return request_id
+        raise RuntimeError("every request id is in use on this connection")
+
+    # Sending.
+
+    def send(self, event: Request | Reply) -> list[bytes]:
+        """Encode ``event`` as one frame.
+
+        Returns:
+            Buffers to write in order (header first, then any chunk body, never concatenated).
+
+        Raises:
+            ValueError: the event is not valid for this role or state (a bug in the caller).
+        """
+        if self._state is _State.FAILED and not (
+            self.role is Role.SERVER and isinstance(event, Error)
+        ):
+            raise ValueError("the connection failed; only a server's final Error may be sent")
+        if self.role is Role.CLIENT:
+            return self._send_request(event)
+        return self._send_reply(event)
+
+    def _frame(
+        self, kind: MessageType, request_id: int, body: bytes, tail: bytes = b""
+    ) -> list[bytes]:
+        length = HEADER_BYTES - PREFIX_BYTES + len(body) + len(tail)
+        if length + PREFIX_BYTES > self.max_frame_bytes:
+            raise ValueError(
+                f"frame of {length + PREFIX_BYTES} bytes exceeds {self.max_frame_bytes}"
+            )
+        head = _HEADER.pack(length, PROTOCOL_VERSION, kind, request_id) + body
+        return [head, tail] if tail else [head]
+
+    def _send_request(self, event: Request | Reply) -> list[bytes]:
+        request_id = event.request_id
+        if not 0 < request_id <= _MAX_REQUEST_ID or request_id in self._outstanding:
+            raise ValueError(f"request id {request_id} is invalid or in use")
+        if isinstance(event, StoreRequest):
+            if len(event.chunk_id) != CHUNK_ID_BYTES:
+                raise ValueError(f"chunk ids are {CHUNK_ID_BYTES} bytes, got {len(event.chunk_id)}")
+            _check_lease(event.lease_s)
+            if len(event.data) > MAX_SEALED_CHUNK_BYTES:
+                raise ValueError(
+                    f"chunk of {len(event.data)} bytes exceeds {MAX_SEALED_CHUNK_BYTES} bytes"
+                )
+            body = _STORE_FIXED.pack(event.chunk_id, event.lease_s)
+            frames = self._frame(MessageType.STORE, request_id, body, event.data)
+            pending = _Outstanding(MessageType.STORE)
+        elif isinstance(event, FetchRequest):
+            if len(event.chunk_id) != CHUNK_ID_BYTES:
+                raise ValueError(f"chunk ids are {CHUNK_ID_BYTES} bytes, got {len(event.chunk_id)}")
+            frames = self._frame(MessageType.FETCH, request_id, bytes(event.chunk_id))
+            pending = _Outstanding(MessageType.FETCH, chunk_id=event.chunk_id)
+        elif isinstance(event, HasRequest):
+            _check_ids(event.ids)
+            body = _COUNT.pack(len(event.ids)) + b"".join(event.ids)
+            frames = self._frame(MessageType.HAS, request_id, body)
+            pending = _Outstanding(MessageType.HAS, count=len(event.ids))
+        elif isinstance(event, RenewRequest):
+            _check_ids(event.ids)
+            _check_lease(event.lease_s)
+            body = _RENEW_FIXED.pack(event.lease_s, len(event.ids)) + b"".join(event.ids)
+            frames = self._frame(MessageType.RENEW, request_id, body)
+            pending = _Outstanding(MessageType.RENEW, count=len(event.ids))
+        else:
+            raise ValueError(f"a client cannot send {type(event).__name__}")
+        self._outstanding[request_id] = pending
+        return frames
+
+    def _send_reply(self, event: Request | Reply) -> list[bytes]:
+        request_id = event.request_id
+        if isinstance(event, Error):
+            if request_id != CONNECTION_REQUEST_ID and request_id not in self._outstanding:
+                raise ValueError(f"no request {request_id} awaits a reply")
+            self._outstanding.pop(request_id, None)
+            message = event.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
+            body = _ERROR_FIXED.pack(event.code) + message
+            return self._frame(MessageType.ERROR, request_id, body)
+        pending = self._outstanding.get(request_id)
+        if pending is None:
+            raise ValueError(f"no request {request_id} awaits a reply")
+        expected = _REPLY_FOR[pending.kind]
+        if isinstance(event, StoreOK) and expected is MessageType.STORE_OK:
+            frames = self._frame(
+                MessageType.STORE_OK, request_id, b"\x01" if event.newly_stored else b"\x00"
+            )
+        elif isinstance(event, ChunkData) and expected is MessageType.CHUNK_DATA:
+            if event.chunk_id != pending.chunk_id:
+                raise ValueError("ChunkData must carry the requested chunk id")
+            frames = self._frame(
+                MessageType.CHUNK_DATA, request_id, bytes(event.chunk_id), event.data
+            )
+        elif isinstance(event, HasReply | RenewReply) and (
+            (isinstance(event, HasReply) and expected is MessageType.HAS_REPLY)
+            or (isinstance(event, RenewReply) and expected is MessageType.RENEW_REPLY)
+        ):
+            if len(event.flags) != pending.count:
+                raise ValueError(f"reply needs {pending.count} flags, got {len(event.flags)}")
+            body = _COUNT.pack(len(event.flags)) + bytes(event.flags)
+            frames = self._frame(expected, request_id, body)
+        else:
+            raise ValueError(
+                f"{type(event).__name__} does not answer a {pending.kind.name} request"
+            )
+        del self._outstanding[request_id]
+        return frames
+
+    # Receiving.
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes received from the peer; ``b""`` means the peer closed its sending side.
+
+        Raises:
+            ValueError: data arrived after the peer already closed.
+        """
+        if data:
+            if self._peer_closed:
+                raise ValueError("data received after the peer closed")
+            self._buffer += data
+        else:
+            self._peer_closed = True
+
+    def next_event(self) -> Event | Literal[Sentinel.NEED_DATA]:
+        """The next complete event, or NEED_DATA if more bytes are needed.
+
+        Raises:
+            ProtocolViolation: the peer sent something invalid; the connection is failed for good.
+        """
+        if self._state is _State.FAILED:
+            raise ProtocolViolation("connection already failed", code=ErrorCode.BAD_REQUEST)
+        if self._state is _State.CLOSED:
+            return ConnectionClosed()
+        try:
+            return self._parse()
+        except ProtocolViolation:
+            self._state = _State.FAILED
+            self._buffer = bytearray()
+            raise
+
+    def _parse(self) -> Event | Literal[Sentinel.NEED_DATA]:
+        buffer = self._buffer
+        if len(buffer) < PREFIX_BYTES:
+            if not self._peer_closed:
+                return NEED_DATA
+            if buffer:
+                raise ProtocolViolation(
+                    "peer closed in the middle of a frame", code=ErrorCode.BAD_REQUEST
+                )
+            self._state = _State.CLOSED
+            return ConnectionClosed()
+        length = int.from_bytes(buffer[:PREFIX_BYTES], "big")
+        # Refuse an oversized or undersized frame from its prefix alone, before buffering any of it.
+        if length + PREFIX_BYTES > self.max_frame_bytes:
+            raise ProtocolViolation(
+                f"frame of {length + PREFIX_BYTES} bytes exceeds {self.max_frame_bytes}",
+                code=ErrorCode.TOO_LARGE,
+            )
+        if length < HEADER_BYTES - PREFIX_BYTES:
+            raise ProtocolViolation(
+                f"frame length {length} is shorter than a header", code=ErrorCode.BAD_REQUEST
+            )
+        if len(buffer) > PREFIX_BYTES and buffer[PREFIX_BYTES] != PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                f"unsupported protocol version {buffer[PREFIX_BYTES]}, expected {PROTOCOL_VERSION}",
+                code=ErrorCode.UNSUPPORTED_VERSION,
+            )
+        end = PREFIX_BYTES + length
+        if len(buffer) < end:
+            if self._peer_closed:
+                raise ProtocolViolation(
+                    "peer closed in the middle of a frame", code=ErrorCode.BAD_REQUEST
+                )
+            return NEED_DATA
+        _, _, kind_byte, request_id = _HEADER.unpack_from(buffer)
+        with memoryview(buffer) as view:
+            body = view[HEADER_BYTES:end]
+            try:
+                event = self._decode(kind_byte, request_id, body)
+            finally:
+                body.release()
+        del buffer[:end]
+        return event
+
+    def _decode(self, kind_byte: int, request_id: int, body: memoryview) -> Event:
+        try:
+            kind = MessageType(kind_byte)
+        except ValueError:
+            raise ProtocolViolation(
+                f"unknown message type 0x{kind_byte:02x}",
+                code=ErrorCode.BAD_REQUEST,
+                request_id=request_id,
+            ) from None
+        if self.role is Role.SERVER:
+            return self._decode_request(kind, request_id, body)
+        return self._decode_reply(kind, request_id, body)
+
+    def _decode_ids(
+        self, kind: MessageType, request_id: int, body: memoryview, offset: int
+    ) -> tuple[ChunkId, ...]:
+        (count,) = _COUNT.unpack_from(body, offset)
+        offset += _COUNT.size
+        if not 1 <= count <= MAX_BATCH_IDS or len(body) != offset + count * CHUNK_ID_BYTES:
+            raise ProtocolViolation(
+                f"{kind.name} batch of {count} ids mismatches its frame or exceeds {MAX_BATCH_IDS}",
+                code=ErrorCode.BAD_REQUEST,
+                request_id=request_id,
+            )
+        return tuple(
+            ChunkId(bytes(body[i : i + CHUNK_ID_BYTES]))
+            for i in range(offset, offset + count * CHUNK_ID_BYTES, CHUNK_ID_BYTES)
+        )
+
+    def _decode_request(self, kind: MessageType, request_id: int, body: memoryview) -> Request:
+        def bad(message: str) -> ProtocolViolation:
+            return ProtocolViolation(message, code=ErrorCode.BAD_REQUEST, request_id=request_id)
+
+        if kind not in _REPLY_FOR:
+            raise bad(f"a server does not accept {kind.name} frames")
+        if request_id == CONNECTION_REQUEST_ID or request_id in self._outstanding:
+            raise ProtocolViolation(
+                f"request id {request_id} is reserved or already in flight",
+                code=ErrorCode.BAD_REQUEST,
+            )
+        event: Request
+        if kind is MessageType.STORE:
+            if len(body) < _STORE_FIXED.size:
+                raise bad("STORE frame is too short")
+            chunk_id, lease_s = _STORE_FIXED.unpack_from(body)
+            if lease_s == 0:
+                raise bad("STORE lease must be at least 1 second")
+            if len(body) - _STORE_FIXED.size > MAX_SEALED_CHUNK_BYTES:
+                raise ProtocolViolation(
+                    f"chunk of {len(body) - _STORE_FIXED.size} bytes exceeds the maximum",
+                    code=ErrorCode.TOO_LARGE,
+                    request_id=request_id,
+                )
+            data = bytes(body[_STORE_FIXED.size :])
+            event = StoreRequest(request_id, ChunkId(chunk_id), lease_s, data)
+        elif kind is MessageType.FETCH:
+            if len(body) != CHUNK_ID_BYTES:
+                raise bad("FETCH frame must hold exactly one chunk id")
+            event = FetchRequest(request_id, ChunkId(bytes(body)))
+        elif kind is MessageType.HAS:
+            if len(body) < _COUNT.size:
+                raise bad("HAS frame is too short")
+            event = HasRequest(request_id, self._decode_ids(kind, request_id, body, 0))
+        else:
+            if len(body) < _RENEW_FIXED.size:
+                raise bad("RENEW frame is too short")
+            (lease_s,) = struct.unpack_from(">I", body)
+            if lease_s == 0:
+                raise bad("RENEW lease must be at least 1 second")
+            ids = self._decode_ids(kind, request_id, body, 4)
+            event = RenewRequest(request_id, ids, lease_s)
+        count = len(event.ids) if isinstance(event, HasRequest | RenewRequest) else 0
+        chunk_id_seen = event.chunk_id if isinstance(event, FetchRequest) else b""
+        self._outstanding[request_id] = _Outstanding(kind, chunk_id=chunk_id_seen, count=count)
+        return event
+
+    def _decode_reply(self, kind: MessageType, request_id: int, body: memoryview) -> Reply:
+        def bad(message: str) -> ProtocolViolation:
+            return ProtocolViolation(message, code=ErrorCode.BAD_REQUEST, request_id=request_id)
+
+        if kind is MessageType.ERROR:
+            if (
+                len(body) < _ERROR_FIXED.size
+                or len(body) > _ERROR_FIXED.size + MAX_ERROR_MESSAGE_BYTES
+            ):
+                raise bad("ERROR frame has a bad length")
+            if request_id != CONNECTION_REQUEST_ID and request_id not in self._outstanding:
+                raise bad(f"ERROR answers unknown request {request_id}")
+            self._outstanding.pop(request_id, None)
+            try:
+                code = ErrorCode(body[0])
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            message = _printable(bytes(body[1:]).decode("utf-8", "replace"))
+            return Error(request_id, code, message)
+        pending = self._outstanding.get(request_id)
+        if pending is None:
+            raise bad(f"{kind.name} answers unknown request {request_id}")
+        if _REPLY_FOR[pending.kind] is not kind:
+            raise bad(f"{kind.name} does not answer a {pending.kind.name} request")
+        reply: Reply
+        if kind is MessageType.STORE_OK:
+            if len(body) != 1 or body[0] > 1:
+                raise bad("STORE_OK must hold one 0/1 byte")
+            reply = StoreOK(request_id, body[0] == 1)
+        elif kind is MessageType.CHUNK_DATA:
+            if len(body) < CHUNK_ID_BYTES or body[:CHUNK_ID_BYTES] != pending.chunk_id:
+                raise bad("CHUNK_DATA carries a chunk id that was not asked for")
+            reply = ChunkData(request_id, ChunkId(pending.chunk_id), bytes(body[CHUNK_ID_BYTES:]))
+        else:
+            if len(body) < _COUNT.size:
+                raise bad(f"{kind.name} frame is too short")
+            (count,) = _COUNT.unpack_from(body)
+            flags = body[_COUNT.size :]
+            if count != pending.count or len(flags) != count or any(b > 1 for b in flags):
+                raise bad(f"{kind.name} must hold {pending.count} 0/1 flags")
+            values = tuple(b == 1 for b in flags)
+            reply = (
+                HasReply(request_id, values)
+                if kind is MessageType.HAS_REPLY
+                else RenewReply(request_id, values)
+            )
+        del self._outstanding[request_id]
+        return reply
