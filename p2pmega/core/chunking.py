@@ -210,7 +210,7 @@ def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
             f"chunk header {header!r} ({len(stored)} bytes) is not format v{FORMAT_VERSION} "
             f"kind {kind}; it was altered or needs a newer p2pmega"
         )
-    return crypto.open_sealed(key, stored[HEADER_BYTES:], aad)
+    return crypto.open_sealed(key, stored, aad, offset=HEADER_BYTES)
 
 
 def padme(length: int) -> int:

@@ -89,13 +89,14 @@ def _seal_with_nonce(
     return b"".join((header, nonce, ciphertext))
 
 
-def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    """Check and decrypt what `seal` produced (without its header).
+def open_sealed(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
+    """Check and decrypt what `seal` produced.
 
     Args:
         key: The key it was sealed with.
-        sealed: ``nonce || ciphertext || tag``.
+        sealed: ``nonce || ciphertext || tag``, after ``offset`` bytes of header.
         aad: The associated data it was sealed with.
+        offset: Header bytes to skip; saves the caller a copy of a large buffer.
 
     Returns:
         The plaintext.
@@ -103,14 +104,15 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     Raises:
         DecryptionFailed: Too short, wrong key, wrong associated data or any modified byte.
     """
-    if len(sealed) < SEAL_OVERHEAD_BYTES:
+    if len(sealed) - offset < SEAL_OVERHEAD_BYTES:
         raise DecryptionFailed(
-            f"sealed data is {len(sealed)} bytes, shorter than nonce and tag; it is truncated"
+            f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "
+            "it is truncated"
         )
-    nonce = sealed[:NONCE_BYTES]
+    nonce = sealed[offset : offset + NONCE_BYTES]
     try:
         return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            sealed[NONCE_BYTES:], aad, nonce, key
+            sealed[offset + NONCE_BYTES :], aad, nonce, key
         )
     except nacl.exceptions.CryptoError as exc:
         raise DecryptionFailed(

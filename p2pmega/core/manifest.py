@@ -1,0 +1,382 @@
+"""Encrypting a file into chunks plus a manifest tree, and walking that tree back (sans-I/O).
+
+FileEncoder seals data chunks and builds the tree; ManifestWalker checks and decodes it from
+chunks its caller fetches; decrypt_chunk opens one data chunk. Byte layouts: docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+from p2pmega.core import crypto
+from p2pmega.core.chunking import (
+    CHUNK_ID_BYTES,
+    DEFAULT_CHUNK_SIZE,
+    KIND_DATA,
+    KIND_META,
+    KIND_NODE,
+    KIND_ROOT,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    ROOT_LEVEL,
+    ChunkId,
+    FileKeys,
+    data_chunk_count,
+    make_aad,
+    open_chunk,
+    padded_final_length,
+    seal_chunk,
+    short_id,
+    verify_chunk,
+)
+from p2pmega.core.magnet import KeepCap, ReadCap, _check_name
+from p2pmega.errors import BadManifest, BadOption
+
+# Root plaintext: height (u8), data chunk count (u64), fanout (u32), sealed-metadata length (u16).
+_ROOT_HEAD = struct.Struct(">BQIH")
+# Metadata plaintext: file size (u64), chunk size (u32), name length (u16), then the UTF-8 name.
+_META_HEAD = struct.Struct(">QIH")
+
+
+def fanout_of(chunk_size: int) -> int:
+    """How many ids a manifest node lists: as many as fit in one chunk of plaintext.
+
+    Args:
+        chunk_size: The file's chunk size.
+
+    Returns:
+        ``chunk_size // 32`` (at least 2 because chunk sizes are at least 64).
+    """
+    return chunk_size // CHUNK_ID_BYTES
+
+
+def level_counts(chunk_count: int, fanout: int) -> list[int]:
+    """Items per tree level: data chunks first, then nodes per level until the root can list them.
+
+    Args:
+        chunk_count: Data chunks (>= 1).
+        fanout: Ids per node (>= 2).
+
+    Returns:
+        ``counts[0]`` data chunks, ``counts[L]`` nodes at level L; the root lists ``counts[-1]``.
+    """
+    counts = [chunk_count]
+    while counts[-1] > fanout:
+        counts.append(-(-counts[-1] // fanout))
+    return counts
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A decoded manifest. ``name``/``size``/``chunk_size`` are None when walked with a KeepCap."""
+
+    chunk_ids: tuple[ChunkId, ...]
+    manifest_ids: tuple[ChunkId, ...]
+    name: str | None
+    size: int | None
+    chunk_size: int | None
+
+
+class FileEncoder:
+    """Seals one file's data chunks (in any order, from any thread) and then its manifest tree."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        size: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        key: bytes | None = None,
+    ) -> None:
+        """Prepare to encode a file.
+
+        Args:
+            name: File name stored (encrypted) in the manifest.
+            size: Exact plaintext size in bytes.
+            chunk_size: Plaintext bytes per data chunk.
+            key: The file key K; a fresh random one when None (never derive it from content).
+
+        Raises:
+            BadOption: ``chunk_size`` out of range or ``name`` too long or with control characters.
+            ValueError: Negative size or a key of the wrong length (a caller bug).
+        """
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise BadOption(
+                f"chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}; "
+                "pick one inside"
+            )
+        try:
+            _check_name(name)
+        except ValueError as exc:
+            raise BadOption(f"file name cannot be stored: {exc}; rename the file") from exc
+        if size < 0:
+            raise ValueError(f"size {size} is negative")
+        self._key = crypto.new_key() if key is None else key
+        if len(self._key) != crypto.KEY_BYTES:
+            raise ValueError(f"file key must be {crypto.KEY_BYTES} bytes")
+        self._keys = FileKeys.from_file_key(self._key)
+        self._name = name
+        self._size = size
+        self._chunk_size = chunk_size
+        self.chunk_count = data_chunk_count(size, chunk_size)
+        self._final_length = size - (self.chunk_count - 1) * chunk_size
+        self._final_padding = padded_final_length(size, chunk_size) - self._final_length
+        self._ids: list[ChunkId | None] = [None] * self.chunk_count
+        self._lock = threading.Lock()
+
+    def encode_chunk(self, index: int, plaintext: bytes | memoryview) -> tuple[ChunkId, bytes]:
+        """Seal data chunk ``index``. Thread-safe; encoding an index again replaces its chunk.
+
+        Args:
+            index: 0 .. chunk_count-1.
+            plaintext: Exactly ``chunk_size`` bytes, except the final chunk: the remainder.
+
+        Returns:
+            The chunk id and the stored bytes.
+
+        Raises:
+            ValueError: Index out of range or wrong plaintext length (a caller bug).
+        """
+        if not 0 <= index < self.chunk_count:
+            raise ValueError(f"chunk index {index} is outside 0..{self.chunk_count - 1}")
+        final = index == self.chunk_count - 1
+        expected = self._final_length if final else self._chunk_size
+        if len(plaintext) != expected:
+            raise ValueError(f"chunk {index} has {len(plaintext)} bytes, expected {expected}")
+        if final:
+            # Zero padding, authenticated like the data; built in one allocation.
+            padded = b"".join((plaintext, bytes(self._final_padding)))
+        else:
+            padded = plaintext if isinstance(plaintext, bytes) else bytes(plaintext)
+        assert self._keys.chunk_key is not None  # noqa: S101 - always set from a file key
+        aad = make_aad(KIND_DATA, self._keys.file_id, index, final=final, level=0)
+        chunk_id, stored = seal_chunk(self._keys.chunk_key, KIND_DATA, padded, aad)
+        with self._lock:
+            self._ids[index] = chunk_id
+        return chunk_id, stored
+
+    def finish(self) -> tuple[ReadCap, list[tuple[ChunkId, bytes]]]:
+        """Build and seal the manifest tree once every data chunk is encoded.
+
+        Returns:
+            The read capability (root, key, name and size hints) and the manifest chunks:
+            the root first, then each level of nodes from the top down.
+
+        Raises:
+            ValueError: A data chunk was not encoded yet (a caller bug).
+        """
+        with self._lock:
+            ids = list(self._ids)
+        missing = [index for index, chunk_id in enumerate(ids) if chunk_id is None]
+        if missing:
+            raise ValueError(f"{len(missing)} data chunks not encoded, first is {missing[0]}")
+        items = [chunk_id for chunk_id in ids if chunk_id is not None]
+        keys, fanout = self._keys, fanout_of(self._chunk_size)
+        levels: list[list[tuple[ChunkId, bytes]]] = []
+        while len(items) > fanout:
+            level = len(levels) + 1
+            count = -(-len(items) // fanout)
+            nodes = []
+            for index in range(count):
+                aad = make_aad(
+                    KIND_NODE, keys.file_id, index, final=index == count - 1, level=level
+                )
+                body = b"".join(items[index * fanout : (index + 1) * fanout])
+                nodes.append(seal_chunk(keys.verify_key, KIND_NODE, body, aad))
+            levels.append(nodes)
+            items = [chunk_id for chunk_id, _ in nodes]
+        assert keys.meta_key is not None  # noqa: S101 - always set from a file key
+        name = self._name.encode("utf-8")
+        meta_aad = make_aad(KIND_META, keys.file_id, 0, final=True, level=ROOT_LEVEL)
+        meta = crypto.seal(
+            keys.meta_key, _META_HEAD.pack(self._size, self._chunk_size, len(name)) + name, meta_aad
+        )
+        head = _ROOT_HEAD.pack(len(levels), self.chunk_count, fanout, len(meta))
+        root_aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL)
+        root = seal_chunk(keys.verify_key, KIND_ROOT, b"".join((head, meta, *items)), root_aad)
+        chunks = [root]
+        for nodes in reversed(levels):
+            chunks.extend(nodes)
+        cap = ReadCap(root=root[0], key=self._key, name=self._name, size=self._size)
+        return cap, chunks
+
+
+class ManifestWalker:
+    """Checks and decodes a manifest tree from chunks the caller fetches; does no I/O itself."""
+
+    def __init__(self, cap: ReadCap | KeepCap) -> None:
+        """Start a walk at the capability's root.
+
+        Args:
+            cap: A read capability (full manifest) or keep-alive capability (ids only).
+        """
+        if isinstance(cap, ReadCap):
+            self._keys = FileKeys.from_file_key(cap.key)
+        else:
+            self._keys = FileKeys.from_verify_key(cap.verify_key)
+        # Pending chunk id -> (level, index among its level, is last of its level).
+        self._pending: dict[ChunkId, tuple[int, int, bool]] = {cap.root: (ROOT_LEVEL, 0, True)}
+        self._root = cap.root
+        # _lists[L][j]: the ids listed by node j of level L (1 lists data ids); the root's list
+        # sits at level height + 1.
+        self._lists: list[list[list[ChunkId]]] = []
+        self._counts: list[int] = []
+        self._fanout = 0
+        self._meta: tuple[str, int, int] | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once every manifest chunk has been fed and checked."""
+        return not self._pending
+
+    def wanted(self) -> list[ChunkId]:
+        """Manifest chunks to fetch next (all of them can be fetched in parallel).
+
+        Returns:
+            Ids not yet fed; empty when `done`.
+        """
+        return list(self._pending)
+
+    def feed(self, chunk_id: ChunkId, data: bytes) -> None:
+        """Check one fetched manifest chunk and learn the chunks it lists.
+
+        Args:
+            chunk_id: One of `wanted`.
+            data: Its stored bytes as fetched.
+
+        Raises:
+            ChunkHashMismatch: ``data`` is not that chunk (try another holder).
+            DecryptionFailed: It does not authenticate at its place in this file's tree.
+            BadManifest: It authenticates but its contents are inconsistent.
+            ValueError: ``chunk_id`` was not wanted (a caller bug).
+        """
+        if chunk_id not in self._pending:
+            raise ValueError(f"manifest chunk {short_id(chunk_id)} is not wanted")
+        verify_chunk(chunk_id, data)
+        level, index, final = self._pending[chunk_id]
+        keys = self._keys
+        if level == ROOT_LEVEL:
+            aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL)
+            self._read_root(open_chunk(keys.verify_key, KIND_ROOT, data, aad))
+        else:
+            aad = make_aad(KIND_NODE, keys.file_id, index, final=final, level=level)
+            self._add_list(open_chunk(keys.verify_key, KIND_NODE, data, aad), level, index)
+        del self._pending[chunk_id]
+
+    def _add_list(self, body: bytes, level: int, node_index: int) -> None:
+        first = node_index * self._fanout
+        below = self._counts[level - 1]
+        expected = min(self._fanout, below - first)
+        if len(body) != expected * CHUNK_ID_BYTES:
+            raise BadManifest(
+                f"manifest node {node_index} at level {level} lists {len(body)} bytes of ids, "
+                f"expected {expected} ids; the file's manifest is corrupt"
+            )
+        ids = [ChunkId(body[i : i + CHUNK_ID_BYTES]) for i in range(0, len(body), CHUNK_ID_BYTES)]
+        self._lists[level][node_index] = ids
+        if level == 1:
+            return
+        for position, child in enumerate(ids):
+            if child in self._pending or child == self._root:
+                raise BadManifest(f"manifest lists node {short_id(child)} twice; it is corrupt")
+            index = first + position
+            self._pending[child] = (level - 1, index, index == below - 1)
+
+    def _read_root(self, plain: bytes) -> None:
+        if len(plain) < _ROOT_HEAD.size:
+            raise BadManifest(f"manifest root has {len(plain)} bytes, too short; it is corrupt")
+        height, chunk_count, fanout, meta_len = _ROOT_HEAD.unpack_from(plain)
+        if not 2 <= fanout <= MAX_CHUNK_SIZE // CHUNK_ID_BYTES or chunk_count < 1:
+            raise BadManifest(f"manifest root declares fanout {fanout} and {chunk_count} chunks")
+        counts = level_counts(chunk_count, fanout)
+        if height != len(counts) - 1:
+            raise BadManifest(f"manifest root declares height {height}, expected {len(counts) - 1}")
+        meta_end = _ROOT_HEAD.size + meta_len
+        if self._keys.meta_key is not None:
+            self._meta = self._read_meta(plain[_ROOT_HEAD.size : meta_end], chunk_count, fanout)
+        self._counts, self._fanout = [*counts, 1], fanout
+        self._lists = [[]] + [[[] for _ in range(count)] for count in self._counts[1:]]
+        self._add_list(plain[meta_end:], height + 1, 0)
+
+    def _read_meta(self, sealed: bytes, chunk_count: int, fanout: int) -> tuple[str, int, int]:
+        assert self._keys.meta_key is not None  # noqa: S101 - checked by the caller
+        aad = make_aad(KIND_META, self._keys.file_id, 0, final=True, level=ROOT_LEVEL)
+        plain = crypto.open_sealed(self._keys.meta_key, sealed, aad)
+        if len(plain) < _META_HEAD.size:
+            raise BadManifest("manifest metadata is too short; the file's manifest is corrupt")
+        size, chunk_size, name_len = _META_HEAD.unpack_from(plain)
+        if len(plain) != _META_HEAD.size + name_len:
+            raise BadManifest(f"manifest metadata length {len(plain)} does not match its name")
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or fanout != fanout_of(chunk_size):
+            raise BadManifest(f"manifest declares chunk size {chunk_size} with fanout {fanout}")
+        if chunk_count != data_chunk_count(size, chunk_size):
+            raise BadManifest(f"manifest declares {chunk_count} chunks for {size} bytes")
+        try:
+            name = plain[_META_HEAD.size :].decode("utf-8")
+            _check_name(name)
+        except ValueError as exc:
+            raise BadManifest(f"manifest file name is invalid ({exc}); it is corrupt") from exc
+        return name, size, chunk_size
+
+    def result(self) -> Manifest:
+        """The decoded manifest.
+
+        Returns:
+            Data chunk ids in order, every manifest chunk id (root first, then each level from
+            the top down, as FileEncoder.finish lists them) and, for a ReadCap, the metadata.
+
+        Raises:
+            ValueError: Called before `done` (a caller bug).
+        """
+        if not self.done:
+            raise ValueError(f"manifest walk not done: {len(self._pending)} chunks still wanted")
+        manifest_ids = [self._root]
+        for level in range(len(self._lists) - 1, 1, -1):
+            manifest_ids.extend(chunk_id for ids in self._lists[level] for chunk_id in ids)
+        data_ids = tuple(chunk_id for ids in self._lists[1] for chunk_id in ids)
+        name, size, chunk_size = self._meta if self._meta is not None else (None, None, None)
+        return Manifest(data_ids, tuple(manifest_ids), name, size, chunk_size)
+
+
+def decrypt_chunk(cap: ReadCap, manifest: Manifest, index: int, data: bytes) -> bytes:
+    """Check and open data chunk ``index``, returning exactly its plaintext (padding removed).
+
+    Args:
+        cap: The read capability the manifest was walked with.
+        manifest: From `ManifestWalker.result` with that capability.
+        index: 0 .. len(manifest.chunk_ids)-1.
+        data: The stored chunk as fetched.
+
+    Returns:
+        The plaintext bytes of chunk ``index`` of the file.
+
+    Raises:
+        ChunkHashMismatch: ``data`` is not the chunk listed at ``index`` (try another holder).
+        DecryptionFailed: It does not authenticate at that place of this file.
+        BadManifest: It authenticates but has the wrong length or non-zero padding.
+        ValueError: Index out of range or a manifest walked without the key (a caller bug).
+    """
+    if manifest.size is None or manifest.chunk_size is None:
+        raise ValueError("manifest was walked with a keep-alive link; it cannot decrypt")
+    count = len(manifest.chunk_ids)
+    if not 0 <= index < count:
+        raise ValueError(f"chunk index {index} is outside 0..{count - 1}")
+    verify_chunk(manifest.chunk_ids[index], data)
+    keys = FileKeys.from_file_key(cap.key)
+    assert keys.chunk_key is not None  # noqa: S101 - always set from a file key
+    final = index == count - 1
+    aad = make_aad(KIND_DATA, keys.file_id, index, final=final, level=0)
+    plain = open_chunk(keys.chunk_key, KIND_DATA, data, aad)
+    if not final:
+        if len(plain) != manifest.chunk_size:
+            raise BadManifest(
+                f"data chunk {index} opened to {len(plain)} bytes, not the chunk size"
+            )
+        return plain
+    real = manifest.size - (count - 1) * manifest.chunk_size
+    padded = padded_final_length(manifest.size, manifest.chunk_size)
+    if len(plain) != padded or plain.count(0, real) != padded - real:
+        raise BadManifest(f"final data chunk {index} has the wrong length or non-zero padding")
+    return plain if real == padded else plain[:real]
