@@ -343,7 +343,10 @@ class TransferConnection:
     def _send_reply(self, event: Request | Reply) -> list[bytes]:
         request_id = event.request_id
         if isinstance(event, Error):
-            if request_id != CONNECTION_REQUEST_ID and request_id not in self._outstanding:
+            # After a violation the offending request may never have been registered; the final
+            # Error still names it so the peer can tell which request broke the connection.
+            known = request_id == CONNECTION_REQUEST_ID or request_id in self._outstanding
+            if not known and self._state is not _State.FAILED:
                 raise ValueError(f"no request {request_id} awaits a reply")
             self._outstanding.pop(request_id, None)
             message = event.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
