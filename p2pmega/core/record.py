@@ -1,0 +1,260 @@
+"""DHT provider records and the saved-contacts file: codecs, reply checks, a bounded table.
+
+Pure: values in, values out; time is the ``now`` parameter. The networking lives in p2pmega.net.dht.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import TypeGuard
+
+from p2pmega.errors import RemoteProtocolError
+
+NODE_ID_BYTES = 20
+"""Kademlia ids are 160 bits (SHA-1 width, paper section 2); ours come from the node's key."""
+
+PROVIDER_RECORD_VERSION = 1
+"""First element of every provider record on the wire: [1, node_id, ip, port, expires_in]."""
+
+FIND_PROVIDERS_REPLY_VERSION = 1
+"""First element of a find_providers reply: [1, [record, ...], [[node_id, ip, port], ...]]."""
+
+CONTACTS_FILE_VERSION = 1
+"""The saved-contacts JSON file: {"version": 1, "contacts": [[host, port], ...]}."""
+
+MAX_RECORD_TTL_S = 7 * 86400
+"""A recorder never promises more than a week; a longer expires_in in a reply is garbage."""
+
+MAX_CONTACTS_FILE_ENTRIES = 1000
+"""A routing table holds a few hundred live contacts; more in the file means the file is bad."""
+
+
+def dht_key(chunk_id: bytes) -> bytes:
+    """The 20-byte DHT key of a chunk: its first 20 bytes (as core.chunking.dht_key_of).
+
+    Raises:
+        ValueError: ``chunk_id`` is shorter than 20 bytes.
+    """
+    if not isinstance(chunk_id, bytes) or len(chunk_id) < NODE_ID_BYTES:
+        raise ValueError(f"a chunk id has at least {NODE_ID_BYTES} bytes")
+    return chunk_id[:NODE_ID_BYTES]
+
+
+def is_node_id(value: object) -> TypeGuard[bytes]:
+    """True for exactly 20 bytes."""
+    return isinstance(value, bytes) and len(value) == NODE_ID_BYTES
+
+
+def is_port(value: object) -> TypeGuard[int]:
+    """True for an int in 1..65535 (bool is not a port)."""
+    return type(value) is int and 1 <= value <= 65535
+
+
+def is_peer_ip(value: object) -> TypeGuard[str]:
+    """True for an IPv4/IPv6 literal a peer can live at: no host names, unspecified or multicast."""
+    if not isinstance(value, str) or len(value) > 45:
+        return False
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return not (address.is_unspecified or address.is_multicast or str(address) != value)
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    """One "node_id holds the chunk, reachable at host:port" record as it travels on the wire."""
+
+    node_id: bytes
+    host: str
+    port: int
+    expires_in: int
+
+
+def encode_provider_record(record: ProviderRecord) -> list[object]:
+    """The wire form: [1, node_id, ip, port, expires_in]."""
+    return [PROVIDER_RECORD_VERSION, record.node_id, record.host, record.port, record.expires_in]
+
+
+def decode_provider_record(raw: object) -> ProviderRecord | None:
+    """Decode one wire record; None for a record of a later version (skipped, not an error).
+
+    Raises:
+        RemoteProtocolError: the record is not a list, or a version-1 record has a bad field.
+    """
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
+        raise RemoteProtocolError("provider record is not a versioned list")
+    if raw[0] != PROVIDER_RECORD_VERSION:
+        return None
+    if len(raw) != 5:
+        raise RemoteProtocolError("provider record v1 has the wrong length")
+    _, node_id, host, port, expires_in = raw
+    if not (is_node_id(node_id) and is_peer_ip(host) and is_port(port)):
+        raise RemoteProtocolError("provider record v1 has a bad node id, address or port")
+    if type(expires_in) is not int or not 0 < expires_in <= MAX_RECORD_TTL_S:
+        raise RemoteProtocolError("provider record v1 has a bad expiry")
+    return ProviderRecord(node_id, host, port, expires_in)
+
+
+def decode_contacts(raw: object, *, max_contacts: int) -> list[tuple[bytes, str, int]]:
+    """Decode a find_node-style contact list [[node_id, ip, port], ...].
+
+    Raises:
+        RemoteProtocolError: not a list, more than ``max_contacts``, or a bad triple.
+    """
+    if not isinstance(raw, list) or len(raw) > max_contacts:
+        raise RemoteProtocolError("contact list is not a list of at most k entries")
+    contacts = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise RemoteProtocolError("contact is not a [node_id, ip, port] triple")
+        node_id, host, port = item
+        if not (is_node_id(node_id) and is_peer_ip(host) and is_port(port)):
+            raise RemoteProtocolError("contact has a bad node id, address or port")
+        contacts.append((node_id, host, port))
+    return contacts
+
+
+def decode_find_providers_reply(
+    raw: object, *, max_contacts: int, max_providers: int
+) -> tuple[list[ProviderRecord], list[tuple[bytes, str, int]]]:
+    """Decode [1, [record, ...], [contact, ...]] into (records, contacts).
+
+    Raises:
+        RemoteProtocolError: wrong shape or version, too many entries, or a bad entry.
+    """
+    if not isinstance(raw, list) or len(raw) != 3 or raw[0] != FIND_PROVIDERS_REPLY_VERSION:
+        raise RemoteProtocolError("find_providers reply is not [1, records, contacts]")
+    if type(raw[0]) is not int or not isinstance(raw[1], list) or len(raw[1]) > max_providers:
+        raise RemoteProtocolError("find_providers reply has too many records")
+    records = [r for r in map(decode_provider_record, raw[1]) if r is not None]
+    return records, decode_contacts(raw[2], max_contacts=max_contacts)
+
+
+def format_contacts_file(contacts: list[tuple[str, int]]) -> str:
+    """The saved-contacts file text: {"version": 1, "contacts": [[host, port], ...]}."""
+    body = {"version": CONTACTS_FILE_VERSION, "contacts": [[h, p] for h, p in contacts]}
+    return json.dumps(body, separators=(",", ":")) + "\n"
+
+
+def parse_contacts_file(text: str) -> list[tuple[str, int]]:
+    """Parse the saved-contacts file, dropping entries that are not an IP literal and a port.
+
+    Raises:
+        ValueError: not JSON, not version 1, or not a list of contacts.
+    """
+    body = json.loads(text)
+    if not isinstance(body, dict) or body.get("version") != CONTACTS_FILE_VERSION:
+        raise ValueError("contacts file is not version 1")
+    raw = body.get("contacts")
+    if not isinstance(raw, list) or len(raw) > MAX_CONTACTS_FILE_ENTRIES:
+        raise ValueError("contacts file has no contact list")
+    found = []
+    for item in raw:
+        if isinstance(item, list) and len(item) == 2 and is_peer_ip(item[0]) and is_port(item[1]):
+            found.append((item[0], item[1]))
+    return found
+
+
+@dataclass
+class _Entry:
+    port: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    """Caps of a ProviderTable; defaults bound the table to roughly 60 MB of Python objects."""
+
+    max_per_key: int = 64
+    max_per_key_per_source: int = 8
+    max_per_source: int = 100_000
+    max_total: int = 250_000
+
+
+class ProviderTable:
+    """Provider records a node keeps for others: bounded per key, per source address and in total.
+
+    A record is keyed by (key, node_id, host): host is the address the recorder observed, so a peer
+    claiming another node's id from its own address cannot overwrite that node's record.
+    """
+
+    def __init__(self, *, ttl_s: float, limits: ProviderLimits | None = None) -> None:
+        self.ttl_s = ttl_s
+        self.limits = limits or ProviderLimits()
+        self._by_key: dict[bytes, dict[tuple[bytes, str], _Entry]] = {}
+        self._per_source: Counter[str] = Counter()
+        self._per_key_source: Counter[tuple[bytes, str]] = Counter()
+        self._expiry: list[tuple[float, bytes, bytes, str]] = []
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def add(self, key: bytes, node_id: bytes, host: str, port: int, *, now: float) -> bool:
+        """Record or refresh that ``node_id`` at ``host``:``port`` holds ``key``; False if capped"""
+        self.expire(now=now)
+        records = self._by_key.get(key, {})
+        entry = records.get((node_id, host))
+        expires_at = now + self.ttl_s
+        if entry is None:
+            limits = self.limits
+            if (
+                self._total >= limits.max_total
+                or len(records) >= limits.max_per_key
+                or self._per_source[host] >= limits.max_per_source
+                or self._per_key_source[(key, host)] >= limits.max_per_key_per_source
+            ):
+                return False
+            entry = _Entry(port, expires_at)
+            self._by_key.setdefault(key, records)[(node_id, host)] = entry
+            self._per_source[host] += 1
+            self._per_key_source[(key, host)] += 1
+            self._total += 1
+        entry.port, entry.expires_at = port, expires_at
+        heapq.heappush(self._expiry, (expires_at, key, node_id, host))
+        if len(self._expiry) > 2 * self._total + 1024:
+            self._rebuild_expiry()
+        return True
+
+    def get(self, key: bytes, *, now: float) -> list[ProviderRecord]:
+        """The unexpired records of ``key``, each with its remaining lifetime (at least 1 s)."""
+        return [
+            ProviderRecord(node_id, host, e.port, max(1, int(e.expires_at - now)))
+            for (node_id, host), e in self._by_key.get(key, {}).items()
+            if e.expires_at > now
+        ]
+
+    def expire(self, *, now: float) -> int:
+        """Drop every record whose expiry is at or before ``now``; returns how many were dropped."""
+        dropped = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, key, node_id, host = heapq.heappop(self._expiry)
+            records = self._by_key.get(key)
+            entry = records.get((node_id, host)) if records else None
+            if records is None or entry is None or entry.expires_at != expires_at:
+                continue  # refreshed later: a newer heap item stands for it
+            del records[(node_id, host)]
+            if not records:
+                del self._by_key[key]
+            self._per_source[host] -= 1
+            if not self._per_source[host]:
+                del self._per_source[host]
+            self._per_key_source[(key, host)] -= 1
+            if not self._per_key_source[(key, host)]:
+                del self._per_key_source[(key, host)]
+            self._total -= 1
+            dropped += 1
+        return dropped
+
+    def _rebuild_expiry(self) -> None:
+        self._expiry = [
+            (e.expires_at, key, node_id, host)
+            for key, records in self._by_key.items()
+            for (node_id, host), e in records.items()
+        ]
+        heapq.heapify(self._expiry)
