@@ -120,6 +120,7 @@ class TransferServer:
         # that no chunk acknowledged (or about to be) is lost half-written.
         self._writes: set[asyncio.Future[bool]] = set()
         self._connections: dict[asyncio.Task[None], TransferConnection] = {}
+        self._stopping = False
 
     @property
     def connections(self) -> int:
@@ -155,6 +156,7 @@ class TransferServer:
 
     async def stop(self) -> None:
         """Stop listening, close every connection and wait for in-flight store writes."""
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         handlers = list(self._handlers)
@@ -199,6 +201,11 @@ class TransferServer:
         self._connections[task] = conn
         try:
             await self._serve(conn, reader, writer, ip)
+        except asyncio.CancelledError:
+            # stop() cancels handlers; asyncio's start_server callback would log a cancelled
+            # handler task as an error, so a shutdown ends the handler normally instead.
+            if not self._stopping:
+                raise
         finally:
             self._handlers.discard(task)
             del self._connections[task]

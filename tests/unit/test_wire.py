@@ -1,0 +1,263 @@
+"""core.wire: two sans-I/O endpoints wired together, no sockets (h11 ConnectionPair style)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
+from p2pmega.core.wire import (
+    HEADER_BYTES,
+    MAX_BATCH_IDS,
+    MAX_FRAME_BYTES,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    ChunkData,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Event,
+    FetchRequest,
+    HasReply,
+    HasRequest,
+    ProtocolViolation,
+    RenewReply,
+    RenewRequest,
+    Role,
+    StoreOK,
+    StoreRequest,
+    TransferConnection,
+)
+
+CID = chunk_id_of(b"hello")
+ids_strategy = st.lists(st.binary(min_size=32, max_size=32).map(ChunkId), min_size=1, max_size=40)
+
+
+def pair() -> tuple[TransferConnection, TransferConnection]:
+    return TransferConnection(role=Role.CLIENT), TransferConnection(role=Role.SERVER)
+
+
+def deliver(buffers: list[bytes], to: TransferConnection, *, step: int = 0) -> list[Event]:
+    """Feed ``buffers`` to ``to`` (in pieces of ``step`` bytes if given) and drain its events."""
+    data = b"".join(buffers)
+    pieces = [data[i : i + step] for i in range(0, len(data), step)] if step else [data]
+    events: list[Event] = []
+    for piece in pieces:
+        to.receive_data(piece)
+        while (event := to.next_event()) is not NEED_DATA:
+            events.append(event)
+    return events
+
+
+def frame(version: int, kind: int, request_id: int, body: bytes) -> bytes:
+    return struct.pack(">IBBI", 6 + len(body), version, kind, request_id) + body
+
+
+def test_store_round_trip_in_one_byte_pieces() -> None:
+    client, server = pair()
+    request = StoreRequest(client.new_request_id(), CID, 3600, b"hello")
+    buffers = client.send(request)
+    assert buffers[-1] == b"hello"  # the chunk body is passed through, not concatenated
+    assert deliver(buffers, server, step=1) == [request]
+    assert server.outstanding == 1
+    assert deliver(server.send(StoreOK(request.request_id, True)), client) == [
+        StoreOK(request.request_id, True)
+    ]
+    assert client.outstanding == 0
+    assert server.outstanding == 0
+
+
+@given(data=st.binary(max_size=4096))
+def test_fetch_round_trip(data: bytes) -> None:
+    client, server = pair()
+    cid = chunk_id_of(data)
+    rid = client.new_request_id()
+    assert deliver(client.send(FetchRequest(rid, cid)), server) == [FetchRequest(rid, cid)]
+    assert deliver(server.send(ChunkData(rid, cid, data)), client) == [ChunkData(rid, cid, data)]
+
+
+@given(ids=ids_strategy, flags_seed=st.integers(0, 2**40 - 1), lease=st.integers(1, 2**32 - 1))
+def test_has_and_renew_round_trip(ids: list[ChunkId], flags_seed: int, lease: int) -> None:
+    client, server = pair()
+    flags = tuple(bool(flags_seed >> i & 1) for i in range(len(ids)))
+    has = HasRequest(client.new_request_id(), tuple(ids))
+    renew = RenewRequest(client.new_request_id(), tuple(ids), lease)
+    assert deliver(client.send(has) + client.send(renew), server) == [has, renew]
+    # Replies may come back in any order.
+    replies = server.send(RenewReply(renew.request_id, flags)) + server.send(
+        HasReply(has.request_id, flags)
+    )
+    assert deliver(replies, client) == [
+        RenewReply(renew.request_id, flags),
+        HasReply(has.request_id, flags),
+    ]
+
+
+def test_error_reply_round_trip_and_sanitised_message() -> None:
+    client, server = pair()
+    rid = client.new_request_id()
+    deliver(client.send(FetchRequest(rid, CID)), server)
+    events = deliver(server.send(Error(rid, ErrorCode.NOT_FOUND, "no\nsuch\x00chunk")), client)
+    assert events == [Error(rid, ErrorCode.NOT_FOUND, "no?such?chunk")]
+
+
+def test_peer_close_at_boundary_is_an_event() -> None:
+    _, server = pair()
+    server.receive_data(b"")
+    assert isinstance(server.next_event(), ConnectionClosed)
+
+
+def test_peer_close_mid_frame_is_a_violation() -> None:
+    client, server = pair()
+    data = b"".join(client.send(StoreRequest(1, CID, 10, b"hello")))
+    server.receive_data(data[:20])
+    assert server.next_event() is NEED_DATA
+    assert server.receiving_frame
+    server.receive_data(b"")
+    with pytest.raises(ProtocolViolation, match="middle of a frame"):
+        server.next_event()
+    assert server.failed
+
+
+def test_oversized_length_prefix_refused_from_four_bytes() -> None:
+    _, server = pair()
+    server.receive_data(b"\xff\xff\xff\xff")
+    with pytest.raises(ProtocolViolation) as info:
+        server.next_event()
+    assert info.value.code is ErrorCode.TOO_LARGE
+    assert server.buffered_bytes == 0
+    # A failed server may still send its one final Error, then nothing else.
+    final = b"".join(server.send(Error(0, ErrorCode.TOO_LARGE, str(info.value))))
+    assert final[5] == 0xFF
+
+
+def test_unknown_version_refused_before_body_arrives() -> None:
+    _, server = pair()
+    server.receive_data(frame(2, 0x02, 1, bytes(32))[:5])
+    with pytest.raises(ProtocolViolation) as info:
+        server.next_event()
+    assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
+    assert "version 2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (frame(PROTOCOL_VERSION, 0x77, 1, b""), ErrorCode.BAD_REQUEST),  # unknown type
+        (
+            frame(PROTOCOL_VERSION, 0x81, 1, b"\x01"),
+            ErrorCode.BAD_REQUEST,
+        ),  # a reply sent to a server
+        (frame(PROTOCOL_VERSION, 0x02, 0, bytes(32)), ErrorCode.BAD_REQUEST),  # reserved id 0
+        (frame(PROTOCOL_VERSION, 0x02, 1, bytes(31)), ErrorCode.BAD_REQUEST),  # short chunk id
+        (frame(PROTOCOL_VERSION, 0x03, 1, struct.pack(">H", 2) + bytes(32)), ErrorCode.BAD_REQUEST),
+        (
+            frame(PROTOCOL_VERSION, 0x03, 1, struct.pack(">H", 0)),
+            ErrorCode.BAD_REQUEST,
+        ),  # empty batch
+        (frame(PROTOCOL_VERSION, 0x01, 1, bytes(32) + b"\x00\x00\x00\x00x"), ErrorCode.BAD_REQUEST),
+        (b"\x00\x00\x00\x02\x01\x01", ErrorCode.BAD_REQUEST),  # shorter than a header
+    ],
+)
+def test_malformed_frames_are_violations(data: bytes, code: ErrorCode) -> None:
+    _, server = pair()
+    server.receive_data(data)
+    with pytest.raises(ProtocolViolation) as info:
+        server.next_event()
+    assert info.value.code is code
+    with pytest.raises(ProtocolViolation):
+        server.next_event()
+
+
+def test_duplicate_in_flight_request_id_is_a_violation() -> None:
+    client, server = pair()
+    deliver(client.send(FetchRequest(7, CID)), server)
+    server.receive_data(frame(PROTOCOL_VERSION, 0x02, 7, bytes(CID)))
+    with pytest.raises(ProtocolViolation, match="already in flight"):
+        server.next_event()
+
+
+def test_client_rejects_unsolicited_and_mismatched_replies() -> None:
+    client, server = pair()
+    client.receive_data(frame(PROTOCOL_VERSION, 0x81, 5, b"\x01"))
+    with pytest.raises(ProtocolViolation, match="unknown request 5"):
+        client.next_event()
+
+    client, server = pair()
+    deliver(client.send(FetchRequest(1, CID)), server)
+    wrong = chunk_id_of(b"other")
+    client.receive_data(frame(PROTOCOL_VERSION, 0x82, 1, wrong + b"other"))
+    with pytest.raises(ProtocolViolation, match="not asked for"):
+        client.next_event()
+
+    client, server = pair()
+    deliver(client.send(HasRequest(1, (CID, CID))), server)
+    client.receive_data(frame(PROTOCOL_VERSION, 0x83, 1, struct.pack(">H", 1) + b"\x01"))
+    with pytest.raises(ProtocolViolation, match="2 0/1 flags"):
+        client.next_event()
+
+
+def test_connection_level_error_reaches_client() -> None:
+    client, _ = pair()
+    client.receive_data(frame(PROTOCOL_VERSION, 0xFF, 0, bytes([ErrorCode.BUSY]) + b"busy"))
+    assert client.next_event() == Error(0, ErrorCode.BUSY, "busy")
+
+
+def test_unknown_error_code_decodes_as_internal() -> None:
+    client, _ = pair()
+    client.new_request_id()
+    client.send(FetchRequest(1, CID))
+    client.receive_data(frame(PROTOCOL_VERSION, 0xFF, 1, b"\xee" + b"?"))
+    assert client.next_event() == Error(1, ErrorCode.INTERNAL, "?")
+
+
+def test_local_misuse_raises_value_error() -> None:
+    client, server = pair()
+    with pytest.raises(ValueError, match="cannot send"):
+        client.send(StoreOK(1, True))
+    with pytest.raises(ValueError, match="awaits"):
+        server.send(StoreOK(1, True))
+    with pytest.raises(ValueError, match="exceeds"):
+        client.send(StoreRequest(1, CID, 10, bytes(MAX_SEALED_CHUNK_BYTES + 1)))
+    with pytest.raises(ValueError, match="batch"):
+        client.send(HasRequest(1, (CID,) * (MAX_BATCH_IDS + 1)))
+    with pytest.raises(ValueError, match="lease"):
+        client.send(RenewRequest(1, (CID,), 0))
+
+
+def test_largest_chunk_fits_the_frame_limit() -> None:
+    client, server = pair()
+    data = bytes(MAX_SEALED_CHUNK_BYTES)
+    buffers = client.send(StoreRequest(1, chunk_id_of(data), 1, data))
+    assert sum(map(len, buffers)) <= MAX_FRAME_BYTES
+    assert len(buffers[0]) == HEADER_BYTES + 32 + 4
+    [event] = deliver(buffers, server, step=65536)
+    assert isinstance(event, StoreRequest)
+    assert event.data == data
+
+
+def test_smaller_frame_limit_is_enforced() -> None:
+    client = TransferConnection(role=Role.CLIENT)
+    server = TransferConnection(role=Role.SERVER, max_frame_bytes=1024)
+    buffers = client.send(StoreRequest(1, CID, 1, bytes(2000)))
+    server.receive_data(buffers[0])
+    with pytest.raises(ProtocolViolation) as info:
+        server.next_event()
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+def test_request_ids_skip_zero_and_in_use() -> None:
+    client, _ = pair()
+    client._next_request_id = 2**32 - 1
+    assert client.new_request_id() == 2**32 - 1
+    assert client.new_request_id() == 1
+    client.send(FetchRequest(2, CID))
+    assert client.new_request_id() == 3
+
+
+def test_data_repr_hides_chunk_bytes() -> None:
+    assert "secret" not in repr(StoreRequest(1, CID, 1, b"secret"))
+    assert "secret" not in repr(ChunkData(1, CID, b"secret"))
