@@ -1,0 +1,242 @@
+"""``fetch``: find the holders of a link's chunks, download and verify them in parallel, resume after a crash.
+
+The output appears only when complete: chunks are written into ``.NAME.p2pmega-part`` next to the output, and
+``.NAME.p2pmega-state`` (versioned JSON, see docs/FORMAT.md) records which chunks are already in it, so a rerun
+after Ctrl-C, a crash or a network loss downloads only what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pmega.api.common import HolderLocator, NetSettings, client_node
+from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
+from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk
+from p2pmega.errors import BadLink, ManifestNotFound, NotFoundError, OutputExists, UsageError
+
+log = logging.getLogger(__name__)
+
+# Chunks downloading at once; spread over every holder, so each holder sees a few requests at a time.
+FETCH_CONCURRENCY = 8
+# The resume state is written after at most this many newly finished chunks (and on any exit).
+STATE_SAVE_EVERY = 16
+STATE_VERSION = 1
+PART_SUFFIX = ".p2pmega-part"
+STATE_SUFFIX = ".p2pmega-state"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    size: int
+    chunks_total: int
+    chunks_fetched: int
+    chunks_resumed: int
+
+
+def safe_name(name: str | None, fallback: str) -> str:
+    """The manifest's name made safe as a single file name: no separators, no ``..``, no control characters."""
+    cleaned = "".join(ch for ch in (name or "") if ch.isprintable() and ch not in "/\\\x00")
+    cleaned = cleaned.strip().lstrip(".").strip()
+    return cleaned[:255] or fallback
+
+
+async def walk_manifest(locator: HolderLocator, cap: ReadCap | KeepCap) -> Manifest:
+    """Fetch and decode the manifest tree.
+
+    Raises:
+        ManifestNotFound: no holder has the root.
+        IntegrityError: a manifest chunk is corrupt and no holder has a good copy.
+    """
+    walker = ManifestWalker(cap)
+    while not walker.done:
+        wanted = walker.wanted()
+        try:
+            blobs = await asyncio.gather(*(locator.fetch(c) for c in wanted))
+        except NotFoundError as exc:
+            raise ManifestNotFound(
+                f"no reachable holder has the manifest of {cap.root.hex()[:16]}…; "
+                "the file may have expired, or check --bootstrap"
+            ) from exc
+        for chunk_id, data in zip(wanted, blobs, strict=True):
+            walker.feed(chunk_id, data)
+    return walker.result()
+
+
+async def fetch(
+    link: str,
+    *,
+    net: NetSettings,
+    output: Path | None = None,
+    cwd: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> FetchResult:
+    """Download the file of a read link, verified chunk by chunk, to ``output`` (or cwd/NAME).
+
+    Raises:
+        BadLink: the link is malformed or is a keep-alive link.
+        OutputExists: the output exists and ``force`` is false.
+        ManifestNotFound, ChunkUnavailable: no reachable holder has what is needed.
+        IntegrityError: data that no holder can provide intact.
+    """
+    cap = parse_link(link)
+    if isinstance(cap, KeepCap):
+        raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
+    if output is not None and not force and await asyncio.to_thread(_is_existing_file, output):
+        raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
+    async with client_node(net) as node:
+        locator = HolderLocator(node, net.geo, hints=cap.peers)
+        manifest = await walk_manifest(locator, cap)
+        target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
+        if not force and await asyncio.to_thread(target.exists):
+            raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
+        return await _download(locator, cap, manifest, target, progress)
+
+
+def _is_existing_file(path: Path) -> bool:
+    return path.exists() and not path.is_dir()
+
+
+def _target(output: Path | None, cwd: Path, manifest: Manifest, cap: ReadCap) -> Path:
+    name = safe_name(manifest.name, fallback=f"p2pmega-{cap.root.hex()[:16]}")
+    if output is None:
+        return cwd / name
+    if output.is_dir():
+        return output / name
+    return output
+
+
+@dataclass
+class _Resume:
+    part: Path
+    state: Path
+    root: str
+    size: int
+    done: set[int]
+
+    def load(self) -> None:
+        try:
+            raw = json.loads(self.state.read_text("utf-8"))
+            if (
+                raw.get("version") != STATE_VERSION
+                or raw.get("root") != self.root
+                or raw.get("size") != self.size
+                or self.part.stat().st_size != self.size
+            ):
+                return
+            bitmap = base64.b64decode(raw["done"], validate=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return
+        self.done = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1}
+
+    def save(self, fd: int) -> None:
+        # The data must be on disk before the state claims it is.
+        os.fsync(fd)
+        bitmap = bytearray((max(self.done, default=-1) + 8) // 8)
+        for i in self.done:
+            bitmap[i // 8] |= 1 << (i % 8)
+        doc = {
+            "version": STATE_VERSION,
+            "root": self.root,
+            "size": self.size,
+            "done": base64.b64encode(bytes(bitmap)).decode(),
+        }
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp.write_text(json.dumps(doc), "utf-8")
+        os.replace(tmp, self.state)
+
+
+async def _download(
+    locator: HolderLocator,
+    cap: ReadCap,
+    manifest: Manifest,
+    target: Path,
+    progress: Progress | None,
+) -> FetchResult:
+    size = manifest.size or 0
+    chunk_size = manifest.chunk_size or 1
+    ids = manifest.chunk_ids
+    resume = _Resume(
+        part=target.with_name(f".{target.name}{PART_SUFFIX}"),
+        state=target.with_name(f".{target.name}{STATE_SUFFIX}"),
+        root=cap.root.hex(),
+        size=size,
+        done=set(),
+    )
+    try:
+        await asyncio.to_thread(resume.load)
+        fd = await asyncio.to_thread(_open_part, resume.part, size, bool(resume.done))
+    except OSError as exc:
+        raise UsageError(f"cannot write next to {str(target)!r}: {exc.strerror}") from exc
+    resumed = len(resume.done)
+    todo = [i for i in range(len(ids)) if i not in resume.done]
+    done_bytes = sum(min(chunk_size, size - i * chunk_size) for i in resume.done)
+    if progress is not None:
+        progress(done_bytes, size)
+    fetched = 0
+    unsaved = 0
+    finished = False
+    try:
+        # Learn in one batch per known holder which chunks each one has, before asking the DHT chunk by chunk.
+        await locator.confirm([ids[i] for i in todo])
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in todo:
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            nonlocal fetched, unsaved, done_bytes
+            while not queue.empty():
+                index = queue.get_nowait()
+                data = await locator.fetch(ids[index], spread=index)
+                plain = await asyncio.to_thread(decrypt_chunk, cap, manifest, index, data)
+                await asyncio.to_thread(os.pwrite, fd, plain, index * chunk_size)
+                resume.done.add(index)
+                fetched += 1
+                unsaved += 1
+                done_bytes += len(plain)
+                if progress is not None:
+                    progress(done_bytes, size)
+                if unsaved >= STATE_SAVE_EVERY:
+                    unsaved = 0
+                    await asyncio.to_thread(resume.save, fd)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(todo)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.to_thread(_finish, fd, resume, target)
+        finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(resume.save, fd)
+        os.close(fd)
+    return FetchResult(target, size, len(ids), fetched, resumed)
+
+
+def _open_part(part: Path, size: int, resuming: bool) -> int:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(part, flags if resuming else flags | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _finish(fd: int, resume: _Resume, target: Path) -> None:
+    os.fsync(fd)
+    os.replace(resume.part, target)
+    with contextlib.suppress(FileNotFoundError):
+        resume.state.unlink()

@@ -1,0 +1,257 @@
+"""A local multi-country network of real ``p2pmega`` processes on loopback, and the demo that uses it.
+
+Peer N of country C listens on 127.C.N.1 (its own /24); a generated geo table maps 127.C.0.0/16 to the country.
+The bootstrap node listens on 127.0.0.1, an address of no country.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from p2pmega.errors import BadOption, NetworkError
+
+DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")
+# Loopback has room for 255 "countries" of 255 peers; the CLI keeps well inside that.
+MAX_COUNTRIES = 50
+MAX_PEERS_PER_COUNTRY = 50
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+BOOTSTRAP_HOST = "127.0.0.1"
+
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+def parse_countries(text: str) -> tuple[str, ...]:
+    """``DE,NZ,IS`` -> ("DE", "NZ", "IS").
+
+    Raises:
+        BadOption: not 1-50 distinct two-letter codes.
+    """
+    codes = tuple(c.strip().upper() for c in text.split(",") if c.strip())
+    if not codes or len(codes) > MAX_COUNTRIES or len(set(codes)) != len(codes):
+        raise BadOption(
+            f"--countries {text!r}: give 1 to {MAX_COUNTRIES} distinct codes, e.g. DE,NZ"
+        )
+    for code in codes:
+        if not _COUNTRY.match(code):
+            raise BadOption(f"--countries: {code!r} is not a two-letter country code")
+    return codes
+
+
+def free_port(host: str) -> int:
+    """A port number free for both UDP and TCP on ``host`` (peers use one number for DHT and transfer)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise NetworkError(f"no free port on {host}")
+
+
+@dataclass
+class Peer:
+    """One process of the test network."""
+
+    name: str
+    country: str | None
+    host: str
+    port: int
+    data_dir: Path
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class TestNet:
+    """Starts a bootstrap node and ``peers_per_country`` seeds per country as real processes; stops them all."""
+
+    __test__ = False  # not a pytest test class
+
+    base_dir: Path
+    countries: Sequence[str] = DEFAULT_COUNTRIES
+    peers_per_country: int = 2
+    quota: str | None = None
+    seed_args: Sequence[str] = ()
+    bootstrap: Peer | None = None
+    seeds: list[Peer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.peers_per_country <= MAX_PEERS_PER_COUNTRY:
+            raise BadOption(
+                f"--peers-per-country {self.peers_per_country}: give 1 to {MAX_PEERS_PER_COUNTRY}"
+            )
+        self.geo_table = self.base_dir / "geo-table.txt"
+
+    @property
+    def bootstrap_address(self) -> str:
+        if self.bootstrap is None:
+            raise RuntimeError("testnet not started")
+        return self.bootstrap.address
+
+    def environment(self) -> dict[str, str]:
+        """What a client needs to use this network."""
+        return {
+            "P2PMEGA_BOOTSTRAP": self.bootstrap_address,
+            "P2PMEGA_GEO_TABLE": str(self.geo_table),
+        }
+
+    async def __aenter__(self) -> TestNet:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the bootstrap node, then every seed, and wait until each one listens.
+
+        Raises:
+            NetworkError: a peer did not start within START_TIMEOUT_S (its log is named).
+        """
+        await asyncio.to_thread(self._prepare)
+        self.bootstrap = self._peer("bootstrap", None, BOOTSTRAP_HOST)
+        await self._spawn(self.bootstrap, ["bootstrap"])
+        await self._wait_listening([self.bootstrap])
+        for c, code in enumerate(self.countries, start=1):
+            for n in range(1, self.peers_per_country + 1):
+                peer = self._peer(f"{code.lower()}{n}", code, f"127.{c}.{n}.1")
+                self.seeds.append(peer)
+        extra = ["--bootstrap", self.bootstrap_address, "--geo-table", str(self.geo_table)]
+        if self.quota:
+            extra += ["--quota", self.quota]
+        await asyncio.gather(
+            *(self._spawn(p, ["seed", *extra, *self.seed_args]) for p in self.seeds)
+        )
+        await self._wait_listening(self.seeds)
+
+    def _prepare(self) -> None:
+        (self.base_dir / "logs").mkdir(parents=True, exist_ok=True)
+        lines = ["# p2pmega testnet: country C is 127.C.0.0/16"]
+        lines += [f"127.{c}.0.0/16 {code}" for c, code in enumerate(self.countries, start=1)]
+        self.geo_table.write_text("\n".join(lines) + "\n", "utf-8")
+
+    def _peer(self, name: str, country: str | None, host: str) -> Peer:
+        return Peer(
+            name=name,
+            country=country,
+            host=host,
+            port=free_port(host),
+            data_dir=self.base_dir / "peers" / name,
+            log_path=self.base_dir / "logs" / f"{name}.log",
+        )
+
+    async def _spawn(self, peer: Peer, args: list[str]) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "p2pmega",
+            *args,
+            "--host",
+            peer.host,
+            "--port",
+            str(peer.port),
+            "--data-dir",
+            str(peer.data_dir),
+            "--no-lan",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
+        log = await asyncio.to_thread(peer.log_path.open, "ab")
+        try:
+            peer.process = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the testnet, which stops its peers
+            )
+        finally:
+            log.close()
+
+    async def _wait_listening(self, peers: Sequence[Peer]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        pending = list(peers)
+        while pending:
+            for peer in list(pending):
+                text = await asyncio.to_thread(_read_text, peer.log_path)
+                if f"listening on {peer.address}" in text:
+                    pending.remove(peer)
+                elif peer.process is not None and peer.process.returncode is not None:
+                    last = text.strip().splitlines()[-1:] or ["(no output)"]
+                    raise NetworkError(
+                        f"testnet peer {peer.name} exited with {peer.process.returncode}: {last[0]}"
+                    )
+            if pending and loop.time() > deadline:
+                raise NetworkError(
+                    f"testnet peer {pending[0].name} did not start in {START_TIMEOUT_S:.0f} s; "
+                    f"see {pending[0].log_path}"
+                )
+            if pending:
+                await asyncio.sleep(0.05)
+
+    async def kill(self, peers: Sequence[Peer]) -> None:
+        """Stop peers abruptly (SIGKILL), as a seizure would."""
+        for peer in peers:
+            if peer.process is not None and peer.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    peer.process.send_signal(signal.SIGKILL)
+        for peer in peers:
+            if peer.process is not None:
+                await peer.process.wait()
+
+    def peers_in(self, country: str) -> list[Peer]:
+        return [p for p in self.seeds if p.country == country]
+
+    async def stop(self) -> None:
+        """SIGTERM every peer, wait for clean exits, SIGKILL whatever is still running after STOP_TIMEOUT_S."""
+        everyone = [*self.seeds, *([self.bootstrap] if self.bootstrap else [])]
+        running = [
+            p.process for p in everyone if p.process is not None and p.process.returncode is None
+        ]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,277 @@
+"""A p2pmega peer: DHT node, and for a holder the chunk store, transfer server and announce/GC loops.
+
+Used as ``async with Node(...) as node:``; it does not decide what to store or fetch (that is api.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from p2pmega.core.chunking import ChunkId
+from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
+from p2pmega.errors import NetworkError, P2PMegaError
+from p2pmega.identity import load_or_create_identity
+from p2pmega.net.dht import DHTNode
+from p2pmega.net.lan import LANDiscovery
+from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.storage import DEFAULT_QUOTA_BYTES, ChunkStore
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+# How many provider announcements run at once; each is a DHT crawl plus k small stores.
+ANNOUNCE_CONCURRENCY = 8
+# A summary line at most this often (the brief: "at most a one-line summary a minute").
+SUMMARY_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSettings:
+    """How a node runs; the defaults are the production values, tests shorten the intervals."""
+
+    host: str
+    port: int = 0
+    data_dir: Path
+    bootstrap: Sequence[Address] = ()
+    holder: bool = False
+    persistent_identity: bool = True
+    quota_bytes: int = DEFAULT_QUOTA_BYTES
+    lan: bool = False
+    rpc_timeout_s: float = 2.0
+    record_ttl_s: float = 24 * 3600.0
+    reannounce_s: float = 12 * 3600.0
+    gc_interval_s: float = 600.0
+    transfer_timeout_s: float = 10.0
+
+
+class Node:
+    """One peer. A holder (``holder=True``) also stores chunks for others and serves them over TCP."""
+
+    def __init__(
+        self, settings: NodeSettings, *, report: Callable[[str], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self._report = report or (lambda line: log.info("%s", line))
+        self.dht: DHTNode | None = None
+        self.store: ChunkStore | None = None
+        self.server: TransferServer | None = None
+        self.client = TransferClient(
+            local_host=settings.host, timeout_s=settings.transfer_timeout_s
+        )
+        self._lan: LANDiscovery | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._announce_queue: asyncio.Queue[ChunkId] = asyncio.Queue()
+        self.announced = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Node:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The UDP (DHT) port, which is also the TCP (transfer) port of a holder."""
+        return self.dht_node.port
+
+    @property
+    def address(self) -> Address:
+        return (self.settings.host, self.port)
+
+    async def start(self) -> None:
+        """Bind the DHT (and for a holder the transfer server on the same port number), then join.
+
+        Raises:
+            NetworkError: the address cannot be bound, or no bootstrap/saved/LAN contact answered.
+        """
+        s = self.settings
+        node_id = await asyncio.to_thread(self._node_id)
+        if s.holder:
+            self.store = await asyncio.to_thread(
+                ChunkStore, s.data_dir / "store", quota_bytes=s.quota_bytes
+            )
+        await self._bind(node_id)
+        if s.lan:
+            self._lan = LANDiscovery(
+                node_id=node_id, host=s.host, dht_port=self.port, on_peer=self._lan_peer
+            )
+            await self._lan.start()
+        if s.bootstrap or self._contacts_path().exists() or s.lan:
+            try:
+                await self.dht_node.join(list(s.bootstrap))
+            except NetworkError as exc:
+                # A client, or a peer told explicitly where to join, cannot work alone. A long-running peer
+                # with only stale saved contacts (say a bootstrap node after a restart) waits to be contacted.
+                if s.bootstrap or not s.persistent_identity:
+                    raise
+                log.warning("could not rejoin from saved contacts (%s); waiting for peers", exc)
+        if s.holder:
+            self._spawn(self._announce_worker())
+            self._spawn(self._maintenance_loop())
+
+    async def _bind(self, node_id: bytes) -> None:
+        s = self.settings
+        store = self.store
+        # The DHT (UDP) and transfer (TCP) ports share one number; with port 0 the UDP side picks it and the TCP
+        # side may find it taken, so try a few times.
+        for _attempt in range(20):
+            dht = DHTNode(
+                host=s.host,
+                port=s.port,
+                node_id=node_id,
+                rpc_timeout_s=s.rpc_timeout_s,
+                record_ttl_s=s.record_ttl_s,
+                contacts_path=self._contacts_path(),
+            )
+            try:
+                await dht.start()
+            except OSError as exc:
+                raise NetworkError(
+                    f"cannot bind UDP {s.host}:{s.port}: {exc.strerror}; pick another --host/--port"
+                ) from exc
+            if store is None:
+                self.dht = dht
+                return
+            server = TransferServer(store, host=s.host, port=dht.port, on_stored=self._on_stored)
+            try:
+                await server.start()
+            except OSError as exc:
+                await dht.stop()
+                if s.port != 0:
+                    raise NetworkError(
+                        f"cannot bind TCP {s.host}:{s.port}: {exc.strerror}; pick another --port"
+                    ) from exc
+                continue
+            self.dht, self.server = dht, server
+            return
+        raise NetworkError(f"no port on {s.host} is free for both UDP and TCP; pass --port")
+
+    def _node_id(self) -> bytes:
+        if self.settings.persistent_identity:
+            return load_or_create_identity(self.settings.data_dir).node_id
+        # Short-lived clients (share, fetch, check) use a throwaway identity so two of them can run at once.
+        return node_id_of(public_key_of(new_signing_seed()))
+
+    def _contacts_path(self) -> Path:
+        return self.settings.data_dir / "contacts.json"
+
+    @property
+    def dht_node(self) -> DHTNode:
+        if self.dht is None:
+            raise RuntimeError("node not started")
+        return self.dht
+
+    async def stop(self) -> None:
+        """Stop every task and socket; acknowledged chunks are already durable (fsynced before the reply)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._lan is not None:
+            await self._lan.stop()
+            self._lan = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        await self.client.close()
+        if self.dht is not None:
+            with contextlib.suppress(OSError, P2PMegaError):
+                await asyncio.to_thread(self.dht.save_contacts)
+            await self.dht.stop()
+            self.dht = None
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- holder duties ---------------------------------------------------------------------------
+    def _on_stored(self, chunk_id: ChunkId) -> None:
+        self._announce_queue.put_nowait(chunk_id)
+
+    async def _lan_peer(self, host: str, port: int) -> None:
+        await self.dht_node.add_contact(host, port)
+
+    async def _announce_worker(self) -> None:
+        sem = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
+
+        async def one(chunk_id: ChunkId) -> None:
+            try:
+                await self.dht_node.announce(chunk_id, self.port)
+                self.announced += 1
+            except P2PMegaError as exc:
+                log.debug("announce of %s failed: %s", chunk_id.hex()[:12], exc)
+            finally:
+                sem.release()
+
+        while True:
+            chunk_id = await self._announce_queue.get()
+            await sem.acquire()  # backpressure: at most ANNOUNCE_CONCURRENCY crawls in flight
+            self._spawn(one(chunk_id))
+
+    async def _maintenance_loop(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        next_announce = loop.time() + s.reannounce_s
+        next_gc = loop.time() + s.gc_interval_s
+        next_summary = loop.time() + SUMMARY_INTERVAL_S
+        next_save = loop.time() + 60.0
+        while True:
+            now = loop.time()
+            await asyncio.sleep(
+                max(0.05, min(next_announce, next_gc, next_summary, next_save) - now)
+            )
+            now = loop.time()
+            store = self.store
+            if store is None:
+                return
+            if now >= next_gc:
+                next_gc = now + s.gc_interval_s
+                removed = await asyncio.to_thread(store.collect_garbage)
+                if removed:
+                    log.info("garbage collector removed %d expired chunks", removed)
+            if now >= next_announce:
+                next_announce = now + s.reannounce_s
+                for chunk_id in await asyncio.to_thread(store.ids):
+                    self._announce_queue.put_nowait(chunk_id)
+            if now >= next_save:
+                next_save = now + 60.0
+                with contextlib.suppress(OSError, P2PMegaError):
+                    await asyncio.to_thread(self.dht_node.save_contacts)
+            if now >= next_summary:
+                next_summary = now + SUMMARY_INTERVAL_S
+                self._report(self.summary())
+
+    def summary(self) -> str:
+        """One line about this node's state, for the per-minute log of long-running commands."""
+        contacts = len(self.dht.contacts()) if self.dht is not None else 0
+        if self.store is None:
+            return f"{contacts} contacts"
+        used_mib = self.store.used_bytes / (1 << 20)
+        quota_mib = self.store.quota_bytes / (1 << 20)
+        return (
+            f"holding {self.store.chunk_count} chunks ({used_mib:.1f} of {quota_mib:.0f} MiB), "
+            f"{contacts} contacts, {self.announced} announcements"
+        )
