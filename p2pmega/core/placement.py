@@ -1,0 +1,383 @@
+"""Country-diverse placement of chunk copies: which peers hold a chunk, what to add after a loss.
+
+Pure: candidates (countries already resolved by core.geo) in, holders out. No network, no clock.
+
+The rule: ``replicas`` holders on pairwise distinct networks (an IPv4 /24 or an IPv6 /48, so one
+hosting provider's rack or one household cannot hold two copies) spanning at least ``min_countries``
+distinct known countries. Unknown-country holders may hold copies but never count toward countries.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from p2pmega.errors import BadOption, PlacementImpossible
+
+NODE_ID_BYTES = 20  # Kademlia node ids are 160-bit (section 2 of the paper; kademlia's default).
+CHUNK_ID_BYTES = 32  # core.chunking: a chunk id is a 32-byte hash of the sealed chunk.
+DEFAULT_REPLICAS = 2
+DEFAULT_MIN_COUNTRIES = 2
+# Prefix lengths that approximate "one operator": /24 (IPv4) and /48 (IPv6) are the longest prefixes
+# generally accepted in the global BGP table, so one site or small customer sits inside one of each.
+IPV4_NETWORK_PREFIX = 24
+IPV6_NETWORK_PREFIX = 48
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A peer that could hold a chunk.
+
+    Attributes:
+        node_id: the peer's 20-byte DHT node id.
+        host: the IP address we actually connect to (as observed, never as claimed).
+        port: its chunk-transfer port.
+        country: its upper-case ISO country code from core.geo.country_of, or None if unknown.
+
+    Raises:
+        ValueError: a field is malformed; that is a bug in the caller, not a user error.
+    """
+
+    node_id: bytes
+    host: str
+    port: int
+    country: str | None
+
+    def __post_init__(self) -> None:
+        if len(self.node_id) != NODE_ID_BYTES:
+            raise ValueError(f"node id has {len(self.node_id)} bytes, expected {NODE_ID_BYTES}")
+        _network_of(self.host)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} of {self.host} is not in 1..65535")
+        country = self.country
+        if country is not None and not (
+            len(country) == 2 and country.isascii() and country.isalpha() and country.isupper()
+        ):
+            raise ValueError(f"country {country!r} of {self.host} is not an upper-case ISO code")
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``host`` without a zone id and with ``::ffff:a.b.c.d`` unwrapped, as core.geo reads it."""
+    try:
+        parsed = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ValueError(f"host {host!r} is not an IP address; pass the observed address") from None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=4096)
+def _network_of(host: str) -> IPNetwork:
+    """The /24 or /48 that ``host`` lives in: two holders may never share one."""
+    address = _address(host)
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv4Network((address, IPV4_NETWORK_PREFIX), strict=False)
+    return ipaddress.IPv6Network((address, IPV6_NETWORK_PREFIX), strict=False)
+
+
+def _endpoint(candidate: Candidate) -> tuple[str, int]:
+    return str(_address(candidate.host)), candidate.port
+
+
+def _check_rule(replicas: int, min_countries: int) -> None:
+    if replicas < 1:
+        raise BadOption(f"replicas must be at least 1, got {replicas}; pass --replicas 1 or more")
+    if not 1 <= min_countries <= replicas:
+        raise BadOption(
+            f"min countries must be between 1 and replicas ({replicas}), got {min_countries};"
+            " lower --min-countries or raise --replicas"
+        )
+
+
+def _dht_key(chunk_id: bytes) -> bytes:
+    """The chunk's DHT key: its first 20 bytes, as core.chunking.dht_key_of defines it.
+
+    Sliced here rather than imported so placement does not depend on the chunk format module.
+    """
+    if len(chunk_id) != CHUNK_ID_BYTES:
+        raise ValueError(f"chunk id has {len(chunk_id)} bytes, expected {CHUNK_ID_BYTES}")
+    return chunk_id[:NODE_ID_BYTES]
+
+
+def _by_distance(chunk_id: bytes, candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Candidates closest first by XOR distance, duplicates collapsed, in an order that is total.
+
+    Ties (same node id, hence same distance) break on host, port and country, so the result does not
+    depend on the input order. A candidate whose node id or host:port was already seen closer is
+    dropped: one peer is one holder however many times the DHT reported it.
+    """
+    key = int.from_bytes(_dht_key(chunk_id), "big")
+
+    def sort_key(c: Candidate) -> tuple[int, str, int, str]:
+        return int.from_bytes(c.node_id, "big") ^ key, _endpoint(c)[0], c.port, c.country or ""
+
+    unique: list[Candidate] = []
+    seen_ids: set[bytes] = set()
+    seen_endpoints: set[tuple[str, int]] = set()
+    for candidate in sorted(set(candidates), key=sort_key):
+        endpoint = _endpoint(candidate)
+        if candidate.node_id in seen_ids or endpoint in seen_endpoints:
+            continue
+        seen_ids.add(candidate.node_id)
+        seen_endpoints.add(endpoint)
+        unique.append(candidate)
+    return unique
+
+
+def _unique(holders: Iterable[Candidate]) -> list[Candidate]:
+    """Holders with duplicates (same node id or host:port) collapsed, in a canonical order."""
+    return _by_distance(bytes(CHUNK_ID_BYTES), holders)
+
+
+def _max_country_matching(pool: Iterable[Candidate], *, limit: int) -> int:
+    """How many pool members (up to ``limit``) can have distinct known countries and networks.
+
+    A maximum bipartite matching between countries and networks (Kuhn's augmenting paths); each
+    known-country candidate is an edge. Stops once ``limit`` is reached: callers only need to know
+    whether enough countries can be covered.
+    """
+    edges: dict[str, list[IPNetwork]] = {}
+    for c in pool:
+        if c.country is not None:
+            networks = edges.setdefault(c.country, [])
+            network = _network_of(c.host)
+            if network not in networks:
+                networks.append(network)
+    owner: dict[IPNetwork, str] = {}
+
+    def augment(country: str, visited: set[IPNetwork]) -> bool:
+        for network in edges[country]:
+            if network in visited:
+                continue
+            visited.add(network)
+            if network not in owner or augment(owner[network], visited):
+                owner[network] = country
+                return True
+        return False
+
+    size = 0
+    for country in sorted(edges):
+        if size >= limit:
+            break
+        if augment(country, set()):
+            size += 1
+    return size
+
+
+def _extendable(
+    chosen: Sequence[Candidate], rest: Sequence[Candidate], replicas: int, min_countries: int
+) -> bool:
+    """Can ``chosen`` (on distinct networks) grow, using only ``rest``, into a valid placement?
+
+    It can exactly when (a) ``rest`` has enough members on networks ``chosen`` does not use to
+    reach ``replicas`` holders, and (b) the countries still missing can be covered by members of
+    ``rest`` with distinct new countries on distinct free networks (a matching), and there is room
+    for them. Sufficiency: take the matched members, then fill up from the other free networks.
+    """
+    need = replicas - len(chosen)
+    if need < 0:
+        return False
+    taken = {_network_of(c.host) for c in chosen}
+    countries = {c.country for c in chosen if c.country is not None}
+    missing = max(0, min_countries - len(countries))
+    if missing > need:
+        return False
+    free = [c for c in rest if _network_of(c.host) not in taken]
+    if len({_network_of(c.host) for c in free}) < need:
+        return False
+    if missing == 0:
+        return True
+    new_country = [c for c in free if c.country is not None and c.country not in countries]
+    return _max_country_matching(new_country, limit=missing) >= missing
+
+
+def _greedy(
+    ordered: Sequence[Candidate], replicas: int, min_countries: int
+) -> list[Candidate] | None:
+    """The first valid placement in ``ordered`` order, lexicographically, or None if there is none.
+
+    Walks ``ordered`` and keeps a member whenever the kept set can still be completed from the
+    members after it (``_extendable``). Why this never misses a valid placement: the empty set is
+    extendable iff one exists; each step keeps the invariant "kept is extendable from what follows";
+    and a member that was skipped can never be part of a completion later, because a superset of a
+    non-extendable set is not extendable either. So the walk ends with ``replicas`` members, and
+    it is the valid set whose members come earliest in the order, i.e. the closest peers.
+    """
+    if not _extendable([], ordered, replicas, min_countries):
+        return None
+    chosen: list[Candidate] = []
+    networks: set[IPNetwork] = set()
+    countries: set[str] = set()
+    for index, candidate in enumerate(ordered):
+        if len(chosen) == replicas:
+            break
+        network = _network_of(candidate.host)
+        if network in networks:
+            continue
+        # Once enough countries are in, any member on a free network keeps the set extendable:
+        # removing one network from the free ones still leaves enough for the smaller remainder.
+        if len(countries) < min_countries and not _extendable(
+            [*chosen, candidate], ordered[index + 1 :], replicas, min_countries
+        ):
+            continue
+        chosen.append(candidate)
+        networks.add(network)
+        if candidate.country is not None:
+            countries.add(candidate.country)
+    return chosen
+
+
+def _impossible(
+    chunk_id: bytes, pool: Sequence[Candidate], replicas: int, min_countries: int, what: str
+) -> PlacementImpossible:
+    countries = sorted({c.country for c in pool if c.country is not None})
+    unknown = sum(1 for c in pool if c.country is None)
+    networks = len({_network_of(c.host) for c in pool})
+    listed = ", ".join(countries) if countries else "none"
+    return PlacementImpossible(
+        f"cannot {what} chunk {chunk_id[:4].hex()}…: need {replicas} holders on distinct /24 or /48"
+        f" networks in {min_countries} countries, but the {len(pool)} peers span countries"
+        f" {listed} ({unknown} unknown) on {networks} networks; add peers in other countries"
+        " or lower --min-countries"
+    )
+
+
+def choose_holders(
+    chunk_id: bytes,
+    candidates: Sequence[Candidate],
+    *,
+    replicas: int = DEFAULT_REPLICAS,
+    min_countries: int = DEFAULT_MIN_COUNTRIES,
+) -> list[Candidate]:
+    """Pick the holders of a chunk: the closest peers by XOR distance that meet the rule.
+
+    Distance is between the node id and the chunk's DHT key (``chunk_id[:20]``). The result is the
+    valid set whose members are closest (lexicographically by distance), found whenever any valid
+    set exists; it is the same for the same candidates in any order.
+
+    Args:
+        chunk_id: the 32-byte chunk id.
+        candidates: peers to choose from; duplicates (same node id or host:port) count once.
+        replicas: how many holders to return.
+        min_countries: how many distinct known countries they must span.
+
+    Returns:
+        Exactly ``replicas`` holders, closest first, on pairwise distinct /24 or /48 networks.
+
+    Raises:
+        BadOption: ``replicas`` < 1 or ``min_countries`` not in 1..replicas.
+        PlacementImpossible: no subset of the candidates meets the rule; the message lists the
+            countries that were available.
+    """
+    _check_rule(replicas, min_countries)
+    ordered = _by_distance(chunk_id, candidates)
+    chosen = _greedy(ordered, replicas, min_countries)
+    if chosen is None:
+        raise _impossible(chunk_id, ordered, replicas, min_countries, "place")
+    return chosen
+
+
+def meets_rule(
+    holders: Iterable[Candidate],
+    *,
+    replicas: int = DEFAULT_REPLICAS,
+    min_countries: int = DEFAULT_MIN_COUNTRIES,
+) -> bool:
+    """Whether some of ``holders`` form a valid placement.
+
+    Extra copies never hurt: a chunk held by three peers, two of them in one /24, meets the rule if
+    ``replicas`` of them on distinct networks span ``min_countries`` known countries.
+
+    Args:
+        holders: the peers that hold the chunk; duplicates count once.
+        replicas: how many holders on distinct networks are needed.
+        min_countries: how many distinct known countries they must span.
+
+    Returns:
+        True if the rule is met.
+
+    Raises:
+        BadOption: ``replicas`` < 1 or ``min_countries`` not in 1..replicas.
+    """
+    _check_rule(replicas, min_countries)
+    return _extendable([], _unique(holders), replicas, min_countries)
+
+
+def plan_repair(
+    chunk_id: bytes,
+    live_holders: Sequence[Candidate],
+    candidates: Sequence[Candidate],
+    *,
+    replicas: int = DEFAULT_REPLICAS,
+    min_countries: int = DEFAULT_MIN_COUNTRIES,
+) -> list[Candidate]:
+    """New holders to add so that the live holders plus them meet the rule again.
+
+    Keeps live holders wherever it can: the same walk as ``choose_holders`` runs over the live
+    holders first (closest first), then the other candidates by distance, so a new copy is only
+    placed where the live ones cannot serve, e.g. after every holder in one country was seized.
+
+    Args:
+        chunk_id: the 32-byte chunk id.
+        live_holders: peers that still answer for the chunk.
+        candidates: peers that could take a copy; live holders among them are ignored.
+        replicas: the rule's number of holders.
+        min_countries: the rule's number of distinct known countries.
+
+    Returns:
+        New holders to copy the chunk to, closest first; ``[]`` if the live holders meet the rule.
+
+    Raises:
+        BadOption: ``replicas`` < 1 or ``min_countries`` not in 1..replicas.
+        PlacementImpossible: live holders and candidates together cannot meet the rule.
+    """
+    _check_rule(replicas, min_countries)
+    live = _by_distance(chunk_id, live_holders)
+    if _extendable([], live, replicas, min_countries):
+        return []
+    live_ids = {c.node_id for c in live}
+    live_endpoints = {_endpoint(c) for c in live}
+    fresh = [
+        c
+        for c in _by_distance(chunk_id, candidates)
+        if c.node_id not in live_ids and _endpoint(c) not in live_endpoints
+    ]
+    chosen = _greedy([*live, *fresh], replicas, min_countries)
+    if chosen is None:
+        raise _impossible(chunk_id, [*live, *fresh], replicas, min_countries, "repair")
+    return [c for c in chosen if c.node_id not in live_ids]
+
+
+def survives_loss_of_any_country(holders: Iterable[Candidate], *, min_copies: int = 1) -> bool:
+    """Whether at least ``min_copies`` copies remain after every holder in any one country is lost.
+
+    Unknown-country holders never count toward survival: we cannot tell which jurisdiction they
+    are in, so the safe assumption is that they fall together with whichever country is lost.
+    With no known-country holder, or only one country, the answer is False.
+
+    Args:
+        holders: the peers that hold the chunk; duplicates count once.
+        min_copies: copies that must remain.
+
+    Returns:
+        True if every single-country loss leaves at least ``min_copies`` known-country holders.
+
+    Raises:
+        BadOption: ``min_copies`` < 1.
+    """
+    if min_copies < 1:
+        raise BadOption(f"min copies must be at least 1, got {min_copies}")
+    per_country: dict[str, int] = {}
+    for holder in _unique(holders):
+        if holder.country is not None:
+            per_country[holder.country] = per_country.get(holder.country, 0) + 1
+    total = sum(per_country.values())
+    if not per_country:
+        return False
+    return all(total - lost >= min_copies for lost in per_country.values())
