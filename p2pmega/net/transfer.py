@@ -132,6 +132,10 @@ class TransferServer:
         """Bytes received and not yet parsed, summed over all connections (for memory checks)."""
         return sum(conn.buffered_bytes for conn in self._connections.values())
 
+    def peer_hosts(self) -> list[str]:
+        """The source address of every connection being served, sorted (one entry per connection)."""
+        return sorted(self._per_ip.elements())
+
     async def start(self) -> None:
         """Listen on ``host:port``; ``.port`` holds the real port afterwards.
 
@@ -362,6 +366,8 @@ class TransferServer:
             )
         except errors.QuotaExceeded:
             return self._refuse(event, ip, ErrorCode.QUOTA_FULL, "store quota is full")
+        except errors.UsageError as exc:
+            return self._refuse(event, ip, ErrorCode.BAD_REQUEST, f"refused: {type(exc).__name__}")
         except errors.StorageError as exc:
             return self._refuse(
                 event, ip, ErrorCode.INTERNAL, f"store failed: {type(exc).__name__}"
@@ -370,6 +376,10 @@ class TransferServer:
             return self._refuse(
                 event, ip, ErrorCode.INTERNAL, f"disk error: {exc.strerror or type(exc).__name__}"
             )
+        except Exception:
+            # A bug in the store must not leave the peer waiting for its timeout.
+            log.exception("store raised unexpectedly on request %d from %s", event.request_id, ip)
+            return Error(event.request_id, ErrorCode.INTERNAL, "internal error")
 
 
 def _lease_seconds(lease_s: float) -> int:

@@ -1,0 +1,233 @@
+"""net.transfer over real loopback sockets: each peer on its own 127.C.N.1, real ChunkStores."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from p2pmega import errors
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
+from p2pmega.core.wire import (
+    MAX_BATCH_IDS,
+    NEED_DATA,
+    ChunkData,
+    FetchRequest,
+    Role,
+    TransferConnection,
+)
+from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.storage import ChunkStore
+from tests.conftest import free_port, peer_address
+
+pytestmark = pytest.mark.integration
+
+STEP_S = 10.0
+
+
+@contextlib.asynccontextmanager
+async def holder(
+    tmp_path: Path, host: str, *, quota_bytes: int = 64 << 20, on_stored=None
+) -> AsyncIterator[tuple[TransferServer, ChunkStore]]:
+    store = ChunkStore(tmp_path / host, quota_bytes=quota_bytes)
+    server = TransferServer(store, host=host, port=free_port(host), on_stored=on_stored)
+    try:
+        async with asyncio.timeout(STEP_S):
+            await server.start()
+        yield server, store
+    finally:
+        async with asyncio.timeout(STEP_S):
+            await server.stop()
+        store.close()
+
+
+@contextlib.asynccontextmanager
+async def fake_holder(host: str, answer: str) -> AsyncIterator[int]:
+    """A lying (``answer="lie"``) or silent (``answer="mute"``) holder built on core.wire."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        conn = TransferConnection(role=Role.SERVER)
+        while data := await reader.read(65536):
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
+                if answer == "lie" and isinstance(event, FetchRequest):
+                    writer.writelines(
+                        conn.send(ChunkData(event.request_id, event.chunk_id, b"forged"))
+                    )
+
+    server = await asyncio.start_server(serve, host=host, port=0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        await server.wait_closed()
+
+
+def random_chunk(size: int) -> tuple[ChunkId, bytes]:
+    data = os.urandom(size)
+    return chunk_id_of(data), data
+
+
+@pytest.mark.parametrize("size", [1, 2, 4095, 65537, 1 << 20, MAX_SEALED_CHUNK_BYTES])
+async def test_store_and_fetch_every_size(tmp_path: Path, size: int) -> None:
+    stored: list[ChunkId] = []
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host, on_stored=stored.append) as (server, _):
+        addr = (host, server.port)
+        cid, data = random_chunk(size)
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            assert await client.store(addr, cid, data, 3600) is True
+            assert await client.store(addr, cid, data, 3600) is False
+            assert await client.fetch(addr, cid) == data
+            # The holder sees the client's own address, not 127.0.0.1.
+            assert server.peer_hosts() == [peer_address(2, 1)]
+    assert stored == [cid]
+
+
+async def test_pipelined_requests_reuse_pooled_connections(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host) as (server, _):
+        addr = (host, server.port)
+        chunks = [random_chunk(100_000 + i) for i in range(24)]
+        async with TransferClient(
+            local_host=peer_address(2, 1), max_connections_per_peer=3
+        ) as client:
+            async with asyncio.timeout(STEP_S):
+                await asyncio.gather(*(client.store(addr, c, d, 60) for c, d in chunks))
+                got = await asyncio.gather(*(client.fetch(addr, c) for c, _ in chunks))
+            assert got == [d for _, d in chunks]
+            assert 1 <= server.connections <= 3
+
+
+async def test_quota_refusal_is_quota_exceeded(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host, quota_bytes=10_000) as (server, store):
+        addr = (host, server.port)
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            small_id, small = random_chunk(6_000)
+            assert await client.store(addr, small_id, small, 60)
+            big_id, big = random_chunk(6_000)
+            with pytest.raises(errors.QuotaExceeded, match="quota is full"):
+                await client.store(addr, big_id, big, 60)
+            # The connection survives a refusal.
+            assert await client.fetch(addr, small_id) == small
+        assert store.has_many([big_id]) == [False]
+
+
+async def test_bad_hash_store_is_refused(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host) as (server, store):
+        addr = (host, server.port)
+        cid, _ = random_chunk(500)
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            with pytest.raises(errors.ChunkHashMismatch, match="do not match"):
+                await client.store(addr, cid, b"not the chunk", 60)
+            with pytest.raises(errors.ChunkNotStored):
+                await client.fetch(addr, cid)
+        assert store.ids() == []
+
+
+async def test_has_and_renew_batches_larger_than_one_frame(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host) as (server, store):
+        addr = (host, server.port)
+        held = [random_chunk(64 + i) for i in range(3)]
+        ids = [ChunkId(os.urandom(32)) for _ in range(MAX_BATCH_IDS + 100)]
+        positions = [0, MAX_BATCH_IDS - 1, MAX_BATCH_IDS + 50]
+        for position, (cid, _) in zip(positions, held, strict=True):
+            ids[position] = cid
+        expected = [i in positions for i in range(len(ids))]
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            for cid, data in held:
+                await client.store(addr, cid, data, 60)
+            assert await client.has(addr, ids) == expected
+            before = time.time()
+            assert await client.renew(addr, ids, 7200.5) == expected
+            assert await client.has(addr, []) == []
+        for cid, _ in held:
+            expiry = store.lease_expiry(cid)
+            assert expiry is not None
+            assert expiry >= before + 7200
+
+
+async def test_corrupt_chunk_is_not_served_and_fetch_any_fails_over(tmp_path: Path) -> None:
+    host_a, host_b = peer_address(1, 1), peer_address(2, 1)
+    async with holder(tmp_path, host_a) as (a, _), holder(tmp_path, host_b) as (b, _):
+        addrs = [(host_a, a.port), (host_b, b.port)]
+        cid, data = random_chunk(300_000)
+        async with TransferClient(local_host=peer_address(3, 1)) as client, asyncio.timeout(STEP_S):
+            for addr in addrs:
+                await client.store(addr, cid, data, 60)
+            path = next((tmp_path / host_a).rglob(cid.hex()))
+            rotten = bytearray(path.read_bytes())
+            rotten[1000] ^= 0x01
+            path.write_bytes(bytes(rotten))
+            got, source = await client.fetch_any(addrs, cid)
+            assert (got, source) == (data, addrs[1])
+            # The holder dropped the rotten copy, so it now says not found.
+            with pytest.raises(errors.ChunkNotStored):
+                await client.fetch(addrs[0], cid)
+
+
+async def test_fetch_any_fails_over_past_dead_lying_and_mute_holders(tmp_path: Path) -> None:
+    good_host = peer_address(4, 1)
+    dead = (peer_address(1, 1), free_port(peer_address(1, 1)))
+    async with (
+        fake_holder(peer_address(2, 1), "lie") as liar_port,
+        fake_holder(peer_address(3, 1), "mute") as mute_port,
+        holder(tmp_path, good_host) as (good, _),
+    ):
+        liar = (peer_address(2, 1), liar_port)
+        mute = (peer_address(3, 1), mute_port)
+        cid, data = random_chunk(2048)
+        async with TransferClient(local_host=peer_address(5, 1), timeout_s=0.5) as client:
+            async with asyncio.timeout(STEP_S):
+                await client.store((good_host, good.port), cid, data, 60)
+                with pytest.raises(errors.PeerUnreachable, match="cannot connect"):
+                    await client.fetch(dead, cid)
+                with pytest.raises(errors.ChunkHashMismatch):
+                    await client.fetch(liar, cid)
+                with pytest.raises(errors.TransferTimeout, match="did not answer"):
+                    await client.fetch(mute, cid)
+                got, source = await client.fetch_any(
+                    [dead, liar, mute, (good_host, good.port)], cid
+                )
+                assert (got, source) == (data, (good_host, good.port))
+                with pytest.raises(errors.ChunkUnavailable, match=r"tried 3 holders: 1 bad hash"):
+                    await client.fetch_any([dead, liar, mute], cid)
+                with pytest.raises(errors.ChunkUnavailable, match="tried 0 holders"):
+                    await client.fetch_any([], cid)
+
+
+async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    chunks = [random_chunk(200_000 + i) for i in range(8)]
+    acknowledged: list[ChunkId] = []
+    async with holder(tmp_path, host) as (server, _):
+        addr = (host, server.port)
+        async with TransferClient(local_host=peer_address(2, 1)) as client:
+
+            async def store_one(cid: ChunkId, data: bytes) -> None:
+                if await client.store(addr, cid, data, 60):
+                    acknowledged.append(cid)
+
+            tasks = [asyncio.create_task(store_one(c, d)) for c, d in chunks]
+            await asyncio.sleep(0.05)
+            async with asyncio.timeout(STEP_S):
+                await server.stop()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    assert acknowledged, "stop() came before any store finished; the test proves nothing"
+    reopened = ChunkStore(tmp_path / host, quota_bytes=64 << 20)
+    try:
+        assert all(reopened.has_many(acknowledged))
+    finally:
+        reopened.close()
