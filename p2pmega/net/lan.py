@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import asyncio_dgram
+from asyncio_dgram.aio import DatagramServer
 
 from p2pmega.core.lan_codec import (
     COOKIE_BYTES,
@@ -138,8 +139,8 @@ class LANDiscovery:
         )
         self._pending: asyncio.Queue[tuple[str, int]] = asyncio.Queue(MAX_PENDING_PEERS)
         self._wake = asyncio.Event()
-        self._listener: asyncio_dgram.DatagramServer | None = None
-        self._sender: asyncio_dgram.DatagramServer | None = None
+        self._listener: DatagramServer | None = None
+        self._sender: DatagramServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self.announcements_sent = 0
@@ -177,15 +178,17 @@ class LANDiscovery:
             listen_sock = None  # owned by the stream now
             self._sender = await _stream(send_sock)
             send_sock = None
-        except OSError as exc:
+        except BaseException as exc:
             self._close_streams()
             for sock in (listen_sock, send_sock):
                 if sock is not None:
                     sock.close()
-            raise NetworkError(
-                f"cannot open LAN discovery on {self._broadcast_addr}:{self._lsd_port} "
-                f"from {self._host}: {exc.strerror}; run with --no-lan"
-            ) from exc
+            if isinstance(exc, OSError):
+                raise NetworkError(
+                    f"cannot open LAN discovery on {self._broadcast_addr}:{self._lsd_port} "
+                    f"from {self._host}: {exc.strerror}; run with --no-lan"
+                ) from exc
+            raise
         self._running = True
         self._tasks = [
             asyncio.create_task(self._receive_loop(self._listener), name="lan-receive"),
@@ -208,6 +211,9 @@ class LANDiscovery:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close_streams()
+        # A transport closes its socket in a call_soon() callback: let it run, so the port is free
+        # when stop() returns.
+        await asyncio.sleep(0)
 
     async def __aenter__(self) -> LANDiscovery:
         await self.start()
@@ -232,7 +238,7 @@ class LANDiscovery:
                 stream.close()
         self._listener = self._sender = None
 
-    async def _announce_loop(self, sender: asyncio_dgram.DatagramServer) -> None:
+    async def _announce_loop(self, sender: DatagramServer) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
@@ -250,7 +256,7 @@ class LANDiscovery:
             except TimeoutError:
                 pass
 
-    async def _send_announcement(self, sender: asyncio_dgram.DatagramServer) -> None:
+    async def _send_announcement(self, sender: DatagramServer) -> None:
         try:
             await sender.send(self._datagram, (self._broadcast_addr, self._lsd_port))
         except OSError as exc:
@@ -259,7 +265,7 @@ class LANDiscovery:
             return
         self.announcements_sent += 1
 
-    async def _receive_loop(self, listener: asyncio_dgram.DatagramServer) -> None:
+    async def _receive_loop(self, listener: DatagramServer) -> None:
         while True:
             try:
                 data, addr = await listener.recv()
@@ -310,10 +316,10 @@ class LANDiscovery:
                 logger.debug("on_peer(%s, %d) failed", host, port, exc_info=True)
 
 
-async def _stream(sock: socket.socket) -> asyncio_dgram.DatagramServer:
+async def _stream(sock: socket.socket) -> DatagramServer:
     """Wrap an unconnected socket; from_socket() only returns a client for a connected one."""
     stream = await asyncio_dgram.from_socket(sock)
-    if not isinstance(stream, asyncio_dgram.DatagramServer):
+    if not isinstance(stream, DatagramServer):
         stream.close()
         raise TypeError("LAN discovery sockets must not be connected")
     return stream
