@@ -12,13 +12,17 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncio_dgram
 import pytest
 from asyncio_dgram.aio import DatagramServer
 
+from p2pmega.core import crypto
 from p2pmega.core.lan_codec import Announcement, encode_announcement
 from p2pmega.errors import BadOption, NetworkError
+from p2pmega.identity import Identity
+from p2pmega.net.dht import DHTNode
 from p2pmega.net.lan import (
     DEFAULT_LSD_PORT,
     LOOPBACK_BROADCAST,
@@ -320,3 +324,54 @@ def test_default_broadcast_address_follows_the_host() -> None:
     node = LANDiscovery(node_id=node_id(1), host="127.9.9.1", dht_port=1, on_peer=Recorder())
     assert node.broadcast_addr == "127.255.255.255"
     assert node.lsd_port == DEFAULT_LSD_PORT == 6772
+
+
+def add_contact_then_set(dht: DHTNode, event: asyncio.Event) -> Callable[[str, int], Any]:
+    """on_peer as the node wires it (DHTNode.add_contact), plus an event for the test to wait on."""
+
+    async def on_peer(host: str, port: int) -> bool:
+        added = await dht.add_contact(host, port)
+        if added:
+            event.set()
+        return added
+
+    return on_peer
+
+
+async def test_two_dht_nodes_join_each_other_over_the_lan() -> None:
+    """The node wires on_peer to DHTNode.add_contact: two DHTs with no bootstrap meet on the LAN."""
+    ids = [Identity.from_seed(crypto.new_signing_seed()).node_id for _ in range(2)]
+    hosts = [peer_address(21, 1), peer_address(22, 1)]
+    async with (
+        DHTNode(host=hosts[0], node_id=ids[0], rpc_timeout_s=1.0) as dht_a,
+        DHTNode(host=hosts[1], node_id=ids[1], rpc_timeout_s=1.0) as dht_b,
+    ):
+        assert dht_a.contacts() == []
+        assert dht_b.contacts() == []
+        added = [asyncio.Event(), asyncio.Event()]
+        lan_a = LANDiscovery(
+            node_id=ids[0],
+            host=hosts[0],
+            dht_port=dht_a.port,
+            on_peer=add_contact_then_set(dht_a, added[0]),
+            lsd_port=0,
+            min_interval_s=0.05,
+        )
+        async with lan_a:
+            lan_b = LANDiscovery(
+                node_id=ids[1],
+                host=hosts[1],
+                dht_port=dht_b.port,
+                on_peer=add_contact_then_set(dht_b, added[1]),
+                lsd_port=lan_a.lsd_port,
+                min_interval_s=0.05,
+            )
+            async with lan_b, asyncio.timeout(10):
+                await added[0].wait()
+                await added[1].wait()
+        assert [(p.node_id, p.host, p.port) for p in dht_a.contacts()] == [
+            (ids[1], hosts[1], dht_b.port)
+        ]
+        assert [(p.node_id, p.host, p.port) for p in dht_b.contacts()] == [
+            (ids[0], hosts[0], dht_a.port)
+        ]
