@@ -39,8 +39,9 @@ def _check_peer(peer: Peer) -> None:
     host, port = peer
     if not 1 <= port <= 65535:
         raise ValueError(f"peer port {port} is outside 1-65535")
-    if str(ipaddress.ip_address(host)) != host:
-        raise ValueError(f"peer host {host!r} is not a canonical IP literal")
+    address = ipaddress.ip_address(host)
+    if str(address) != host or getattr(address, "scope_id", None):
+        raise ValueError(f"peer host {host!r} is not a canonical IP literal without a zone")
 
 
 def _check_name(name: str) -> None:
@@ -167,7 +168,7 @@ def _parse_peer(text: str) -> Peer:
         address = ipaddress.ip_address(host)
     except ValueError as exc:
         raise BadLink(f"peer hint {text[:60]!r} is not an IPv4 or [IPv6] literal") from exc
-    if address.version != family or str(address) != host:
+    if address.version != family or str(address) != host or getattr(address, "scope_id", None):
         raise BadLink(f"peer hint {text[:60]!r} is not a canonical IP literal")
     return host, int(port_text)
 

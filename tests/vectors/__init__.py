@@ -1,0 +1,1 @@
+"""Golden and upstream test vectors; see README.md."""

@@ -1,0 +1,122 @@
+"""Generate tests/vectors/core_v1.json: golden vectors for chunk, manifest and link formats v1.
+
+Run ``python -m tests.vectors.make_vectors`` from the repository root. Keys and nonces come from
+a counter-based stream instead of the OS CSPRNG, so the output is byte-for-byte reproducible;
+this substitution lives here only and never in p2pmega itself. A diff in the output means the
+format changed: bump its version (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from p2pmega.core import crypto
+from p2pmega.core.magnet import ReadCap, format_link
+from p2pmega.core.manifest import FileEncoder
+
+VECTORS_PATH = Path(__file__).with_name("core_v1.json")
+
+# (description, file name, chunk size, size): a file in one chunk, one needing padding in two
+# chunks, and one whose manifest needs a tree of height 2 (64-byte chunks: 2 ids per node).
+FILES = [
+    ("empty file: one padded data chunk", "empty", 64, 0),
+    ("two chunks, final one padded", "notes.txt", 64, 100),
+    ("seven chunks, manifest tree of height 2", "Grüße 🌍.bin", 64, 7 * 64 - 5),
+]
+
+
+@contextmanager
+def deterministic_randomness(label: bytes) -> Iterator[None]:
+    """Replace crypto's CSPRNG with SHA-256(label || counter) for the duration.
+
+    Args:
+        label: Separates the streams of different vectors.
+
+    Yields:
+        Nothing; randomness is deterministic inside the block.
+    """
+    counter = itertools.count()
+
+    def fake_random(count: int) -> bytes:
+        block = hashlib.sha256(label + next(counter).to_bytes(8, "big")).digest()
+        return (block * (count // len(block) + 1))[:count]
+
+    replacement: Callable[[int], bytes] = fake_random
+    with mock.patch.object(crypto, "_random_bytes", replacement):
+        yield
+
+
+def plaintext_of(size: int) -> bytes:
+    """The plaintext of a vector file: bytes 0, 1, 2, ... modulo 251."""
+    return bytes(index % 251 for index in range(size))
+
+
+def file_vector(description: str, name: str, chunk_size: int, size: int) -> dict[str, Any]:
+    """Encode one file deterministically and describe every stored chunk."""
+    data = plaintext_of(size)
+    with deterministic_randomness(name.encode("utf-8")):
+        encoder = FileEncoder(name=name, size=size, chunk_size=chunk_size)
+        data_chunks = [
+            encoder.encode_chunk(index, data[index * chunk_size : (index + 1) * chunk_size])
+            for index in range(encoder.chunk_count)
+        ]
+        cap, manifest_chunks = encoder.finish()
+    peers_cap = ReadCap(
+        cap.root, cap.key, cap.name, cap.size, (("192.0.2.7", 4001), ("2001:db8::1", 4001))
+    )
+    return {
+        "description": description,
+        "name": name,
+        "size": size,
+        "chunk_size": chunk_size,
+        "plaintext_hex": data.hex(),
+        "file_key_hex": cap.key.hex(),
+        "verify_key_hex": cap.keep_cap().verify_key.hex(),
+        "root_id_hex": cap.root.hex(),
+        "read_link": format_link(cap),
+        "read_link_with_peers": format_link(peers_cap),
+        "keep_link": format_link(cap.keep_cap()),
+        "data_chunks": [{"id_hex": cid.hex(), "stored_hex": raw.hex()} for cid, raw in data_chunks],
+        "manifest_chunks": [
+            {"id_hex": cid.hex(), "stored_hex": raw.hex()} for cid, raw in manifest_chunks
+        ],
+    }
+
+
+def key_schedule_vector() -> dict[str, str]:
+    """Every derived key of one fixed file key."""
+    file_key = bytes(range(32))
+    verify_key = crypto.derive_key(file_key, b"p2pmega:verify:v1")
+    return {
+        "file_key_hex": file_key.hex(),
+        "verify_key_hex": verify_key.hex(),
+        "file_id_hex": crypto.derive_key(verify_key, b"p2pmega:file-id:v1")[:16].hex(),
+        "chunk_key_hex": crypto.derive_key(file_key, b"p2pmega:chunk:v1").hex(),
+        "meta_key_hex": crypto.derive_key(file_key, b"p2pmega:meta:v1").hex(),
+    }
+
+
+def build_vectors() -> dict[str, Any]:
+    """All golden vectors as one JSON-ready document."""
+    return {
+        "format_version": 1,
+        "generator": "tests/vectors/make_vectors.py",
+        "key_schedule": key_schedule_vector(),
+        "files": [file_vector(*spec) for spec in FILES],
+    }
+
+
+def main() -> None:
+    """Write the vectors file."""
+    VECTORS_PATH.write_text(json.dumps(build_vectors(), indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
