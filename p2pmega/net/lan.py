@@ -45,8 +45,10 @@ MAX_ANNOUNCEMENTS_PER_SOURCE = 16
 # Bounds on memory: hosts and peers remembered by the rate limiter, and peers waiting for on_peer.
 MAX_TRACKED = 1024
 MAX_PENDING_PEERS = 64
-# on_peer (the DHT's add_contact, a ping) gets this long before it is abandoned.
+# on_peer (the DHT's add_contact, a ping) gets this long before it is abandoned, and this many
+# calls run at once, so a few dead peers announced by an attacker cannot hold up honest ones.
 ON_PEER_TIMEOUT_S = 10.0
+ON_PEER_CONCURRENCY = 4
 # Periodic announcements are spread by up to this fraction of the interval so nodes started
 # together do not keep broadcasting in lock-step.
 JITTER_FRACTION = 0.1
@@ -92,7 +94,8 @@ class LANDiscovery:
             host: this node's IPv4 address; announcements are sent from it.
             dht_port: this node's DHT UDP port, announced to peers.
             on_peer: awaited with (source host, announced port) of each new peer, at most once per
-                peer per interval; its exceptions are logged at DEBUG and ignored.
+                peer per interval, up to ``ON_PEER_CONCURRENCY`` calls at once; its exceptions
+                are logged at DEBUG and ignored.
             broadcast_addr: where to send and listen; None derives it from ``host``.
             lsd_port: the discovery UDP port shared by all nodes; 0 picks a free one (tests).
             interval_s: seconds between periodic announcements, also the rate-limit window.
@@ -193,7 +196,10 @@ class LANDiscovery:
         self._tasks = [
             asyncio.create_task(self._receive_loop(self._listener), name="lan-receive"),
             asyncio.create_task(self._announce_loop(self._sender), name="lan-announce"),
-            asyncio.create_task(self._report_loop(), name="lan-report"),
+            *(
+                asyncio.create_task(self._report_loop(), name=f"lan-report-{i}")
+                for i in range(ON_PEER_CONCURRENCY)
+            ),
         ]
         logger.info(
             "LAN discovery on %s:%d announcing %s:%d",

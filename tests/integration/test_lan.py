@@ -22,6 +22,7 @@ from p2pmega.core import crypto
 from p2pmega.core.lan_codec import Announcement, encode_announcement
 from p2pmega.errors import BadOption, NetworkError
 from p2pmega.identity import Identity
+from p2pmega.net import lan as lan_module
 from p2pmega.net.dht import DHTNode
 from p2pmega.net.lan import (
     DEFAULT_LSD_PORT,
@@ -375,3 +376,40 @@ async def test_two_dht_nodes_join_each_other_over_the_lan() -> None:
         assert [(p.node_id, p.host, p.port) for p in dht_b.contacts()] == [
             (ids[0], hosts[0], dht_a.port)
         ]
+
+
+async def test_hanging_on_peer_times_out_and_does_not_block_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="p2pmega.net.lan")
+    monkeypatch.setattr(lan_module, "ON_PEER_TIMEOUT_S", 0.3)
+    calls: list[int] = []
+    second = asyncio.Event()
+
+    async def on_peer(host: str, port: int) -> None:
+        calls.append(port)
+        if port == 7101:
+            await asyncio.Event().wait()  # a peer that never answers the ping
+        second.set()
+
+    node = LANDiscovery(
+        node_id=node_id(15),
+        host=peer_address(15, 1),
+        dht_port=4000,
+        on_peer=on_peer,
+        lsd_port=0,
+        min_interval_s=0.05,
+    )
+    async with node, raw_sender(peer_address(15, 2)) as send:
+        send(encode_announcement(Announcement(node_id(1), 7101, b"\x06" * 8)), node.lsd_port)
+        await asyncio.sleep(0.05)
+        send(encode_announcement(Announcement(node_id(2), 7102, b"\x07" * 8)), node.lsd_port)
+        async with asyncio.timeout(0.25):
+            await second.wait()  # served while the first call still hangs
+        await asyncio.sleep(0.4)
+    assert calls == [7101, 7102]
+    timed_out = [r for r in caplog.records if r.getMessage().startswith("on_peer(")]
+    assert len(timed_out) == 1
+    assert "7101" in timed_out[0].getMessage()
+    assert timed_out[0].exc_info is not None
+    assert timed_out[0].exc_info[0] is TimeoutError
