@@ -402,6 +402,7 @@ class _PeerConnection:
         self.conn = TransferConnection(role=Role.CLIENT)
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.closed = False
+        self.answered = 0  # replies received so far; a reused connection may have gone stale
         self._reader = reader
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop())
@@ -423,6 +424,7 @@ class _PeerConnection:
                         )
                     if isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
                         raise AssertionError("a client connection yields only replies")
+                    self.answered += 1
                     future = self.pending.pop(event.request_id, None)
                     if future is not None and not future.done():
                         future.set_result(event)
@@ -532,15 +534,15 @@ class TransferClient:
             return best
         return None
 
-    async def _connection(self, addr: Address) -> _PeerConnection:
+    async def _connection(self, addr: Address, *, fresh: bool = False) -> _PeerConnection:
         if self._closed:
             raise errors.PeerUnreachable("the transfer client is closed")
-        found = self._idle_or_none(addr)
+        found = None if fresh else self._idle_or_none(addr)
         if found is not None:
             return found
         lock = self._opening.setdefault(addr, asyncio.Lock())
         async with lock:
-            found = self._idle_or_none(addr)
+            found = None if fresh else self._idle_or_none(addr)
             if found is not None:
                 return found
             local = (self.local_host, 0) if self.local_host else None
@@ -563,7 +565,17 @@ class TransferClient:
         try:
             async with asyncio.timeout(self.timeout_s):
                 peer_conn = await self._connection(addr)
-                reply = await peer_conn.request(event)
+                reused = peer_conn.answered > 0
+                try:
+                    reply = await peer_conn.request(event)
+                except errors.PeerUnreachable:
+                    if not reused:
+                        raise
+                    # The holder may have closed this pooled connection for idleness just as we
+                    # reused it. Every request is idempotent, so retry once on a fresh one.
+                    log.debug("pooled connection to %s was dropped; reconnecting", _where(addr))
+                    peer_conn = await self._connection(addr, fresh=True)
+                    reply = await peer_conn.request(event)
         except TimeoutError:
             # A peer that does not answer in time is not reused: its replies may never come.
             if peer_conn is not None:

@@ -21,7 +21,7 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
-from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
 
@@ -106,6 +106,28 @@ async def test_pipelined_requests_reuse_pooled_connections(tmp_path: Path) -> No
                 got = await asyncio.gather(*(client.fetch(addr, c) for c, _ in chunks))
             assert got == [d for _, d in chunks]
             assert 1 <= server.connections <= 3
+
+
+async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
+    server = TransferServer(
+        store, host=host, port=free_port(host), limits=ServerLimits(idle_timeout_s=0.2)
+    )
+    cid, data = random_chunk(1000)
+    try:
+        async with asyncio.timeout(STEP_S):
+            await server.start()
+            async with TransferClient(local_host=peer_address(2, 1)) as client:
+                addr = (host, server.port)
+                await client.store(addr, cid, data, 60)
+                await asyncio.sleep(0.5)
+                assert server.connections == 0
+                assert await client.fetch(addr, cid) == data
+    finally:
+        async with asyncio.timeout(STEP_S):
+            await server.stop()
+        store.close()
 
 
 async def test_quota_refusal_is_quota_exceeded(tmp_path: Path) -> None:
