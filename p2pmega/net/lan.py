@@ -217,6 +217,7 @@ class LANDiscovery:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close_streams()
+        self._pending = asyncio.Queue(MAX_PENDING_PEERS)
         # A transport closes its socket in a call_soon() callback: let it run, so the port is free
         # when stop() returns.
         await asyncio.sleep(0)
