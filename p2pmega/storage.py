@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from p2pmega.core.chunking import (
     MAX_SEALED_CHUNK_BYTES,
@@ -79,6 +79,8 @@ _SCHEMA = (
         UPDATE usage SET used_bytes = used_bytes - OLD.size, chunk_count = chunk_count - 1;
     END""",
 )
+
+_LIVE_ROW_SQL = "SELECT lease_expiry FROM chunks WHERE id = ? AND lease_expiry > ?"
 
 # Decimal units are 1000-based and binary units 1024-based (IEC 80000-13); a bare number is bytes.
 _SIZE_UNITS = {"": 1, "b": 1} | {
@@ -430,10 +432,8 @@ class ChunkStore:
         """
         with self._cond:
             self._check_open()
-            row = self._db.execute(
-                "SELECT lease_expiry FROM chunks WHERE id = ?", (bytes(chunk_id),)
-            ).fetchone()
-            live = row is not None and row[0] > self._clock()
+            rows = self._query("SELECT lease_expiry FROM chunks WHERE id = ?", (bytes(chunk_id),))
+            live = bool(rows) and rows[0][0] > self._clock()
         if not live:
             raise _not_stored(chunk_id)
         path = self._path_of(chunk_id)
@@ -470,13 +470,7 @@ class ChunkStore:
         with self._cond:
             self._check_open()
             now = self._clock()
-            return [
-                self._db.execute(
-                    "SELECT 1 FROM chunks WHERE id = ? AND lease_expiry > ?", (bytes(cid), now)
-                ).fetchone()
-                is not None
-                for cid in ids
-            ]
+            return [bool(self._query(_LIVE_ROW_SQL, (bytes(cid), now))) for cid in ids]
 
     def renew(self, ids: Sequence[ChunkId], *, lease_s: float) -> list[bool]:
         """Extend the leases of live chunks to at least ``lease_s`` seconds from now.
@@ -527,20 +521,17 @@ class ChunkStore:
         """Every live chunk id (to re-announce them), in byte order."""
         with self._cond:
             self._check_open()
-            rows = self._db.execute(
+            rows = self._query(
                 "SELECT id FROM chunks WHERE lease_expiry > ? ORDER BY id", (self._clock(),)
-            ).fetchall()
+            )
         return [ChunkId(row[0]) for row in rows]
 
     def lease_expiry(self, chunk_id: ChunkId) -> float | None:
         """When a live chunk's lease ends (a ``clock`` time), or None if it is not live here."""
         with self._cond:
             self._check_open()
-            row = self._db.execute(
-                "SELECT lease_expiry FROM chunks WHERE id = ? AND lease_expiry > ?",
-                (bytes(chunk_id), self._clock()),
-            ).fetchone()
-        return None if row is None else float(row[0])
+            rows = self._query(_LIVE_ROW_SQL, (bytes(chunk_id), self._clock()))
+        return float(rows[0][0]) if rows else None
 
     def close(self) -> None:
         """Close the index and release the directory lock; calling it again does nothing."""
@@ -573,6 +564,15 @@ class ChunkStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"chunk store {self._root} is closed; open a new ChunkStore")
+
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        """Run a read-only statement; an SQLite failure (I/O error) becomes a StorageError."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"chunk index {self._index_path} cannot be read ({exc}); check the disk"
+            ) from exc
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
