@@ -10,7 +10,7 @@ from p2pmega.core.magnet import KeepCap, ReadCap
 chunk_ids = st.binary(min_size=32, max_size=32).map(ChunkId)
 keys = st.binary(min_size=32, max_size=32)
 # Any text without control characters or lone surrogates (which cannot be UTF-8).
-names = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=40)
+names = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=40)
 sizes = st.integers(min_value=0, max_value=(1 << 64) - 1)
 hosts = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
 peers = st.tuples(hosts, st.integers(min_value=1, max_value=65535))

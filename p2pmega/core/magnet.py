@@ -27,6 +27,7 @@ MAX_SIZE = (1 << 64) - 1
 _B32_ID_CHARS = 52  # 32 bytes in unpadded base32
 _B64_KEY_CHARS = 43  # 32 bytes in unpadded base64url
 _DN_RE = re.compile(r"(?:[A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})*")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,19}")
 _PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 _FIELDS_READ = frozenset({"xt", "x.key", "dn", "xl", "x.pe"})
@@ -45,6 +46,8 @@ def _check_peer(peer: Peer) -> None:
 
 
 def _check_name(name: str) -> None:
+    if not name:
+        raise ValueError("name is empty")
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise ValueError(f"name is longer than {MAX_NAME_BYTES} bytes of UTF-8")
     if any(unicodedata.category(char) == "Cc" for char in name):
@@ -146,10 +149,9 @@ def _decode_b64_key(text: str, what: str) -> bytes:
     # The message names the field but never echoes the value: it is a secret.
     if len(text) != _B64_KEY_CHARS:
         raise BadLink(f"{what} is {len(text)} characters, expected {_B64_KEY_CHARS} of base64url")
-    try:
-        raw = base64.b64decode(text + "=", altchars=b"-_", validate=True)
-    except ValueError as exc:
-        raise BadLink(f"{what} is not valid base64url; check the link") from exc
+    if not _B64URL_RE.fullmatch(text):
+        raise BadLink(f"{what} is not valid base64url (A-Z a-z 0-9 - _); check the link")
+    raw = base64.urlsafe_b64decode(text + "=")
     if _b64(raw) != text:
         raise BadLink(f"{what} is not canonical base64url; check the link")
     return raw
@@ -168,7 +170,9 @@ def _parse_peer(text: str) -> Peer:
         address = ipaddress.ip_address(host)
     except ValueError as exc:
         raise BadLink(f"peer hint {text[:60]!r} is not an IPv4 or [IPv6] literal") from exc
-    if address.version != family or str(address) != host or getattr(address, "scope_id", None):
+    if address.version != family:
+        raise BadLink(f"peer hint {text[:60]!r}: write IPv6 as [address]:port, IPv4 without []")
+    if str(address) != host or getattr(address, "scope_id", None):
         raise BadLink(f"peer hint {text[:60]!r} is not a canonical IP literal")
     return host, int(port_text)
 
