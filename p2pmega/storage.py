@@ -284,19 +284,14 @@ class ChunkStore:
         Files are renamed into place before their row commits, and rows are deleted before their
         files are unlinked, so a crash leaves at most orphan files, stale rows and temp files.
         """
-        temp_files = 0
-        for entry in os.scandir(self._tmp_dir):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                temp_files += 1
-        on_disk: dict[bytes, int] = {}
-        for shard in _SHARDS:
-            for entry in os.scandir(self._chunks_dir / shard):
-                name = entry.name
-                if _CHUNK_NAME.fullmatch(name) and name.startswith(shard) and entry.is_file():
-                    on_disk[bytes.fromhex(name)] = entry.stat().st_size
-                else:
-                    log.warning("ignoring %s: not a chunk file of this store", entry.path)
+        try:
+            temp_files = self._remove_temp_files()
+            on_disk = self._scan_chunk_files()
+        except OSError as exc:
+            raise StorageError(
+                f"cannot scan chunk store {self._root}: {exc.strerror} ({exc.filename}); "
+                "check permissions"
+            ) from exc
         with self._cond, self._transaction() as db:
             rows = dict(db.execute("SELECT id, size FROM chunks").fetchall())
             missing = [cid for cid in rows if cid not in on_disk]
@@ -325,6 +320,26 @@ class ChunkStore:
         if report.repaired:
             log.warning("chunk store %s repaired after an unclean stop: %s", self._root, report)
         return report
+
+    def _remove_temp_files(self) -> int:
+        removed = 0
+        for entry in os.scandir(self._tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def _scan_chunk_files(self) -> dict[bytes, int]:
+        """Size of every well-named chunk file, by id; anything else is logged and left alone."""
+        on_disk: dict[bytes, int] = {}
+        for shard in _SHARDS:
+            for entry in os.scandir(self._chunks_dir / shard):
+                name = entry.name
+                if _CHUNK_NAME.fullmatch(name) and name.startswith(shard) and entry.is_file():
+                    on_disk[bytes.fromhex(name)] = entry.stat().st_size
+                else:
+                    log.warning("ignoring %s: not a chunk file of this store", entry.path)
+        return on_disk
 
     # --- public API ---------------------------------------------------------------------------
 

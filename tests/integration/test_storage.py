@@ -472,3 +472,19 @@ def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
                 assert chunk_id_of(store.get(ChunkId(chunk_id))) == chunk_id
     assert repaired_rounds >= 1, f"no kill landed mid-write in {rounds} rounds (seed {seed})"
     assert len(acknowledged) >= rounds
+
+
+def test_stray_files_in_shards_are_left_alone_and_not_served(tmp_path: Path) -> None:
+    ChunkStore(tmp_path).close()
+    stray = tmp_path / "chunks" / "ab" / "notes.txt"
+    stray.write_bytes(b"not a chunk")
+    misplaced_id, misplaced = make_chunk(100)
+    wrong_shard = "00" if misplaced_id.hex()[:2] != "00" else "01"
+    (tmp_path / "chunks" / wrong_shard / misplaced_id.hex()).write_bytes(misplaced)
+    with ChunkStore(tmp_path) as store:
+        assert not store.repair_report.repaired
+        assert store.ids() == []
+        assert store.used_bytes == 0
+        with pytest.raises(ChunkNotStored):
+            store.get(misplaced_id)
+    assert stray.read_bytes() == b"not a chunk"
