@@ -408,10 +408,12 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
 
     def _neighbours(self, sender: tuple[str, int], key: bytes) -> list[list[object]]:
+        # Contacts that missed their last call come last: they are probably gone, and handing them
+        # out would crowd live nodes out of the k contacts a reply may carry.
         exclude = Node(key, sender[0], sender[1])
-        return [
-            [n.id, n.ip, n.port] for n in self.router.find_neighbors(Node(key), exclude=exclude)
-        ]
+        near = self.router.find_neighbors(Node(key), k=2 * self.ksize, exclude=exclude)
+        near.sort(key=lambda n: n.id in self._misses)  # stable: distance order within each group
+        return [[n.id, n.ip, n.port] for n in near[: self.ksize]]
 
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
         self._welcome(sender, nodeid)
@@ -475,9 +477,12 @@ class _Crawl:
     """One iterative lookup (section 2.3 of the paper) that never waits on a dead node in series.
 
     kademlia's SpiderCrawl sends alpha queries and waits for all of them, so each round with a dead
-    node costs a full timeout. Here alpha queries are kept in flight, a query unanswered after a
-    quarter of the timeout stops counting against alpha (its answer is still used if it comes), and
-    the crawl ends when the k closest nodes not known dead have answered, or at 1.75 timeouts.
+    node costs a full timeout. Here alpha queries are kept in flight; a query unanswered after a
+    quarter of the timeout is "stalled": it stops counting against alpha and its node stops counting
+    among the k closest (so the next candidate is asked at once), though a late answer is still used
+    while the crawl runs. The crawl ends when the k closest nodes neither failed nor stalled have
+    answered, or after 1.75 timeouts. Unfinished queries run out in the background, so a dead node
+    still gets its miss recorded and is evicted after MAX_MISSES.
     """
 
     def __init__(
@@ -487,6 +492,7 @@ class _Crawl:
         self.target = Node(key)
         self.alpha = alpha
         self.mode = mode  # "node", "value" or "providers"
+        self.stall_s = protocol._wait_timeout / 4
         self.nodes: dict[bytes, Node] = {}
         self.depth: dict[bytes, int] = {}
         self.state: dict[bytes, str] = {}  # new, pending, done, failed
@@ -504,8 +510,14 @@ class _Crawl:
                 self.depth[node.id] = depth
                 self.state[node.id] = "new"
 
-    def _closest(self) -> list[Node]:
-        alive = (n for i, n in self.nodes.items() if self.state[i] != "failed")
+    def _counts(self, node_id: bytes, now: float) -> bool:
+        state = self.state[node_id]
+        return state in ("new", "done") or (
+            state == "pending" and now - self.started[node_id] < self.stall_s
+        )
+
+    def _closest(self, now: float) -> list[Node]:
+        alive = (n for i, n in self.nodes.items() if self._counts(i, now))
         return heapq.nsmallest(self.protocol.ksize, alive, key=self.target.distance_to)
 
     def _query(self, node: Node) -> Coroutine[Any, Any, tuple[bool, Any]]:
@@ -531,43 +543,33 @@ class _Crawl:
             contacts = reply
         self._learn(contacts, self.depth[node_id] + 1)
 
-    def _finished(self) -> bool:
-        if self.value is not None or self.records:
-            return True
-        return all(self.state[n.id] == "done" for n in self._closest())
-
     async def run(self) -> LookupResult:
         loop = asyncio.get_running_loop()
-        timeout_s = self.protocol._wait_timeout
-        stall_s, deadline = timeout_s / 4, loop.time() + 1.75 * timeout_s
+        deadline = loop.time() + 1.75 * self.protocol._wait_timeout
         pending: dict[asyncio.Task[tuple[bool, Any]], bytes] = {}
-        try:
-            while not self._finished() and loop.time() < deadline:
-                now = loop.time()
-                active = sum(1 for i in pending.values() if now - self.started[i] < stall_s)
-                for node in self._closest():
-                    if active >= self.alpha:
-                        break
-                    if self.state[node.id] == "new":
-                        self.state[node.id], self.started[node.id] = "pending", now
-                        pending[self.protocol.spawn(self._query(node))] = node.id
-                        self.messages += 1
-                        active += 1
-                if not pending:
+        while self.value is None and not self.records and loop.time() < deadline:
+            now = loop.time()
+            closest = self._closest(now)
+            if all(self.state[n.id] == "done" for n in closest):
+                break
+            active = [i for i in pending.values() if now - self.started[i] < self.stall_s]
+            for node in closest:
+                if len(active) >= self.alpha:
                     break
-                wake = min([self.started[i] + stall_s for i in pending.values()] + [deadline])
-                done, _ = await asyncio.wait(
-                    pending,
-                    timeout=max(wake - loop.time(), 0.001),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                for task in done:
-                    ok, reply = task.result()
-                    self._absorb(pending.pop(task), ok, reply)
-        finally:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                if self.state[node.id] == "new":
+                    self.state[node.id], self.started[node.id] = "pending", now
+                    pending[self.protocol.spawn(self._query(node))] = node.id
+                    self.messages += 1
+                    active.append(node.id)
+            if not pending:
+                break
+            wake = min([self.started[i] + self.stall_s for i in active] + [deadline])
+            done, _ = await asyncio.wait(
+                pending, timeout=max(wake - now, 0.001), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                ok, reply = task.result()
+                self._absorb(pending.pop(task), ok, reply)
         return self._result()
 
     def _result(self) -> LookupResult:

@@ -1,0 +1,216 @@
+"""net.dht on loopback: a 30-node swarm, provider records, churn, saved contacts, the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncio_dgram
+import pytest
+import umsgpack
+
+from p2pmega.errors import BootstrapFailed, NetworkError
+from p2pmega.net.dht import DHTNode, Peer, Provider
+from tests.conftest import peer_address
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 0.5
+SLACK_S = 0.25
+
+
+@asynccontextmanager
+async def swarm(country: int, n: int, **kwargs: object) -> AsyncIterator[list[DHTNode]]:
+    """``n`` started nodes at 127.C.N.1, nodes 1..n-1 joined through node 0; all stopped at exit."""
+    nodes = [
+        DHTNode(host=peer_address(country, i + 1), node_id=os.urandom(20), **kwargs)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+    try:
+        for node in nodes:
+            await node.start()
+        async with asyncio.timeout(30):
+            for node in nodes[1:]:
+                assert await node.join([(nodes[0].host, nodes[0].port)]) >= 1
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_thirty_nodes_announce_and_find_then_survive_five_dead() -> None:
+    rng = random.Random(3)
+    async with swarm(11, 30, rpc_timeout_s=TIMEOUT_S) as nodes:
+        announced: list[tuple[bytes, DHTNode, int]] = []
+        async with asyncio.timeout(60):
+            for i in range(200):
+                holder, seeker = rng.sample(nodes, 2)
+                chunk_id = os.urandom(32)
+                confirmed = await holder.announce(chunk_id, 10_000 + i)
+                assert confirmed >= 10
+                found = await seeker.find_providers(chunk_id)
+                assert [(p.node_id, p.host, p.port) for p in found] == [
+                    (holder.node_id, holder.host, 10_000 + i)
+                ]
+                assert found[0].expires_at > time.time() + 86_000
+                announced.append((chunk_id, holder, 10_000 + i))
+
+        dead = rng.sample(nodes[1:], 5)
+        for node in dead:
+            await node.stop()
+        live = [n for n in nodes if n not in dead]
+        walls: list[float] = []
+        async with asyncio.timeout(60):
+            for chunk_id, holder, port in announced[:60]:
+                if holder in dead:
+                    continue
+                seeker = rng.choice(live)
+                start = time.monotonic()
+                found = await seeker.find_providers(chunk_id)
+                walls.append(time.monotonic() - start)
+                assert (holder.node_id, port) in [(p.node_id, p.port) for p in found]
+            for i in range(40):
+                holder, seeker = rng.sample(live, 2)
+                chunk_id = os.urandom(32)
+                start = time.monotonic()
+                assert await holder.announce(chunk_id, 20_000 + i) >= 5
+                walls.append(time.monotonic() - start)
+                start = time.monotonic()
+                found = await seeker.find_providers(chunk_id)
+                walls.append(time.monotonic() - start)
+                assert [p.node_id for p in found] == [holder.node_id]
+                start = time.monotonic()
+                peers = await seeker.find_peers(chunk_id[:20])
+                walls.append(time.monotonic() - start)
+                # Replies may still carry a few dead contacts not yet evicted (3 misses needed).
+                assert len(peers) >= 15
+                assert not {p.node_id for p in peers} & {d.node_id for d in dead}
+        assert max(walls) <= 2 * TIMEOUT_S + SLACK_S, max(walls)
+
+
+async def test_find_peers_returns_the_closest_live_nodes_in_order() -> None:
+    async with swarm(12, 12, rpc_timeout_s=TIMEOUT_S, ksize=5) as nodes:
+        key = os.urandom(20)
+        async with asyncio.timeout(10):
+            peers = await nodes[3].find_peers(key, count=4)
+        expected = sorted(
+            (n for n in nodes if n is not nodes[3]),
+            key=lambda n: int.from_bytes(n.node_id, "big") ^ int.from_bytes(key, "big"),
+        )[:4]
+        assert peers == [Peer(n.node_id, n.host, n.port) for n in expected]
+
+
+async def test_records_expire_and_hosts_are_the_observed_address() -> None:
+    async with swarm(13, 4, rpc_timeout_s=TIMEOUT_S, record_ttl_s=1.0) as nodes:
+        assert nodes[0].reannounce_interval_s == 0.5
+        chunk_id = os.urandom(32)
+        async with asyncio.timeout(10):
+            assert await nodes[1].announce(chunk_id, 4242) == 3
+            found = await nodes[2].find_providers(chunk_id)
+            assert found == [Provider(nodes[1].node_id, nodes[1].host, 4242, found[0].expires_at)]
+            assert time.time() < found[0].expires_at <= time.time() + 1.5
+            await asyncio.sleep(1.2)
+            assert await nodes[2].find_providers(chunk_id) == []
+
+
+async def test_a_record_cannot_claim_someone_elses_address() -> None:
+    async with swarm(14, 2, rpc_timeout_s=TIMEOUT_S) as nodes:
+        key = os.urandom(20)
+        liar_host = peer_address(14, 9)
+        stream = await asyncio_dgram.bind((liar_host, 0))
+        try:
+            # The arguments carry no address at all: the recorder writes the datagram's source.
+            request = umsgpack.packb(["add_provider", [os.urandom(20), key, 7000]])
+            await stream.send(b"\x00" + os.urandom(20) + request, (nodes[0].host, nodes[0].port))
+            async with asyncio.timeout(5):
+                reply, _ = await stream.recv()
+            assert umsgpack.unpackb(reply[21:]) is True
+            found = await nodes[1].find_providers(key + os.urandom(12))
+        finally:
+            stream.close()
+        assert [(p.host, p.port) for p in found] == [(liar_host, 7000)]
+
+
+async def test_restart_rejoins_from_saved_contacts_when_bootstrap_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "contacts.json"
+    node_id = os.urandom(20)
+    async with swarm(15, 4, rpc_timeout_s=TIMEOUT_S) as nodes:
+        first = DHTNode(
+            host=peer_address(15, 20), node_id=node_id, rpc_timeout_s=TIMEOUT_S, contacts_path=path
+        )
+        await first.start()
+        try:
+            async with asyncio.timeout(10):
+                assert await first.join([(nodes[0].host, nodes[0].port)]) == 4
+        finally:
+            await first.stop()
+        saved = json.loads(path.read_text())
+        assert saved["version"] == 1
+        assert sorted(map(tuple, saved["contacts"])) == sorted((n.host, n.port) for n in nodes)
+
+        bootstrap = (nodes[0].host, nodes[0].port)
+        await nodes[0].stop()
+        again = DHTNode(
+            host=peer_address(15, 20), node_id=node_id, rpc_timeout_s=TIMEOUT_S, contacts_path=path
+        )
+        await again.start()
+        try:
+            async with asyncio.timeout(10):
+                assert await again.join([bootstrap]) == 3
+                chunk_id = os.urandom(32)
+                assert await again.announce(chunk_id, 5555) == 3
+                found = await nodes[2].find_providers(chunk_id)
+            assert [(p.node_id, p.port) for p in found] == [(node_id, 5555)]
+        finally:
+            await again.stop()
+
+
+async def test_join_names_what_it_tried_when_nothing_answers(tmp_path: Path) -> None:
+    path = tmp_path / "contacts.json"
+    path.write_text('{"version": 1, "contacts": [["127.16.9.1", 9]]}')
+    node = DHTNode(
+        host=peer_address(16, 1), node_id=os.urandom(20), rpc_timeout_s=0.2, contacts_path=path
+    )
+    await node.start()
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(BootstrapFailed, match=r"tried 2: 127\.16\.8\.1:9, 127\.16\.9\.1:9"):
+                await node.join([("127.16.8.1", 9)])
+            with pytest.raises(NetworkError, match="no DHT contact"):
+                await node.announce(os.urandom(32), 80)
+            with pytest.raises(NetworkError, match="no DHT contact"):
+                await node.find_providers(os.urandom(32))
+    finally:
+        await node.stop()
+
+
+async def test_add_contact_contacts_and_async_with() -> None:
+    async with (
+        DHTNode(host=peer_address(17, 1), node_id=os.urandom(20), rpc_timeout_s=0.2) as a,
+        DHTNode(host=peer_address(17, 2), node_id=os.urandom(20), rpc_timeout_s=0.2) as b,
+    ):
+        assert a.port > 0
+        async with asyncio.timeout(5):
+            assert await a.add_contact(b.host, b.port) is True
+            assert await a.add_contact("127.17.3.1", 9) is False
+        assert a.contacts() == [Peer(b.node_id, b.host, b.port)]
+        assert b.contacts() == [Peer(a.node_id, a.host, a.port)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"host": "127.0.0.1", "node_id": b"short"}, "20 bytes"),
+        ({"host": "0.0.0.0", "node_id": bytes(20)}, "IP literal"),
+        ({"host": "localhost", "node_id": bytes(20)}, "IP literal"),
+    ],
+)
+def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DHTNode(**kwargs)  # type: ignore[arg-type]
