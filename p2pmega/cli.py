@@ -156,8 +156,9 @@ class _Bar:
             self.progress.update(self.task, completed=done, total=total)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="More logs on stderr (-vv: debug).")
     ] = 0,
@@ -169,6 +170,9 @@ def _main(
     """Peer-to-peer encrypted file store: every chunk on two peers in two countries, no central server."""
     if version:
         _echo(f"p2pmega {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        _echo(ctx.get_help())
         raise typer.Exit(0)
     _state["debug"] = debug
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG

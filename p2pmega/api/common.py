@@ -34,6 +34,8 @@ Address = tuple[str, int]
 SMALL_NETWORK_NODES = 40
 # Parallel DHT lookups while locating holders; each is a crawl of a few round trips.
 LOOKUP_CONCURRENCY = 16
+# Peers asked up front about every chunk of a file (one batched `has` each); more would cost more than lookups.
+EXPAND_PEERS = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,10 +147,27 @@ class HolderLocator:
     peers: set[Address] = field(default_factory=set)
     dead: set[Address] = field(default_factory=set)
     queried: dict[Address, set[ChunkId]] = field(default_factory=dict)
+    wanted: list[ChunkId] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+    async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
+        """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
+
+        Those peers are the known ones plus the nodes closest to ``near`` (in a small network, nearly everyone);
+        peers found later by :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted
+        about once per holder rather than once per chunk.
+        """
+        self.wanted = list(ids)
+        if near is not None:
+            try:
+                closest = await self.node.dht_node.find_peers(dht_key_of(near))
+            except NetworkError:
+                closest = []
+            self.peers.update((p.host, p.port) for p in closest[:EXPAND_PEERS])
+        await self.confirm(self.wanted)
 
     async def confirm(self, ids: Sequence[ChunkId], peers: Iterable[Address] | None = None) -> None:
         """Ask each peer (default: every known live peer) which of ``ids`` it holds, in one batch per peer."""
@@ -192,8 +211,11 @@ class HolderLocator:
                 except NetworkError:
                     closest = []
                 found |= {(p.host, p.port) for p in closest}
+        new = found - self.peers
         self.peers.update(found)
         await self.confirm([chunk_id], found | set(self.hints))
+        if new and self.wanted:
+            await self.confirm(self.wanted, new)
 
     def live_holders(self, chunk_id: ChunkId) -> list[Address]:
         return [a for a in self.holders.get(chunk_id, []) if a not in self.dead]

@@ -188,8 +188,8 @@ async def _download(
     unsaved = 0
     finished = False
     try:
-        # Learn in one batch per known holder which chunks each one has, before asking the DHT chunk by chunk.
-        await locator.confirm([ids[i] for i in todo])
+        # Learn in one batch per likely holder which chunks each one has, before asking the DHT chunk by chunk.
+        await locator.want([ids[i] for i in todo], near=cap.root)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in todo:
             queue.put_nowait(i)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -151,6 +152,26 @@ class TestNet:
             *(self._spawn(p, ["seed", *extra, *self.seed_args]) for p in self.seeds)
         )
         await self._wait_listening(self.seeds)
+        await asyncio.to_thread(self._write_peer_list)
+
+    def _write_peer_list(self) -> None:
+        """``peers.json``: every process of the network, so scripts and tests can stop single peers."""
+        doc = {
+            "version": 1,
+            "bootstrap": self.bootstrap_address,
+            "geo_table": str(self.geo_table),
+            "peers": [
+                {
+                    "name": p.name,
+                    "country": p.country,
+                    "address": p.address,
+                    "pid": p.process.pid if p.process else None,
+                    "data_dir": str(p.data_dir),
+                }
+                for p in [*([self.bootstrap] if self.bootstrap else []), *self.seeds]
+            ],
+        }
+        (self.base_dir / "peers.json").write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
 
     def _prepare(self) -> None:
         (self.base_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,219 @@
+"""End to end: the real console script against a real ``p2pmega testnet`` (bootstrap + 8 seeds, 4 countries)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
+from tests.integration.cli_helpers import (
+    P2PMEGA,
+    RunningTestnet,
+    clean_env,
+    run,
+    stored_chunk_files,
+    running_testnet,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+CHUNK = DEFAULT_CHUNK_SIZE
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTestnet]:
+    with running_testnet(tmp_path_factory.mktemp("testnet")) as running:
+        yield running
+
+
+def _share(net: RunningTestnet, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run("share", str(path), "--data-dir", str(path.parent / "client"), *extra, env=net.env)
+
+
+def _fetch(
+    net: RunningTestnet, link: str, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return run(
+        "fetch", link, "-o", str(out), "--data-dir", str(out.parent / "client"), *extra, env=net.env
+    )
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("p2pmega: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 20 * (1 << 20)],
+    ids=["0B", "1B", "chunk-1", "chunk", "chunk+1", "20MiB"],
+)
+def test_share_then_fetch_is_byte_identical(net: RunningTestnet, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    src = tmp_path / "source.bin"
+    src.write_bytes(data)
+    shared = _share(net, src)
+    assert shared.returncode == 0, shared.stderr
+    link = shared.stdout.strip()
+    assert link.startswith("magnet:?xt=urn:p2pmega:")
+    assert "\n" not in link
+
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    fetched = _fetch(net, link, out)
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip() == str(out)
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert len(out.read_bytes()) == size
+    assert not list(out.parent.glob(".*p2pmega-*")), "temporary files left behind"
+
+
+def test_share_json_places_every_chunk_in_two_countries(
+    net: RunningTestnet, tmp_path: Path
+) -> None:
+    src = tmp_path / "three-chunks.bin"
+    src.write_bytes(os.urandom(2 * CHUNK + 7))
+    shared = _share(net, src, "--json")
+    assert shared.returncode == 0, shared.stderr
+    doc = json.loads(shared.stdout)
+    assert doc["size"] == 2 * CHUNK + 7
+    assert doc["chunk_count"] == 3
+    assert doc["read_link"].startswith("magnet:?xt=urn:p2pmega:")
+    assert doc["keep_link"].startswith("magnet:?xt=urn:p2pmega-keep:")
+    kinds = [c["kind"] for c in doc["chunks"]]
+    assert kinds.count("data") == 3 and kinds.count("manifest") >= 1
+    for chunk in doc["chunks"]:
+        countries = {h["country"] for h in chunk["holders"]}
+        assert len(chunk["holders"]) >= 2
+        assert len(countries - {None}) >= 2, chunk
+        subnets = {h["address"].rsplit(".", 1)[0] for h in chunk["holders"]}
+        assert len(subnets) == len(chunk["holders"]), "two holders share a /24"
+
+
+def test_fetch_into_cwd_uses_the_sanitised_manifest_name(
+    net: RunningTestnet, tmp_path: Path
+) -> None:
+    src = tmp_path / "report final.txt"
+    src.write_bytes(b"hello, world\n")
+    link = _share(net, src).stdout.strip()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = run("fetch", link, "--data-dir", str(tmp_path / "client"), env=net.env, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == work / "report final.txt"
+    assert (work / "report final.txt").read_bytes() == b"hello, world\n"
+
+
+def test_user_mistakes_give_one_line_and_their_exit_code(
+    net: RunningTestnet, tmp_path: Path
+) -> None:
+    bad = _fetch(net, "magnet:?xt=urn:p2pmega:notbase32!!", tmp_path / "x")
+    assert bad.returncode == 2
+    _one_error_line(bad)
+
+    missing = _share(net, tmp_path / "does-not-exist.bin")
+    assert missing.returncode == 2
+    assert "does-not-exist.bin" in _one_error_line(missing)
+
+    src = tmp_path / "small.txt"
+    src.write_bytes(b"data")
+    link = _share(net, src).stdout.strip()
+    existing = tmp_path / "exists.txt"
+    existing.write_bytes(b"keep me")
+    refused = _fetch(net, link, existing)
+    assert refused.returncode == 2
+    assert "--force" in _one_error_line(refused)
+    assert existing.read_bytes() == b"keep me"
+    forced = _fetch(net, link, existing, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert existing.read_bytes() == b"data"
+
+
+def test_fetch_killed_half_way_resumes(net: RunningTestnet, tmp_path: Path) -> None:
+    size = 64 * CHUNK
+    data = os.urandom(size)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    link = _share(net, src).stdout.strip()
+    out = tmp_path / "out.bin"
+    state = tmp_path / ".out.bin.p2pmega-state"
+    proc = subprocess.Popen(
+        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "client")],
+        env=net.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert state.exists(), "the fetch finished (or never started) before it could be killed"
+    assert not out.exists()
+
+    again = _fetch(net, link, out)
+    assert again.returncode == 0, again.stderr
+    assert out.read_bytes() == data
+    summary = again.stderr.strip().splitlines()[-1]
+    # "fetched N of M chunks (K already present), ..."
+    words = summary.split()
+    fetched, total, resumed = int(words[1]), int(words[3]), int(words[5].lstrip("("))
+    assert total == 64 and resumed >= 16 and fetched == total - resumed, summary
+
+
+def test_check_is_healthy_after_share(net: RunningTestnet, tmp_path: Path) -> None:
+    src = tmp_path / "checked.bin"
+    src.write_bytes(os.urandom(CHUNK + 100))
+    doc = json.loads(_share(net, src, "--json").stdout)
+    for link in (doc["read_link"], doc["keep_link"]):
+        proc = run("check", link, "--json", "--data-dir", str(tmp_path / "client"), env=net.env)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["healthy"] is True
+        assert report["survives_loss_of_any_country"] is True
+        assert {c["id"] for c in report["chunks"]} == {c["id"] for c in doc["chunks"]}
+
+
+def test_share_with_one_country_exits_6_and_stores_nothing(tmp_path: Path) -> None:
+    with running_testnet(tmp_path / "net", "--countries", "DE", "--peers-per-country", "2") as one:
+        src = tmp_path / "lonely.bin"
+        src.write_bytes(os.urandom(3 * CHUNK))
+        proc = _share(one, src)
+        assert proc.returncode == 6, proc.stderr
+        line = _one_error_line(proc)
+        assert "DE" in line
+        assert stored_chunk_files(one.base_dir) == []
+
+
+def test_check_fails_after_every_holder_of_a_chunk_is_stopped(tmp_path: Path) -> None:
+    with running_testnet(
+        tmp_path / "net", "--countries", "DE,NZ", "--peers-per-country", "2"
+    ) as small:
+        src = tmp_path / "fragile.bin"
+        src.write_bytes(os.urandom(1000))
+        doc = json.loads(_share(small, src, "--json").stdout)
+        client = str(tmp_path / "client")
+        healthy = run("check", doc["read_link"], "--data-dir", client, env=small.env)
+        assert healthy.returncode == 0, healthy.stderr
+
+        data_chunk = next(c for c in doc["chunks"] if c["kind"] == "data")
+        for holder in data_chunk["holders"]:
+            small.kill_peer(holder["address"])
+        broken = run("check", doc["read_link"], "--json", "--data-dir", client, env=small.env)
+        assert broken.returncode == 4, broken.stderr
+        report = json.loads(broken.stdout)
+        assert report["healthy"] is False
+        lost = next(c for c in report["chunks"] if c["id"] == data_chunk["id"])
+        assert lost["holders"] == []
