@@ -17,10 +17,9 @@ from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 from tests.integration.cli_helpers import (
     P2PMEGA,
     RunningTestnet,
-    clean_env,
     run,
-    stored_chunk_files,
     running_testnet,
+    stored_chunk_files,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -92,7 +91,8 @@ def test_share_json_places_every_chunk_in_two_countries(
     assert doc["read_link"].startswith("magnet:?xt=urn:p2pmega:")
     assert doc["keep_link"].startswith("magnet:?xt=urn:p2pmega-keep:")
     kinds = [c["kind"] for c in doc["chunks"]]
-    assert kinds.count("data") == 3 and kinds.count("manifest") >= 1
+    assert kinds.count("data") == 3
+    assert kinds.count("manifest") >= 1
     for chunk in doc["chunks"]:
         countries = {h["country"] for h in chunk["holders"]}
         assert len(chunk["holders"]) >= 2
@@ -170,7 +170,9 @@ def test_fetch_killed_half_way_resumes(net: RunningTestnet, tmp_path: Path) -> N
     # "fetched N of M chunks (K already present), ..."
     words = summary.split()
     fetched, total, resumed = int(words[1]), int(words[3]), int(words[5].lstrip("("))
-    assert total == 64 and resumed >= 16 and fetched == total - resumed, summary
+    assert total == 64, summary
+    assert resumed >= 16, summary
+    assert fetched == total - resumed, summary
 
 
 def test_check_is_healthy_after_share(net: RunningTestnet, tmp_path: Path) -> None:
