@@ -34,6 +34,8 @@ from p2pmega.core.chunking import (
 from p2pmega.core.magnet import KeepCap, ReadCap, _check_name
 from p2pmega.errors import BadManifest, BadOption
 
+# 2**32 chunks: 4 PiB at the default chunk size, 256 GiB even at the 64-byte test size.
+MAX_CHUNKS = 1 << 32
 # Root plaintext: height (u8), data chunk count (u64), fanout (u32), sealed-metadata length (u16).
 _ROOT_HEAD = struct.Struct(">BQIH")
 # Metadata plaintext: file size (u64), chunk size (u32), name length (u16), then the UTF-8 name.
@@ -113,6 +115,10 @@ class FileEncoder:
             raise BadOption(f"file name cannot be stored: {exc}; rename the file") from exc
         if size < 0:
             raise ValueError(f"size {size} is negative")
+        if data_chunk_count(size, chunk_size) > MAX_CHUNKS:
+            raise BadOption(
+                f"file of {size} bytes needs over {MAX_CHUNKS} chunks; raise the chunk size"
+            )
         self._key = crypto.new_key() if key is None else key
         if len(self._key) != crypto.KEY_BYTES:
             raise ValueError(f"file key must be {crypto.KEY_BYTES} bytes")
@@ -220,8 +226,9 @@ class ManifestWalker:
         self._pending: dict[ChunkId, tuple[int, int, bool]] = {cap.root: (ROOT_LEVEL, 0, True)}
         self._root = cap.root
         # _lists[L][j]: the ids listed by node j of level L (1 lists data ids); the root's list
-        # sits at level height + 1.
-        self._lists: list[list[list[ChunkId]]] = []
+        # sits at level height + 1. Filled as nodes arrive, so a root that merely claims a huge
+        # file costs nothing until its nodes really exist.
+        self._lists: list[dict[int, list[ChunkId]]] = []
         self._counts: list[int] = []
         self._fanout = 0
         self._meta: tuple[str, int, int] | None = None
@@ -288,7 +295,10 @@ class ManifestWalker:
         if len(plain) < _ROOT_HEAD.size:
             raise BadManifest(f"manifest root has {len(plain)} bytes, too short; it is corrupt")
         height, chunk_count, fanout, meta_len = _ROOT_HEAD.unpack_from(plain)
-        if not 2 <= fanout <= MAX_CHUNK_SIZE // CHUNK_ID_BYTES or chunk_count < 1:
+        if (
+            not 2 <= fanout <= MAX_CHUNK_SIZE // CHUNK_ID_BYTES
+            or not 1 <= chunk_count <= MAX_CHUNKS
+        ):
             raise BadManifest(f"manifest root declares fanout {fanout} and {chunk_count} chunks")
         counts = level_counts(chunk_count, fanout)
         if height != len(counts) - 1:
@@ -297,7 +307,7 @@ class ManifestWalker:
         if self._keys.meta_key is not None:
             self._meta = self._read_meta(plain[_ROOT_HEAD.size : meta_end], chunk_count, fanout)
         self._counts, self._fanout = [*counts, 1], fanout
-        self._lists = [[]] + [[[] for _ in range(count)] for count in self._counts[1:]]
+        self._lists = [{} for _ in self._counts]
         self._add_list(plain[meta_end:], height + 1, 0)
 
     def _read_meta(self, sealed: bytes, chunk_count: int, fanout: int) -> tuple[str, int, int]:
@@ -320,6 +330,10 @@ class ManifestWalker:
             raise BadManifest(f"manifest file name is invalid ({exc}); it is corrupt") from exc
         return name, size, chunk_size
 
+    def _level_ids(self, level: int) -> list[ChunkId]:
+        lists = self._lists[level]
+        return [chunk_id for index in range(len(lists)) for chunk_id in lists[index]]
+
     def result(self) -> Manifest:
         """The decoded manifest.
 
@@ -334,8 +348,8 @@ class ManifestWalker:
             raise ValueError(f"manifest walk not done: {len(self._pending)} chunks still wanted")
         manifest_ids = [self._root]
         for level in range(len(self._lists) - 1, 1, -1):
-            manifest_ids.extend(chunk_id for ids in self._lists[level] for chunk_id in ids)
-        data_ids = tuple(chunk_id for ids in self._lists[1] for chunk_id in ids)
+            manifest_ids.extend(self._level_ids(level))
+        data_ids = tuple(self._level_ids(1))
         name, size, chunk_size = self._meta if self._meta is not None else (None, None, None)
         return Manifest(data_ids, tuple(manifest_ids), name, size, chunk_size)
 

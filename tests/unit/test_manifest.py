@@ -402,3 +402,19 @@ def test_golden_vectors_decode(vector):
     assert [c.hex() for c in walk(keep, store).chunk_ids] == [
         c["id_hex"] for c in vector["data_chunks"]
     ]
+
+
+def test_root_claiming_a_huge_file_costs_nothing_until_nodes_arrive():
+    key = bytes(range(32))
+    keys = FileKeys.from_file_key(key)
+    meta = _meta(keys, (1 << 32) * 64, 64, b"f")
+    plain = struct.pack(">BQIH", 31, 1 << 32, 2, len(meta)) + meta + bytes(31) + b"\x01" + bytes(32)
+    root_id, root = _root(keys, plain)
+    walker = ManifestWalker(ReadCap(root_id, key))
+    walker.feed(root_id, root)
+    assert len(walker.wanted()) == 2
+    too_many = struct.pack(">BQIH", 32, (1 << 32) + 1, 2, len(meta)) + meta + bytes(64)
+    with pytest.raises(BadManifest, match="4294967297 chunks"):
+        _walk_forged_root(too_many)
+    with pytest.raises(BadOption, match="raise the chunk size"):
+        FileEncoder(name="f", size=1 << 40, chunk_size=64)
