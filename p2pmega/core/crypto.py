@@ -132,6 +132,11 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _check_seed(seed: bytes) -> None:
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"signing seed must be {SEED_BYTES} bytes, got {len(seed)}")
+
+
 def new_signing_seed() -> bytes:
     """A fresh Ed25519 seed (the node's secret).
 
@@ -153,8 +158,7 @@ def public_key_of(seed: bytes) -> bytes:
     Raises:
         ValueError: ``seed`` has the wrong length (a caller bug).
     """
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"signing seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    _check_seed(seed)
     return bytes(nacl.signing.SigningKey(seed).verify_key)
 
 
@@ -171,8 +175,7 @@ def sign(seed: bytes, msg: bytes) -> bytes:
     Raises:
         ValueError: ``seed`` has the wrong length (a caller bug).
     """
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"signing seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    _check_seed(seed)
     return nacl.signing.SigningKey(seed).sign(msg).signature
 
 
