@@ -410,9 +410,9 @@ class ChunkStore:
         try:
             self._write_file(chunk_id, data)
             with self._cond:
-                self._check_open()
-                now = self._clock()
                 try:
+                    self._check_open()
+                    now = self._clock()
                     with self._transaction() as db:
                         db.execute(
                             "INSERT INTO chunks VALUES (?, ?, ?, ?)",

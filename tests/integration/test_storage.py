@@ -10,11 +10,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
 from p2pmega.errors import (
@@ -425,7 +429,7 @@ def run_child_and_kill(root: Path, seed: int, rng: random.Random, log_path: Path
     acknowledged: set[bytes] = set()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log_path.open("ab") as stderr:
-        child = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+        child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(root), str(seed)],
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -488,3 +492,102 @@ def test_stray_files_in_shards_are_left_alone_and_not_served(tmp_path: Path) -> 
         with pytest.raises(ChunkNotStored):
             store.get(misplaced_id)
     assert stray.read_bytes() == b"not a chunk"
+
+
+POOL = [make_chunk(size, seed) for seed, size in enumerate((1, 300, 999, 1000, 1500, 2000))]
+
+
+class StoreAgainstModel(RuleBasedStateMachine):
+    """Random put/get/renew/GC/clock/reopen sequences agree with a dict model of the store."""
+
+    quota = 4000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.clock = FakeClock()
+        self.store = ChunkStore(Path(self.dir.name), quota_bytes=self.quota, clock=self.clock)
+        self.model: dict[bytes, tuple[bytes, float]] = {}  # id -> (data, lease expiry)
+
+    def live(self, chunk_id: bytes) -> bool:
+        return chunk_id in self.model and self.model[chunk_id][1] > self.clock.now
+
+    def collect(self) -> int:
+        expired = [cid for cid in self.model if not self.live(cid)]
+        for cid in expired:
+            del self.model[cid]
+        return len(expired)
+
+    @rule(chunk=st.sampled_from(POOL), lease_s=st.sampled_from([5.0, 50.0]))
+    def put(self, chunk: tuple[ChunkId, bytes], lease_s: float) -> None:
+        chunk_id, data = chunk
+        expiry = self.clock.now + lease_s
+        if chunk_id in self.model:
+            assert self.store.put(chunk_id, data, lease_s=lease_s) is False
+            self.model[chunk_id] = (data, max(self.model[chunk_id][1], expiry))
+            return
+        used = sum(len(d) for d, _ in self.model.values())
+        if used + len(data) > self.quota:
+            self.collect()
+            used = sum(len(d) for d, _ in self.model.values())
+        if used + len(data) > self.quota:
+            with pytest.raises(QuotaExceeded):
+                self.store.put(chunk_id, data, lease_s=lease_s)
+        else:
+            assert self.store.put(chunk_id, data, lease_s=lease_s) is True
+            self.model[chunk_id] = (data, expiry)
+
+    @rule(chunk=st.sampled_from(POOL))
+    def get(self, chunk: tuple[ChunkId, bytes]) -> None:
+        chunk_id, data = chunk
+        if self.live(chunk_id):
+            assert self.store.get(chunk_id) == data
+        else:
+            with pytest.raises(ChunkNotStored):
+                self.store.get(chunk_id)
+
+    @rule(
+        chunks=st.lists(st.sampled_from(POOL), max_size=4),
+        lease_s=st.sampled_from([5.0, 50.0]),
+    )
+    def renew(self, chunks: list[tuple[ChunkId, bytes]], lease_s: float) -> None:
+        ids = [chunk_id for chunk_id, _ in chunks]
+        expected = [self.live(cid) for cid in ids]
+        assert self.store.renew(ids, lease_s=lease_s) == expected
+        for cid, live in zip(ids, expected, strict=True):
+            if live:
+                data, old = self.model[cid]
+                self.model[cid] = (data, max(old, self.clock.now + lease_s))
+
+    @rule(seconds=st.sampled_from([1.0, 5.0, 30.0]))
+    def advance_clock(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule()
+    def collect_garbage(self) -> None:
+        assert self.store.collect_garbage() == self.collect()
+
+    @rule()
+    def reopen(self) -> None:
+        self.store.close()
+        self.store = ChunkStore(Path(self.dir.name), quota_bytes=self.quota, clock=self.clock)
+        assert not self.store.repair_report.repaired
+
+    @invariant()
+    def agrees_with_model(self) -> None:
+        assert self.store.used_bytes == sum(len(d) for d, _ in self.model.values())
+        assert self.store.chunk_count == len(self.model)
+        assert self.store.ids() == sorted(cid for cid in self.model if self.live(cid))
+        for cid in self.model:
+            expected = self.model[cid][1] if self.live(cid) else None
+            assert self.store.lease_expiry(ChunkId(cid)) == expected
+
+    def teardown(self) -> None:
+        self.store.close()
+        self.dir.cleanup()
+
+
+StoreAgainstModel.TestCase.settings = settings(
+    max_examples=15, stateful_step_count=20, deadline=None
+)
+test_store_against_model = StoreAgainstModel.TestCase
