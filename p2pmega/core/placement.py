@@ -322,6 +322,8 @@ def plan_repair(
     Keeps live holders wherever it can: the same walk as ``choose_holders`` runs over the live
     holders first (closest first), then the other candidates by distance, so a new copy is only
     placed where the live ones cannot serve, e.g. after every holder in one country was seized.
+    It finds a repair whenever one exists (the argument in ``_greedy``); that it adds the fewest
+    holders possible is checked against brute force in tests/unit/test_placement.py, not proven.
 
     Args:
         chunk_id: the 32-byte chunk id.
