@@ -1,0 +1,201 @@
+"""Transfer throughput on loopback: one client fetching 1 MiB chunks from 4 holders.
+
+Run from the repository root: ``python -m bench.transfer [--mib 256] [--inflight 16]``.
+Prints, from the same run: raw asyncio TCP on loopback, the chunk-id hash rate, and TransferClient
+fetching from 4 TransferServers with real ChunkStores, in this process and in 4 child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+from p2pmega.core.chunking import ChunkId, chunk_id_of
+from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.storage import ChunkStore
+
+MiB = 1 << 20
+HOLDERS = [f"127.{c}.1.1" for c in range(1, 5)]
+CLIENT_HOST = "127.5.1.1"
+LEASE_S = 3600
+
+
+def make_chunks(total_mib: int) -> list[tuple[ChunkId, bytes]]:
+    chunks = []
+    for _ in range(total_mib):
+        data = os.urandom(MiB)
+        chunks.append((chunk_id_of(data), data))
+    return chunks
+
+
+def hash_rate(chunks: Sequence[tuple[ChunkId, bytes]]) -> float:
+    started = time.perf_counter()
+    for _, data in chunks:
+        chunk_id_of(data)
+    return len(chunks) / (time.perf_counter() - started)
+
+
+async def raw_tcp_rate(total_mib: int) -> float:
+    """A plain asyncio stream sending ``total_mib`` MiB over loopback, read in 1 MiB pieces."""
+    block = os.urandom(MiB)
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        while received < total_mib * MiB:
+            piece = await reader.read(MiB)
+            if not piece:
+                break
+            received += len(piece)
+        done.set_result(received)
+        writer.close()
+
+    server = await asyncio.start_server(sink, host=HOLDERS[0], port=0, limit=8 * MiB)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection(HOLDERS[0], port, local_addr=(CLIENT_HOST, 0))
+        started = time.perf_counter()
+        for _ in range(total_mib):
+            writer.write(block)
+            await writer.drain()
+        received = await done
+        elapsed = time.perf_counter() - started
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return received / MiB / elapsed
+
+
+def fill_stores(root: Path, chunks: Sequence[tuple[ChunkId, bytes]]) -> list[list[ChunkId]]:
+    """Put chunk i on holder i % 4, straight into the stores (not part of the measurement)."""
+    per_holder: list[list[ChunkId]] = [[] for _ in HOLDERS]
+    for index, host in enumerate(HOLDERS):
+        with ChunkStore(root / host, quota_bytes=len(chunks) * 2 * MiB) as store:
+            for chunk_id, data in chunks[index :: len(HOLDERS)]:
+                store.put(chunk_id, data, lease_s=LEASE_S)
+                per_holder[index].append(chunk_id)
+    return per_holder
+
+
+async def fetch_all(
+    addrs: Sequence[tuple[str, int]], per_holder: Sequence[Sequence[ChunkId]], inflight: int
+) -> float:
+    """Fetch every chunk (round robin over holders) with ``inflight`` requests outstanding."""
+    work = [
+        (addrs[h], per_holder[h][i])
+        for i in range(max(map(len, per_holder)))
+        for h in range(len(addrs))
+        if i < len(per_holder[h])
+    ]
+    queue: asyncio.Queue[tuple[tuple[str, int], ChunkId]] = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    received = 0
+    async with TransferClient(local_host=CLIENT_HOST, max_connections_per_peer=4) as client:
+
+        async def worker() -> None:
+            nonlocal received
+            while not queue.empty():
+                addr, chunk_id = queue.get_nowait()
+                # Await first: ``received += len(await ...)`` would load ``received`` before the
+                # await and lose the other workers' updates.
+                data = await client.fetch(addr, chunk_id)
+                received += len(data)
+
+        # Warm up the pool so connection setup is not measured.
+        await asyncio.gather(*(client.has(addr, [per_holder[0][0]]) for addr in addrs))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        elapsed = time.perf_counter() - started
+    return received / MiB / elapsed
+
+
+@contextlib.asynccontextmanager
+async def servers_in_process(root: Path) -> AsyncIterator[list[tuple[str, int]]]:
+    stores = [ChunkStore(root / host, quota_bytes=1 << 40) for host in HOLDERS]
+    servers = [TransferServer(s, host=h, port=0) for s, h in zip(stores, HOLDERS, strict=True)]
+    try:
+        for server in servers:
+            await server.start()
+        yield [(h, s.port) for h, s in zip(HOLDERS, servers, strict=True)]
+    finally:
+        for server in servers:
+            await server.stop()
+        for store in stores:
+            store.close()
+
+
+@contextlib.contextmanager
+def servers_in_processes(root: Path) -> Iterator[list[tuple[str, int]]]:
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.transfer", "--serve", host, str(root / host)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        for host in HOLDERS
+    ]
+    try:
+        ports = [int(child.stdout.readline()) for child in children if child.stdout]
+        yield list(zip(HOLDERS, ports, strict=True))
+    finally:
+        for child in children:
+            if child.stdin:
+                child.stdin.close()  # the child stops when its stdin closes
+        for child in children:
+            child.wait(timeout=30)
+
+
+async def serve_until_stdin_closes(host: str, root: str) -> None:
+    with ChunkStore(Path(root), quota_bytes=1 << 40) as store:
+        server = TransferServer(store, host=host, port=0)
+        await server.start()
+        print(server.port, flush=True)
+        try:
+            await asyncio.to_thread(sys.stdin.read)
+        finally:
+            await server.stop()
+
+
+async def main(total_mib: int, inflight: int) -> None:
+    print(f"generating {total_mib} chunks of 1 MiB ...", flush=True)
+    chunks = make_chunks(total_mib)
+    hashing = hash_rate(chunks)
+    raw = await raw_tcp_rate(total_mib)
+    with tempfile.TemporaryDirectory(prefix="p2pmega-bench-") as tmp:
+        root = Path(tmp)
+        per_holder = fill_stores(root, chunks)
+        async with servers_in_process(root) as addrs:
+            in_process = await fetch_all(addrs, per_holder, inflight)
+        with servers_in_processes(root) as addrs:
+            separate = await fetch_all(addrs, per_holder, inflight)
+    floor = min(raw, hashing)
+    print(f"raw loopback TCP (asyncio stream)   {raw:8.0f} MiB/s")
+    print(f"chunk_id_of hash rate (1 thread)    {hashing:8.0f} MiB/s")
+    for label, rate in (("in one process", in_process), ("in 4 processes", separate)):
+        print(
+            f"fetch, 4 holders {label:<18} {rate:8.0f} MiB/s  "
+            f"= {rate / floor:.0%} of the slower of the two above (target >= 50%)"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mib", type=int, default=256, help="MiB to fetch, in 1 MiB chunks")
+    parser.add_argument("--inflight", type=int, default=16, help="requests outstanding at once")
+    parser.add_argument("--serve", nargs=2, metavar=("HOST", "STORE_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve_until_stdin_closes(*args.serve))
+    else:
+        asyncio.run(main(args.mib, args.inflight))
