@@ -261,3 +261,14 @@ def test_request_ids_skip_zero_and_in_use() -> None:
 def test_data_repr_hides_chunk_bytes() -> None:
     assert "secret" not in repr(StoreRequest(1, CID, 1, b"secret"))
     assert "secret" not in repr(ChunkData(1, CID, b"secret"))
+
+
+def test_golden_frames_match_protocol_md() -> None:
+    """The examples of docs/PROTOCOL.md; a diff here means the format changed: bump the version."""
+    client, server = pair()
+    chunk_id = ChunkId(b"\xab" * 32)
+    fetch = b"".join(client.send(FetchRequest(1, chunk_id)))
+    assert fetch == bytes.fromhex("00000026 01 02 00000001".replace(" ", "")) + b"\xab" * 32
+    deliver([fetch], server)
+    error = b"".join(server.send(Error(1, ErrorCode.NOT_FOUND, "chunk not stored here")))
+    assert error == bytes.fromhex("0000001c01ff0000000101") + b"chunk not stored here"
