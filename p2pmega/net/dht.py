@@ -401,6 +401,8 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         known = self.router.buckets[self.router.get_bucket_for(node)][node.id]
         if known is not None and not known.same_home_as(node):
             return  # keep the live contact; a second address claiming its id is not trusted
+        if known is None and any(n.same_home_as(node) for n in self.router.all_contacts()):
+            return  # one id per address: a flood of fresh ids from one socket cannot fill the table
         self.router.add_contact(node)
 
     def _welcome(self, sender: tuple[str, int], nodeid: bytes) -> None:
