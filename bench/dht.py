@@ -1,0 +1,111 @@
+"""DHT lookup cost: N nodes in one process on loopback, messages and round trips per lookup.
+
+Usage: python bench/dht.py [N ...]   (default 50 200 1000; each node has its own 127.x.y.1 address)
+
+For each N it starts N DHTNodes (ksize 20, alpha 3, RPC timeout 2 s), joins them one by one through
+node 0, announces chunks from random nodes and looks each up from random other nodes. Messages are
+the requests the seeker sent (DHTStats counters); round trips are the longest reply chain of the
+crawl. It prints medians and lookup-time percentiles, then the growth from the second-largest N to
+the largest against log(N) growth and linear growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+from p2pmega.net.dht import DHTNode
+
+ANNOUNCES = 40
+SEEKERS_PER_CHUNK = 3
+
+
+def address(i: int) -> str:
+    return f"127.{100 + i // 250}.{i % 250 + 1}.1"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def measure(n: int, rng: random.Random) -> dict[str, float]:
+    nodes = [DHTNode(host=address(i), node_id=rng.randbytes(20)) for i in range(n)]
+    try:
+        for node in nodes:
+            await node.start()
+        started = time.monotonic()
+        for node in nodes[1:]:
+            async with asyncio.timeout(30):
+                await node.join([(nodes[0].host, nodes[0].port)])
+        join_s = time.monotonic() - started
+        messages: list[float] = []
+        trips: list[float] = []
+        walls: list[float] = []
+        peer_messages: list[float] = []
+        found = 0
+        for _ in range(ANNOUNCES):
+            holder = rng.choice(nodes)
+            chunk_id = rng.randbytes(32)
+            async with asyncio.timeout(30):
+                await holder.announce(chunk_id, 7000)
+            for seeker in rng.sample([x for x in nodes if x is not holder], SEEKERS_PER_CHUNK):
+                before = seeker.stats.requests_sent
+                start = time.monotonic()
+                async with asyncio.timeout(30):
+                    result = await seeker.lookup_providers(chunk_id)
+                walls.append(time.monotonic() - start)
+                assert seeker.stats.requests_sent - before == result.messages
+                messages.append(result.messages)
+                trips.append(result.round_trips)
+                found += holder.node_id in {p.node_id for p in result.providers}
+                before = seeker.stats.requests_sent
+                async with asyncio.timeout(30):
+                    await seeker.find_peers(rng.randbytes(20))
+                peer_messages.append(seeker.stats.requests_sent - before)
+        lookups = ANNOUNCES * SEEKERS_PER_CHUNK
+        return {
+            "n": n,
+            "join_s": join_s,
+            "success": found / lookups,
+            "messages": statistics.median(messages),
+            "round_trips": statistics.median(trips),
+            "p50_ms": 1000 * percentile(walls, 0.50),
+            "p95_ms": 1000 * percentile(walls, 0.95),
+            "find_peers_messages": statistics.median(peer_messages),
+        }
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def main(sizes: list[int]) -> None:
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    rows = []
+    print("N      join_s  found  msgs/lookup  round_trips  p50_ms  p95_ms  find_peers_msgs")
+    for n in sizes:
+        row = await measure(n, rng)
+        rows.append(row)
+        print(
+            f"{n:<6} {row['join_s']:6.1f}  {row['success']:5.0%}  {row['messages']:11.1f}  "
+            f"{row['round_trips']:11.1f}  {row['p50_ms']:6.1f}  {row['p95_ms']:6.1f}  "
+            f"{row['find_peers_messages']:15.1f}"
+        )
+    if len(rows) >= 2:
+        small, large = rows[-2], rows[-1]
+        log_ratio = math.log(large["n"]) / math.log(small["n"])
+        print(
+            f"N {small['n']:.0f} -> {large['n']:.0f}: nodes x{large['n'] / small['n']:.1f}, "
+            f"log N x{log_ratio:.2f}; messages x{large['messages'] / small['messages']:.2f}, "
+            f"round trips x{large['round_trips'] / small['round_trips']:.2f}, "
+            f"find_peers messages x{large['find_peers_messages'] / small['find_peers_messages']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main([int(a) for a in sys.argv[1:]] or [50, 200, 1000]))
