@@ -37,6 +37,12 @@ MAX_ERROR_MESSAGE_BYTES: Final = 256
 # 4 KiB of slack covers that and leaves room for a future field without a version bump of the limit.
 FRAME_SLACK_BYTES: Final = 4096
 MAX_FRAME_BYTES: Final = MAX_SEALED_CHUNK_BYTES + FRAME_SLACK_BYTES
+# A server keeps at most 64 KiB of receive buffer between frames: it may have 128 mostly idle
+# connections, and stores are bound by fsync, not by one allocation per chunk.
+_SERVER_KEEP_BYTES: Final = 64 << 10
+# The smallest room get_buffer() lends: a quarter of asyncio's own 256 KiB reads, so small frames
+# do not cost a system call each.
+_MIN_RECEIVE_BYTES: Final = 64 << 10
 # Request id 0 is reserved for errors about the whole connection (BUSY, TOO_LARGE before a header).
 CONNECTION_REQUEST_ID: Final = 0
 _MAX_REQUEST_ID: Final = 2**32 - 1
@@ -229,12 +235,37 @@ class TransferConnection:
     ProtocolViolation and leaves the connection failed; a server may still send one final Error.
     """
 
-    def __init__(self, *, role: Role, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        role: Role,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        keep_buffer_bytes: int | None = None,
+    ) -> None:
+        """Create one side of a connection.
+
+        Args:
+            role: CLIENT sends requests and receives replies; SERVER the other way round.
+            max_frame_bytes: Largest frame accepted, prefix included.
+            keep_buffer_bytes: Receive buffer kept between frames for reuse; a larger one is freed
+                once empty. Defaults to one frame for a client (few, busy connections) and
+                _SERVER_KEEP_BYTES for a server (many, mostly idle connections).
+
+        Raises:
+            ValueError: ``max_frame_bytes`` cannot hold a header.
+        """
         if max_frame_bytes < PREFIX_BYTES + HEADER_BYTES:
             raise ValueError(f"max_frame_bytes must be at least {PREFIX_BYTES + HEADER_BYTES}")
         self.role = role
         self.max_frame_bytes = max_frame_bytes
+        if keep_buffer_bytes is None:
+            keep_buffer_bytes = max_frame_bytes if role is Role.CLIENT else _SERVER_KEEP_BYTES
+        self._keep_buffer_bytes = keep_buffer_bytes
+        # Received bytes not parsed yet are _buffer[_start:_end]; _buffer[_end:] is spare room
+        # that get_buffer() lends out so that a socket can receive straight into it.
         self._buffer = bytearray()
+        self._start = 0
+        self._end = 0
         self._peer_closed = False
         self._state = _State.OPEN
         # Requests sent (client) or received (server) and not answered yet, by request id.
@@ -249,11 +280,11 @@ class TransferConnection:
     @property
     def receiving_frame(self) -> bool:
         """True while part of a frame is buffered: the pump applies the per-request timeout."""
-        return bool(self._buffer)
+        return self._end > self._start
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes received and not yet turned into events (bounded by max_frame_bytes + one read)."""
+        """Size of the receive buffer (at most one frame plus one read, for memory checks)."""
         return len(self._buffer)
 
     @property
@@ -392,9 +423,54 @@ class TransferConnection:
         if data:
             if self._peer_closed:
                 raise ValueError("data received after the peer closed")
-            self._buffer += data
+            size = len(data)
+            self._make_room(size)
+            self._buffer[self._end : self._end + size] = data
+            self._end += size
         else:
             self._peer_closed = True
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Lend spare room of the receive buffer (asyncio.BufferedProtocol style), saving a copy.
+
+        Receive into it, then call buffer_updated() with the byte count before anything else.
+        When the current frame's length is known, the room covers the rest of that frame.
+
+        Args:
+            sizehint: The caller's wish, or -1 for no preference.
+
+        Returns:
+            A writable view of at least 64 KiB.
+        """
+        want = max(sizehint, _MIN_RECEIVE_BYTES)
+        if self._end - self._start >= PREFIX_BYTES:
+            length = int.from_bytes(self._buffer[self._start : self._start + PREFIX_BYTES], "big")
+            if PREFIX_BYTES + length <= self.max_frame_bytes:
+                want = max(want, self._start + PREFIX_BYTES + length - self._end)
+        self._make_room(want)
+        return memoryview(self._buffer)[self._end : self._end + want]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for ``nbytes`` received into the view from get_buffer().
+
+        Raises:
+            ValueError: more bytes than the lent room.
+        """
+        if not 0 <= self._end + nbytes <= len(self._buffer):
+            raise ValueError(f"{nbytes} bytes do not fit the lent buffer")
+        self._end += nbytes
+
+    def _make_room(self, size: int) -> None:
+        """Ensure ``size`` spare bytes after _end. No view of _buffer may be alive here."""
+        buffer = self._buffer
+        if self._start:
+            # Drop parsed bytes; CPython removes a bytearray's head without moving the rest.
+            del buffer[: self._start]
+            self._end -= self._start
+            self._start = 0
+        missing = self._end + size - len(buffer)
+        if missing > 0:
+            buffer.extend(bytes(missing))
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA]:
         """The next complete event, or NEED_DATA if more bytes are needed.
@@ -411,20 +487,22 @@ class TransferConnection:
         except ProtocolViolation:
             self._state = _State.FAILED
             self._buffer = bytearray()
+            self._start = self._end = 0
             raise
 
     def _parse(self) -> Event | Literal[Sentinel.NEED_DATA]:
-        buffer = self._buffer
-        if len(buffer) < PREFIX_BYTES:
+        buffer, start = self._buffer, self._start
+        available = self._end - start
+        if available < PREFIX_BYTES:
             if not self._peer_closed:
                 return NEED_DATA
-            if buffer:
+            if available:
                 raise ProtocolViolation(
                     "peer closed in the middle of a frame", code=ErrorCode.BAD_REQUEST
                 )
             self._state = _State.CLOSED
             return ConnectionClosed()
-        length = int.from_bytes(buffer[:PREFIX_BYTES], "big")
+        length = int.from_bytes(buffer[start : start + PREFIX_BYTES], "big")
         # Refuse an oversized or undersized frame from its prefix alone, before buffering any of it.
         if length + PREFIX_BYTES > self.max_frame_bytes:
             raise ProtocolViolation(
@@ -435,26 +513,31 @@ class TransferConnection:
             raise ProtocolViolation(
                 f"frame length {length} is shorter than a header", code=ErrorCode.BAD_REQUEST
             )
-        if len(buffer) > PREFIX_BYTES and buffer[PREFIX_BYTES] != PROTOCOL_VERSION:
+        version = buffer[start + PREFIX_BYTES] if available > PREFIX_BYTES else PROTOCOL_VERSION
+        if version != PROTOCOL_VERSION:
             raise ProtocolViolation(
-                f"unsupported protocol version {buffer[PREFIX_BYTES]}, expected {PROTOCOL_VERSION}",
+                f"unsupported protocol version {version}, expected {PROTOCOL_VERSION}",
                 code=ErrorCode.UNSUPPORTED_VERSION,
             )
-        end = PREFIX_BYTES + length
-        if len(buffer) < end:
+        end = start + PREFIX_BYTES + length
+        if self._end < end:
             if self._peer_closed:
                 raise ProtocolViolation(
                     "peer closed in the middle of a frame", code=ErrorCode.BAD_REQUEST
                 )
             return NEED_DATA
-        _, _, kind_byte, request_id = _HEADER.unpack_from(buffer)
+        _, _, kind_byte, request_id = _HEADER.unpack_from(buffer, start)
         with memoryview(buffer) as view:
-            body = view[HEADER_BYTES:end]
+            body = view[start + HEADER_BYTES : end]
             try:
                 event = self._decode(kind_byte, request_id, body)
             finally:
                 body.release()
-        del buffer[:end]
+        self._start = end
+        if end == self._end:
+            self._start = self._end = 0
+            if len(buffer) > self._keep_buffer_bytes:
+                self._buffer = bytearray()
         return event
 
     def _decode(self, kind_byte: int, request_id: int, body: memoryview) -> Event:

@@ -272,3 +272,62 @@ def test_golden_frames_match_protocol_md() -> None:
     deliver([fetch], server)
     error = b"".join(server.send(Error(1, ErrorCode.NOT_FOUND, "chunk not stored here")))
     assert error == bytes.fromhex("0000001c01ff0000000101") + b"chunk not stored here"
+
+
+def receive_into(conn: TransferConnection, data: bytes, step: int) -> list[Event]:
+    """Deliver ``data`` the BufferedProtocol way: get_buffer, copy at most ``step``, buffer_updated."""
+    events: list[Event] = []
+    offset = 0
+    while offset < len(data):
+        room = conn.get_buffer(-1)
+        size = min(len(room), step, len(data) - offset)
+        room[:size] = data[offset : offset + size]
+        room.release()
+        conn.buffer_updated(size)
+        offset += size
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+    return events
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=4),
+    step=st.sampled_from([1000, 65536, 100_000, 1 << 20]),
+)
+def test_buffered_receive_of_pipelined_chunks(sizes: list[int], step: int) -> None:
+    client, server = pair()
+    requests = [
+        FetchRequest(client.new_request_id(), chunk_id_of(bytes([i]))) for i in range(len(sizes))
+    ]
+    for request in requests:
+        deliver(client.send(request), server)
+    replies = [
+        ChunkData(r.request_id, r.chunk_id, bytes([i % 251]) * size)
+        for i, (r, size) in enumerate(zip(requests, sizes, strict=True))
+    ]
+    wire = b"".join(b"".join(server.send(reply)) for reply in replies)
+    assert receive_into(client, wire, step) == replies
+    assert not client.receiving_frame
+
+
+def test_buffered_receive_lends_the_rest_of_a_large_frame() -> None:
+    client, server = pair()
+    cid = chunk_id_of(bytes(500_000))
+    deliver(client.send(FetchRequest(1, cid)), server)
+    wire = b"".join(server.send(ChunkData(1, cid, bytes(500_000))))
+    room = client.get_buffer(-1)
+    room[:100] = wire[:100]
+    room.release()
+    client.buffer_updated(100)
+    assert client.next_event() is NEED_DATA
+    assert len(client.get_buffer(-1)) >= len(wire) - 100
+    with pytest.raises(ValueError, match="do not fit"):
+        client.buffer_updated(10**9)
+
+
+def test_server_frees_a_large_receive_buffer_between_frames() -> None:
+    client, server = pair()
+    data = bytes(300_000)
+    deliver(client.send(StoreRequest(1, chunk_id_of(data), 1, data)), server, step=70_000)
+    assert server.buffered_bytes == 0
+    assert not server.receiving_frame
