@@ -10,6 +10,7 @@ import contextlib
 import heapq
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ MAX_DATAGRAM_BYTES = 16384
 """Largest datagram decoded; a full find_providers reply (64 records, 20 contacts) is ~4 KiB."""
 MAX_VALUE_BYTES = 1024
 """Generic kademlia values are small pointers; anything bigger cannot be republished under 8 KiB."""
+_rng = random.SystemRandom()
+"""Refresh targets need no reproducibility; SystemRandom also keeps ruff's S311 satisfied."""
 _REQUEST_ARITY = {
     "ping": 1,
     "store": 3,
@@ -392,6 +395,15 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         return await self._call(node_to_ask, "find_providers", [key], check)
 
     # --- served RPCs (arguments already counted; node ids checked) -----------------------------
+
+    def get_refresh_ids(self) -> list[bytes]:
+        # kademlia draws from the closed range [lo, 2**160] of the last bucket, and 2**160 does not
+        # fit in 20 bytes (OverflowError, which would end the refresh loop for good).
+        ids = []
+        for bucket in self.router.lonely_buckets():
+            low, high = bucket.range
+            ids.append(_rng.randint(low, min(high, 2**160 - 1)).to_bytes(20, "big"))
+        return ids
 
     def welcome_if_new(self, node: Node) -> None:
         # No hand-off scan of the whole storage per new node (kademlia digests every key again and
@@ -842,7 +854,10 @@ class DHTNode:
         if self.server.protocol is None:
             return
         if self.contacts_path is not None and self.contacts():
-            await asyncio.to_thread(self.save_contacts)
+            try:
+                await asyncio.to_thread(self.save_contacts)
+            except OSError:
+                log.warning("could not save DHT contacts")
         self.server.stop()
         await self.server.protocol.close()
 
