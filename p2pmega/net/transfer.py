@@ -65,6 +65,7 @@ class ServerLimits:
     max_connections: int = 128
     max_connections_per_ip: int = 8
     max_inflight_per_connection: int = 8
+    max_inflight_per_ip: int = 16
     max_inflight_total: int = 32
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 30.0
@@ -75,6 +76,7 @@ class ServerLimits:
             "max_connections",
             "max_connections_per_ip",
             "max_inflight_per_connection",
+            "max_inflight_per_ip",
             "max_inflight_total",
         ):
             if getattr(self, name) < 1:
@@ -120,6 +122,8 @@ class TransferServer:
         self._handlers: set[asyncio.Task[None]] = set()
         self._per_ip: Counter[str] = Counter()
         self._inflight_total = asyncio.Semaphore(limits.max_inflight_total)
+        # One address cannot hold every global slot (e.g. with slow readers on several sockets).
+        self._inflight_per_ip: dict[str, asyncio.Semaphore] = {}
         # Store writes run in threads and are shielded from cancellation; stop() waits for them so
         # that no chunk acknowledged (or about to be) is lost half-written.
         self._writes: set[asyncio.Future[bool]] = set()
@@ -205,6 +209,8 @@ class TransferServer:
         assert task is not None  # noqa: S101 - start_server runs every callback in a task
         self._handlers.add(task)
         self._per_ip[ip] += 1
+        if ip not in self._inflight_per_ip:
+            self._inflight_per_ip[ip] = asyncio.Semaphore(limits.max_inflight_per_ip)
         conn = TransferConnection(role=Role.SERVER, max_frame_bytes=limits.max_frame_bytes)
         self._connections[task] = conn
         try:
@@ -220,6 +226,7 @@ class TransferServer:
             self._per_ip[ip] -= 1
             if not self._per_ip[ip]:
                 del self._per_ip[ip]
+                del self._inflight_per_ip[ip]
 
     async def _serve(
         self,
@@ -275,12 +282,22 @@ class TransferServer:
                         raise AssertionError("a server connection yields only requests")
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
                     # window fills up instead of our memory.
+                    ip_slots = self._inflight_per_ip[ip]
                     await slots.acquire()
-                    await self._inflight_total.acquire()
+                    try:
+                        await ip_slots.acquire()
+                        try:
+                            await self._inflight_total.acquire()
+                        except BaseException:
+                            ip_slots.release()
+                            raise
+                    except BaseException:
+                        slots.release()
+                        raise
                     answer = asyncio.create_task(self._answer(conn, writer, event, ip))
                     answers.add(answer)
                     answer.add_done_callback(answers.discard)
-                    answer.add_done_callback(functools.partial(self._release, slots))
+                    answer.add_done_callback(functools.partial(self._release, slots, ip_slots))
         except ProtocolViolation as exc:
             log.debug("refused %s from %s: %s", exc.code.name, ip, exc)
             if not writer.is_closing():
@@ -301,8 +318,11 @@ class TransferServer:
             else:
                 _close_writer(writer)
 
-    def _release(self, slots: asyncio.Semaphore, _answer: asyncio.Task[None]) -> None:
+    def _release(
+        self, slots: asyncio.Semaphore, ip_slots: asyncio.Semaphore, _answer: asyncio.Task[None]
+    ) -> None:
         slots.release()
+        ip_slots.release()
         self._inflight_total.release()
 
     async def _answer(
@@ -311,7 +331,7 @@ class TransferServer:
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 reply = await self._reply_to(event, ip)
-                if writer.is_closing():
+                if writer.is_closing() or conn.failed:
                     return
                 _write_all(writer, conn.send(reply))
                 await writer.drain()
