@@ -18,7 +18,7 @@ from p2pmega.core.chunking import ChunkId
 from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
-from p2pmega.net.dht import DHTNode
+from p2pmega.net.dht import DHTNode, load_contacts
 from p2pmega.net.lan import LANDiscovery
 from p2pmega.net.transfer import TransferClient, TransferServer
 from p2pmega.storage import DEFAULT_QUOTA_BYTES, ChunkStore
@@ -115,7 +115,8 @@ class Node:
                 node_id=node_id, host=s.host, dht_port=self.port, on_peer=self._lan_peer
             )
             await self._lan.start()
-        if s.bootstrap or self._contacts_path().exists() or s.lan:
+        saved = await asyncio.to_thread(load_contacts, self._contacts_path())
+        if s.bootstrap or saved:
             try:
                 await self.dht_node.join(list(s.bootstrap))
             except NetworkError as exc:

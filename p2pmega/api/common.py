@@ -23,6 +23,7 @@ from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
 )
+from p2pmega.net.dht import load_contacts
 from p2pmega.node import Node, NodeSettings
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ async def client_node(net: NetSettings) -> AsyncIterator[Node]:
     Raises:
         BootstrapFailed: no bootstrap node, saved contact or LAN peer answered.
     """
-    contacts = net.data_dir / "contacts.json"
-    if not net.bootstrap and not contacts.exists() and not net.lan:
+    saved = await asyncio.to_thread(load_contacts, net.data_dir / "contacts.json")
+    if not net.bootstrap and not saved:
         raise BootstrapFailed(
             "no bootstrap node given; pass --bootstrap HOST:PORT or set P2PMEGA_BOOTSTRAP"
         )

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from p2pmega.node import Node, NodeSettings
 
 
-async def wait_for_stop_signal() -> None:
-    """Return when SIGINT or SIGTERM arrives (a clean stop, exit 0, not an interruption)."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """While inside, SIGINT and SIGTERM set the returned event instead of killing the process.
+
+    Installed before a node starts, so a signal that arrives during start-up still gives a clean stop.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = []
@@ -20,10 +24,16 @@ async def wait_for_stop_signal() -> None:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def wait_for_stop_signal() -> None:
+    """Return when SIGINT or SIGTERM arrives (a clean stop, exit 0, not an interruption)."""
+    with stop_signals() as stop:
+        await stop.wait()
 
 
 async def run_node(settings: NodeSettings, *, report: Callable[[str], None]) -> str:
@@ -35,8 +45,9 @@ async def run_node(settings: NodeSettings, *, report: Callable[[str], None]) -> 
     Raises:
         NetworkError: the address cannot be bound, or the network cannot be joined.
     """
-    async with Node(settings, report=report) as node:
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        report(f"listening on {host}:{node.port}")
-        await wait_for_stop_signal()
-        return node.summary()
+    with stop_signals() as stop:
+        async with Node(settings, report=report) as node:
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            report(f"listening on {host}:{node.port}")
+            await stop.wait()
+            return node.summary()

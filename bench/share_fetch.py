@@ -1,0 +1,158 @@
+"""Share and fetch through the real console script on a local testnet (8 seeds in 4 countries).
+
+Usage: python bench/share_fetch.py [--sizes-mib 256,1024] [--keep DIR]
+
+Reports, per file size: share MiB/s and fetch MiB/s (wall time of the whole command, process start included), the
+peak RSS of each command, and the time from starting `share` of a 1 KiB file to having it fetched. Beside them, the
+machine's raw hash and cipher rates measured in the same run. Targets (issue 5): fetch >= 300 MiB/s and
+share >= 150 MiB/s for 256 MiB, peak RSS <= 150 MiB at any size, 1 KiB round trip <= 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from p2pmega.api.testnet import TestNet
+from p2pmega.core import crypto
+from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
+
+MIB = 1 << 20
+
+
+def run_with_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run a p2pmega command; return (wall seconds, peak RSS MiB, stdout).
+
+    The peak is the child's own VmHWM, polled from /proc: wait4's ru_maxrss would also count this (large) bench
+    process, whose memory high-water mark Linux hands on to children created with vfork.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pmega", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        peak_kib = 0
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak_kib = max(peak_kib, int(line.split()[1]))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"p2pmega {args[0]} failed: {err.read().decode()[-500:]}")
+        return wall, peak_kib / 1024, out.read().decode().strip()
+
+
+def raw_rates(data: bytes) -> tuple[float, float]:
+    """MiB/s of the chunk hash and of XChaCha20-Poly1305 sealing, 1 MiB at a time, on ``data``."""
+    key = crypto.new_key()
+    mib = len(data) / MIB
+    view = memoryview(data)
+    t = time.perf_counter()
+    for off in range(0, len(data), DEFAULT_CHUNK_SIZE):
+        crypto.hash_bytes(view[off : off + DEFAULT_CHUNK_SIZE])
+    hash_rate = mib / (time.perf_counter() - t)
+    chunks = [
+        data[off : off + DEFAULT_CHUNK_SIZE] for off in range(0, len(data), DEFAULT_CHUNK_SIZE)
+    ]
+    t = time.perf_counter()
+    for chunk in chunks:
+        crypto.seal(key, chunk, b"bench")
+    seal_rate = mib / (time.perf_counter() - t)
+    return hash_rate, seal_rate
+
+
+def write_random(path: Path, size: int) -> None:
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MIB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes-mib", default="256,1024")
+    parser.add_argument("--keep", type=Path, help="keep the work directory here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes_mib.split(",")]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="p2pmega-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        hash_rate, seal_rate = raw_rates(os.urandom(256 * MIB))
+        print(f"raw chunk hash (sha256)   {hash_rate:8.1f} MiB/s")
+        print(f"raw XChaCha20-Poly1305    {seal_rate:8.1f} MiB/s")
+        async with TestNet(base_dir=work / "net") as net:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
+            env.update(net.environment())
+            client = ["--data-dir", str(work / "client")]
+            for mib in sizes:
+                src = work / f"file-{mib}.bin"
+                await asyncio.to_thread(write_random, src, mib * MIB)
+                s_wall, s_rss, link = await asyncio.to_thread(
+                    run_with_rss, ["share", str(src), *client], env
+                )
+                out = work / f"out-{mib}.bin"
+                f_wall, f_rss, _ = await asyncio.to_thread(
+                    run_with_rss, ["fetch", link, "-o", str(out), *client], env
+                )
+                same = await asyncio.to_thread(_same, src, out)
+                print(
+                    f"{mib:5d} MiB: share {mib / s_wall:7.1f} MiB/s ({s_wall:6.2f} s, peak RSS "
+                    f"{s_rss:5.1f} MiB)  fetch {mib / f_wall:7.1f} MiB/s ({f_wall:6.2f} s, peak RSS "
+                    f"{f_rss:5.1f} MiB)  identical={same}"
+                )
+                out.unlink()
+                src.unlink()
+            small = work / "small.bin"
+            small.write_bytes(os.urandom(1024))
+            rounds = []
+            for i in range(5):
+                t = time.perf_counter()
+                _, _, link = await asyncio.to_thread(
+                    run_with_rss, ["share", str(small), *client], env
+                )
+                await asyncio.to_thread(
+                    run_with_rss, ["fetch", link, "-o", str(work / f"small-{i}.bin"), *client], env
+                )
+                rounds.append(time.perf_counter() - t)
+            rounds.sort()
+            print(
+                f"1 KiB share start -> fetched: median {rounds[2]:.3f} s, best {rounds[0]:.3f} s "
+                f"(two commands, each with ~0.5 s of Python start-up)"
+            )
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _same(a: Path, b: Path) -> bool:
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(16 * MIB), fb.read(16 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
