@@ -148,21 +148,16 @@ class TransferServer:
         """Listen on ``host:port``; ``.port`` holds the real port afterwards.
 
         Raises:
-            errors.PeerUnreachable: the address cannot be bound.
+            OSError: the address cannot be bound. Left unconverted on purpose: node.py retries
+                another port when the TCP side of a UDP-chosen port number is taken.
         """
-        try:
-            self._server = await asyncio.start_server(
-                self._on_connection,
-                host=self._host,
-                port=self._requested_port,
-                limit=_SERVER_STREAM_LIMIT,
-                backlog=1024,
-            )
-        except OSError as exc:
-            raise errors.PeerUnreachable(
-                f"cannot listen for transfers on {self._host}:{self._requested_port} "
-                f"({exc.strerror or exc}); pick another port"
-            ) from exc
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            host=self._host,
+            port=self._requested_port,
+            limit=_SERVER_STREAM_LIMIT,
+            backlog=1024,
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.debug("transfer server listening on %s:%d", self._host, self.port)
 

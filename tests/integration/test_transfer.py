@@ -253,3 +253,40 @@ async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
         assert all(reopened.has_many(acknowledged))
     finally:
         reopened.close()
+
+
+async def test_start_on_a_taken_port_raises_oserror(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    async with holder(tmp_path, host) as (server, _):
+        store = ChunkStore(tmp_path / "second", quota_bytes=1 << 20)
+        twin = TransferServer(store, host=host, port=server.port)
+        try:
+            with pytest.raises(OSError, match="in use"):
+                await twin.start()
+        finally:
+            await twin.stop()
+            store.close()
+
+
+async def test_busy_holder_refusal_is_peer_unreachable(tmp_path: Path) -> None:
+    host = peer_address(1, 1)
+    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
+    server = TransferServer(store, host=host, port=0, limits=ServerLimits(max_connections_per_ip=1))
+    cid, data = random_chunk(100)
+    try:
+        async with asyncio.timeout(STEP_S):
+            await server.start()
+            addr = (host, server.port)
+            async with (
+                TransferClient(local_host=peer_address(2, 1)) as first,
+                TransferClient(local_host=peer_address(2, 1)) as second,
+                TransferClient(local_host=peer_address(3, 1)) as other,
+            ):
+                await first.store(addr, cid, data, 60)
+                with pytest.raises(errors.PeerUnreachable, match="BUSY"):
+                    await second.fetch(addr, cid)
+                assert await other.fetch(addr, cid) == data
+    finally:
+        async with asyncio.timeout(STEP_S):
+            await server.stop()
+        store.close()
