@@ -56,6 +56,10 @@ _READ_BYTES: Final = 1 << 20
 _SERVER_STREAM_LIMIT: Final = 256 << 10
 # How long stop() waits for a refused peer to take its final Error frame before aborting.
 _CLOSE_GRACE_S: Final = 1.0
+# The client closes pooled connections idle this long: before the holder's 60 s idle timeout, and
+# so that a client that talked to many holders does not keep a receive buffer for each of them.
+_POOL_IDLE_S: Final = 20.0
+_POOL_SWEEP_INTERVAL_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.closed = False
         self.answered = 0  # replies received so far; a reused connection may have gone stale
+        self.last_used = asyncio.get_running_loop().time()
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -504,6 +509,8 @@ class _PeerConnection(asyncio.BufferedProtocol):
         buffers = self.conn.send(event(request_id))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
+        loop = asyncio.get_running_loop()
+        self.last_used = loop.time()
         try:
             # Separate writes: the transport sends the chunk body straight from our buffer
             # instead of first joining it to the header.
@@ -513,9 +520,14 @@ class _PeerConnection(asyncio.BufferedProtocol):
             return await future
         finally:
             self.pending.pop(request_id, None)
+            self.last_used = loop.time()
+
+    def drop(self) -> None:
+        """Close now; requests still waiting fail with PeerUnreachable."""
+        self._fail(errors.PeerUnreachable(f"connection to {_where(self.addr)} was closed locally"))
 
     async def close(self) -> None:
-        self._fail(errors.PeerUnreachable(f"connection to {_where(self.addr)} was closed locally"))
+        self.drop()
 
 
 class TransferClient:
@@ -539,6 +551,7 @@ class TransferClient:
         self._pool: dict[Address, list[_PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
+        self._next_sweep = 0.0
 
     async def __aenter__(self) -> Self:
         return self
@@ -559,6 +572,28 @@ class TransferClient:
             for peer_conn in conns:
                 await peer_conn.close()
 
+    def _sweep(self) -> None:
+        """Drop pooled connections idle for _POOL_IDLE_S, at most every _POOL_SWEEP_INTERVAL_S."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _POOL_SWEEP_INTERVAL_S
+        for addr in list(self._pool):
+            keep = []
+            for peer_conn in self._pool[addr]:
+                idle_s = now - peer_conn.last_used
+                if not peer_conn.closed and not peer_conn.pending and idle_s > _POOL_IDLE_S:
+                    peer_conn.drop()
+                if not peer_conn.closed:
+                    keep.append(peer_conn)
+            if keep:
+                self._pool[addr] = keep
+                continue
+            del self._pool[addr]
+            lock = self._opening.get(addr)
+            if lock is not None and not lock.locked():
+                del self._opening[addr]
+
     def _idle_or_none(self, addr: Address) -> _PeerConnection | None:
         conns = [c for c in self._pool.get(addr, []) if not c.closed]
         self._pool[addr] = conns
@@ -570,6 +605,7 @@ class TransferClient:
     async def _connection(self, addr: Address, *, fresh: bool = False) -> _PeerConnection:
         if self._closed:
             raise errors.PeerUnreachable("the transfer client is closed")
+        self._sweep()
         found = None if fresh else self._idle_or_none(addr)
         if found is not None:
             return found

@@ -21,6 +21,7 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
+from p2pmega.net import transfer
 from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
@@ -128,6 +129,25 @@ async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Pa
         async with asyncio.timeout(STEP_S):
             await server.stop()
         store.close()
+
+
+async def test_client_drops_its_idle_pooled_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "_POOL_IDLE_S", 0.2)
+    monkeypatch.setattr(transfer, "_POOL_SWEEP_INTERVAL_S", 0.0)
+    host_a, host_b = peer_address(1, 1), peer_address(2, 1)
+    async with holder(tmp_path, host_a) as (a, _), holder(tmp_path, host_b) as (b, _):
+        cid, data = random_chunk(100)
+        async with TransferClient(local_host=peer_address(3, 1)) as client:
+            async with asyncio.timeout(STEP_S):
+                await client.store((host_a, a.port), cid, data, 60)
+                assert a.connections == 1
+                await asyncio.sleep(0.3)
+                await client.store((host_b, b.port), cid, data, 60)
+                await asyncio.sleep(0.1)
+            assert a.connections == 0
+            assert b.connections == 1
 
 
 async def test_quota_refusal_is_quota_exceeded(tmp_path: Path) -> None:
