@@ -436,9 +436,11 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_store(
         self, sender: tuple[str, int], nodeid: bytes, key: object, value: object
     ) -> bool | None:
-        if not is_node_id(key) or not self.storage.accepts(value):
+        if not is_node_id(key):
             return None
         self._welcome(sender, nodeid)
+        if not self.storage.accepts(value):
+            return False  # well formed but refused: say so rather than let the caller time out
         self.storage[key] = value
         return True
 
