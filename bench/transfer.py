@@ -176,7 +176,10 @@ async def main(total_mib: int, inflight: int) -> None:
         root = Path(tmp)
         per_holder = fill_stores(root, chunks)
         async with servers_in_process(root) as addrs:
+            cpu_started = time.process_time()
             in_process = await fetch_all(addrs, per_holder, inflight)
+            # CPU of every thread of this process (holders and client) per MiB fetched.
+            cpu_ms_per_mib = (time.process_time() - cpu_started) * 1000 / total_mib
         with servers_in_processes(root) as addrs:
             separate = await fetch_all(addrs, per_holder, inflight)
     floor = min(raw, hashing)
@@ -187,6 +190,12 @@ async def main(total_mib: int, inflight: int) -> None:
             f"fetch, 4 holders {label:<18} {rate:8.0f} MiB/s  "
             f"= {rate / floor:.0%} of the slower of the two above (target >= 50%)"
         )
+    cores = os.cpu_count() or 1
+    print(
+        f"in one process: {cpu_ms_per_mib:.2f} ms CPU per MiB (holder + client, all threads), "
+        f"so {cores} cores cap it near {cores * 1000 / cpu_ms_per_mib:.0f} MiB/s; "
+        f"two hashes per chunk (holder re-verifies, client verifies) are {2000 / hashing:.2f} ms"
+    )
 
 
 if __name__ == "__main__":
