@@ -331,3 +331,19 @@ def test_server_frees_a_large_receive_buffer_between_frames() -> None:
     deliver(client.send(StoreRequest(1, chunk_id_of(data), 1, data)), server, step=70_000)
     assert server.buffered_bytes == 0
     assert not server.receiving_frame
+
+
+@given(garbage=st.binary(max_size=2000), step=st.integers(1, 700))
+def test_garbage_only_ever_raises_protocol_violation(garbage: bytes, step: int) -> None:
+    for role in Role:
+        conn = TransferConnection(role=role, max_frame_bytes=4096)
+        try:
+            for start in range(0, len(garbage), step):
+                conn.receive_data(garbage[start : start + step])
+                while conn.next_event() is not NEED_DATA:
+                    pass
+            conn.receive_data(b"")
+            assert isinstance(conn.next_event(), ConnectionClosed)
+        except ProtocolViolation:
+            assert conn.failed
+        assert conn.buffered_bytes <= 4096 + step
