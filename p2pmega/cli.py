@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import shutil
 import sys
 import tempfile
@@ -512,7 +513,7 @@ def run_testnet_cmd(
             base_dir=base, countries=codes, peers_per_country=peers_per_country
         ) as net:
             env = net.environment()
-            _echo(" ".join(f"export {k}={v}" for k, v in env.items()))
+            _echo("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
             _err(
                 f"testnet: bootstrap {net.bootstrap_address}, {len(net.seeds)} peers in "
                 f"{', '.join(codes)}; logs in {base / 'logs'}; Ctrl-C stops everything"
