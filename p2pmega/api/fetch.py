@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pmega.api.common import HolderLocator, NetSettings, client_node
@@ -124,6 +126,7 @@ class _Resume:
     root: str
     size: int
     done: set[int]
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load(self) -> None:
         try:
@@ -141,6 +144,11 @@ class _Resume:
         self.done = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1}
 
     def save(self, fd: int) -> None:
+        # A worker cancelled mid-save leaves its thread running; the lock keeps two saves off one temp file.
+        with self.lock:
+            self._save(fd)
+
+    def _save(self, fd: int) -> None:
         # The data must be on disk before the state claims it is.
         os.fsync(fd)
         bitmap = bytearray((max(self.done, default=-1) + 8) // 8)
@@ -198,8 +206,11 @@ async def _download(
             nonlocal fetched, unsaved, done_bytes
             while not queue.empty():
                 index = queue.get_nowait()
+                # locator.fetch hash-checks the bytes against ids[index]; decrypting authenticates them again.
                 data = await locator.fetch(ids[index], spread=index)
-                plain = await asyncio.to_thread(decrypt_chunk, cap, manifest, index, data)
+                plain = await asyncio.to_thread(
+                    functools.partial(decrypt_chunk, id_verified=True), cap, manifest, index, data
+                )
                 await asyncio.to_thread(os.pwrite, fd, plain, index * chunk_size)
                 resume.done.add(index)
                 fetched += 1
