@@ -216,6 +216,21 @@ def test_flipped_data_byte_is_caught(encoded, where):
     forged = dataclasses.replace(manifest, chunk_ids=tuple(ids))
     with pytest.raises(DecryptionFailed):
         decrypt_chunk(cap, forged, index, tampered)
+    # A caller that says it checked the id skips the hash, never the AEAD.
+    with pytest.raises(DecryptionFailed):
+        decrypt_chunk(cap, manifest, index, tampered, id_verified=True)
+
+
+def test_id_verified_skips_only_the_hash(encoded):
+    plaintext, cap, store, manifest = encoded
+    pieces = [
+        decrypt_chunk(cap, manifest, i, store[c], id_verified=True)
+        for i, c in enumerate(manifest.chunk_ids)
+    ]
+    assert b"".join(pieces) == plaintext
+    # Another chunk of the same file, offered at the wrong index, still fails to authenticate.
+    with pytest.raises(DecryptionFailed):
+        decrypt_chunk(cap, manifest, 0, store[manifest.chunk_ids[1]], id_verified=True)
 
 
 def test_swapped_chunks_are_caught(encoded):
