@@ -707,13 +707,25 @@ class HardenedServer(Server):  # type: ignore[misc]
         return await self._proto().ping_address((addr[0], addr[1]))
 
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Node]:
-        """Ping every address in parallel, then look up our own id; returns the closest nodes."""
+        """Ping every address in parallel, look up our own id, then refresh the far buckets.
+
+        Returns the nodes closest to our id. Per section 2.3 of the paper a joining node "refreshes
+        all k-buckets further away than its closest neighbor"; kademlia skips this, which leaves
+        tables so sparse that at 1000 nodes some lookups end in a region knowing nothing closer.
+        """
         found = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
         nodes = [n for n in found if n is not None]
         if not nodes:
             return []
         result = await self.crawl(self.node.id, "node", nodes)
+        await self.refresh_far_buckets()
         return [Node(p.node_id, p.host, p.port) for p in result.peers]
+
+    async def refresh_far_buckets(self) -> None:
+        """Look up a random id in every bucket that does not cover our own id, in parallel."""
+        far = [b.range for b in self._proto().router.buckets if not b.has_in_range(self.node)]
+        ids = [_rng.randint(low, min(high, 2**160 - 1)).to_bytes(20, "big") for low, high in far]
+        await asyncio.gather(*(self.crawl(i, "node") for i in ids))
 
     async def get(self, key: object) -> bytes | str | None:
         dkey = digest(key)
@@ -908,6 +920,13 @@ class DHTNode:
                 "check --bootstrap"
             )
         return len(self.contacts())
+
+    async def refresh(self) -> None:
+        """Look up a random id in every bucket far from our own id (join does this once).
+
+        The hourly maintenance refreshes buckets too; this is for callers that want it now.
+        """
+        await self.server.refresh_far_buckets()
 
     async def add_contact(self, host: str, port: int) -> bool:
         """Ping ``host``:``port`` and add it to the routing table if it answers (LAN discovery)."""
