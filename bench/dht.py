@@ -98,7 +98,7 @@ async def main(sizes: list[int]) -> None:
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     rows = []
     print(
-        "N      join_s  found  msgs/lookup  (crawl)  round_trips  p50_ms  p95_ms  find_peers_msgs"
+        "N      join+refresh_s  found  msgs/lookup  (crawl)  round_trips  p50_ms  p95_ms  find_peers_msgs"
     )
     for n in sizes:
         row = await measure(n, rng)
