@@ -868,10 +868,7 @@ class DHTNode:
         if self.server.protocol is None:
             return
         if self.contacts_path is not None and self.contacts():
-            try:
-                await asyncio.to_thread(self.save_contacts)
-            except OSError:
-                log.warning("could not save DHT contacts")
+            await self._save_in_thread(self.contacts_path)
         self.server.stop()
         await self.server.protocol.close()
 
@@ -890,11 +887,17 @@ class DHTNode:
     async def _save_regularly(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            if self.contacts():
-                try:
-                    await asyncio.to_thread(self.save_contacts)
-                except OSError:
-                    log.warning("could not save DHT contacts")
+            if self.contacts_path is not None and self.contacts():
+                await self._save_in_thread(self.contacts_path)
+
+    async def _save_in_thread(self, path: Path) -> None:
+        # Snapshot on the loop's thread: the routing table must not be read while datagrams
+        # change it; only the file write runs in a worker thread.
+        snapshot = self.contacts()
+        try:
+            await asyncio.to_thread(save_contacts, path, snapshot)
+        except OSError:
+            log.warning("could not save DHT contacts")
 
     async def join(self, bootstrap: Sequence[tuple[str, int]]) -> int:
         """Join through ``bootstrap``, falling back to the saved contacts; returns contacts known.

@@ -16,7 +16,7 @@ import pytest
 import umsgpack
 
 from p2pmega.errors import BootstrapFailed, NetworkError
-from p2pmega.net.dht import DHTNode, Peer, Provider
+from p2pmega.net.dht import DHTLimits, DHTNode, Peer, Provider, load_contacts
 from tests.conftest import peer_address
 
 pytestmark = pytest.mark.integration
@@ -214,3 +214,32 @@ async def test_add_contact_contacts_and_async_with() -> None:
 def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DHTNode(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_contacts_are_saved_periodically_and_a_bad_file_is_ignored(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "contacts.json"
+    limits = DHTLimits(save_interval_s=0.2)
+    async with swarm(18, 2, rpc_timeout_s=TIMEOUT_S) as nodes:
+        node = DHTNode(
+            host=peer_address(18, 9),
+            node_id=os.urandom(20),
+            rpc_timeout_s=TIMEOUT_S,
+            contacts_path=path,
+            limits=limits,
+        )
+        await node.start()
+        try:
+            async with asyncio.timeout(5):
+                await node.join([(nodes[0].host, nodes[0].port)])
+            await asyncio.sleep(0.5)  # two save intervals; stop() below would save anyway
+            assert path.exists()
+            assert json.loads(path.read_text())["version"] == 1
+            assert len(load_contacts(path)) == 2
+        finally:
+            await node.stop()
+    path.write_bytes(b"\x80\x04garbage")
+    assert load_contacts(path) == []
+    assert "unreadable saved-contacts file" in caplog.text
+    assert load_contacts(tmp_path / "missing.json") == []
