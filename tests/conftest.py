@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
-# Each test process gets its own slice of 127.0.0.0/8 so parallel runs never collide on an address:
-# country C, peer N lives at 127.C.N.1 (its own /24), as the developers' brief prescribes.
-_counter = itertools.count(1)
+# Country C, peer N lives at 127.C.N.1 (its own /24); all of 127.0.0.0/8 is loopback on Linux.
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,12 +33,3 @@ def peer_address(country: int, peer: int) -> str:
 def geo_table_text() -> str:
     """Maps test countries 127.1-127.4 to DE, NZ, IS, CH."""
     return "127.1.0.0/16 DE\n127.2.0.0/16 NZ\n127.3.0.0/16 IS\n127.4.0.0/16 CH\n"
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No P2PMEGA_* variables leak in from the developer's shell."""
-    for name in list(os.environ):
-        if name.startswith("P2PMEGA_"):
-            monkeypatch.delenv(name)
-    yield

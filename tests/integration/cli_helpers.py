@@ -99,6 +99,7 @@ def running_testnet(base_dir: Path, *args: str) -> Iterator[RunningTestnet]:
         doc = json.loads((base_dir / "peers.json").read_text())
         yield RunningTestnet(proc, base_dir, env, [p for p in doc["peers"] if p["country"]])
     finally:
+        pids = _pids(base_dir)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
@@ -110,6 +111,27 @@ def running_testnet(base_dir: Path, *args: str) -> Iterator[RunningTestnet]:
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+    left = [pid for pid in pids if _alive(pid)]
+    assert not left, f"testnet left peers running: {left}"
+
+
+def _pids(base_dir: Path) -> list[int]:
+    try:
+        doc = json.loads((base_dir / "peers.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [p["pid"] for p in doc["peers"] if p.get("pid")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 def stored_chunk_files(base_dir: Path) -> list[Path]:

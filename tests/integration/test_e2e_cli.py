@@ -17,6 +17,7 @@ from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 from tests.integration.cli_helpers import (
     P2PMEGA,
     RunningTestnet,
+    clean_env,
     run,
     running_testnet,
     stored_chunk_files,
@@ -49,6 +50,7 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "\x1b" not in proc.stderr, "control characters on a stderr that is not a terminal"
     assert lines[0].startswith("p2pmega: error: ")
     return lines[0]
 
@@ -219,3 +221,16 @@ def test_check_fails_after_every_holder_of_a_chunk_is_stopped(tmp_path: Path) ->
         assert report["healthy"] is False
         lost = next(c for c in report["chunks"] if c["id"] == data_chunk["id"])
         assert lost["holders"] == []
+
+
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
+    proc = run("demo", env=clean_env(TMPDIR=str(tmp_path)), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "started a test network" in out
+    assert "where each chunk lives" in out
+    assert "seizure: every peer in" in out
+    assert "byte-identical" in out
+    assert "What happened:" in out
+    # Every peer it started is gone, and so is its work directory.
+    assert list(tmp_path.iterdir()) == []
