@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from p2pmega.errors import BadOption, PlacementImpossible
+
+# New holders considered by the exhaustive part of plan_repair. Repairs are small (usually one or two
+# copies), and 16 candidates keep the search to a few hundred placement walks.
+REPAIR_SEARCH_CANDIDATES = 16
 
 NODE_ID_BYTES = 20  # Kademlia node ids are 160-bit (section 2 of the paper; kademlia's default).
 CHUNK_ID_BYTES = 32  # core.chunking: a chunk id is a 32-byte hash of the sealed chunk.
@@ -319,11 +324,13 @@ def plan_repair(
 ) -> list[Candidate]:
     """New holders to add so that the live holders plus them meet the rule again.
 
-    Keeps live holders wherever it can: the same walk as ``choose_holders`` runs over the live
-    holders first (closest first), then the other candidates by distance, so a new copy is only
-    placed where the live ones cannot serve, e.g. after every holder in one country was seized.
-    It finds a repair whenever one exists (the argument in ``_greedy``); that it adds the fewest
-    holders possible is checked against brute force in tests/unit/test_placement.py, not proven.
+    Adds the fewest new holders possible, and among repairs of that size the closest ones. The
+    walk of ``choose_holders`` over the live holders first, then the other candidates by distance,
+    finds a repair whenever one exists (the argument in ``_greedy``) but not always the smallest:
+    live holders that share a network can crowd out a live holder of another country (a case
+    hypothesis found). So that walk only gives the upper bound; smaller sets of new holders are then
+    tried exhaustively, in distance order, among the closest ``REPAIR_SEARCH_CANDIDATES`` (see
+    ``_smallest_repair``).
 
     Args:
         chunk_id: the 32-byte chunk id.
@@ -353,7 +360,31 @@ def plan_repair(
     chosen = _greedy([*live, *fresh], replicas, min_countries)
     if chosen is None:
         raise _impossible(chunk_id, [*live, *fresh], replicas, min_countries, "repair")
-    return [c for c in chosen if c.node_id not in live_ids]
+    added = [c for c in chosen if c.node_id not in live_ids]
+    return _smallest_repair(live, fresh, len(added), replicas, min_countries) or added
+
+
+def _smallest_repair(
+    live: Sequence[Candidate],
+    fresh: Sequence[Candidate],
+    upper: int,
+    replicas: int,
+    min_countries: int,
+) -> list[Candidate] | None:
+    """The first set of fewer than ``upper`` new holders that completes a valid placement, or None.
+
+    Sizes are tried from 0 up and sets of one size in lexicographic distance order, so the answer is
+    the smallest repair and, among those, the closest. ``_greedy`` decides each set exactly. The
+    search is bounded: only the closest REPAIR_SEARCH_CANDIDATES fresh peers take part, which keeps
+    it to at most C(16, replicas - 1) placement walks for the usual replicas of 2 or 3.
+    """
+    pool = fresh[:REPAIR_SEARCH_CANDIDATES]
+    for size in range(upper):
+        for extra in itertools.combinations(pool, size):
+            chosen = _greedy([*live, *extra], replicas, min_countries)
+            if chosen is not None and all(c in chosen for c in extra):
+                return list(extra)
+    return None
 
 
 def survives_loss_of_any_country(holders: Iterable[Candidate], *, min_copies: int = 1) -> bool:

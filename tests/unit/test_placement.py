@@ -355,3 +355,23 @@ def test_chosen_holders_survive_a_country_loss_when_two_countries_are_required(
     except PlacementImpossible:
         return
     assert survives_loss_of_any_country(chosen)
+
+
+def test_plan_repair_keeps_the_live_holder_a_crowded_network_would_hide():
+    # Found by hypothesis: the live DE holders share 10.3.0.0/24 with the live NZ holder, so a walk
+    # that takes the closest live DE holder first needs two new holders; one is enough.
+    def peer(last: int, host: str, country: str) -> Candidate:
+        return Candidate(
+            node_id=bytes(range(19)) + bytes([last]), host=host, port=4000, country=country
+        )
+
+    live = [
+        peer(0x12, "10.3.0.1", "DE"),
+        peer(0x11, "10.3.0.2", "DE"),
+        peer(0x10, "10.4.0.3", "DE"),
+        peer(0x17, "10.3.0.4", "NZ"),
+    ]
+    fresh = [peer(0x16, "10.4.0.5", "NZ"), peer(0x15, "10.1.0.6", "DE")]
+    added = plan_repair(CHUNK, live, fresh, replicas=3, min_countries=2)
+    assert added == [fresh[1]]
+    assert meets_rule([*live, *added], replicas=3, min_countries=2)
