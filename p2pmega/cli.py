@@ -391,10 +391,8 @@ def _long_running(
         _err(line)
 
     async def go() -> str:
-        resolve_geo_table(
-            geo_table
-        )  # validated now, so a bad table fails at start, not on first use
         settings = NodeSettings(
+            geo=resolve_geo_table(geo_table),
             host=host,
             port=port,
             data_dir=resolve_data_dir(data_dir),

@@ -16,6 +16,7 @@ from typing import Any
 
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
+from p2pmega.core.geo import GeoTable, country_of
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
@@ -50,6 +51,7 @@ class NodeSettings:
     reannounce_s: float = 12 * 3600.0
     gc_interval_s: float = 600.0
     transfer_timeout_s: float = 10.0
+    geo: GeoTable | None = None
 
 
 class Node:
@@ -268,12 +270,14 @@ class Node:
 
     def summary(self) -> str:
         """One line about this node's state, for the per-minute log of long-running commands."""
-        contacts = len(self.dht.contacts()) if self.dht is not None else 0
+        peers = self.dht.contacts() if self.dht is not None else []
+        countries = {country_of(p.host, self.settings.geo) for p in peers} - {None}
+        contacts = f"{len(peers)} contacts in {len(countries)} known countries"
         if self.store is None:
-            return f"{contacts} contacts"
+            return contacts
         used_mib = self.store.used_bytes / (1 << 20)
         quota_mib = self.store.quota_bytes / (1 << 20)
         return (
             f"holding {self.store.chunk_count} chunks ({used_mib:.1f} of {quota_mib:.0f} MiB), "
-            f"{contacts} contacts, {self.announced} announcements"
+            f"{contacts}, {self.announced} announcements"
         )
