@@ -30,7 +30,7 @@ from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
 from p2pmega.errors import NetworkError
-from p2pmega.net import dht
+from p2pmega.net import kademlia_protocol
 from p2pmega.net.dht import HardenedRoutingTable, HardenedServer
 from tests.conftest import peer_address
 
@@ -365,7 +365,7 @@ async def test_12_garbage_never_becomes_an_unhandled_task_exception(kind: str) -
 @pytest.mark.parametrize("kind", KINDS)
 def test_13_refresh_ids_fit_in_20_bytes(kind: str, monkeypatch) -> None:
     monkeypatch.setattr(random, "randint", lambda low, high: high)
-    monkeypatch.setattr(dht._rng, "randint", lambda low, high: high)
+    monkeypatch.setattr(kademlia_protocol._rng, "randint", lambda low, high: high)
     node_class = Server if kind == "stock" else HardenedServer
     protocol = node_class(node_id=os.urandom(20))._create_protocol()
     protocol.router.buckets[0].last_updated = -1e12  # lonely: not touched "for an hour"

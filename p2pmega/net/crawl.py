@@ -1,0 +1,172 @@
+"""Lookups of the DHT: one iterative crawl that never waits on a dead node in series, and its result.
+
+Peer, Provider and LookupResult are the values the crawl (and p2pmega.net.dht) hands out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from kademlia.node import Node
+
+from p2pmega.core.record import ProviderRecord
+from p2pmega.net.kademlia_protocol import HardenedProtocol
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DHT contact; ``host`` is always the address we observed, never one the peer claimed."""
+
+    node_id: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A node that holds a chunk: ``port`` is its transfer port, ``expires_at`` is wall-clock."""
+
+    node_id: bytes
+    host: str
+    port: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What one crawl found and cost: ``messages`` requests sent, ``round_trips`` longest chain."""
+
+    peers: list[Peer]
+    providers: list[Provider]
+    messages: int
+    round_trips: int
+    value: bytes | str | None = None
+
+
+class Crawl:
+    """One iterative lookup (section 2.3 of the paper) that never waits on a dead node in series.
+
+    kademlia's SpiderCrawl sends alpha queries and waits for all of them, so each round with a dead
+    node costs a full timeout. Here alpha queries are kept in flight; a query unanswered after a
+    quarter of the timeout is "stalled": it stops counting against alpha and its node stops counting
+    among the k closest (so the next candidate is asked at once), though a late answer is still used
+    while the crawl runs. The crawl ends when the k closest nodes neither failed nor stalled have
+    answered, or after 1.75 timeouts. Unfinished queries run out in the background, so a dead node
+    still gets its miss recorded and is evicted after MAX_MISSES.
+    """
+
+    def __init__(
+        self, protocol: HardenedProtocol, key: bytes, seeds: list[Node], *, alpha: int, mode: str
+    ) -> None:
+        self.protocol = protocol
+        self.target = Node(key)
+        self.alpha = alpha
+        self.mode = mode  # "node", "value" or "providers"
+        self.stall_s = protocol._wait_timeout / 4
+        self.nodes: dict[bytes, Node] = {}
+        self.depth: dict[bytes, int] = {}
+        self.state: dict[bytes, str] = {}  # new, pending, done, failed
+        self.started: dict[bytes, float] = {}
+        self.records: dict[tuple[bytes, str], ProviderRecord] = {}
+        self.value: bytes | str | None = None
+        self.messages = 0
+        self.round_trips = 0
+        self._learn(seeds, 0)
+
+    def _learn(self, nodes: list[Node], depth: int) -> None:
+        for node in nodes:
+            if node.id != self.protocol.source_node.id and node.id not in self.nodes:
+                self.nodes[node.id] = node
+                self.depth[node.id] = depth
+                self.state[node.id] = "new"
+
+    def _counts(self, node_id: bytes, now: float) -> bool:
+        state = self.state[node_id]
+        return state in ("new", "done") or (
+            state == "pending" and now - self.started[node_id] < self.stall_s
+        )
+
+    def _closest(self, now: float) -> list[Node]:
+        alive = (n for i, n in self.nodes.items() if self._counts(i, now))
+        return heapq.nsmallest(self.protocol.ksize, alive, key=self.target.distance_to)
+
+    def _query(self, node: Node) -> Coroutine[Any, Any, tuple[bool, Any]]:
+        if self.mode == "providers":
+            return self.protocol.call_find_providers(node, self.target.id)
+        if self.mode == "value":
+            return self.protocol.call_find_value(node, self.target)
+        return self.protocol.call_find_node(node, self.target)
+
+    def _absorb(self, node_id: bytes, ok: bool, reply: Any) -> None:
+        self.state[node_id] = "done" if ok else "failed"
+        if not ok:
+            return
+        self.round_trips = max(self.round_trips, self.depth[node_id] + 1)
+        if self.mode == "providers":
+            records, contacts = reply
+            for r in records:
+                self.records[(r.node_id, r.host)] = r
+        elif isinstance(reply, dict):
+            self.value = reply["value"]
+            return
+        else:
+            contacts = reply
+        self._learn(contacts, self.depth[node_id] + 1)
+
+    async def run(self) -> LookupResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.75 * self.protocol._wait_timeout
+        pending: dict[asyncio.Task[tuple[bool, Any]], bytes] = {}
+        while self.value is None and not self.records and loop.time() < deadline:
+            now = loop.time()
+            closest = self._closest(now)
+            if all(self.state[n.id] == "done" for n in closest):
+                break
+            active = [i for i in pending.values() if now - self.started[i] < self.stall_s]
+            for node in closest:
+                if len(active) >= self.alpha:
+                    break
+                if self.state[node.id] == "new":
+                    self.state[node.id], self.started[node.id] = "pending", now
+                    pending[self.protocol.spawn(self._query(node))] = node.id
+                    self.messages += 1
+                    active.append(node.id)
+            if not pending:
+                break
+            wake = min([self.started[i] + self.stall_s for i in active] + [deadline])
+            done, _ = await asyncio.wait(
+                pending, timeout=max(wake - now, 0.001), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                ok, reply = task.result()
+                self._absorb(pending.pop(task), ok, reply)
+        return self._result()
+
+    def _result(self) -> LookupResult:
+        answered = [n for i, n in self.nodes.items() if self.state[i] == "done"]
+        closest = heapq.nsmallest(self.protocol.ksize, answered, key=self.target.distance_to)
+        wall = time.time()
+        providers = [
+            Provider(r.node_id, r.host, r.port, wall + r.expires_in) for r in self.records.values()
+        ]
+        return LookupResult(
+            peers=[Peer(n.id, n.ip, n.port) for n in closest],
+            providers=providers,
+            messages=self.messages,
+            round_trips=self.round_trips,
+            value=self.value,
+        )
+
+
+def dedupe_providers(providers: list[Provider]) -> list[Provider]:
+    """One provider per node id: the record that lives longest (the most recent announce)."""
+    best: dict[bytes, Provider] = {}
+    for p in providers:
+        if p.node_id not in best or p.expires_at > best[p.node_id].expires_at:
+            best[p.node_id] = p
+    return sorted(best.values(), key=lambda p: p.node_id)

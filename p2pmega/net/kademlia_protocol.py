@@ -1,0 +1,391 @@
+"""The hardened kademlia/rpcudp protocol: validated requests and replies, provider-record RPCs.
+
+Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is p2pmega.net.dht.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import umsgpack
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from rpcudp.protocol import RPCProtocol
+
+from p2pmega.core.record import (
+    FIND_PROVIDERS_REPLY_VERSION,
+    ProviderLimits,
+    ProviderRecord,
+    ProviderTable,
+    decode_contacts,
+    decode_find_providers_reply,
+    encode_provider_record,
+    is_node_id,
+    is_peer_ip,
+    is_port,
+)
+from p2pmega.errors import RemoteProtocolError
+from p2pmega.net.routing import BoundedStorage, HardenedRoutingTable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RPC_TIMEOUT_S = 2.0
+DEFAULT_RECORD_TTL_S = 86400.0
+REANNOUNCE_INTERVAL_S = 43200.0
+"""Holders re-announce at half the record TTL, so one lost announce never makes a record lapse."""
+MAX_MISSES = 3
+"""Consecutive unanswered RPCs before a contact is evicted; one lost datagram must not evict."""
+MAX_REQUEST_BYTES = 8192
+"""rpcudp's own cap on an encoded request ("cannot exceed 8K"); requests above it are never sent."""
+MAX_DATAGRAM_BYTES = 16384
+"""Largest datagram decoded; a full find_providers reply (64 records, 20 contacts) is ~4 KiB."""
+MAX_VALUE_BYTES = 1024
+"""Generic kademlia values are small pointers; anything bigger cannot be republished under 8 KiB."""
+_rng = random.SystemRandom()
+"""Refresh targets need no reproducibility; SystemRandom also keeps ruff's S311 satisfied."""
+_REQUEST_ARITY = {
+    "ping": 1,
+    "store": 3,
+    "find_node": 2,
+    "find_value": 2,
+    "add_provider": 3,
+    "find_providers": 2,
+}
+
+
+@dataclass(frozen=True)
+class DHTLimits:
+    """Every bound of a node, in one place so tests can shrink them."""
+
+    providers: ProviderLimits = field(default_factory=ProviderLimits)
+    max_values: int = 10_000
+    max_value_bytes: int = MAX_VALUE_BYTES
+    value_ttl_s: float = 86400.0
+    max_misses: int = MAX_MISSES
+    refresh_interval_s: float = 3600.0
+    save_interval_s: float = 600.0
+
+
+@dataclass
+class DHTStats:
+    """Counters of one node's protocol; a lookup's cost is the difference of two snapshots."""
+
+    requests_sent: int = 0
+    replies_received: int = 0
+    timeouts: int = 0
+    bad_replies: int = 0
+    dropped_datagrams: int = 0
+    requests_served: int = 0
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[tuple[bool, object]]
+    timer: asyncio.TimerHandle
+    address: tuple[str, int]
+
+
+class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
+    """KademliaProtocol/RPCProtocol with validated requests and replies and no dangling tasks.
+
+    Requests are handled synchronously inside datagram_received, so garbage can never become an
+    unhandled task exception; replies count only from the address asked and only if well formed.
+    """
+
+    def __init__(
+        self,
+        source_node: Node,
+        storage: BoundedStorage,
+        ksize: int,
+        *,
+        rpc_timeout_s: float,
+        limits: DHTLimits,
+        providers: ProviderTable,
+    ) -> None:
+        RPCProtocol.__init__(self, wait_timeout=rpc_timeout_s)
+        self.router = HardenedRoutingTable(self, ksize, source_node)
+        self.storage = storage
+        self.source_node = source_node
+        self.ksize = ksize
+        self.limits = limits
+        self.providers = providers
+        self.stats = DHTStats()
+        self._outstanding: dict[bytes, _Pending] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._misses: dict[bytes, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # rpcudp makes every unknown attribute a remote call; a typo must stay an AttributeError.
+        raise AttributeError(name)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task that is referenced until done and whose exception is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("background DHT task failed: %s", type(task.exception()).__name__)
+
+    async def close(self) -> None:
+        """Cancel outstanding calls and background tasks and wait for the tasks to end."""
+        for pending in list(self._outstanding.values()):
+            pending.future.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- datagrams -------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._handle_datagram(data, addr)
+        except Exception as exc:  # garbage from the network must never escape: drop the datagram
+            self.stats.dropped_datagrams += 1
+            log.debug("dropped a malformed datagram: %s", type(exc).__name__)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", type(exc).__name__)
+
+    def _handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not 22 <= len(data) <= MAX_DATAGRAM_BYTES:
+            raise RemoteProtocolError("datagram size out of range")
+        kind, msg_id = data[:1], data[1:21]
+        if kind == b"\x01":
+            pending = self._outstanding.get(msg_id)
+            if pending is None or pending.address != (addr[0], addr[1]):
+                raise RemoteProtocolError("reply to no request of ours from that address")
+            payload = umsgpack.unpackb(data[21:])
+            self.stats.replies_received += 1
+            if not pending.future.done():
+                pending.future.set_result((True, payload))
+        elif kind == b"\x00":
+            request = umsgpack.unpackb(data[21:])
+            if not (
+                isinstance(request, list) and len(request) == 2 and isinstance(request[1], list)
+            ):
+                raise RemoteProtocolError("request is not [name, args]")
+            name, args = request
+            if _REQUEST_ARITY.get(name) != len(args) or not is_node_id(args[0]):
+                raise RemoteProtocolError("unknown RPC or wrong arguments")
+            response = getattr(self, f"rpc_{name}")(addr, *args)
+            if response is None:
+                raise RemoteProtocolError("request refused")
+            self.stats.requests_served += 1
+            if self.transport is not None:
+                self.transport.sendto(b"\x01" + msg_id + umsgpack.packb(response), addr)
+        else:
+            raise RemoteProtocolError("unknown datagram kind")
+
+    # --- outgoing calls --------------------------------------------------------------------------
+
+    def request(
+        self, address: tuple[str, int], name: str, args: list[object]
+    ) -> Awaitable[tuple[bool, object]]:
+        """Send one RPC; the awaitable gives (True, reply) or (False, None) on timeout or refusal.
+
+        Cancelling the awaiting task cancels the call and frees its state at once.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, object]] = loop.create_future()
+        data = umsgpack.packb([name, args])
+        if len(data) > MAX_REQUEST_BYTES or self.transport is None or self.transport.is_closing():
+            future.set_result((False, None))
+            return future
+        msg_id = os.urandom(20)
+        timer = loop.call_later(self._wait_timeout, self._expire, msg_id)
+        self._outstanding[msg_id] = _Pending(future, timer, (address[0], address[1]))
+        future.add_done_callback(lambda _f: self._forget(msg_id))
+        self.transport.sendto(b"\x00" + msg_id + data, address)
+        self.stats.requests_sent += 1
+        return future
+
+    def _forget(self, msg_id: bytes) -> None:
+        pending = self._outstanding.pop(msg_id, None)
+        if pending is not None:
+            pending.timer.cancel()
+
+    def _expire(self, msg_id: bytes) -> None:
+        pending = self._outstanding.get(msg_id)
+        if pending is not None and not pending.future.done():
+            self.stats.timeouts += 1
+            pending.future.set_result((False, None))
+
+    async def _call(
+        self, node: Node, name: str, args: list[object], check: Callable[[object], Any]
+    ) -> tuple[bool, Any]:
+        """Call ``name`` on ``node``; a malformed reply counts as no reply (and as a miss)."""
+        ok, raw = await self.request((node.ip, node.port), name, [self.source_node.id, *args])
+        if ok:
+            try:
+                return True, self._note_reply(node, check(raw))
+            except RemoteProtocolError:
+                self.stats.bad_replies += 1
+                log.debug("malformed %s reply", name)
+        self._note_miss(node)
+        return False, None
+
+    def _note_reply(self, node: Node, checked: object) -> object:
+        self._misses.pop(node.id, None)
+        self.welcome_if_new(node)
+        return checked
+
+    def _note_miss(self, node: Node) -> None:
+        if self.router.is_new_node(node):
+            return
+        misses = self._misses.get(node.id, 0) + 1
+        if misses < self.limits.max_misses:
+            self._misses[node.id] = misses
+            return
+        self._misses.pop(node.id, None)
+        self.router.remove_contact(node)
+
+    def _contacts(self, raw: object) -> list[Node]:
+        return [Node(*c) for c in decode_contacts(raw, max_contacts=self.ksize)]
+
+    async def ping_address(self, address: tuple[str, int]) -> Node | None:
+        """Ping ``address`` and add it to the routing table if it answers with a valid node id."""
+        ok, raw = await self.request(address, "ping", [self.source_node.id])
+        if not ok or not is_node_id(raw) or raw == self.source_node.id:
+            self.stats.bad_replies += ok
+            return None
+        node = Node(raw, address[0], address[1])
+        self._note_reply(node, raw)
+        return node
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "ping", [], _check_ping(node_to_ask))
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: object) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "store", [key, value], _check_bool)
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "find_node", [node_to_find.id], self._contacts)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        def check(raw: object) -> object:
+            if isinstance(raw, dict):
+                if set(raw) != {"value"} or not self.storage.accepts(raw["value"]):
+                    raise RemoteProtocolError("find_value reply has a bad value")
+                return raw
+            return self._contacts(raw)
+
+        return await self._call(node_to_ask, "find_value", [node_to_find.id], check)
+
+    async def call_add_provider(self, node_to_ask: Node, key: bytes, port: int) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "add_provider", [key, port], _check_bool)
+
+    async def call_find_providers(self, node_to_ask: Node, key: bytes) -> tuple[bool, Any]:
+        def check(raw: object) -> tuple[list[ProviderRecord], list[Node]]:
+            limit = self.providers.limits.max_per_key
+            records, contacts = decode_find_providers_reply(
+                raw, max_contacts=self.ksize, max_providers=limit
+            )
+            return records, [Node(*c) for c in contacts]
+
+        return await self._call(node_to_ask, "find_providers", [key], check)
+
+    # --- served RPCs (arguments already counted; node ids checked) -----------------------------
+
+    def get_refresh_ids(self) -> list[bytes]:
+        # kademlia draws from the closed range [lo, 2**160] of the last bucket, and 2**160 does not
+        # fit in 20 bytes (OverflowError, which would end the refresh loop for good).
+        ids = []
+        for bucket in self.router.lonely_buckets():
+            low, high = bucket.range
+            ids.append(_rng.randint(low, min(high, 2**160 - 1)).to_bytes(20, "big"))
+        return ids
+
+    def welcome_if_new(self, node: Node) -> None:
+        # No hand-off scan of the whole storage per new node (kademlia digests every key again and
+        # crawls the table for each): provider records are re-announced and values republished.
+        if node.id == self.source_node.id:
+            return
+        known = self.router.buckets[self.router.get_bucket_for(node)][node.id]
+        if known is not None and not known.same_home_as(node):
+            return  # keep the live contact; a second address claiming its id is not trusted
+        if known is None and any(n.same_home_as(node) for n in self.router.all_contacts()):
+            return  # one id per address: a flood of fresh ids from one socket cannot fill the table
+        self.router.add_contact(node)
+
+    def _welcome(self, sender: tuple[str, int], nodeid: bytes) -> None:
+        if is_peer_ip(sender[0]) and is_port(sender[1]):
+            self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+
+    def _neighbours(self, sender: tuple[str, int], key: bytes) -> list[list[object]]:
+        # Contacts that missed their last call come last: they are probably gone, and handing them
+        # out would crowd live nodes out of the k contacts a reply may carry.
+        exclude = Node(key, sender[0], sender[1])
+        near = self.router.find_neighbors(Node(key), k=2 * self.ksize, exclude=exclude)
+        near.sort(key=lambda n: n.id in self._misses)  # stable: distance order within each group
+        return [[n.id, n.ip, n.port] for n in near[: self.ksize]]
+
+    def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
+        self._welcome(sender, nodeid)
+        return bytes(self.source_node.id)
+
+    def rpc_store(
+        self, sender: tuple[str, int], nodeid: bytes, key: object, value: object
+    ) -> bool | None:
+        if not is_node_id(key):
+            return None
+        self._welcome(sender, nodeid)
+        if not self.storage.accepts(value):
+            return False  # well formed but refused: say so rather than let the caller time out
+        self.storage[key] = value
+        return True
+
+    def rpc_find_node(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        if not is_node_id(key):
+            return None
+        self._welcome(sender, nodeid)
+        return self._neighbours(sender, key)
+
+    def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        if not is_node_id(key):
+            return None
+        self._welcome(sender, nodeid)
+        value = self.storage.get(key, None)
+        return self._neighbours(sender, key) if value is None else {"value": value}
+
+    def rpc_add_provider(
+        self, sender: tuple[str, int], nodeid: bytes, key: object, port: object
+    ) -> bool | None:
+        if not is_node_id(key) or not is_port(port) or not is_peer_ip(sender[0]):
+            return None
+        self._welcome(sender, nodeid)
+        return self.providers.add(key, nodeid, sender[0], port, now=time.monotonic())
+
+    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        if not is_node_id(key):
+            return None
+        self._welcome(sender, nodeid)
+        records = self.providers.get(key, now=time.monotonic())
+        wire = [encode_provider_record(r) for r in records]
+        return [FIND_PROVIDERS_REPLY_VERSION, wire, self._neighbours(sender, key)]
+
+
+def _check_bool(raw: object) -> bool:
+    if not isinstance(raw, bool):
+        raise RemoteProtocolError("expected a boolean reply")
+    return raw
+
+
+def _check_ping(node: Node) -> Callable[[object], bytes]:
+    def check(raw: object) -> bytes:
+        if not is_node_id(raw) or (node.id is not None and raw != node.id):
+            raise RemoteProtocolError("ping reply is not the expected node id")
+        return raw
+
+    return check

@@ -1,0 +1,227 @@
+"""kademlia's Server, hardened: explicit binding, counted stores, crawls that never stall, JSON state.
+
+Also the saved-contacts file (never pickle). The node API on top is p2pmega.net.dht.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.utils import digest
+
+from p2pmega.core.record import (
+    ProviderTable,
+    format_contacts_file,
+    is_node_id,
+    parse_contacts_file,
+)
+from p2pmega.errors import NetworkError
+from p2pmega.net.crawl import Crawl, LookupResult, Peer
+from p2pmega.net.kademlia_protocol import (
+    DEFAULT_RECORD_TTL_S,
+    DEFAULT_RPC_TIMEOUT_S,
+    DHTLimits,
+    HardenedProtocol,
+    _rng,
+)
+from p2pmega.net.routing import BoundedStorage
+
+log = logging.getLogger(__name__)
+
+
+class HardenedServer(Server):  # type: ignore[misc]
+    """kademlia's Server: checked ids, explicit binding, counted stores, JSON state, no pickle."""
+
+    protocol_class = HardenedProtocol
+
+    def __init__(
+        self,
+        ksize: int = 20,
+        alpha: int = 3,
+        node_id: bytes | None = None,
+        storage: BoundedStorage | None = None,
+        *,
+        rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+        record_ttl_s: float = DEFAULT_RECORD_TTL_S,
+        limits: DHTLimits | None = None,
+    ) -> None:
+        node_id = os.urandom(20) if node_id is None else node_id
+        if not is_node_id(node_id):
+            raise ValueError("a node id is exactly 20 bytes")
+        if not (ksize >= 1 and alpha >= 1 and rpc_timeout_s > 0 and record_ttl_s > 0):
+            raise ValueError("ksize, alpha, rpc_timeout_s and record_ttl_s must be positive")
+        self.limits = limits or DHTLimits()
+        storage = storage or BoundedStorage(
+            ttl_s=self.limits.value_ttl_s,
+            max_values=self.limits.max_values,
+            max_value_bytes=self.limits.max_value_bytes,
+        )
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
+        self.rpc_timeout_s = rpc_timeout_s
+        self.providers = ProviderTable(ttl_s=record_ttl_s, limits=self.limits.providers)
+        self.protocol: HardenedProtocol | None = None
+
+    def _create_protocol(self) -> HardenedProtocol:
+        return HardenedProtocol(
+            self.node,
+            self.storage,
+            self.ksize,
+            rpc_timeout_s=self.rpc_timeout_s,
+            limits=self.limits,
+            providers=self.providers,
+        )
+
+    def _proto(self) -> HardenedProtocol:
+        if self.protocol is None:
+            raise NetworkError("the DHT node is not started; call start() first")
+        return self.protocol
+
+    async def listen(self, port: int, interface: str) -> None:
+        """Bind UDP ``interface``:``port``; no default interface (kademlia's is 0.0.0.0)."""
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port)
+        )
+        self.refresh_table(self.limits.refresh_interval_s)
+
+    def refresh_table(self, interval: float = 3600.0) -> None:
+        proto = self._proto()
+        proto.spawn(self._maintain(interval))
+
+    async def _maintain(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(NetworkError):
+                await self._refresh_table()
+
+    async def _refresh_table(self) -> None:
+        """Refresh lonely buckets, drop expired records, then republish values one by one."""
+        proto = self._proto()
+        self.providers.expire(now=time.monotonic())
+        for node_id in proto.get_refresh_ids():
+            await self.crawl(node_id, "node")
+        for dkey, value in self.storage.iter_older_than(self.limits.refresh_interval_s):
+            try:
+                await self.set_digest(dkey, value)
+            except (NetworkError, ValueError):
+                log.debug("republishing one value failed; continuing with the next")
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.protocol is not None:
+            for task in list(self.protocol._tasks):
+                task.cancel()
+
+    async def crawl(self, key: bytes, mode: str, seeds: list[Node] | None = None) -> LookupResult:
+        proto = self._proto()
+        target = Node(key)
+        nearest = seeds if seeds is not None else proto.router.find_neighbors(target)
+        return await Crawl(proto, key, nearest, alpha=self.alpha, mode=mode).run()
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        return await self._proto().ping_address((addr[0], addr[1]))
+
+    async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Node]:
+        """Ping every address in parallel, look up our own id, then refresh the far buckets.
+
+        Returns the nodes closest to our id. Per section 2.3 of the paper a joining node "refreshes
+        all k-buckets further away than its closest neighbor"; kademlia skips this, which leaves
+        tables so sparse that at 1000 nodes some lookups end in a region knowing nothing closer.
+        """
+        found = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        nodes = [n for n in found if n is not None]
+        if not nodes:
+            return []
+        result = await self.crawl(self.node.id, "node", nodes)
+        await self.refresh_far_buckets()
+        return [Node(p.node_id, p.host, p.port) for p in result.peers]
+
+    async def refresh_far_buckets(self) -> None:
+        """Look up a random id in every bucket that does not cover our own id, in parallel."""
+        far = [b.range for b in self._proto().router.buckets if not b.has_in_range(self.node)]
+        ids = [_rng.randint(low, min(high, 2**160 - 1)).to_bytes(20, "big") for low, high in far]
+        await asyncio.gather(*(self.crawl(i, "node") for i in ids))
+
+    async def get(self, key: object) -> bytes | str | None:
+        dkey = digest(key)
+        local = self.storage.get(dkey)
+        if local is not None:
+            return local  # type: ignore[no-any-return]
+        if not self._proto().router.find_neighbors(Node(dkey)):
+            return None
+        return (await self.crawl(dkey, "value")).value
+
+    async def set(self, key: object, value: object) -> int:
+        """Store ``value`` on the k closest nodes; returns how many confirmed (0 if none did).
+
+        Raises:
+            NetworkError: no node is known, or none of the known ones answered.
+            ValueError: ``value`` is not bytes/str within the size cap.
+        """
+        return await self.set_digest(digest(key), value)
+
+    async def set_digest(self, dkey: bytes, value: object) -> int:
+        if not self.storage.accepts(value):
+            raise ValueError("value is not bytes/str within the size cap")
+        proto = self._proto()
+        if not proto.router.find_neighbors(Node(dkey)):
+            raise NetworkError("no DHT contact is known; join the network first")
+        nodes = (await self.crawl(dkey, "node")).peers
+        if not nodes:
+            raise NetworkError("no DHT contact answered; check the network")
+        target = Node(dkey)
+        if self.node.distance_to(target) < max(target.distance_to(Node(p.node_id)) for p in nodes):
+            self.storage[dkey] = value
+        results = await asyncio.gather(
+            *(proto.call_store(Node(p.node_id, p.host, p.port), dkey, value) for p in nodes)
+        )
+        return sum(1 for ok, stored in results if ok and stored)
+
+    def save_state(self, fname: str | os.PathLike[str]) -> None:
+        """Write the known contacts as the versioned JSON contacts file (never pickle)."""
+        contacts = [(n.ip, n.port) for n in self._proto().router.all_contacts()]
+        _write_atomic(Path(fname), format_contacts_file(contacts))
+
+    @classmethod
+    async def load_state(
+        cls, fname: str | os.PathLike[str], port: int, interface: str
+    ) -> HardenedServer:
+        """Start a server on ``interface``:``port`` and bootstrap from a JSON contacts file."""
+        server = cls()
+        await server.listen(port, interface)
+        await server.bootstrap(load_contacts(Path(fname)))
+        return server
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def load_contacts(path: Path) -> list[tuple[str, int]]:
+    """The contacts saved at ``path``; [] if it is missing or unreadable (a cache, not a must)."""
+    try:
+        return parse_contacts_file(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, UnicodeDecodeError):
+        log.warning("ignoring an unreadable saved-contacts file")
+        return []
+
+
+def save_contacts(path: Path, contacts: Sequence[Peer]) -> None:
+    """Write ``contacts`` to ``path`` as the versioned JSON file (tmp + fsync + rename)."""
+    _write_atomic(path, format_contacts_file([(p.host, p.port) for p in contacts]))
