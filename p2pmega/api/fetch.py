@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -208,14 +207,13 @@ async def _download(
                 index = queue.get_nowait()
                 # locator.fetch hash-checks the bytes against ids[index]; decrypting authenticates them again.
                 data = await locator.fetch(ids[index], spread=index)
-                plain = await asyncio.to_thread(
-                    functools.partial(decrypt_chunk, id_verified=True), cap, manifest, index, data
+                written = await asyncio.to_thread(
+                    _decrypt_into, fd, cap, manifest, index, data, index * chunk_size
                 )
-                await asyncio.to_thread(os.pwrite, fd, plain, index * chunk_size)
                 resume.done.add(index)
                 fetched += 1
                 unsaved += 1
-                done_bytes += len(plain)
+                done_bytes += written
                 if progress is not None:
                     progress(done_bytes, size)
                 if unsaved >= STATE_SAVE_EVERY:
@@ -237,6 +235,15 @@ async def _download(
                 await asyncio.to_thread(resume.save, fd)
         os.close(fd)
     return FetchResult(target, size, len(ids), fetched, resumed)
+
+
+def _decrypt_into(
+    fd: int, cap: ReadCap, manifest: Manifest, index: int, data: bytes, offset: int
+) -> int:
+    """Decrypt chunk ``index`` and write it at ``offset`` (one worker-thread hop for both)."""
+    plain = decrypt_chunk(cap, manifest, index, data, id_verified=True)
+    os.pwrite(fd, plain, offset)
+    return len(plain)
 
 
 def _open_part(part: Path, size: int, resuming: bool) -> int:
