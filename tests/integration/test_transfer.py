@@ -21,7 +21,7 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
-from p2pmega.net import transfer
+from p2pmega.net import transfer_client
 from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
@@ -134,8 +134,8 @@ async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Pa
 async def test_client_drops_its_idle_pooled_connections(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(transfer, "_POOL_IDLE_S", 0.2)
-    monkeypatch.setattr(transfer, "_POOL_SWEEP_INTERVAL_S", 0.0)
+    monkeypatch.setattr(transfer_client, "_POOL_IDLE_S", 0.2)
+    monkeypatch.setattr(transfer_client, "_POOL_SWEEP_INTERVAL_S", 0.0)
     host_a, host_b = peer_address(1, 1), peer_address(2, 1)
     async with holder(tmp_path, host_a) as (a, _), holder(tmp_path, host_b) as (b, _):
         cid, data = random_chunk(100)

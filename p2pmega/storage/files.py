@@ -1,0 +1,166 @@
+"""The chunk files under a store's root: directory layout, the directory lock and atomic writes.
+
+Plain functions over paths; `ChunkStore` decides when to call them and keeps the index in step.
+Layout: docs/STORAGE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.errors import StorageError
+
+# The whole store logs as p2pmega.storage, as it did when it was one module.
+log = logging.getLogger("p2pmega.storage")
+
+LOCK_NAME = "lock"
+CHUNKS_DIR = "chunks"
+TMP_DIR = "tmp"
+TMP_SUFFIX = ".tmp"
+
+# One level of 256 shard directories keeps every directory small (40 files per shard at the default
+# quota, 4,000 at a million chunks) and lets all of them be created, and fsynced, once at open.
+_SHARDS = tuple(f"{i:02x}" for i in range(256))
+_CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def lock_root(root: Path) -> int:
+    """Create ``root`` and lock it exclusively; the kernel releases the lock even on kill -9.
+
+    Returns:
+        The locked file descriptor; closing it releases the lock.
+
+    Raises:
+        StorageError: ``root`` cannot be used, or another process holds the lock.
+    """
+    path = root / LOCK_NAME
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot open chunk store {root}: {exc.strerror}; check path and permissions"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(
+            f"chunk store {root} is in use by another process; stop it or use another "
+            "data directory"
+        ) from exc
+    return fd
+
+
+def make_dirs(root: Path) -> None:
+    """Create ``tmp/``, ``chunks/`` and its 256 shards under ``root``, durably.
+
+    Raises:
+        StorageError: A directory cannot be created.
+    """
+    chunks_dir = root / CHUNKS_DIR
+    try:
+        (root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
+        chunks_dir.mkdir(mode=0o700, exist_ok=True)
+        for shard in _SHARDS:
+            (chunks_dir / shard).mkdir(mode=0o700, exist_ok=True)
+        fsync_dir(chunks_dir)
+        fsync_dir(root)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create chunk store directories in {root}: {exc.strerror}; "
+            "check permissions and free space"
+        ) from exc
+
+
+def chunk_path(chunks_dir: Path, chunk_id: ChunkId) -> Path:
+    """Where the file of ``chunk_id`` lives: ``chunks/<first two hex>/<64 hex>``."""
+    name = chunk_id.hex()
+    return chunks_dir / name[:2] / name
+
+
+def remove_temp_files(tmp_dir: Path) -> int:
+    """Delete every unfinished write in ``tmp_dir``; returns how many there were.
+
+    Raises:
+        OSError: ``tmp_dir`` cannot be listed.
+    """
+    removed = 0
+    for entry in os.scandir(tmp_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def scan_chunk_files(chunks_dir: Path) -> dict[bytes, int]:
+    """Size of every well-named chunk file, by id; anything else is logged and left alone.
+
+    Raises:
+        OSError: A shard cannot be listed.
+    """
+    on_disk: dict[bytes, int] = {}
+    for shard in _SHARDS:
+        for entry in os.scandir(chunks_dir / shard):
+            name = entry.name
+            if _CHUNK_NAME.fullmatch(name) and name.startswith(shard) and entry.is_file():
+                on_disk[bytes.fromhex(name)] = entry.stat().st_size
+            else:
+                log.warning("ignoring %s: not a chunk file of this store", entry.path)
+    return on_disk
+
+
+def write_chunk_file(chunks_dir: Path, tmp_dir: Path, chunk_id: ChunkId, data: bytes) -> None:
+    """Write to a temp file, fsync it, rename it into place and fsync the directory.
+
+    Raises:
+        StorageError: The disk failed; no temp file is left behind.
+    """
+    final = chunk_path(chunks_dir, chunk_id)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=chunk_id.hex()[:16] + ".", suffix=TMP_SUFFIX)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create a file in {tmp_dir}: {exc.strerror}; check the disk"
+        ) from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        unlink_quietly(Path(tmp))
+        raise StorageError(
+            f"cannot write chunk {short_id(chunk_id)} ({len(data)} bytes) to {final}: "
+            f"{exc.strerror}; check free disk space"
+        ) from exc
+    except BaseException:
+        unlink_quietly(Path(tmp))
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in ``path`` durable (POSIX needs the directory itself fsynced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: Path) -> None:
+    """Delete ``path`` if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

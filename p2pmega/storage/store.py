@@ -1,0 +1,415 @@
+"""ChunkStore: put, get, lease and collect chunks, within a quota, from several threads at once.
+
+It keeps opaque sealed chunks and knows nothing of keys, manifests or the network. The files live
+in p2pmega.storage.files, the SQLite index (and repair after a crash) in p2pmega.storage.index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from p2pmega.core.chunking import (
+    MAX_SEALED_CHUNK_BYTES,
+    ChunkId,
+    short_id,
+    verify_chunk,
+)
+from p2pmega.errors import (
+    BadOption,
+    ChunkHashMismatch,
+    ChunkNotStored,
+    QuotaExceeded,
+    StorageError,
+)
+from p2pmega.storage.files import (
+    CHUNKS_DIR,
+    TMP_DIR,
+    chunk_path,
+    lock_root,
+    make_dirs,
+    unlink_quietly,
+    write_chunk_file,
+)
+from p2pmega.storage.index import INDEX_NAME, ChunkIndex, reconcile
+from p2pmega.storage.sizes import DEFAULT_QUOTA_BYTES
+
+# The whole store logs as p2pmega.storage, as it did when it was one module.
+log = logging.getLogger("p2pmega.storage")
+
+_LIVE_ROW_SQL = "SELECT lease_expiry FROM chunks WHERE id = ? AND lease_expiry > ?"
+
+
+class ChunkStore:
+    """Chunks on disk under ``root``, each with a lease; at most ``quota_bytes`` of them.
+
+    Every method may be called from several threads at once. A chunk is *live* while its lease has
+    not expired; expired chunks stay on disk (and count towards ``used_bytes``) until
+    `collect_garbage` or a put that needs their space removes them, but are never served.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota_bytes: int = DEFAULT_QUOTA_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating if needed) the store at ``root`` and repair what a crash left behind.
+
+        Args:
+            root: The store directory; created with mode 0700 if missing.
+            quota_bytes: Most chunk bytes the store may hold.
+            clock: Wall-clock seconds; leases are absolute times from this clock.
+
+        Raises:
+            BadOption: ``quota_bytes`` is negative.
+            StorageError: The directory cannot be used, or another process has the store open.
+            StoreCorrupt: The index is unreadable or from a newer p2pmega.
+        """
+        if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int) or quota_bytes < 0:
+            raise BadOption(f"quota {quota_bytes!r} is not a byte count >= 0; pass e.g. 10GB")
+        self._root = Path(root)
+        self._chunks_dir = self._root / CHUNKS_DIR
+        self._tmp_dir = self._root / TMP_DIR
+        self._quota = quota_bytes
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: set[bytes] = set()  # ids being written; their bytes are in _reserved
+        self._reserved = 0
+        self._used = 0
+        self._count = 0
+        self._closed = False
+        self._lock_fd = lock_root(self._root)
+        try:
+            make_dirs(self._root)
+            self._index = ChunkIndex(self._root / INDEX_NAME)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
+            with self._cond:
+                self.repair_report, self._used, self._count = reconcile(self._index, self._root)
+        except BaseException:
+            self._index.close()
+            os.close(self._lock_fd)
+            raise
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The store directory."""
+        return self._root
+
+    @property
+    def quota_bytes(self) -> int:
+        """Most chunk bytes the store may hold."""
+        return self._quota
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of every chunk on disk, expired ones not yet collected included."""
+        with self._cond:
+            return self._used
+
+    @property
+    def chunk_count(self) -> int:
+        """Number of chunks on disk, expired ones not yet collected included."""
+        with self._cond:
+            return self._count
+
+    def put(self, chunk_id: ChunkId, data: bytes, *, lease_s: float) -> bool:
+        """Store a chunk durably, or extend the lease of the copy already stored.
+
+        Costs one hash, one write and its fsyncs; an existing copy is not re-read.
+
+        Args:
+            chunk_id: The id ``data`` must hash to.
+            data: The sealed chunk, at most ``MAX_SEALED_CHUNK_BYTES``.
+            lease_s: Seconds from now the chunk must be kept; an existing lease is never shortened.
+
+        Returns:
+            True if the chunk was newly stored, False if it was already there.
+
+        Raises:
+            BadOption: ``lease_s`` is not a positive finite number.
+            ChunkHashMismatch: ``data`` does not hash to ``chunk_id``.
+            QuotaExceeded: The chunk does not fit in the quota, even after removing expired chunks.
+            StorageError: ``data`` is larger than any valid chunk, or the disk failed.
+        """
+        size = len(data)
+        if size > MAX_SEALED_CHUNK_BYTES:
+            raise StorageError(
+                f"chunk {short_id(chunk_id)} is {size} bytes, over the "
+                f"{MAX_SEALED_CHUNK_BYTES}-byte limit of any valid chunk; refuse it"
+            )
+        _check_lease(lease_s)
+        verify_chunk(chunk_id, data)
+        key = bytes(chunk_id)
+        with self._cond:
+            while key in self._pending:
+                self._cond.wait()
+            self._check_open()
+            now = self._clock()
+            with self._index.transaction() as db:
+                extended = db.execute(
+                    "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) WHERE id = ?",
+                    (now + lease_s, key),
+                ).rowcount
+            if extended:
+                return False
+            self._reserve_locked(chunk_id, size, now)
+            self._pending.add(key)
+        try:
+            write_chunk_file(self._chunks_dir, self._tmp_dir, chunk_id, data)
+            with self._cond:
+                try:
+                    self._check_open()
+                    now = self._clock()
+                    with self._index.transaction() as db:
+                        db.execute(
+                            "INSERT INTO chunks VALUES (?, ?, ?, ?)",
+                            (key, size, now, now + lease_s),
+                        )
+                except BaseException:
+                    unlink_quietly(self._path_of(chunk_id))
+                    raise
+                self._used += size
+                self._count += 1
+        finally:
+            with self._cond:
+                self._pending.discard(key)
+                self._reserved -= size
+                self._cond.notify_all()
+        log.debug("stored chunk %s (%d bytes)", short_id(chunk_id), size)
+        return True
+
+    def get(self, chunk_id: ChunkId) -> bytes:
+        """Read a live chunk and check its hash; a chunk that rotted on disk is deleted.
+
+        Args:
+            chunk_id: The chunk to read.
+
+        Returns:
+            Its exact stored bytes.
+
+        Raises:
+            ChunkNotStored: The chunk is not here, or its lease expired.
+            ChunkHashMismatch: The bytes on disk no longer match the id; the chunk was deleted.
+            StorageError: The disk failed.
+        """
+        with self._cond:
+            self._check_open()
+            rows = self._index.query(
+                "SELECT lease_expiry FROM chunks WHERE id = ?", (bytes(chunk_id),)
+            )
+            live = bool(rows) and rows[0][0] > self._clock()
+        if not live:
+            raise _not_stored(chunk_id)
+        path = self._path_of(chunk_id)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+                try:
+                    verify_chunk(chunk_id, data)
+                except ChunkHashMismatch:
+                    # Still holding the file open, so its inode cannot be reused by a new copy.
+                    self._discard_rotten(chunk_id, os.fstat(file.fileno()).st_ino)
+                    raise ChunkHashMismatch(
+                        f"stored chunk {short_id(chunk_id)} ({len(data)} bytes) no longer matches "
+                        "its id and was deleted; fetch it from another holder"
+                    ) from None
+        except FileNotFoundError:
+            self._forget_missing(chunk_id)
+            raise _not_stored(chunk_id) from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read chunk {short_id(chunk_id)} at {path}: {exc.strerror}; check the disk"
+            ) from exc
+        return data
+
+    def has_many(self, ids: Sequence[ChunkId]) -> list[bool]:
+        """Which of ``ids`` are live here.
+
+        Args:
+            ids: Chunk ids, in any order, repeats allowed.
+
+        Returns:
+            One bool per id, in order.
+        """
+        with self._cond:
+            self._check_open()
+            now = self._clock()
+            return [bool(self._index.query(_LIVE_ROW_SQL, (bytes(cid), now))) for cid in ids]
+
+    def renew(self, ids: Sequence[ChunkId], *, lease_s: float) -> list[bool]:
+        """Extend the leases of live chunks to at least ``lease_s`` seconds from now.
+
+        Args:
+            ids: Chunk ids.
+            lease_s: Seconds from now; a longer existing lease is kept.
+
+        Returns:
+            One bool per id: whether it is live here (and so was renewed).
+
+        Raises:
+            BadOption: ``lease_s`` is not a positive finite number.
+            StorageError: The index could not be written.
+        """
+        _check_lease(lease_s)
+        with self._cond:
+            self._check_open()
+            now = self._clock()
+            with self._index.transaction() as db:
+                return [
+                    db.execute(
+                        "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) "
+                        "WHERE id = ? AND lease_expiry > ?",
+                        (now + lease_s, bytes(cid), now),
+                    ).rowcount
+                    == 1
+                    for cid in ids
+                ]
+
+    def collect_garbage(self) -> int:
+        """Delete every chunk whose lease has expired.
+
+        Returns:
+            How many chunks were deleted.
+
+        Raises:
+            StorageError: The index could not be written.
+        """
+        with self._cond:
+            self._check_open()
+            removed = self._collect_locked(self._clock())
+        if removed:
+            log.info("garbage collector removed %d expired chunks", removed)
+        return removed
+
+    def ids(self) -> list[ChunkId]:
+        """Every live chunk id (to re-announce them), in byte order."""
+        with self._cond:
+            self._check_open()
+            rows = self._index.query(
+                "SELECT id FROM chunks WHERE lease_expiry > ? ORDER BY id", (self._clock(),)
+            )
+        return [ChunkId(row[0]) for row in rows]
+
+    def lease_expiry(self, chunk_id: ChunkId) -> float | None:
+        """When a live chunk's lease ends (a ``clock`` time), or None if it is not live here."""
+        with self._cond:
+            self._check_open()
+            rows = self._index.query(_LIVE_ROW_SQL, (bytes(chunk_id), self._clock()))
+        return float(rows[0][0]) if rows else None
+
+    def close(self) -> None:
+        """Close the index and release the directory lock; calling it again does nothing."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._index.close()
+            finally:
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- internals (the *_locked methods need self._cond held) -----------------------------------
+
+    def _path_of(self, chunk_id: ChunkId) -> Path:
+        return chunk_path(self._chunks_dir, chunk_id)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"chunk store {self._root} is closed; open a new ChunkStore")
+
+    def _reserve_locked(self, chunk_id: ChunkId, size: int, now: float) -> None:
+        """Claim quota for an in-flight write, collecting expired chunks if that makes room."""
+        if self._used + self._reserved + size > self._quota and self._collect_locked(now):
+            log.info("collected expired chunks to make room for %s", short_id(chunk_id))
+        if self._used + self._reserved + size > self._quota:
+            raise QuotaExceeded(
+                f"chunk {short_id(chunk_id)} ({size} bytes) does not fit: {self._used} bytes "
+                f"stored and {self._reserved} being written of the {self._quota}-byte quota; "
+                "raise --quota or store it elsewhere"
+            )
+        self._reserved += size
+
+    def _collect_locked(self, now: float) -> int:
+        with self._index.transaction() as db:
+            expired = [
+                row[0]
+                for row in db.execute(
+                    "DELETE FROM chunks WHERE lease_expiry <= ? RETURNING id", (now,)
+                ).fetchall()
+            ]
+            self._used, self._count = db.execute(
+                "SELECT used_bytes, chunk_count FROM usage"
+            ).fetchone()
+        # Unlinked while still locked: a put of the same id must not race with this unlink.
+        for cid in expired:
+            unlink_quietly(self._path_of(ChunkId(cid)))
+        return len(expired)
+
+    def _discard_rotten(self, chunk_id: ChunkId, inode: int) -> None:
+        """Delete a chunk whose file (``inode``) failed its hash check, unless it was replaced."""
+        path = self._path_of(chunk_id)
+        with self._cond:
+            try:
+                same_file = os.stat(path).st_ino == inode
+            except FileNotFoundError:
+                same_file = False
+            if same_file and not self._closed:
+                self._delete_row_locked(chunk_id)
+                unlink_quietly(path)
+        log.warning("chunk %s failed its hash check on read and was deleted", short_id(chunk_id))
+
+    def _forget_missing(self, chunk_id: ChunkId) -> None:
+        """Drop the row of a chunk whose file vanished (unless collected or re-stored meanwhile)."""
+        with self._cond:
+            if self._closed or self._path_of(chunk_id).exists():
+                return
+            if self._delete_row_locked(chunk_id):
+                log.warning(
+                    "chunk %s was listed but its file is gone; forgot it", short_id(chunk_id)
+                )
+
+    def _delete_row_locked(self, chunk_id: ChunkId) -> bool:
+        with self._index.transaction() as db:
+            deleted = db.execute("DELETE FROM chunks WHERE id = ?", (bytes(chunk_id),)).rowcount
+            self._used, self._count = db.execute(
+                "SELECT used_bytes, chunk_count FROM usage"
+            ).fetchone()
+        return deleted == 1
+
+
+def _check_lease(lease_s: float) -> None:
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
+        raise BadOption(f"lease {lease_s!r} is not a number of seconds; pass e.g. lease_s=86400")
+    if not (math.isfinite(lease_s) and lease_s > 0):
+        raise BadOption(f"lease {lease_s!r} s is not positive and finite; pass e.g. lease_s=86400")
+
+
+def _not_stored(chunk_id: ChunkId) -> ChunkNotStored:
+    return ChunkNotStored(
+        f"chunk {short_id(chunk_id)} is not stored here (or its lease expired); ask another holder"
+    )
