@@ -198,9 +198,7 @@ class Node:
             self.server = None
         await self.client.close()
         if self.dht is not None:
-            with contextlib.suppress(OSError, P2PMegaError):
-                await asyncio.to_thread(self.dht.save_contacts)
-            await self.dht.stop()
+            await self.dht.stop()  # saves the contacts (and every few minutes while running)
             self.dht = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
@@ -241,12 +239,9 @@ class Node:
         next_announce = loop.time() + s.reannounce_s
         next_gc = loop.time() + s.gc_interval_s
         next_summary = loop.time() + SUMMARY_INTERVAL_S
-        next_save = loop.time() + 60.0
         while True:
             now = loop.time()
-            await asyncio.sleep(
-                max(0.05, min(next_announce, next_gc, next_summary, next_save) - now)
-            )
+            await asyncio.sleep(max(0.05, min(next_announce, next_gc, next_summary) - now))
             now = loop.time()
             store = self.store
             if store is None:
@@ -260,10 +255,6 @@ class Node:
                 next_announce = now + s.reannounce_s
                 for chunk_id in await asyncio.to_thread(store.ids):
                     self._announce_queue.put_nowait(chunk_id)
-            if now >= next_save:
-                next_save = now + 60.0
-                with contextlib.suppress(OSError, P2PMegaError):
-                    await asyncio.to_thread(self.dht_node.save_contacts)
             if now >= next_summary:
                 next_summary = now + SUMMARY_INTERVAL_S
                 self._report(self.summary())
