@@ -1,6 +1,7 @@
 """DHT lookup cost: N nodes in one process on loopback, messages and round trips per lookup.
 
 Usage: python bench/dht.py [N ...]   (default 50 200 1000; each node has its own 127.x.y.1 address)
+       python bench/dht.py announce [N [CHUNKS]]   (default 9 256: announce cost, before and after)
 
 For each N it starts N DHTNodes (ksize 20, alpha 3, RPC timeout 2 s), joins them one by one through
 node 0, lets every node refresh its buckets once (the hourly maintenance of a live network),
@@ -21,9 +22,13 @@ import statistics
 import sys
 import time
 
+from kademlia.node import Node
+
 from p2pmega.net.dht import DHTNode
 
 ANNOUNCES = 40
+ANNOUNCE_CONCURRENCY = 8
+"""node.py's announce worker runs this many announces at once."""
 SEEKERS_PER_CHUNK = 3
 
 
@@ -120,5 +125,59 @@ async def main(sizes: list[int]) -> None:
         )
 
 
+async def legacy_announce(node: DHTNode, chunk_id: bytes, port: int) -> int:
+    """One announce as before announce_many: a crawl, then one add_provider per close node."""
+    key = chunk_id[:20]
+    proto = node.server._proto()
+    peers = (await node.server.crawl(key, "node", node._seeds(key))).peers
+    results = await asyncio.gather(
+        *(proto.call_add_provider(Node(p.node_id, p.host, p.port), key, port) for p in peers)
+    )
+    return sum(1 for ok, stored in results if ok and stored)
+
+
+async def measure_announce(n: int, chunks: int, rng: random.Random) -> None:
+    """CPU (all N nodes: one process), wall time and datagrams of announcing ``chunks`` chunks."""
+    nodes = [DHTNode(host=address(i), node_id=rng.randbytes(20)) for i in range(n)]
+    try:
+        for node in nodes:
+            await node.start()
+        for node in nodes[1:]:
+            async with asyncio.timeout(30):
+                await node.join([(nodes[0].host, nodes[0].port)])
+        holder = nodes[-1]
+        limit = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
+
+        async def one(chunk_id: bytes) -> int:
+            async with limit:
+                return await legacy_announce(holder, chunk_id, 7000)
+
+        async def per_chunk(ids: list[bytes]) -> int:
+            return sum(await asyncio.gather(*(one(c) for c in ids)))
+
+        async def batched(ids: list[bytes]) -> int:
+            return await holder.announce_many(ids, 7000)
+
+        for name, run in (("per chunk (before)", per_chunk), ("announce_many", batched)):
+            ids = [rng.randbytes(32) for _ in range(chunks)]
+            sent = sum(x.stats.requests_sent for x in nodes)
+            cpu, wall = time.process_time(), time.monotonic()
+            async with asyncio.timeout(120):
+                confirmed = await run(ids)
+            cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+            sent = sum(x.stats.requests_sent for x in nodes) - sent
+            print(
+                f"N={n} {chunks} chunks, {name:18}: cpu {1000 * cpu:7.1f} ms  wall "
+                f"{1000 * wall:7.1f} ms  requests {sent:6}  records confirmed {confirmed}"
+            )
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 if __name__ == "__main__":
-    asyncio.run(main([int(a) for a in sys.argv[1:]] or [50, 200, 1000]))
+    if sys.argv[1:2] == ["announce"]:
+        n, chunks = ([int(a) for a in sys.argv[2:4]] + [9, 256][len(sys.argv[2:4]) :])[:2]
+        asyncio.run(measure_announce(n, chunks, random.Random(7)))
+    else:
+        asyncio.run(main([int(a) for a in sys.argv[1:]] or [50, 200, 1000]))

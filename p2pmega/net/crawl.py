@@ -9,7 +9,7 @@ import asyncio
 import heapq
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kademlia.node import Node
@@ -46,6 +46,11 @@ class LookupResult:
     messages: int
     round_trips: int
     value: bytes | str | None = None
+    closed: bool = False
+    """The crawl saw the whole reachable network: we and every node that answered know fewer than
+    k contacts (so each reply was a whole routing table) and every node learned was asked."""
+    answered: list[Peer] = field(default_factory=list)
+    """Every node that answered, nearest first (``peers`` is its first k)."""
 
 
 class Crawl:
@@ -76,6 +81,8 @@ class Crawl:
         self.value: bytes | str | None = None
         self.messages = 0
         self.round_trips = 0
+        # Stays True while every contact list seen (our seeds, then each reply) is a whole table.
+        self.exhaustive = len(seeds) < protocol.ksize
         self._learn(seeds, 0)
 
     def _learn(self, nodes: list[Node], depth: int) -> None:
@@ -116,6 +123,8 @@ class Crawl:
             return
         else:
             contacts = reply
+        if len(contacts) >= self.protocol.ksize:
+            self.exhaustive = False
         self._learn(contacts, self.depth[node_id] + 1)
 
     async def run(self) -> LookupResult:
@@ -149,7 +158,9 @@ class Crawl:
 
     def _result(self) -> LookupResult:
         answered = [n for i, n in self.nodes.items() if self.state[i] == "done"]
-        closest = heapq.nsmallest(self.protocol.ksize, answered, key=self.target.distance_to)
+        answered.sort(key=self.target.distance_to)
+        closest = answered[: self.protocol.ksize]
+        closed = self.exhaustive and all(s in ("done", "failed") for s in self.state.values())
         wall = time.time()
         providers = [
             Provider(r.node_id, r.host, r.port, wall + r.expires_in) for r in self.records.values()
@@ -160,6 +171,8 @@ class Crawl:
             messages=self.messages,
             round_trips=self.round_trips,
             value=self.value,
+            closed=closed and self.mode == "node",
+            answered=[Peer(n.id, n.ip, n.port) for n in answered],
         )
 
 

@@ -18,10 +18,12 @@ from kademlia.node import Node
 
 from p2pmega.core.record import dht_key, is_node_id, is_peer_ip, is_port
 from p2pmega.errors import BootstrapFailed, NetworkError
+from p2pmega.net.announce import AnnouncePlan, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
 from p2pmega.net.kademlia_protocol import (
     DEFAULT_RECORD_TTL_S,
     DEFAULT_RPC_TIMEOUT_S,
+    MAX_KEYS_PER_BATCH,
     REANNOUNCE_INTERVAL_S,
     DHTLimits,
     DHTStats,
@@ -32,6 +34,7 @@ from p2pmega.net.routing import HardenedRoutingTable
 __all__ = [
     "DEFAULT_RECORD_TTL_S",
     "DEFAULT_RPC_TIMEOUT_S",
+    "MAX_KEYS_PER_BATCH",
     "REANNOUNCE_INTERVAL_S",
     "DHTLimits",
     "DHTNode",
@@ -52,6 +55,9 @@ class DHTNode:
     """A p2pmega DHT node: join, announce and find chunk holders, find placement candidates.
 
     Use ``async with DHTNode(host=..., node_id=...) as node:`` or call start() and stop().
+    ``read_only=True`` is for short-lived clients (BEP 43 style): their requests carry no node id,
+    so no node adds them to its table or hands them out; they serve no requests and cannot
+    announce. It needs peers that speak protocol 2 (docs/DHT.md).
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class DHTNode:
         record_ttl_s: float = DEFAULT_RECORD_TTL_S,
         contacts_path: Path | None = None,
         limits: DHTLimits | None = None,
+        read_only: bool = False,
     ) -> None:
         if not is_peer_ip(host):
             raise ValueError("host must be an IP literal to bind, not 0.0.0.0 or a name")
@@ -80,7 +87,12 @@ class DHTNode:
             rpc_timeout_s=rpc_timeout_s,
             record_ttl_s=record_ttl_s,
             limits=limits,
+            read_only=read_only,
         )
+
+    @property
+    def read_only(self) -> bool:
+        return self.server.read_only
 
     @property
     def node_id(self) -> bytes:
@@ -213,19 +225,57 @@ class DHTNode:
 
         Raises:
             NetworkError: no contact is known.
+            ValueError: a bad port, or this node is read-only.
         """
-        key = dht_key(chunk_id)
+        return await self.announce_many([chunk_id], transfer_port)
+
+    async def announce_many(self, chunk_ids: Sequence[bytes], transfer_port: int) -> int:
+        """Announce every chunk of ``chunk_ids`` with as few crawls and datagrams as is correct.
+
+        Keys whose k closest nodes are provably known (a small network seen whole, or inside an
+        earlier crawl's region) skip their crawl; each node then gets its keys in add_providers
+        requests of up to MAX_KEYS_PER_BATCH keys (one add_provider per key for a node that does
+        not answer add_providers, i.e. one from before protocol 2).
+
+        Returns:
+            How many (chunk, node) records were confirmed, summed over the chunks.
+
+        Raises:
+            NetworkError: no contact is known.
+            ValueError: a bad port or chunk id, or this node is read-only.
+        """
+        keys = [dht_key(c) for c in chunk_ids]
         if not is_port(transfer_port):
             raise ValueError("transfer_port must be 1-65535")
+        if self.read_only:
+            raise ValueError("a read-only DHT node cannot announce")
+        if not keys:
+            return 0
+        plan = AnnouncePlan(ksize=self.server.ksize, crawl=self._crawl_nodes)
+        targets = await plan.run(keys)
+
+        async def send(peer: Peer, batch: list[bytes]) -> int:
+            return await self._record_at(peer, batch, transfer_port)
+
+        return await send_plan(targets, send, batch_keys=MAX_KEYS_PER_BATCH)
+
+    async def _crawl_nodes(self, key: bytes) -> LookupResult:
+        return await self.server.crawl(key, "node", self._seeds(key))
+
+    async def _record_at(self, peer: Peer, keys: list[bytes], port: int) -> int:
+        """Ask ``peer`` to record us for ``keys``; returns how many it confirmed."""
         proto = self.server._proto()
-        peers = (await self.server.crawl(key, "node", self._seeds(key))).peers
-        results = await asyncio.gather(
-            *(
-                proto.call_add_provider(Node(p.node_id, p.host, p.port), key, transfer_port)
-                for p in peers
-            )
-        )
-        return sum(1 for ok, stored in results if ok and stored)
+        node = Node(peer.node_id, peer.host, peer.port)
+        ok, answers = await proto.call_add_providers(node, keys, port)
+        if ok:
+            return sum(answers)
+        # No answer: dead, or older than protocol 2 (it drops add_providers). One add_provider
+        # tells which, so a dead node costs one more timeout rather than one per key.
+        ok, stored = await proto.call_add_provider(node, keys[0], port)
+        if not ok:
+            return 0
+        rest = await asyncio.gather(*(proto.call_add_provider(node, k, port) for k in keys[1:]))
+        return int(stored) + sum(1 for ok, s in rest if ok and s)
 
     async def lookup_providers(self, chunk_id: bytes) -> LookupResult:
         """find_providers with its cost (messages, round trips); used by bench/dht.py.

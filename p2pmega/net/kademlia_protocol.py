@@ -50,6 +50,8 @@ MAX_VALUE_BYTES = 1024
 """Generic kademlia values are small pointers; anything bigger cannot be republished under 8 KiB."""
 _rng = random.SystemRandom()
 """Refresh targets need no reproducibility; SystemRandom also keeps ruff's S311 satisfied."""
+MAX_KEYS_PER_BATCH = 256
+"""Keys in one add_providers request: 256 x 22 bytes (msgpack bin8) is ~5.7 KiB, under the 8 KiB."""
 _REQUEST_ARITY = {
     "ping": 1,
     "store": 3,
@@ -57,7 +59,17 @@ _REQUEST_ARITY = {
     "find_value": 2,
     "add_provider": 3,
     "find_providers": 2,
+    # Protocol 2 (docs/DHT.md): batched announcements, and the read-only requests, which carry no
+    # node id at all, so a receiver has nothing it could add to its table or hand to others.
+    "add_providers": 3,
+    "ro_ping": 0,
+    "ro_find_node": 1,
+    "ro_find_value": 1,
+    "ro_find_providers": 1,
 }
+READ_ONLY_PREFIX = "ro_"
+"""A read-only node sends ``ro_<name>`` with the arguments of ``<name>`` minus the node id."""
+_READ_ONLY_RPCS = frozenset({"ping", "find_node", "find_value", "find_providers"})
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,10 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         rpc_timeout_s: float,
         limits: DHTLimits,
         providers: ProviderTable,
+        read_only: bool = False,
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout_s)
+        self.read_only = read_only
         self.router = HardenedRoutingTable(self, ksize, source_node)
         self.storage = storage
         self.source_node = source_node
@@ -177,8 +191,12 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             ):
                 raise RemoteProtocolError("request is not [name, args]")
             name, args = request
-            if _REQUEST_ARITY.get(name) != len(args) or not is_node_id(args[0]):
+            if _REQUEST_ARITY.get(name) != len(args) or not (
+                name.startswith(READ_ONLY_PREFIX) or is_node_id(args[0])
+            ):
                 raise RemoteProtocolError("unknown RPC or wrong arguments")
+            if self.read_only:
+                raise RemoteProtocolError("a read-only node serves no requests")
             response = getattr(self, f"rpc_{name}")(addr, *args)
             if response is None:
                 raise RemoteProtocolError("request refused")
@@ -226,7 +244,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self, node: Node, name: str, args: list[object], check: Callable[[object], Any]
     ) -> tuple[bool, Any]:
         """Call ``name`` on ``node``; a malformed reply counts as no reply (and as a miss)."""
-        ok, raw = await self.request((node.ip, node.port), name, [self.source_node.id, *args])
+        ok, raw = await self.request((node.ip, node.port), *self._wire(name, args))
         if ok:
             try:
                 return True, self._note_reply(node, check(raw))
@@ -235,6 +253,18 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
                 log.debug("malformed %s reply", name)
         self._note_miss(node)
         return False, None
+
+    def _wire(self, name: str, args: list[object]) -> tuple[str, list[object]]:
+        """The request as sent: ``[node_id, *args]``, or for a read-only node ``ro_<name>`` ``args``.
+
+        Raises:
+            ValueError: a read-only node would send a request that stores something.
+        """
+        if not self.read_only:
+            return name, [self.source_node.id, *args]
+        if name not in _READ_ONLY_RPCS:
+            raise ValueError(f"a read-only DHT node cannot send {name}")
+        return READ_ONLY_PREFIX + name, args
 
     def _note_reply(self, node: Node, checked: object) -> object:
         self._misses.pop(node.id, None)
@@ -256,7 +286,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
 
     async def ping_address(self, address: tuple[str, int]) -> Node | None:
         """Ping ``address`` and add it to the routing table if it answers with a valid node id."""
-        ok, raw = await self.request(address, "ping", [self.source_node.id])
+        ok, raw = await self.request(address, *self._wire("ping", []))
         if not ok or not is_node_id(raw) or raw == self.source_node.id:
             self.stats.bad_replies += ok
             return None
@@ -285,6 +315,21 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
 
     async def call_add_provider(self, node_to_ask: Node, key: bytes, port: int) -> tuple[bool, Any]:
         return await self._call(node_to_ask, "add_provider", [key, port], _check_bool)
+
+    async def call_add_providers(
+        self, node_to_ask: Node, keys: list[bytes], port: int
+    ) -> tuple[bool, Any]:
+        """Ask ``node_to_ask`` to record us for each of ``keys`` (at most MAX_KEYS_PER_BATCH).
+
+        The reply is one boolean per key, in order: recorded, or refused by a cap.
+        """
+
+        def check(raw: object) -> list[bool]:
+            if not (isinstance(raw, list) and len(raw) == len(keys)):
+                raise RemoteProtocolError("add_providers reply is not one answer per key")
+            return [_check_bool(r) for r in raw]
+
+        return await self._call(node_to_ask, "add_providers", [keys, port], check)
 
     async def call_find_providers(self, node_to_ask: Node, key: bytes) -> tuple[bool, Any]:
         def check(raw: object) -> tuple[list[ProviderRecord], list[Node]]:
@@ -331,9 +376,15 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         near.sort(key=lambda n: n.id in self._misses)  # stable: distance order within each group
         return [[n.id, n.ip, n.port] for n in near[: self.ksize]]
 
+    # Each read-only handler serves its full counterpart without the sender's id, so the sender is
+    # never welcomed: it never enters the table, is never handed out, and never stores anything.
+
+    def rpc_ro_ping(self, sender: tuple[str, int]) -> bytes:
+        return bytes(self.source_node.id)
+
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
         self._welcome(sender, nodeid)
-        return bytes(self.source_node.id)
+        return self.rpc_ro_ping(sender)
 
     def rpc_store(
         self, sender: tuple[str, int], nodeid: bytes, key: object, value: object
@@ -346,18 +397,20 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self.storage[key] = value
         return True
 
-    def rpc_find_node(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
-        if not is_node_id(key):
-            return None
-        self._welcome(sender, nodeid)
-        return self._neighbours(sender, key)
+    def rpc_ro_find_node(self, sender: tuple[str, int], key: object) -> object:
+        return self._neighbours(sender, key) if is_node_id(key) else None
 
-    def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+    def rpc_find_node(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        return self._welcomed(sender, nodeid, self.rpc_ro_find_node(sender, key))
+
+    def rpc_ro_find_value(self, sender: tuple[str, int], key: object) -> object:
         if not is_node_id(key):
             return None
-        self._welcome(sender, nodeid)
         value = self.storage.get(key, None)
         return self._neighbours(sender, key) if value is None else {"value": value}
+
+    def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        return self._welcomed(sender, nodeid, self.rpc_ro_find_value(sender, key))
 
     def rpc_add_provider(
         self, sender: tuple[str, int], nodeid: bytes, key: object, port: object
@@ -367,13 +420,37 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self._welcome(sender, nodeid)
         return self.providers.add(key, nodeid, sender[0], port, now=time.monotonic())
 
-    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
-        if not is_node_id(key):
+    def rpc_add_providers(
+        self, sender: tuple[str, int], nodeid: bytes, keys: object, port: object
+    ) -> list[bool] | None:
+        # The same checks and per-key, per-source and total caps as add_provider, key by key.
+        if not (
+            isinstance(keys, list)
+            and 1 <= len(keys) <= MAX_KEYS_PER_BATCH
+            and all(is_node_id(k) for k in keys)
+            and is_port(port)
+            and is_peer_ip(sender[0])
+        ):
             return None
         self._welcome(sender, nodeid)
+        now = time.monotonic()
+        return [self.providers.add(k, nodeid, sender[0], port, now=now) for k in keys]
+
+    def rpc_ro_find_providers(self, sender: tuple[str, int], key: object) -> object:
+        if not is_node_id(key):
+            return None
         records = self.providers.get(key, now=time.monotonic())
         wire = [encode_provider_record(r) for r in records]
         return [FIND_PROVIDERS_REPLY_VERSION, wire, self._neighbours(sender, key)]
+
+    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
+        return self._welcomed(sender, nodeid, self.rpc_ro_find_providers(sender, key))
+
+    def _welcomed(self, sender: tuple[str, int], nodeid: bytes, reply: object) -> object:
+        """``reply``, after welcoming the sender of a well-formed (non-None) request."""
+        if reply is not None:
+            self._welcome(sender, nodeid)
+        return reply
 
 
 def _check_bool(raw: object) -> bool:

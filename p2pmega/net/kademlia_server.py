@@ -52,6 +52,7 @@ class HardenedServer(Server):  # type: ignore[misc]
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
         record_ttl_s: float = DEFAULT_RECORD_TTL_S,
         limits: DHTLimits | None = None,
+        read_only: bool = False,
     ) -> None:
         node_id = os.urandom(20) if node_id is None else node_id
         if not is_node_id(node_id):
@@ -66,6 +67,7 @@ class HardenedServer(Server):  # type: ignore[misc]
         )
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
         self.rpc_timeout_s = rpc_timeout_s
+        self.read_only = read_only
         self.providers = ProviderTable(ttl_s=record_ttl_s, limits=self.limits.providers)
         self.protocol: HardenedProtocol | None = None
 
@@ -77,6 +79,7 @@ class HardenedServer(Server):  # type: ignore[misc]
             rpc_timeout_s=self.rpc_timeout_s,
             limits=self.limits,
             providers=self.providers,
+            read_only=self.read_only,
         )
 
     def _proto(self) -> HardenedProtocol:

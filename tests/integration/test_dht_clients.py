@@ -1,0 +1,233 @@
+"""Protocol 2 of net.dht: read-only clients leave no trace; announce_many batches announcements."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncio_dgram
+import pytest
+import umsgpack
+
+from p2pmega.core.record import ProviderLimits
+from p2pmega.net.announce import AnnouncePlan
+from p2pmega.net.crawl import LookupResult, Peer
+from p2pmega.net.dht import MAX_KEYS_PER_BATCH, DHTLimits, DHTNode
+from tests.conftest import peer_address
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 1.0
+STALL_S = TIMEOUT_S / 4
+"""A crawl query unanswered this long is stalled: what a dead contact costs a lookup."""
+
+
+@asynccontextmanager
+async def swarm(country: int, n: int, **kwargs: object) -> AsyncIterator[list[DHTNode]]:
+    """``n`` started nodes at 127.C.N.1, nodes 1..n-1 joined through node 0; all stopped at exit."""
+    nodes = [
+        DHTNode(host=peer_address(country, i + 1), node_id=os.urandom(20), **kwargs)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+    try:
+        for node in nodes:
+            await node.start()
+        async with asyncio.timeout(30):
+            for node in nodes[1:]:
+                assert await node.join([(nodes[0].host, nodes[0].port)]) >= 1
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+def holders_of(nodes: list[DHTNode], key: bytes) -> set[bytes]:
+    """The ids of the nodes holding a provider record for ``key``."""
+    return {n.node_id for n in nodes if n.server.providers.get(key, now=time.monotonic())}
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_clients_that_left_never_slow_a_later_join_or_lookup(read_only: bool) -> None:
+    rng = random.Random(5)
+    async with swarm(41 + read_only, 10, rpc_timeout_s=TIMEOUT_S) as nodes:
+        chunk_id = os.urandom(32)
+        assert await nodes[3].announce(chunk_id, 9000) >= 9
+        clients = []
+        async with asyncio.timeout(30):
+            for i in range(4):
+                client = DHTNode(
+                    host=peer_address(41 + read_only, 100 + i),
+                    node_id=os.urandom(20),
+                    rpc_timeout_s=TIMEOUT_S,
+                    read_only=read_only,
+                )
+                await client.start()
+                entry = nodes[rng.randrange(10)]
+                await client.join([(entry.host, entry.port)])
+                found_peers = await client.find_peers(os.urandom(20))
+                assert {p.node_id for p in found_peers} == {n.node_id for n in nodes}
+                found = await client.find_providers(chunk_id)
+                assert [p.node_id for p in found] == [nodes[3].node_id]
+                clients.append((client.node_id, client.host))
+                await client.stop()
+
+        gone_ids = {i for i, _ in clients}
+        gone_hosts = {h for _, h in clients}
+        seen = {p.node_id for n in nodes for p in n.contacts()}
+        if read_only:
+            assert not gone_ids & seen
+            assert not gone_hosts & {p.host for n in nodes for p in n.contacts()}
+            records = sum(len(n.server.providers) for n in nodes)
+            assert records == len(holders_of(nodes, chunk_id[:20])) == 9
+        else:
+            # The defect this protects against: every swarm node now lists the dead clients.
+            assert gone_ids <= seen
+
+        fresh = DHTNode(
+            host=peer_address(41 + read_only, 200), node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S
+        )
+        await fresh.start()
+        try:
+            async with asyncio.timeout(10):
+                start = time.monotonic()
+                await fresh.join([(nodes[5].host, nodes[5].port)])
+                join_s = time.monotonic() - start
+                start = time.monotonic()
+                peers = await fresh.find_peers(os.urandom(20))
+                find_s = time.monotonic() - start
+            assert {p.node_id for p in peers} == {n.node_id for n in nodes}
+            if not read_only:
+                # Every crawl asks the dead clients the swarm hands out and waits for the stall.
+                assert join_s >= STALL_S
+                assert find_s >= STALL_S
+                return
+            assert {p.node_id for p in fresh.contacts()} == {n.node_id for n in nodes}
+            assert fresh.stats.timeouts == 0
+            # Loose bounds: a dead contact in any reply would cost a stall (0.25 s) at least.
+            assert join_s < STALL_S
+            assert find_s < STALL_S
+        finally:
+            await fresh.stop()
+
+
+async def test_a_read_only_node_sends_no_node_id_serves_nothing_and_cannot_announce() -> None:
+    sock = await asyncio_dgram.bind((peer_address(43, 1), 0))
+    client = DHTNode(
+        host=peer_address(43, 2), node_id=os.urandom(20), rpc_timeout_s=0.3, read_only=True
+    )
+    full = DHTNode(host=peer_address(43, 3), node_id=os.urandom(20), rpc_timeout_s=0.3)
+    await client.start()
+    await full.start()
+    try:
+        async with asyncio.timeout(5):
+            ping = asyncio.ensure_future(client.add_contact(*sock.sockname[:2]))
+            data, _ = await sock.recv()
+            assert umsgpack.unpackb(data[21:]) == ["ro_ping", []]
+            await ping
+            assert await client.add_contact(full.host, full.port)
+            assert full.contacts() == []
+            assert not await full.add_contact(client.host, client.port)
+            assert client.stats.requests_served == 0
+            assert client.stats.dropped_datagrams == 1
+        with pytest.raises(ValueError, match="read-only"):
+            await client.announce(os.urandom(32), 9000)
+        with pytest.raises(ValueError, match="read-only"):
+            await client.server.set(b"k", b"v")
+    finally:
+        sock.close()
+        await client.stop()
+        await full.stop()
+
+
+async def test_announce_many_in_a_small_network_crawls_once_and_batches() -> None:
+    async with swarm(44, 9, rpc_timeout_s=TIMEOUT_S) as nodes:
+        holder = nodes[4]
+        chunk_ids = [os.urandom(32) for _ in range(300)]
+        before = holder.stats.requests_sent
+        async with asyncio.timeout(20):
+            assert await holder.announce_many(chunk_ids, 9100) == 300 * 8
+        # One crawl (8 find_node) plus 2 add_providers per node (300 keys > 256 per request).
+        assert holder.stats.requests_sent - before <= 8 + 2 * 8
+        for chunk_id in random.Random(1).sample(chunk_ids, 10):
+            found = await nodes[0].find_providers(chunk_id)
+            assert [(p.node_id, p.port) for p in found] == [(holder.node_id, 9100)]
+        assert await holder.announce_many([], 9100) == 0
+
+
+async def test_announce_many_in_a_big_network_reaches_the_k_closest_of_every_key() -> None:
+    # ksize 4 among 24 nodes: no crawl sees the whole network, so keys need their own crawls.
+    async with swarm(45, 24, rpc_timeout_s=TIMEOUT_S, ksize=4) as nodes:
+        for node in nodes:
+            await node.refresh()
+        holder = nodes[7]
+        # Half the keys share 18 bytes, so that some can reuse another key's crawl.
+        base = os.urandom(18)
+        chunk_ids = [os.urandom(32) for _ in range(20)] + [base + os.urandom(14) for _ in range(20)]
+        async with asyncio.timeout(30):
+            confirmed = await holder.announce_many(chunk_ids, 9200)
+        assert confirmed == 40 * 4
+        for chunk_id in chunk_ids:
+            key = chunk_id[:20]
+            closest = {p.node_id for p in await holder.find_peers(key)}
+            assert holders_of(nodes, key) == closest
+
+
+async def test_add_providers_is_checked_and_capped_per_source_and_old_nodes_still_get_records() -> (
+    None
+):
+    limits = DHTLimits(providers=ProviderLimits(max_per_source=5))
+    async with swarm(46, 3, rpc_timeout_s=0.3, limits=limits) as nodes:
+        sender, receiver, old = nodes
+        keys = [os.urandom(20) for _ in range(8)]
+        # A node from before protocol 2 drops add_providers; the sender falls back to add_provider.
+        old.server._proto().rpc_add_providers = lambda *args: None  # type: ignore[method-assign]
+        assert await sender.announce_many([k + b"chunk-tail" for k in keys], 9300) == 5 + 5
+        assert len(receiver.server.providers) == 5
+        assert len(old.server.providers) == 5
+        assert receiver.stats.dropped_datagrams == 0
+
+        proto = receiver.server._proto()
+        peer = (sender.host, sender.port)
+        for bad in (
+            [],
+            [os.urandom(20)] * (MAX_KEYS_PER_BATCH + 1),
+            [os.urandom(19)],
+            os.urandom(20),
+        ):
+            assert proto.rpc_add_providers(peer, sender.node_id, bad, 9300) is None
+        assert proto.rpc_add_providers(peer, sender.node_id, keys[:1], 0) is None
+        assert proto.rpc_add_providers(("0.0.0.0", 5), sender.node_id, keys[:1], 9300) is None
+
+
+@pytest.mark.parametrize("network", [6, 2000])
+async def test_announce_plan_crawls_once_in_a_network_seen_whole_and_per_key_otherwise(
+    network: int,
+) -> None:
+    """Against a model network whose crawls are exact: the plan equals the per-key k closest."""
+    rng = random.Random(network)
+    k = 8
+    everyone = [Peer(rng.randbytes(20), "127.0.0.1", 1000 + i) for i in range(network)]
+
+    def closest(key: bytes) -> list[Peer]:
+        def distance(p: Peer) -> int:
+            return int.from_bytes(p.node_id, "big") ^ int.from_bytes(key, "big")
+
+        return sorted(everyone, key=distance)
+
+    async def crawl(key: bytes) -> LookupResult:
+        # Fewer nodes than k: every reply is a whole table, the crawl reports it saw them all.
+        peers = closest(key)
+        small = network < k
+        return LookupResult(peers[:k], [], k, 1, closed=small, answered=peers if small else [])
+
+    keys = [rng.randbytes(20) for _ in range(50)]
+    plan = AnnouncePlan(ksize=k, crawl=crawl)
+    result = await plan.run(keys + keys[:5])
+    assert {key: [p.node_id for p in peers] for key, peers in result.items()} == {
+        key: [p.node_id for p in closest(key)[:k]] for key in keys
+    }
+    assert plan.crawls == (1 if network < k else 50)
