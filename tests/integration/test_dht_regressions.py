@@ -30,7 +30,7 @@ from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
 from p2pmega.errors import NetworkError
-from p2pmega.net import kademlia_protocol
+from p2pmega.net import dht, kademlia_protocol
 from p2pmega.net.dht import HardenedRoutingTable, HardenedServer
 from tests.conftest import peer_address
 
@@ -374,3 +374,49 @@ def test_13_refresh_ids_fit_in_20_bytes(kind: str, monkeypatch) -> None:
             protocol.get_refresh_ids()
     else:
         assert protocol.get_refresh_ids() == [b"\xff" * 20]
+
+
+def far_half(node_id: bytes) -> int:
+    """The top bit of an id: which half of the id space it is in."""
+    return node_id[0] >> 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_14_join_refreshes_far_buckets(kind: str) -> None:
+    # 24 nodes of ksize 4, half in each half of the id space; the joiner and the 6 nodes it
+    # bootstraps from are in half 0. Looking up only its own id (stock), every reply lists the k
+    # nodes closest to it, all in half 0, so it learns nothing of half 1. Ours also looks up a
+    # random id in each bucket farther than its closest neighbour (paper section 2.3).
+    rng = random.Random(14)
+    ids = [
+        bytes([h << 7 | rng.randrange(128)]) + rng.randbytes(19) for h in (0, 1) for _ in range(12)
+    ]
+    nodes = [
+        dht.DHTNode(host=peer_address(22, i + 1), node_id=ids[i], ksize=4, rpc_timeout_s=TIMEOUT_S)
+        for i in range(24)
+    ]
+    joiner: Any = (
+        Server(ksize=4, node_id=b"\x00" + rng.randbytes(19))
+        if kind == "stock"
+        else HardenedServer(ksize=4, node_id=b"\x00" + rng.randbytes(19), rpc_timeout_s=TIMEOUT_S)
+    )
+    try:
+        for node in nodes:
+            await node.start()
+        async with asyncio.timeout(20):
+            for node in nodes[1:]:
+                await node.join([(nodes[0].host, nodes[0].port)])
+            await joiner.listen(0, peer_address(22, 100 + KINDS.index(kind)))
+            await joiner.bootstrap([(n.host, n.port) for n in nodes[:6]])
+        halves = [far_half(n.id) for b in joiner.protocol.router.buckets for n in b.get_nodes()]
+        assert halves.count(0) >= 4
+        if kind == "stock":
+            assert halves.count(1) == 0
+        else:
+            assert halves.count(1) >= 1
+    finally:
+        joiner.stop()
+        if kind == "ours":
+            await joiner.protocol.close()
+        for node in nodes:
+            await node.stop()
