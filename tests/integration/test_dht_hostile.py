@@ -146,6 +146,13 @@ def malformed_requests(rng: random.Random, good_id: bytes) -> list[bytes]:
         umsgpack.packb(["store", [good_id, os.urandom(20), b"v" * 4000]]),  # oversized value
         umsgpack.packb(["store", [good_id, os.urandom(20), [1, 2, 3]]]),
         b"\xdd\xff\xff\xff\xff",  # array claiming 4 billion items
+        umsgpack.packb(["ro_find_node", [good_id, os.urandom(20)]]),  # ro_ carries no node id
+        umsgpack.packb(["ro_ping", [good_id]]),
+        umsgpack.packb(["ro_store", [os.urandom(20), b"v"]]),  # there is no read-only store
+        umsgpack.packb(["add_providers", [good_id, [os.urandom(20)] * 257, 9]]),  # over 256 keys
+        umsgpack.packb(["add_providers", [good_id, [], 9]]),
+        umsgpack.packb(["add_providers", [good_id, [os.urandom(19)], 9]]),
+        umsgpack.packb(["add_providers", [good_id, os.urandom(20), 9]]),
     ]
     datagrams = [b"\x00" + os.urandom(20) + body for body in bodies]
     datagrams += [b"", b"\x00", b"\x02" + os.urandom(30), b"\x01" + os.urandom(30)]
@@ -180,15 +187,18 @@ async def test_malformed_requests_and_a_flood_leave_the_node_answering_and_bound
                 for datagram in malformed_requests(rng, os.urandom(20)):
                     await attacker.send(datagram, address)
                 for i in range(10_000):
-                    kind = i % 4
+                    kind = i % 5
                     if kind == 0:
                         body = rng.randbytes(rng.randrange(1, 200))
                     elif kind == 1:
                         body = umsgpack.packb(["ping", [os.urandom(20)]])  # a fresh id each time
                     elif kind == 2:
                         body = umsgpack.packb(["add_provider", [os.urandom(20), os.urandom(20), 9]])
-                    else:
+                    elif kind == 3:
                         body = umsgpack.packb(["store", [os.urandom(20), os.urandom(20), b"v"]])
+                    else:
+                        keys = [os.urandom(20) for _ in range(8)]
+                        body = umsgpack.packb(["add_providers", [os.urandom(20), keys, 9]])
                     await attacker.send(b"\x00" + os.urandom(20) + body, address)
                     if i % 50 == 49:
                         # Yield now and then: a loopback burst faster than that only measures
