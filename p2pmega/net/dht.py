@@ -50,6 +50,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_PROTOCOL_1_NODES = 10_000
+"""Node ids remembered as speaking only protocol 1 (no add_providers); a bound, not a cache size."""
+
 
 class DHTNode:
     """A p2pmega DHT node: join, announce and find chunk holders, find placement candidates.
@@ -80,6 +83,7 @@ class DHTNode:
         self.port = port
         self.contacts_path = contacts_path
         self.reannounce_interval_s = record_ttl_s / 2
+        self._protocol_1: set[bytes] = set()  # node ids seen to drop add_providers
         self.server = HardenedServer(
             ksize,
             alpha,
@@ -266,14 +270,17 @@ class DHTNode:
         """Ask ``peer`` to record us for ``keys``; returns how many it confirmed."""
         proto = self.server._proto()
         node = Node(peer.node_id, peer.host, peer.port)
-        ok, answers = await proto.call_add_providers(node, keys, port)
-        if ok:
-            return sum(answers)
-        # No answer: dead, or older than protocol 2 (it drops add_providers). One add_provider
-        # tells which, so a dead node costs one more timeout rather than one per key.
+        if len(keys) > 1 and peer.node_id not in self._protocol_1:
+            ok, answers = await proto.call_add_providers(node, keys, port)
+            if ok:
+                return sum(answers)
+        # One key, or no answer: dead, or older than protocol 2 (it drops add_providers). One
+        # add_provider tells which, so a dead node costs one more timeout rather than one per key.
         ok, stored = await proto.call_add_provider(node, keys[0], port)
         if not ok:
             return 0
+        if len(keys) > 1 and len(self._protocol_1) < MAX_PROTOCOL_1_NODES:
+            self._protocol_1.add(peer.node_id)
         rest = await asyncio.gather(*(proto.call_add_provider(node, k, port) for k in keys[1:]))
         return int(stored) + sum(1 for ok, s in rest if ok and s)
 

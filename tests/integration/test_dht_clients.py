@@ -189,6 +189,12 @@ async def test_add_providers_is_checked_and_capped_per_source_and_old_nodes_stil
         assert len(receiver.server.providers) == 5
         assert len(old.server.providers) == 5
         assert receiver.stats.dropped_datagrams == 0
+        assert old.stats.dropped_datagrams == 1
+        # Remembered: the next batch goes to the old node as add_provider at once.
+        start = time.monotonic()
+        assert await sender.announce_many([os.urandom(32) for _ in range(3)], 9300) == 0
+        assert time.monotonic() - start < 0.3
+        assert old.stats.dropped_datagrams == 1
 
         proto = receiver.server._proto()
         peer = (sender.host, sender.port)
