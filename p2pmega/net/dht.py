@@ -1,7 +1,8 @@
 """The DHT node of p2pmega: join, announce and find chunk holders, find placement candidates.
 
-Callers import from here; the kademlia/rpcudp machinery lives in routing, kademlia_protocol, crawl and
-kademlia_server (the only importers of kademlia, rpcudp and umsgpack). Chunks never travel here.
+Callers import from here; the kademlia/rpcudp machinery lives in routing, kademlia_protocol, crawl
+and kademlia_server (the only importers of kademlia, rpcudp and umsgpack), batching in announce.
+Chunks never travel here.
 """
 
 from __future__ import annotations
@@ -236,10 +237,11 @@ class DHTNode:
     async def announce_many(self, chunk_ids: Sequence[bytes], transfer_port: int) -> int:
         """Announce every chunk of ``chunk_ids`` with as few crawls and datagrams as is correct.
 
-        Keys whose k closest nodes are provably known (a small network seen whole, or inside an
-        earlier crawl's region) skip their crawl; each node then gets its keys in add_providers
-        requests of up to MAX_KEYS_PER_BATCH keys (one add_provider per key for a node that does
-        not answer add_providers, i.e. one from before protocol 2).
+        When the first key's crawl saw the whole network (fewer than k contacts everywhere), no
+        other key is crawled; otherwise each key is (net/announce.py). Each node then gets its keys
+        in add_providers requests of up to MAX_KEYS_PER_BATCH keys (one add_provider per key for
+        a node that does not answer add_providers, i.e. one from before protocol 2). Any number of
+        ids may be passed at once; a duplicate is announced once.
 
         Returns:
             How many (chunk, node) records were confirmed, summed over the chunks.
