@@ -145,12 +145,7 @@ class Node:
                 record_ttl_s=s.record_ttl_s,
                 contacts_path=self._contacts_path(),
             )
-            try:
-                await dht.start()
-            except OSError as exc:
-                raise NetworkError(
-                    f"cannot bind UDP {s.host}:{s.port}: {exc.strerror}; pick another --host/--port"
-                ) from exc
+            await dht.start()  # raises NetworkError naming the address when it cannot bind
             if store is None:
                 self.dht = dht
                 return
