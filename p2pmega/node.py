@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
-# How many provider announcements run at once; each is a DHT crawl plus k small stores.
-ANNOUNCE_CONCURRENCY = 8
+# Chunk ids announced in one announce_many call at most (it splits them into datagrams itself).
+ANNOUNCE_BATCH = 1024
 # A summary line at most this often (the brief: "at most a one-line summary a minute").
 SUMMARY_INTERVAL_S = 60.0
 
@@ -144,6 +144,9 @@ class Node:
                 rpc_timeout_s=s.rpc_timeout_s,
                 record_ttl_s=s.record_ttl_s,
                 contacts_path=self._contacts_path(),
+                # A short-lived client must not end up in others' routing tables: once it exits,
+                # every crawl that meets it would stall on it (BEP 43's read-only nodes).
+                read_only=store is None and not s.persistent_identity,
             )
             await dht.start()  # raises NetworkError naming the address when it cannot bind
             if store is None:
@@ -212,21 +215,17 @@ class Node:
         await self.dht_node.add_contact(host, port)
 
     async def _announce_worker(self) -> None:
-        sem = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
-
-        async def one(chunk_id: ChunkId) -> None:
-            try:
-                await self.dht_node.announce(chunk_id, self.port)
-                self.announced += 1
-            except P2PMegaError as exc:
-                log.debug("announce of %s failed: %s", chunk_id.hex()[:12], exc)
-            finally:
-                sem.release()
-
+        # Chunks stored in a burst (a share stores hundreds) are announced together: announce_many
+        # batches the records per recording node instead of one crawl and k requests per chunk.
         while True:
-            chunk_id = await self._announce_queue.get()
-            await sem.acquire()  # backpressure: at most ANNOUNCE_CONCURRENCY crawls in flight
-            self._spawn(one(chunk_id))
+            ids = [await self._announce_queue.get()]
+            while not self._announce_queue.empty() and len(ids) < ANNOUNCE_BATCH:
+                ids.append(self._announce_queue.get_nowait())
+            try:
+                await self.dht_node.announce_many(ids, self.port)
+                self.announced += len(ids)
+            except P2PMegaError as exc:
+                log.debug("announcing %d chunks failed: %s", len(ids), exc)
 
     async def _maintenance_loop(self) -> None:
         s = self.settings
