@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 from hypothesis import settings
+
+from p2pmega.api import testnet
 
 # CI runs the property tests with a fixed seed, so a landing is never decided by a lucky draw; a developer's
 # run explores new examples every time (and keeps any failure in .hypothesis/ to replay).
@@ -19,17 +20,7 @@ if os.environ.get("CI"):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on ``host`` right now (the DHT and transfer share a number)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free port on {host}")
+    return testnet.free_port(host)
 
 
 def peer_address(country: int, peer: int) -> str:
