@@ -254,6 +254,43 @@ def test_concurrent_puts_of_one_chunk_store_it_once(tmp_path: Path) -> None:
         assert_consistent(store)
 
 
+def test_concurrent_puts_are_visible_on_return_and_durable_after_reopen(tmp_path: Path) -> None:
+    threads_n, per_thread = 16, 6
+    chunks = [make_chunk((64 << 10) + seed, seed) for seed in range(threads_n * per_thread)]
+    failures: list[BaseException] = []
+    with ChunkStore(tmp_path, quota_bytes=1 << 30) as store:
+        barrier = threading.Barrier(threads_n)
+
+        def worker(mine: list[tuple[ChunkId, bytes]]) -> None:
+            barrier.wait()
+            try:
+                for chunk_id, data in mine:
+                    assert store.put(chunk_id, data, lease_s=60) is True
+                    # Acknowledged means stored: readable at once, from this thread or any other.
+                    assert store.has_many([chunk_id]) == [True]
+                    assert store.get(chunk_id) == data
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [
+            threading.Thread(target=worker, args=(chunks[i::threads_n],)) for i in range(threads_n)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert failures == []
+        assert store.chunk_count == len(chunks)
+        assert_consistent(store)
+    with ChunkStore(tmp_path, quota_bytes=1 << 30) as store:
+        assert not store.repair_report.repaired
+        assert sorted(store.ids()) == sorted(chunk_id for chunk_id, _ in chunks)
+        assert store.used_bytes == sum(len(data) for _, data in chunks)
+        for chunk_id, data in chunks:
+            assert store.get(chunk_id) == data
+        assert_consistent(store)
+
+
 def test_expired_chunks_are_not_served_then_collected(store: ChunkStore, clock: FakeClock) -> None:
     short = make_chunk(700, 1)
     long = make_chunk(900, 2)
@@ -402,25 +439,35 @@ def test_negative_quota_is_refused(tmp_path: Path) -> None:
         ChunkStore(tmp_path, quota_bytes=-1)
 
 
-# The child writes chunks of random sizes (up to 1 MiB, so many kills land mid-write) and prints
-# each id only after put() returned, i.e. once the store acknowledged it.
+# The child writes chunks of random sizes (up to 1 MiB, so many kills land mid-write) from
+# argv[3] threads at once, and prints each id only after put() returned, i.e. once the store
+# acknowledged it.
 CHILD = """
-import os, random, sys
+import os, random, sys, threading
 from pathlib import Path
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.storage import ChunkStore
 store = ChunkStore(Path(sys.argv[1]), quota_bytes=1 << 40)
-rng = random.Random(int(sys.argv[2]))
-while True:
-    data = os.urandom(rng.randint(1, 1 << 20))
-    chunk_id = chunk_id_of(data)
-    store.put(chunk_id, data, lease_s=3600)
-    sys.stdout.write(chunk_id.hex() + "\\n")
-    sys.stdout.flush()
+out = threading.Lock()
+def writer(seed):
+    rng = random.Random(seed)
+    while True:
+        data = os.urandom(rng.randint(1, 1 << 20))
+        chunk_id = chunk_id_of(data)
+        store.put(chunk_id, data, lease_s=3600)
+        with out:
+            sys.stdout.write(chunk_id.hex() + "\\n")
+            sys.stdout.flush()
+seed, threads = int(sys.argv[2]), int(sys.argv[3])
+for i in range(1, threads):
+    threading.Thread(target=writer, args=(seed * 100 + i,), daemon=True).start()
+writer(seed * 100)
 """
 
 
-def run_child_and_kill(root: Path, seed: int, rng: random.Random, log_path: Path) -> set[bytes]:
+def run_child_and_kill(
+    root: Path, seed: int, rng: random.Random, log_path: Path, threads: int
+) -> set[bytes]:
     """Start a writer, let it acknowledge a few chunks, SIGKILL it at a random moment.
 
     Returns:
@@ -430,7 +477,7 @@ def run_child_and_kill(root: Path, seed: int, rng: random.Random, log_path: Path
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log_path.open("ab") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(root), str(seed)],
+            [sys.executable, "-c", CHILD, str(root), str(seed), str(threads)],
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,
@@ -453,7 +500,8 @@ def run_child_and_kill(root: Path, seed: int, rng: random.Random, log_path: Path
     return acknowledged
 
 
-def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path: Path, threads: int) -> None:
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     root = tmp_path / "store"
@@ -463,7 +511,9 @@ def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
     # Keep killing until at least 3 kills provably landed mid-write (a temp file or an
     # unacknowledged file was left behind); about 4 in 10 random kills do.
     while rounds < 5 or (repaired_rounds < 3 and rounds < 40):
-        acknowledged |= run_child_and_kill(root, seed + rounds, rng, tmp_path / "child.log")
+        acknowledged |= run_child_and_kill(
+            root, seed + rounds, rng, tmp_path / "child.log", threads
+        )
         rounds += 1
         with ChunkStore(root, quota_bytes=1 << 40) as store:
             repaired_rounds += store.repair_report.repaired
