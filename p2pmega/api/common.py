@@ -23,7 +23,7 @@ from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
 )
-from p2pmega.net.dht import load_contacts
+from p2pmega.net.dht import Peer, load_contacts
 from p2pmega.node import Node, NodeSettings
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,16 @@ async def candidate_pool(node: Node, geo: GeoTable | None, rng: random.Random) -
     """Every peer we can learn about cheaply: the routing table plus crawls towards a few random keys."""
     dht = node.dht_node
     keys = [dht.node_id] + [rng.randbytes(20) for _ in range(3)]
-    found = await asyncio.gather(*(dht.find_peers(k) for k in keys), return_exceptions=True)
+
+    async def near(key: bytes) -> list[Peer]:
+        try:
+            return await dht.find_peers(key)
+        except NetworkError:
+            return []
+
+    found = await asyncio.gather(*(near(k) for k in keys))
     peers: dict[bytes, Candidate] = {}
-    for batch in [dht.contacts(), *[f for f in found if isinstance(f, list)]]:
+    for batch in [dht.contacts(), *found]:
         for peer in batch:
             peers.setdefault(peer.node_id, candidate_of(peer.node_id, (peer.host, peer.port), geo))
     peers.pop(dht.node_id, None)

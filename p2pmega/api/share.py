@@ -74,7 +74,6 @@ class Placer:
     replicas: int
     min_countries: int
     lease_s: float
-    rng: random.Random
     dead: set[tuple[str, int]] = field(default_factory=set)
     full: set[tuple[str, int]] = field(default_factory=set)
 
@@ -176,7 +175,7 @@ async def share(
             pool = await candidate_pool(node, net.geo, rng)
             # Refuse before storing anything if even the whole pool cannot meet the rule.
             choose_holders(rng.randbytes(32), pool, replicas=replicas, min_countries=min_countries)
-            placer = Placer(node, pool, net.geo, replicas, min_countries, lease_s, rng)
+            placer = Placer(node, pool, net.geo, replicas, min_countries, lease_s)
             placements = await _upload(encoder, handle, size, chunk_size, placer, progress)
             cap, manifest_chunks = encoder.finish()
             for i, (chunk_id, data) in enumerate(manifest_chunks):
