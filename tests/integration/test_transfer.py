@@ -263,7 +263,11 @@ async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
                     acknowledged.append(cid)
 
             tasks = [asyncio.create_task(store_one(c, d)) for c, d in chunks]
-            await asyncio.sleep(0.05)
+            # Stop as soon as the first store is acknowledged, with the others still in flight
+            # (a fixed sleep was too short on a busy or cold machine).
+            async with asyncio.timeout(STEP_S):
+                while not acknowledged:
+                    await asyncio.sleep(0.001)
             async with asyncio.timeout(STEP_S):
                 await server.stop()
                 await asyncio.gather(*tasks, return_exceptions=True)
