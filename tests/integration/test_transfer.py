@@ -257,17 +257,18 @@ async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
     async with holder(tmp_path, host) as (server, _):
         addr = (host, server.port)
         async with TransferClient(local_host=peer_address(2, 1)) as client:
+            first_ack = asyncio.Event()
 
             async def store_one(cid: ChunkId, data: bytes) -> None:
                 if await client.store(addr, cid, data, 60):
                     acknowledged.append(cid)
+                    first_ack.set()
 
             tasks = [asyncio.create_task(store_one(c, d)) for c, d in chunks]
             # Stop as soon as the first store is acknowledged, with the others still in flight
             # (a fixed sleep was too short on a busy or cold machine).
             async with asyncio.timeout(STEP_S):
-                while not acknowledged:
-                    await asyncio.sleep(0.001)
+                await first_ack.wait()
             async with asyncio.timeout(STEP_S):
                 await server.stop()
                 await asyncio.gather(*tasks, return_exceptions=True)
