@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from p2pmega.core.chunking import ChunkId
@@ -21,6 +20,7 @@ from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
 from p2pmega.net.lan import LANDiscovery
+from p2pmega.net.service import Service
 from p2pmega.net.transfer import TransferClient, TransferServer
 from p2pmega.storage import DEFAULT_QUOTA_BYTES, ChunkStore
 
@@ -54,7 +54,7 @@ class NodeSettings:
     geo: GeoTable | None = None
 
 
-class Node:
+class Node(Service):
     """One peer. A holder (``holder=True``) also stores chunks for others and serves them over TCP."""
 
     def __init__(
@@ -74,21 +74,6 @@ class Node:
         self.announced = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def __aenter__(self) -> Node:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def port(self) -> int:

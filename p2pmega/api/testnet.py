@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from p2pmega.errors import BadOption, NetworkError
+from p2pmega.net.service import Service
 
 DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")
 # Loopback has room for 255 "countries" of 255 peers; the CLI keeps well inside that.
@@ -82,7 +82,7 @@ class Peer:
 
 
 @dataclass
-class TestNet:
+class TestNet(Service):
     """Starts a bootstrap node and ``peers_per_country`` seeds per country as real processes; stops them all."""
 
     __test__ = False  # not a pytest test class
@@ -114,22 +114,6 @@ class TestNet:
             "P2PMEGA_BOOTSTRAP": self.bootstrap_address,
             "P2PMEGA_GEO_TABLE": str(self.geo_table),
         }
-
-    async def __aenter__(self) -> TestNet:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Start the bootstrap node, then every seed, and wait until each one listens.

@@ -12,8 +12,6 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from kademlia.node import Node
 
@@ -31,6 +29,7 @@ from p2pmega.net.kademlia_protocol import (
 )
 from p2pmega.net.kademlia_server import HardenedServer, load_contacts, save_contacts
 from p2pmega.net.routing import HardenedRoutingTable
+from p2pmega.net.service import Service
 
 __all__ = [
     "DEFAULT_RECORD_TTL_S",
@@ -55,7 +54,7 @@ MAX_PROTOCOL_1_NODES = 10_000
 """Node ids remembered as speaking only protocol 1 (no add_providers); a bound, not a cache size."""
 
 
-class DHTNode:
+class DHTNode(Service):
     """A p2pmega DHT node: join, announce and find chunk holders, find placement candidates.
 
     Use ``async with DHTNode(host=..., node_id=...) as node:`` or call start() and stop().
@@ -133,18 +132,6 @@ class DHTNode:
             await self._save_in_thread(self.contacts_path)
         self.server.stop()
         await self.server.protocol.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _save_regularly(self, interval_s: float) -> None:
         while True:

@@ -13,7 +13,6 @@ import random
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 import asyncio_dgram
 from asyncio_dgram.aio import DatagramServer
@@ -29,6 +28,7 @@ from p2pmega.core.lan_codec import (
     encode_announcement,
 )
 from p2pmega.errors import BadOption, NetworkError, RemoteProtocolError
+from p2pmega.net.service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def default_broadcast_addr(host: str) -> str:
     return LIMITED_BROADCAST
 
 
-class LANDiscovery:
+class LANDiscovery(Service):
     """Broadcast this node's DHT port on the LAN and report peers that do the same.
 
     Nothing is opened until ``start()``; a node run with ``--no-lan`` simply never starts one.
@@ -221,18 +221,6 @@ class LANDiscovery:
         # A transport closes its socket in a call_soon() callback: let it run, so the port is free
         # when stop() returns.
         await asyncio.sleep(0)
-
-    async def __aenter__(self) -> LANDiscovery:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def announce_now(self) -> None:
         """Announce as soon as ``min_interval_s`` allows (e.g. network change); no-op if stopped."""
