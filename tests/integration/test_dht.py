@@ -7,8 +7,6 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncio_dgram
@@ -18,30 +16,12 @@ import umsgpack
 from p2pmega.errors import BootstrapFailed, NetworkError
 from p2pmega.net.dht import DHTLimits, DHTNode, Peer, Provider, load_contacts
 from tests.conftest import peer_address
+from tests.integration.dht_helpers import swarm
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 0.5
 SLACK_S = 0.25
-
-
-@asynccontextmanager
-async def swarm(country: int, n: int, **kwargs: object) -> AsyncIterator[list[DHTNode]]:
-    """``n`` started nodes at 127.C.N.1, nodes 1..n-1 joined through node 0; all stopped at exit."""
-    nodes = [
-        DHTNode(host=peer_address(country, i + 1), node_id=os.urandom(20), **kwargs)  # type: ignore[arg-type]
-        for i in range(n)
-    ]
-    try:
-        for node in nodes:
-            await node.start()
-        async with asyncio.timeout(30):
-            for node in nodes[1:]:
-                assert await node.join([(nodes[0].host, nodes[0].port)]) >= 1
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 async def test_thirty_nodes_announce_and_find_then_survive_five_dead() -> None:

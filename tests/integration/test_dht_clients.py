@@ -6,8 +6,6 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import asyncio_dgram
 import pytest
@@ -18,31 +16,13 @@ from p2pmega.net.announce import AnnouncePlan
 from p2pmega.net.crawl import LookupResult, Peer
 from p2pmega.net.dht import MAX_KEYS_PER_BATCH, DHTLimits, DHTNode
 from tests.conftest import peer_address
+from tests.integration.dht_helpers import swarm
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 1.0
 STALL_S = TIMEOUT_S / 4
 """A crawl query unanswered this long is stalled: what a dead contact costs a lookup."""
-
-
-@asynccontextmanager
-async def swarm(country: int, n: int, **kwargs: object) -> AsyncIterator[list[DHTNode]]:
-    """``n`` started nodes at 127.C.N.1, nodes 1..n-1 joined through node 0; all stopped at exit."""
-    nodes = [
-        DHTNode(host=peer_address(country, i + 1), node_id=os.urandom(20), **kwargs)  # type: ignore[arg-type]
-        for i in range(n)
-    ]
-    try:
-        for node in nodes:
-            await node.start()
-        async with asyncio.timeout(30):
-            for node in nodes[1:]:
-                assert await node.join([(nodes[0].host, nodes[0].port)]) >= 1
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 def holders_of(nodes: list[DHTNode], key: bytes) -> set[bytes]:
