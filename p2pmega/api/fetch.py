@@ -142,16 +142,17 @@ class _Resume:
             return
         self.done = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1}
 
-    def save(self, fd: int) -> None:
+    def save(self, fd: int, done: frozenset[int]) -> None:
+        """Record ``done`` (a snapshot taken on the event loop, where ``self.done`` keeps growing)."""
         # A worker cancelled mid-save leaves its thread running; the lock keeps two saves off one temp file.
         with self.lock:
-            self._save(fd)
+            self._save(fd, done)
 
-    def _save(self, fd: int) -> None:
+    def _save(self, fd: int, done: frozenset[int]) -> None:
         # The data must be on disk before the state claims it is.
         os.fsync(fd)
-        bitmap = bytearray((max(self.done, default=-1) + 8) // 8)
-        for i in self.done:
+        bitmap = bytearray((max(done, default=-1) + 8) // 8)
+        for i in done:
             bitmap[i // 8] |= 1 << (i % 8)
         doc = {
             "version": STATE_VERSION,
@@ -218,7 +219,7 @@ async def _download(
                     progress(done_bytes, size)
                 if unsaved >= STATE_SAVE_EVERY:
                     unsaved = 0
-                    await asyncio.to_thread(resume.save, fd)
+                    await asyncio.to_thread(resume.save, fd, frozenset(resume.done))
 
         workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(todo)))]
         try:
@@ -232,7 +233,7 @@ async def _download(
     finally:
         if not finished:
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(resume.save, fd)
+                await asyncio.to_thread(resume.save, fd, frozenset(resume.done))
         os.close(fd)
     return FetchResult(target, size, len(ids), fetched, resumed)
 
