@@ -71,7 +71,7 @@ async def check(
     """
     cap = parse_link(link)
     async with client_node(net) as node:
-        locator = HolderLocator(node, net.geo, hints=cap.peers)
+        locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
         entries: list[tuple[ChunkId, str, int]] = [
             (c, "manifest", i) for i, c in enumerate(manifest.manifest_ids)

@@ -149,7 +149,6 @@ class HolderLocator:
     """
 
     node: Node
-    geo: GeoTable | None
     hints: Sequence[Address] = ()
     holders: dict[ChunkId, list[Address]] = field(default_factory=dict)
     peers: set[Address] = field(default_factory=set)

@@ -97,7 +97,7 @@ async def fetch(
     if output is not None and not force and await asyncio.to_thread(_is_existing_file, output):
         raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
     async with client_node(net) as node:
-        locator = HolderLocator(node, net.geo, hints=cap.peers)
+        locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
         target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
         if not force and await asyncio.to_thread(target.exists):
