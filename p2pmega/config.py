@@ -52,6 +52,8 @@ def parse_host_port(text: str, *, what: str = "address") -> Address:
         host, sep, port_text = text[1:].partition("]:")
     else:
         host, sep, port_text = text.rpartition(":")
+        if ":" in host:
+            raise BadOption(f"{what} {text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadOption(f"{what} {text!r} is not HOST:PORT with a port in 1-65535")
     return _resolve(host, what=what, text=text), int(port_text)
