@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2pmega.api.common import NetSettings
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
 from p2pmega.api.testnet import TestNet
-from p2pmega.config import parse_host_port, resolve_geo_table
 from p2pmega.core import crypto
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 
@@ -143,11 +141,7 @@ async def main() -> None:
                 f"1 KiB share start -> fetched, two commands: median {rounds[2]:.3f} s, "
                 f"best {rounds[0]:.3f} s (each command pays ~0.5 s of Python start-up)"
             )
-            net_settings = NetSettings(
-                bootstrap=[parse_host_port(net.bootstrap_address)],
-                data_dir=work / "client-api",
-                geo=resolve_geo_table(net.geo_table),
-            )
+            net_settings = net.client_settings(work / "client-api")
             rounds = []
             for i in range(5):
                 t = time.perf_counter()

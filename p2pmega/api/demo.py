@@ -11,12 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pmega.api.check import CheckResult, check
-from p2pmega.api.common import NetSettings
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import ShareResult, share
 from p2pmega.api.testnet import TestNet
-from p2pmega.config import parse_host_port
-from p2pmega.config import resolve_geo_table as load_geo
 from p2pmega.errors import IntegrityError
 
 DEMO_FILE_BYTES = 5 * (1 << 20) + 12345  # a few chunks and a ragged end
@@ -57,11 +54,7 @@ async def run_demo(work_dir: Path, hooks: DemoHooks) -> DemoReport:
             f"started a test network: 1 bootstrap node and {len(net.seeds)} storage peers in "
             f"{len(net.countries)} countries ({countries}), as separate processes on 127.C.N.1"
         )
-        settings = NetSettings(
-            bootstrap=[parse_host_port(net.bootstrap_address)],
-            data_dir=work_dir / "client",
-            geo=load_geo(net.geo_table),
-        )
+        settings = net.client_settings(work_dir / "client")
         source = work_dir / "demo-file.bin"
         data = os.urandom(DEMO_FILE_BYTES)
         await asyncio.to_thread(source.write_bytes, data)

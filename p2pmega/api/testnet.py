@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pmega.api.common import NetSettings
+from p2pmega.config import resolve_geo_table
 from p2pmega.errors import BadOption, NetworkError
 from p2pmega.net.service import Service
 
@@ -107,6 +109,16 @@ class TestNet(Service):
         if self.bootstrap is None:
             raise RuntimeError("testnet not started")
         return self.bootstrap.address
+
+    def client_settings(self, data_dir: Path) -> NetSettings:
+        """How an in-process client (the demo, a benchmark) joins this network."""
+        if self.bootstrap is None:
+            raise RuntimeError("testnet not started")
+        return NetSettings(
+            bootstrap=[(self.bootstrap.host, self.bootstrap.port)],
+            data_dir=data_dir,
+            geo=resolve_geo_table(self.geo_table),
+        )
 
     def environment(self) -> dict[str, str]:
         """What a client needs to use this network."""
