@@ -19,13 +19,19 @@ ChunkId = NewType("ChunkId", bytes)
 CHUNK_ID_BYTES = crypto.HASH_BYTES
 DHT_KEY_BYTES = 20  # Kademlia's 160-bit key space: the DHT key is the first 20 bytes of the id.
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # AEGIS-256; what every new chunk is sealed with
+LEGACY_VERSION = 1  # XChaCha20-Poly1305; still opened, never written (docs/FORMAT.md section 8)
+READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
 KIND_DATA = 0
 KIND_NODE = 1
 KIND_ROOT = 2
 KIND_META = 3  # the metadata box nested inside the root; never a stored chunk of its own
 HEADER_BYTES = 2  # version, kind
 CHUNK_OVERHEAD_BYTES = HEADER_BYTES + crypto.SEAL_OVERHEAD_BYTES
+_SEAL_OVERHEAD = {
+    LEGACY_VERSION: crypto.XCHACHA_OVERHEAD_BYTES,
+    FORMAT_VERSION: crypto.SEAL_OVERHEAD_BYTES,
+}
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 # 64 bytes is the smallest size that still lets a manifest node list two 32-byte ids; tests use it
@@ -150,7 +156,15 @@ class FileKeys:
         )
 
 
-def make_aad(kind: int, file_id: bytes, index: int, *, final: bool, level: int) -> bytes:
+def make_aad(
+    kind: int,
+    file_id: bytes,
+    index: int,
+    *,
+    final: bool,
+    level: int,
+    version: int = FORMAT_VERSION,
+) -> bytes:
     """The associated data that binds a sealed box to its place in its file.
 
     Args:
@@ -159,13 +173,15 @@ def make_aad(kind: int, file_id: bytes, index: int, *, final: bool, level: int) 
         index: Position among its level (data chunk index for data).
         final: Whether it is the last one of its level.
         level: 0 for data, 1.. for tree nodes (1 lists data ids), ``ROOT_LEVEL`` for root/meta.
+        version: The format version of the file (one of ``READABLE_VERSIONS``); it also picks the
+            cipher `open_chunk` and `open_box` use.
 
     Returns:
         ``version || kind || file_id || index (u64 BE) || final (u8) || level (u8)``: 28 bytes.
     """
     return b"".join(
         (
-            bytes((FORMAT_VERSION, kind)),
+            bytes((version, kind)),
             file_id,
             index.to_bytes(8, "big"),
             bytes((int(final), level)),
@@ -196,21 +212,53 @@ def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
         key: As for `seal_chunk`.
         kind: The kind this chunk must be.
         stored: The stored bytes.
-        aad: The associated data it must have been sealed with.
+        aad: The associated data it must have been sealed with; its first byte is the format
+            version the chunk must have.
 
     Returns:
         The plaintext, padding included.
 
     Raises:
-        DecryptionFailed: Unknown version, wrong kind, or it does not authenticate here.
+        DecryptionFailed: Unknown version, another version than ``aad`` names, wrong kind, or it
+            does not authenticate here.
     """
-    if len(stored) < CHUNK_OVERHEAD_BYTES or stored[0] != FORMAT_VERSION or stored[1] != kind:
+    version = aad[0]
+    overhead = _SEAL_OVERHEAD.get(version)
+    if (
+        overhead is None
+        or len(stored) < HEADER_BYTES + overhead
+        or stored[0] != version
+        or stored[1] != kind
+    ):
         header = stored[:HEADER_BYTES].hex()
         raise DecryptionFailed(
-            f"chunk header {header!r} ({len(stored)} bytes) is not format v{FORMAT_VERSION} "
+            f"chunk header {header!r} ({len(stored)} bytes) is not format v{version} "
             f"kind {kind}; it was altered or needs a newer p2pmega"
         )
-    return crypto.open_sealed(key, stored, aad, offset=HEADER_BYTES)
+    return open_box(key, stored, aad, offset=HEADER_BYTES)
+
+
+def open_box(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
+    """Open a sealed box with the cipher of the format version that ``aad`` starts with.
+
+    Args:
+        key: The key it was sealed with.
+        sealed: ``nonce || ciphertext || tag`` after ``offset`` bytes.
+        aad: From `make_aad`.
+        offset: Header bytes to skip.
+
+    Returns:
+        The plaintext.
+
+    Raises:
+        DecryptionFailed: An unknown version or it does not authenticate.
+    """
+    version = aad[0]
+    if version == FORMAT_VERSION:
+        return crypto.open_sealed(key, sealed, aad, offset=offset)
+    if version == LEGACY_VERSION:
+        return crypto.open_sealed_xchacha(key, sealed, aad, offset=offset)
+    raise DecryptionFailed(f"format v{version} is unknown; it needs a newer p2pmega")
 
 
 def padme(length: int) -> int:

@@ -14,17 +14,20 @@ from p2pmega.core import crypto
 from p2pmega.core.chunking import (
     CHUNK_ID_BYTES,
     DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
     KIND_DATA,
     KIND_META,
     KIND_NODE,
     KIND_ROOT,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    READABLE_VERSIONS,
     ROOT_LEVEL,
     ChunkId,
     FileKeys,
     data_chunk_count,
     make_aad,
+    open_box,
     open_chunk,
     padded_final_length,
     seal_chunk,
@@ -72,13 +75,17 @@ def level_counts(chunk_count: int, fanout: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A decoded manifest. ``name``/``size``/``chunk_size`` are None when walked with a KeepCap."""
+    """A decoded manifest. ``name``/``size``/``chunk_size`` are None when walked with a KeepCap.
+
+    ``version`` is the format version of the file (its root's); every chunk of it has that version.
+    """
 
     chunk_ids: tuple[ChunkId, ...]
     manifest_ids: tuple[ChunkId, ...]
     name: str | None
     size: int | None
     chunk_size: int | None
+    version: int = FORMAT_VERSION
 
 
 class FileEncoder:
@@ -232,6 +239,8 @@ class ManifestWalker:
         self._counts: list[int] = []
         self._fanout = 0
         self._meta: tuple[str, int, int] | None = None
+        # The root's format version; every node and data chunk of the file must have the same.
+        self._version = FORMAT_VERSION
 
     @property
     def done(self) -> bool:
@@ -265,10 +274,16 @@ class ManifestWalker:
         level, index, final = self._pending[chunk_id]
         keys = self._keys
         if level == ROOT_LEVEL:
-            aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL)
+            if data and data[0] in READABLE_VERSIONS:
+                self._version = data[0]
+            aad = make_aad(
+                KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL, version=self._version
+            )
             self._read_root(open_chunk(keys.verify_key, KIND_ROOT, data, aad))
         else:
-            aad = make_aad(KIND_NODE, keys.file_id, index, final=final, level=level)
+            aad = make_aad(
+                KIND_NODE, keys.file_id, index, final=final, level=level, version=self._version
+            )
             self._add_list(open_chunk(keys.verify_key, KIND_NODE, data, aad), level, index)
         del self._pending[chunk_id]
 
@@ -312,8 +327,10 @@ class ManifestWalker:
 
     def _read_meta(self, sealed: bytes, chunk_count: int, fanout: int) -> tuple[str, int, int]:
         assert self._keys.meta_key is not None  # noqa: S101 - checked by the caller
-        aad = make_aad(KIND_META, self._keys.file_id, 0, final=True, level=ROOT_LEVEL)
-        plain = crypto.open_sealed(self._keys.meta_key, sealed, aad)
+        aad = make_aad(
+            KIND_META, self._keys.file_id, 0, final=True, level=ROOT_LEVEL, version=self._version
+        )
+        plain = open_box(self._keys.meta_key, sealed, aad)
         if len(plain) < _META_HEAD.size:
             raise BadManifest("manifest metadata is too short; the file's manifest is corrupt")
         size, chunk_size, name_len = _META_HEAD.unpack_from(plain)
@@ -351,7 +368,7 @@ class ManifestWalker:
             manifest_ids.extend(self._level_ids(level))
         data_ids = tuple(self._level_ids(1))
         name, size, chunk_size = self._meta if self._meta is not None else (None, None, None)
-        return Manifest(data_ids, tuple(manifest_ids), name, size, chunk_size)
+        return Manifest(data_ids, tuple(manifest_ids), name, size, chunk_size, self._version)
 
 
 def decrypt_chunk(
@@ -387,7 +404,7 @@ def decrypt_chunk(
     keys = FileKeys.from_file_key(cap.key)
     assert keys.chunk_key is not None  # noqa: S101 - always set from a file key
     final = index == count - 1
-    aad = make_aad(KIND_DATA, keys.file_id, index, final=final, level=0)
+    aad = make_aad(KIND_DATA, keys.file_id, index, final=final, level=0, version=manifest.version)
     plain = open_chunk(keys.chunk_key, KIND_DATA, data, aad)
     if not final:
         if len(plain) != manifest.chunk_size:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from p2pmega.core import chunking, crypto
 from p2pmega.core.chunking import (
     CHUNK_OVERHEAD_BYTES,
+    FORMAT_VERSION,
     KIND_DATA,
     KIND_NODE,
     MAX_CHUNK_SIZE,
@@ -87,14 +88,28 @@ def _sealed_data_chunk(index: int = 3, final: bool = False) -> tuple[FileKeys, b
 
 def test_stored_chunk_layout():
     keys, aad, stored = _sealed_data_chunk()
-    assert stored[:2] == bytes((1, KIND_DATA))
+    assert stored[:2] == bytes((FORMAT_VERSION, KIND_DATA)) == b"\x02\x00"
     assert len(stored) == 50 + CHUNK_OVERHEAD_BYTES
     assert len(aad) == 28
     assert keys.chunk_key is not None
     assert open_chunk(keys.chunk_key, KIND_DATA, stored, aad) == b"x" * 50
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 25, 26, 60, -17, -16, -1])
+def test_version_in_header_must_be_the_one_the_aad_names():
+    keys, aad, stored = _sealed_data_chunk()
+    assert keys.chunk_key is not None
+    as_v1 = bytes((1,)) + stored[1:]
+    with pytest.raises(DecryptionFailed, match="not format v2"):
+        open_chunk(keys.chunk_key, KIND_DATA, as_v1, aad)
+    # Read as a v1 file, a v2 chunk fails too: v1 boxes are XChaCha20-Poly1305 with another AAD.
+    v1_aad = bytes((1,)) + aad[1:]
+    with pytest.raises(DecryptionFailed):
+        open_chunk(keys.chunk_key, KIND_DATA, as_v1, v1_aad)
+    with pytest.raises(DecryptionFailed, match="needs a newer p2pmega"):
+        open_chunk(keys.chunk_key, KIND_DATA, bytes((3,)) + stored[1:], bytes((3,)) + aad[1:])
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 33, 34, 60, -33, -32, -1])
 def test_any_flipped_byte_fails(index):
     keys, aad, stored = _sealed_data_chunk()
     assert keys.chunk_key is not None

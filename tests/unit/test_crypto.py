@@ -20,17 +20,31 @@ def flip_byte(data: bytes, index: int) -> bytes:
     return data[:index] + bytes((data[index] ^ 0x01,)) + data[index + 1 :]
 
 
-@pytest.mark.parametrize("vector", UPSTREAM["xchacha20poly1305_ietf"])
-def test_xchacha_upstream_vector_matches_seal_primitive(vector):
+@pytest.mark.parametrize("vector", UPSTREAM["aegis256"], ids=lambda v: v["source"][-22:])
+def test_aegis256_upstream_vectors_match_seal(vector):
     key, nonce = bytes.fromhex(vector["key_hex"]), bytes.fromhex(vector["nonce_hex"])
-    aad = bytes.fromhex(vector["aad_hex"])
-    plaintext = vector["plaintext_ascii"].encode("ascii")
+    aad, plaintext = bytes.fromhex(vector["aad_hex"]), bytes.fromhex(vector["plaintext_hex"])
     expected = nonce + bytes.fromhex(vector["ciphertext_hex"]) + bytes.fromhex(vector["tag_hex"])
-    sealed = crypto._seal_with_nonce(key, nonce, plaintext, aad, b"")
-    assert sealed == expected
+    assert crypto._seal_with_nonce(key, nonce, plaintext, aad, b"") == expected
     assert crypto.open_sealed(key, expected, aad) == plaintext
     with pytest.raises(DecryptionFailed):
         crypto.open_sealed(key, flip_byte(expected, len(expected) - 1), aad)
+
+
+@pytest.mark.parametrize("vector", UPSTREAM["xchacha20poly1305_ietf"])
+def test_xchacha_upstream_vector_opens_format_v1_boxes(vector):
+    key, nonce = bytes.fromhex(vector["key_hex"]), bytes.fromhex(vector["nonce_hex"])
+    aad = bytes.fromhex(vector["aad_hex"])
+    plaintext = vector["plaintext_ascii"].encode("ascii")
+    sealed = nonce + bytes.fromhex(vector["ciphertext_hex"]) + bytes.fromhex(vector["tag_hex"])
+    assert crypto.open_sealed_xchacha(key, b"hd" + sealed, aad, offset=2) == plaintext
+    with pytest.raises(DecryptionFailed):
+        crypto.open_sealed_xchacha(key, flip_byte(sealed, len(sealed) - 1), aad)
+    with pytest.raises(DecryptionFailed, match="39 bytes"):
+        crypto.open_sealed_xchacha(key, sealed[:39], aad)
+    # The two ciphers never open each other's boxes.
+    with pytest.raises(DecryptionFailed):
+        crypto.open_sealed(key, sealed, aad)
 
 
 @pytest.mark.parametrize("vector", UPSTREAM["ed25519"])
@@ -62,13 +76,14 @@ def test_seal_open_round_trip(plaintext, aad):
 
 def test_nonces_are_random():
     key = crypto.new_key()
-    assert crypto.seal(key, b"same", b"")[:24] != crypto.seal(key, b"same", b"")[:24]
+    nonce = slice(0, crypto.NONCE_BYTES)
+    assert crypto.seal(key, b"same", b"")[nonce] != crypto.seal(key, b"same", b"")[nonce]
 
 
 @pytest.mark.parametrize(
     "index",
-    [0, 23, 24, 24 + 5, 24 + 9, -16, -1],
-    ids=["nonce0", "nonce23", "ct0", "ct5", "ct-last", "tag0", "tag15"],
+    [0, 31, 32, 32 + 5, 32 + 9, -32, -1],
+    ids=["nonce0", "nonce31", "ct0", "ct5", "ct-last", "tag0", "tag31"],
 )
 def test_every_region_is_authenticated(index):
     key = crypto.new_key()
@@ -84,8 +99,8 @@ def test_wrong_key_aad_or_truncation_fail():
         crypto.open_sealed(crypto.new_key(), sealed, b"aad")
     with pytest.raises(DecryptionFailed):
         crypto.open_sealed(key, sealed, b"aae")
-    with pytest.raises(DecryptionFailed, match="39 bytes"):
-        crypto.open_sealed(key, sealed[:39], b"aad")
+    with pytest.raises(DecryptionFailed, match="63 bytes"):
+        crypto.open_sealed(key, sealed[:63], b"aad")
 
 
 def test_derive_key_separates_purposes():

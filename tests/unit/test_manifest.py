@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pmega.core.chunking import (
+    FORMAT_VERSION,
     KIND_DATA,
     KIND_META,
     KIND_NODE,
@@ -41,7 +42,7 @@ from p2pmega.errors import (
     IntegrityError,
 )
 from tests.strategies import files, small_chunk_sizes
-from tests.vectors.make_vectors import VECTORS_PATH, build_vectors
+from tests.vectors.make_vectors import LEGACY_VECTORS_PATH, VECTORS_PATH, build_vectors
 
 Store = dict[ChunkId, bytes]
 
@@ -195,9 +196,9 @@ REGIONS = {
     "version": 0,
     "kind": 1,
     "nonce": 2,
-    "nonce-end": 25,
+    "nonce-end": 33,
     "body": 40,
-    "tag": -16,
+    "tag": -32,
     "tag-end": -1,
 }
 
@@ -386,20 +387,29 @@ def test_level_counts():
 
 def test_node_layout_uses_node_kind(encoded):
     _, _, store, manifest = encoded
-    assert all(store[node][:2] == bytes((1, KIND_NODE)) for node in manifest.manifest_ids[1:])
-    assert store[manifest.manifest_ids[0]][:2] == bytes((1, KIND_ROOT))
+    assert all(
+        store[node][:2] == bytes((FORMAT_VERSION, KIND_NODE)) for node in manifest.manifest_ids[1:]
+    )
+    assert store[manifest.manifest_ids[0]][:2] == bytes((FORMAT_VERSION, KIND_ROOT))
 
 
 # Golden vectors --------------------------------------------------------------------------------
 
 VECTORS = json.loads(VECTORS_PATH.read_text())
+# Format v1 (XChaCha20-Poly1305): frozen; still read, never written.
+LEGACY_VECTORS = json.loads(LEGACY_VECTORS_PATH.read_text())
 
 
 def test_golden_vectors_regenerate_identically():
     assert build_vectors() == VECTORS
 
 
-@pytest.mark.parametrize("vector", VECTORS["files"], ids=lambda v: v["description"])
+@pytest.mark.parametrize(
+    "vector",
+    [dict(v, version=2) for v in VECTORS["files"]]
+    + [dict(v, version=1) for v in LEGACY_VECTORS["files"]],
+    ids=lambda v: f"v{v['version']}: {v['description']}",
+)
 def test_golden_vectors_decode(vector):
     store = {
         ChunkId(bytes.fromhex(c["id_hex"])): bytes.fromhex(c["stored_hex"])
@@ -411,6 +421,8 @@ def test_golden_vectors_decode(vector):
         assert cap.key.hex() == vector["file_key_hex"]
         assert decode(cap, store) == bytes.fromhex(vector["plaintext_hex"])
         assert walk(cap, store).name == vector["name"]
+        assert walk(cap, store).version == vector["version"]
+    assert {raw[0] for raw in store.values()} == {vector["version"]}
     keep = parse_link(vector["keep_link"])
     assert isinstance(keep, KeepCap)
     assert keep.verify_key.hex() == vector["verify_key_hex"]

@@ -1,9 +1,10 @@
-"""Generate tests/vectors/core_v1.json: golden vectors for chunk, manifest and link formats v1.
+"""Generate tests/vectors/core_v2.json: golden vectors for chunk, manifest and link formats v2.
 
 Run ``python -m tests.vectors.make_vectors`` from the repository root. Keys and nonces come from
 a counter-based stream instead of the OS CSPRNG, so the output is byte-for-byte reproducible;
 this substitution lives here only and never in p2pmega itself. A diff in the output means the
-format changed: bump its version (docs/FORMAT.md).
+format changed: bump its version (docs/FORMAT.md). ``core_v1.json`` (format v1, XChaCha20-Poly1305)
+was made by this script's version-1 ancestor and stays frozen: p2pmega still reads v1 files.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 from unittest import mock
 
 from p2pmega.core import crypto
+from p2pmega.core.chunking import FORMAT_VERSION
 from p2pmega.core.magnet import ReadCap, format_link
 from p2pmega.core.manifest import FileEncoder
 
-VECTORS_PATH = Path(__file__).with_name("core_v1.json")
+VECTORS_PATH = Path(__file__).with_name("core_v2.json")
+LEGACY_VECTORS_PATH = Path(__file__).with_name("core_v1.json")
 
 # (description, file name, chunk size, size): a file in one chunk, one needing padding in two
 # chunks, and one whose manifest needs a tree of height 2 (64-byte chunks: 2 ids per node).
@@ -106,7 +109,7 @@ def key_schedule_vector() -> dict[str, str]:
 def build_vectors() -> dict[str, Any]:
     """All golden vectors as one JSON-ready document."""
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "generator": "tests/vectors/make_vectors.py",
         "key_schedule": key_schedule_vector(),
         "files": [file_vector(*spec) for spec in FILES],
