@@ -134,8 +134,14 @@ async def servers_in_process(root: Path) -> AsyncIterator[list[tuple[str, int]]]
             store.close()
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def servers_in_processes(root: Path) -> Iterator[list[tuple[str, int]]]:
+def servers_in_processes(root: Path) -> Iterator[tuple[list[tuple[str, int]], list[int]]]:
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.transfer", "--serve", host, str(root / host)],
@@ -147,7 +153,7 @@ def servers_in_processes(root: Path) -> Iterator[list[tuple[str, int]]]:
     ]
     try:
         ports = [int(child.stdout.readline()) for child in children if child.stdout]
-        yield list(zip(HOLDERS, ports, strict=True))
+        yield list(zip(HOLDERS, ports, strict=True)), [child.pid for child in children]
     finally:
         for child in children:
             if child.stdin:
@@ -180,8 +186,12 @@ async def main(total_mib: int, inflight: int) -> None:
             in_process = await fetch_all(addrs, per_holder, inflight)
             # CPU of every thread of this process (holders and client) per MiB fetched.
             cpu_ms_per_mib = (time.process_time() - cpu_started) * 1000 / total_mib
-        with servers_in_processes(root) as addrs:
+        with servers_in_processes(root) as (addrs, pids):
+            holders_started = sum(map(process_cpu_s, pids))
+            cpu_started = time.process_time()
             separate = await fetch_all(addrs, per_holder, inflight)
+            client_ms_per_mib = (time.process_time() - cpu_started) * 1000 / total_mib
+            holder_ms_per_mib = (sum(map(process_cpu_s, pids)) - holders_started) * 1000 / total_mib
     floor = min(raw, hashing)
     print(f"raw loopback TCP (asyncio stream)   {raw:8.0f} MiB/s")
     print(f"chunk_id_of hash rate (1 thread)    {hashing:8.0f} MiB/s")
@@ -195,6 +205,10 @@ async def main(total_mib: int, inflight: int) -> None:
         f"in one process: {cpu_ms_per_mib:.2f} ms CPU per MiB (holder + client, all threads), "
         f"so {cores} cores cap it near {cores * 1000 / cpu_ms_per_mib:.0f} MiB/s; "
         f"two hashes per chunk (holder re-verifies, client verifies) are {2000 / hashing:.2f} ms"
+    )
+    print(
+        f"in 4 processes: client {client_ms_per_mib:.2f} ms CPU per MiB, holders "
+        f"{holder_ms_per_mib:.2f} ms CPU per MiB served (sum of the 4 holder processes)"
     )
 
 
