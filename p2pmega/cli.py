@@ -574,4 +574,7 @@ def demo_cmd() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from p2pmega.allocator import tune_allocator
+
+    tune_allocator()  # chunk-sized buffers stay warm (p2pmega/allocator.py); process-wide, so only here
     app()
