@@ -1,11 +1,17 @@
 """Share and fetch through the real console script on a local testnet (8 seeds in 4 countries).
 
-Usage: python bench/share_fetch.py [--sizes-mib 256,1024] [--keep DIR]
+Usage: python bench/share_fetch.py [--sizes-mib 256,1024] [--keep DIR] [--net-dir DIR] [--out-dir DIR]
 
 Reports, per file size: share MiB/s and fetch MiB/s (wall time of the whole command, process start included), the
 peak RSS of each command, and the time from starting `share` of a 1 KiB file to having it fetched. Beside them, the
 machine's raw hash and cipher rates measured in the same run. Targets (issue 5): fetch >= 300 MiB/s and
 share >= 150 MiB/s for 256 MiB, peak RSS <= 150 MiB at any size, 1 KiB round trip <= 0.5 s.
+
+Every seed of the testnet stores on the same disk, and every stored chunk is fsynced (docs/STORAGE.md), so the
+bench also measures that disk's durable write rate: share cannot beat it divided by the replica count (each
+byte is written durably twice), nor fetch beat it (the output is fsynced before it is renamed into place).
+``--net-dir /dev/shm/x --out-dir /dev/shm/y`` puts the seeds' stores and the fetched file on tmpfs instead,
+which shows what the software does when the disk is not the limit, as with one disk per real peer.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +88,44 @@ def raw_rates(data: bytes) -> tuple[float, float]:
     return hash_rate, seal_rate
 
 
+def durable_write_rates(directory: Path, total: int = 256 * MIB) -> tuple[float, float]:
+    """MiB/s of (1 MiB files each fsynced, two writers at once, as two holders store chunks; one file
+    written and fsynced once, as fetch writes its output) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(MIB)
+
+    def files(prefix: str, count: int) -> None:
+        for i in range(count):
+            path = directory / f"{prefix}-{i}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, block)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+
+    start = time.perf_counter()
+    writers = [threading.Thread(target=files, args=(f"w{n}", total // MIB // 2)) for n in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    chunk_rate = total / MIB / (time.perf_counter() - start)
+    path = directory / "sequential"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(total // MIB):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    file_rate = total / MIB / (time.perf_counter() - start)
+    path.unlink()
+    return chunk_rate, file_rate
+
+
 def write_random(path: Path, size: int) -> None:
     with path.open("wb") as f:
         left = size
@@ -94,15 +139,43 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes-mib", default="256,1024")
     parser.add_argument("--keep", type=Path, help="keep the work directory here")
+    parser.add_argument(
+        "--net-dir", type=Path, help="where the seeds store (default: the work directory)"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, help="where fetch writes (default: the work directory)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="p2pmega-bench-"))
+    extra_dirs: list[Path] = []
     work.mkdir(parents=True, exist_ok=True)
     try:
         hash_rate, seal_rate = raw_rates(os.urandom(256 * MIB))
         print(f"raw chunk hash (sha256)   {hash_rate:8.1f} MiB/s")
         print(f"raw AEGIS-256 seal        {seal_rate:8.1f} MiB/s")
-        async with TestNet(base_dir=work / "net") as net:
+        # Fresh subdirectories of --net-dir/--out-dir, removed at the end (never the given directory itself).
+        net_dir = (
+            args.net_dir / f"p2pmega-bench-net-{os.getpid()}" if args.net_dir else work / "net"
+        )
+        out_dir = args.out_dir / f"p2pmega-bench-out-{os.getpid()}" if args.out_dir else work
+        extra_dirs.extend(d for d in (net_dir, out_dir) if not d.is_relative_to(work))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        chunk_rate, file_rate = await asyncio.to_thread(durable_write_rates, net_dir / "disk-probe")
+        print(
+            f"durable writes where seeds store: {chunk_rate:.1f} MiB/s as fsynced 1 MiB chunk files "
+            f"(share ceiling with 2 replicas: {chunk_rate / 2:.1f} MiB/s)"
+        )
+        out_chunk, out_file = (
+            (chunk_rate, file_rate)
+            if out_dir.resolve() == net_dir.resolve()
+            else await asyncio.to_thread(durable_write_rates, out_dir / "disk-probe")
+        )
+        print(
+            f"durable writes where fetch writes: {out_file:.1f} MiB/s as one fsynced file (fetch ceiling)"
+        )
+        del out_chunk
+        async with TestNet(base_dir=net_dir) as net:
             env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
             env.update(net.environment())
             client = ["--data-dir", str(work / "client")]
@@ -112,7 +185,7 @@ async def main() -> None:
                 s_wall, s_rss, link = await asyncio.to_thread(
                     run_with_rss, ["share", str(src), *client], env
                 )
-                out = work / f"out-{mib}.bin"
+                out = out_dir / f"out-{mib}.bin"
                 f_wall, f_rss, _ = await asyncio.to_thread(
                     run_with_rss, ["fetch", link, "-o", str(out), *client], env
                 )
@@ -155,7 +228,8 @@ async def main() -> None:
             )
     finally:
         if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+            for directory in (work, *extra_dirs):
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _same(a: Path, b: Path) -> bool:

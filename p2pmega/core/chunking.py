@@ -238,6 +238,28 @@ def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
     return open_box(key, stored, aad, offset=HEADER_BYTES)
 
 
+def open_chunk_into(
+    key: bytes, kind: int, stored: bytes, aad: bytes, out: bytearray | memoryview
+) -> int:
+    """`open_chunk` writing the plaintext into ``out``; returns its length.
+
+    Raises:
+        DecryptionFailed: As for `open_chunk`.
+        ValueError: ``out`` is too small (a caller bug).
+    """
+    if aad[0] != FORMAT_VERSION:
+        plain = open_chunk(key, kind, stored, aad)
+        out[: len(plain)] = plain
+        return len(plain)
+    if len(stored) < CHUNK_OVERHEAD_BYTES or stored[0] != FORMAT_VERSION or stored[1] != kind:
+        header = stored[:HEADER_BYTES].hex()
+        raise DecryptionFailed(
+            f"chunk header {header!r} ({len(stored)} bytes) is not format v{FORMAT_VERSION} "
+            f"kind {kind}; it was altered or needs a newer p2pmega"
+        )
+    return crypto.open_sealed_into(key, stored, aad, out, offset=HEADER_BYTES)
+
+
 def open_box(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
     """Open a sealed box with the cipher of the format version that ``aad`` starts with.
 

@@ -13,6 +13,11 @@ import nacl.exceptions
 import nacl.signing
 import nacl.utils
 
+# PyNaCl's own cffi handle on libsodium, for the one call its public binding makes slow: opening into a
+# buffer the caller owns (see open_sealed_into). The public `nacl.bindings` is used for everything else.
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
+
 from p2pmega.errors import BadSignature, DecryptionFailed
 
 KEY_BYTES = 32
@@ -112,6 +117,56 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> by
     return _open(
         nacl.bindings.crypto_aead_aegis256_decrypt, NONCE_BYTES, TAG_BYTES, key, sealed, aad, offset
     )
+
+
+def open_sealed_into(
+    key: bytes, sealed: bytes, aad: bytes, out: bytearray | memoryview, *, offset: int = 0
+) -> int:
+    """`open_sealed` writing the plaintext into ``out`` instead of returning a new buffer.
+
+    For fetch, which writes each chunk with O_DIRECT from a page-aligned buffer it reuses: the public
+    binding allocates, zero-fills and copies 1 MiB per call (1.7 ms per MiB here, 0.17 ms this way).
+
+    Args:
+        key, sealed, aad, offset: As for `open_sealed`.
+        out: A writable buffer of at least the plaintext's length; on failure libsodium zeroes what
+            it had written, so no unauthenticated byte is left in it.
+
+    Returns:
+        The plaintext length; the plaintext is ``out[:length]``.
+
+    Raises:
+        DecryptionFailed: As for `open_sealed`.
+        ValueError: ``out`` is too small (a caller bug).
+    """
+    length = len(sealed) - offset - SEAL_OVERHEAD_BYTES
+    if length < 0:
+        raise DecryptionFailed(
+            f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "
+            "it is truncated"
+        )
+    if len(out) < length:
+        raise ValueError(f"output buffer holds {len(out)} bytes, the plaintext needs {length}")
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    source = _ffi.from_buffer(sealed)
+    written = _ffi.new("unsigned long long *")
+    status = _lib.crypto_aead_aegis256_decrypt(
+        _ffi.from_buffer(out, require_writable=True),
+        written,
+        _ffi.NULL,
+        source + offset + NONCE_BYTES,
+        length + TAG_BYTES,
+        aad,
+        len(aad),
+        source + offset,
+        key,
+    )
+    if status != 0:
+        raise DecryptionFailed(
+            "data does not authenticate under this key; it was altered, moved or the key is wrong"
+        )
+    return int(written[0])
 
 
 def open_sealed_xchacha(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:

@@ -29,6 +29,7 @@ from p2pmega.core.chunking import (
     make_aad,
     open_box,
     open_chunk,
+    open_chunk_into,
     padded_final_length,
     seal_chunk,
     short_id,
@@ -394,6 +395,40 @@ def decrypt_chunk(
         BadManifest: It authenticates but has the wrong length or non-zero padding.
         ValueError: Index out of range or a manifest walked without the key (a caller bug).
     """
+    key, aad, final = _data_chunk_context(cap, manifest, index, data, id_verified=id_verified)
+    plain = open_chunk(key, KIND_DATA, data, aad)
+    real = _check_data_plaintext(manifest, index, final, len(plain), plain)
+    return plain if real == len(plain) else plain[:real]
+
+
+def decrypt_chunk_into(
+    cap: ReadCap,
+    manifest: Manifest,
+    index: int,
+    data: bytes,
+    out: bytearray | memoryview,
+    *,
+    id_verified: bool = False,
+) -> int:
+    """`decrypt_chunk` writing into ``out`` (at least the chunk size long) instead of returning bytes.
+
+    Returns:
+        How many bytes of the file this chunk holds: the file's bytes are ``out[:n]``; the final chunk's
+        padding, checked to be zeros, may follow them in ``out``.
+
+    Raises:
+        As `decrypt_chunk`.
+    """
+    key, aad, final = _data_chunk_context(cap, manifest, index, data, id_verified=id_verified)
+    length = open_chunk_into(key, KIND_DATA, data, aad, out)
+    with memoryview(out) as view:
+        return _check_data_plaintext(manifest, index, final, length, view[:length])
+
+
+def _data_chunk_context(
+    cap: ReadCap, manifest: Manifest, index: int, data: bytes, *, id_verified: bool
+) -> tuple[bytes, bytes, bool]:
+    """The key, associated data and final flag of data chunk ``index``, after the id check."""
     if manifest.size is None or manifest.chunk_size is None:
         raise ValueError("manifest was walked with a keep-alive link; it cannot decrypt")
     count = len(manifest.chunk_ids)
@@ -405,15 +440,22 @@ def decrypt_chunk(
     assert keys.chunk_key is not None  # noqa: S101 - always set from a file key
     final = index == count - 1
     aad = make_aad(KIND_DATA, keys.file_id, index, final=final, level=0, version=manifest.version)
-    plain = open_chunk(keys.chunk_key, KIND_DATA, data, aad)
+    return keys.chunk_key, aad, final
+
+
+def _check_data_plaintext(
+    manifest: Manifest, index: int, final: bool, length: int, plain: bytes | memoryview
+) -> int:
+    """Check an opened data chunk's length and padding; return how many of its bytes are the file's."""
+    assert manifest.size is not None  # noqa: S101 - checked by _data_chunk_context
+    assert manifest.chunk_size is not None  # noqa: S101 - checked by _data_chunk_context
     if not final:
-        if len(plain) != manifest.chunk_size:
-            raise BadManifest(
-                f"data chunk {index} opened to {len(plain)} bytes, not the chunk size"
-            )
-        return plain
+        if length != manifest.chunk_size:
+            raise BadManifest(f"data chunk {index} opened to {length} bytes, not the chunk size")
+        return length
+    count = len(manifest.chunk_ids)
     real = manifest.size - (count - 1) * manifest.chunk_size
     padded = padded_final_length(manifest.size, manifest.chunk_size)
-    if len(plain) != padded or plain.count(0, real) != padded - real:
+    if length != padded or bytes(plain[real:padded]).count(0) != padded - real:
         raise BadManifest(f"final data chunk {index} has the wrong length or non-zero padding")
-    return plain if real == padded else plain[:real]
+    return real

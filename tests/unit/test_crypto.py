@@ -139,3 +139,27 @@ def test_node_id_is_160_bit_and_stable():
     assert node_id != crypto.node_id_of(crypto.public_key_of(bytes(31) + b"\x01"))
     # Personalised: not the plain BLAKE2b-160 of the key, so no other use can collide with it.
     assert node_id != hashlib.blake2b(public, digest_size=20).digest()
+
+
+@settings(max_examples=30)
+@given(plaintext=st.binary(max_size=300), aad=st.binary(max_size=40))
+def test_open_sealed_into_matches_open_sealed(plaintext, aad):
+    key = crypto.new_key()
+    sealed = b"hd" + crypto.seal(key, plaintext, aad)
+    out = bytearray(b"\xee" * (len(plaintext) + 5))
+    assert crypto.open_sealed_into(key, sealed, aad, out, offset=2) == len(plaintext)
+    assert out[: len(plaintext)] == crypto.open_sealed(key, sealed, aad, offset=2)
+
+
+def test_open_sealed_into_leaves_no_unauthenticated_plaintext():
+    key = crypto.new_key()
+    secret = b"attack at dawn, bring snacks" * 10
+    sealed = crypto.seal(key, secret, b"aad")
+    out = bytearray(len(secret))
+    with pytest.raises(DecryptionFailed):
+        crypto.open_sealed_into(key, flip_byte(sealed, len(sealed) - 1), b"aad", out)
+    assert out == bytes(len(secret))  # libsodium wiped what it had decrypted
+    with pytest.raises(DecryptionFailed, match="truncated"):
+        crypto.open_sealed_into(key, sealed[:63], b"aad", out)
+    with pytest.raises(ValueError, match="needs"):
+        crypto.open_sealed_into(key, sealed, b"aad", bytearray(len(secret) - 1))

@@ -32,6 +32,7 @@ from p2pmega.core.manifest import (
     Manifest,
     ManifestWalker,
     decrypt_chunk,
+    decrypt_chunk_into,
     level_counts,
 )
 from p2pmega.errors import (
@@ -73,12 +74,32 @@ def walk(cap: ReadCap | KeepCap, store: Store) -> Manifest:
     return walker.result()
 
 
+def decrypt_via_buffer(
+    cap: ReadCap, manifest: Manifest, index: int, data: bytes, *, id_verified: bool = False
+) -> bytes:
+    """decrypt_chunk_into, as fetch calls it: into a reused buffer that holds old bytes."""
+    out = bytearray(b"\xee" * (manifest.chunk_size or 0))
+    length = decrypt_chunk_into(cap, manifest, index, data, out, id_verified=id_verified)
+    return bytes(out[:length])
+
+
+# Every decryption test runs against both ways of opening a data chunk.
+DECRYPTORS = pytest.mark.parametrize(
+    "decrypt", [decrypt_chunk, decrypt_via_buffer], ids=["decrypt_chunk", "decrypt_chunk_into"]
+)
+
+
 def decode(cap: ReadCap, store: Store) -> bytes:
     manifest = walk(cap, store)
-    return b"".join(
+    pieces = [
         decrypt_chunk(cap, manifest, index, store[chunk_id])
         for index, chunk_id in enumerate(manifest.chunk_ids)
-    )
+    ]
+    assert pieces == [
+        decrypt_via_buffer(cap, manifest, index, store[chunk_id])
+        for index, chunk_id in enumerate(manifest.chunk_ids)
+    ]
+    return b"".join(pieces)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -204,56 +225,61 @@ REGIONS = {
 
 
 @pytest.mark.parametrize("where", REGIONS)
-def test_flipped_data_byte_is_caught(encoded, where):
+@DECRYPTORS
+def test_flipped_data_byte_is_caught(encoded, where, decrypt):
     _, cap, store, manifest = encoded
     index = len(manifest.chunk_ids) - 1
     tampered = flip(store[manifest.chunk_ids[index]], REGIONS[where])
     # A holder serving altered bytes is caught by the id check...
     with pytest.raises(ChunkHashMismatch):
-        decrypt_chunk(cap, manifest, index, tampered)
+        decrypt(cap, manifest, index, tampered)
     # ...and even with an id that matches (a forged manifest entry) the AEAD still refuses.
     ids = list(manifest.chunk_ids)
     ids[index] = chunk_id_of(tampered)
     forged = dataclasses.replace(manifest, chunk_ids=tuple(ids))
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, forged, index, tampered)
+        decrypt(cap, forged, index, tampered)
     # A caller that says it checked the id skips the hash, never the AEAD.
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, manifest, index, tampered, id_verified=True)
+        decrypt(cap, manifest, index, tampered, id_verified=True)
 
 
-def test_id_verified_skips_only_the_hash(encoded):
+@DECRYPTORS
+def test_id_verified_skips_only_the_hash(encoded, decrypt):
     plaintext, cap, store, manifest = encoded
     pieces = [
-        decrypt_chunk(cap, manifest, i, store[c], id_verified=True)
+        decrypt(cap, manifest, i, store[c], id_verified=True)
         for i, c in enumerate(manifest.chunk_ids)
     ]
     assert b"".join(pieces) == plaintext
     # Another chunk of the same file, offered at the wrong index, still fails to authenticate.
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, manifest, 0, store[manifest.chunk_ids[1]], id_verified=True)
+        decrypt(cap, manifest, 0, store[manifest.chunk_ids[1]], id_verified=True)
 
 
-def test_swapped_chunks_are_caught(encoded):
+@DECRYPTORS
+def test_swapped_chunks_are_caught(encoded, decrypt):
     _, cap, store, manifest = encoded
     first, second = manifest.chunk_ids[0], manifest.chunk_ids[1]
     with pytest.raises(ChunkHashMismatch):
-        decrypt_chunk(cap, manifest, 0, store[second])
+        decrypt(cap, manifest, 0, store[second])
     swapped = dataclasses.replace(manifest, chunk_ids=(second, first, *manifest.chunk_ids[2:]))
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, swapped, 0, store[second])
+        decrypt(cap, swapped, 0, store[second])
 
 
-def test_dropped_last_chunk_is_caught(encoded):
+@DECRYPTORS
+def test_dropped_last_chunk_is_caught(encoded, decrypt):
     _, cap, store, manifest = encoded
     truncated = dataclasses.replace(manifest, chunk_ids=manifest.chunk_ids[:-1], size=4 * 64 + 10)
     last = len(truncated.chunk_ids) - 1
     # The former second-to-last chunk was sealed as "not final": it refuses to end the file.
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, truncated, last, store[truncated.chunk_ids[last]])
+        decrypt(cap, truncated, last, store[truncated.chunk_ids[last]])
 
 
-def test_chunk_from_another_file_is_caught(encoded):
+@DECRYPTORS
+def test_chunk_from_another_file_is_caught(encoded, decrypt):
     _, cap, _, manifest = encoded
     other_cap, other_store = encode(random.Random(5).randbytes(5 * 64 + 10), 64)
     other = walk(other_cap, other_store)
@@ -262,14 +288,14 @@ def test_chunk_from_another_file_is_caught(encoded):
         manifest, chunk_ids=(*manifest.chunk_ids[:2], other.chunk_ids[2], *manifest.chunk_ids[3:])
     )
     with pytest.raises(DecryptionFailed):
-        decrypt_chunk(cap, forged, 2, foreign)
+        decrypt(cap, forged, 2, foreign)
     # The same file encrypted twice has a fresh key, so even identical content does not mix.
     again_cap, again_store = encode(b"x" * 100, 64)
     _, copy_store = encode(b"x" * 100, 64)
     again = walk(again_cap, again_store)
     copy_chunk = next(v for k, v in copy_store.items() if k not in {again_cap.root})
     with pytest.raises(IntegrityError):
-        decrypt_chunk(again_cap, again, 0, copy_chunk)
+        decrypt(again_cap, again, 0, copy_chunk)
 
 
 # Tamper cases on the manifest -----------------------------------------------------------------
@@ -367,7 +393,8 @@ def test_inconsistent_metadata_is_bad_manifest(size, chunk_size, name, match):
         _walk_forged_root(plain)
 
 
-def test_wrong_padding_or_length_is_bad_manifest():
+@DECRYPTORS
+def test_wrong_padding_or_length_is_bad_manifest(decrypt):
     key = bytes(range(32))
     keys = FileKeys.from_file_key(key)
     assert keys.chunk_key is not None
@@ -376,7 +403,7 @@ def test_wrong_padding_or_length_is_bad_manifest():
         chunk_id, stored = seal_chunk(keys.chunk_key, KIND_DATA, plain, aad)
         manifest = Manifest((chunk_id,), (), "f", 3, 64)
         with pytest.raises(BadManifest, match="padding"):
-            decrypt_chunk(ReadCap(ChunkId(bytes(32)), key), manifest, 0, stored)
+            decrypt(ReadCap(ChunkId(bytes(32)), key), manifest, 0, stored)
 
 
 def test_level_counts():
