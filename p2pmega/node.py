@@ -30,6 +30,13 @@ Address = tuple[str, int]
 
 # Chunk ids announced in one announce_many call at most (it splits them into datagrams itself).
 ANNOUNCE_BATCH = 1024
+# A stored chunk waits this long for others to share its announcement (docs/DHT.md): a share stores
+# a chunk every few milliseconds on each holder, and one announce_many per chunk cost a crawl and a
+# request to each of the k closest nodes per chunk, on the announcer and on every recorder.
+ANNOUNCE_DELAY_S = 1.0
+# At stop, what is still waiting to be announced gets this long (fetchers can also find holders
+# without the record, by asking the nodes closest to the chunk).
+ANNOUNCE_FLUSH_TIMEOUT_S = 3.0
 # A summary line at most this often (the brief: "at most a one-line summary a minute").
 SUMMARY_INTERVAL_S = 60.0
 
@@ -50,6 +57,7 @@ class NodeSettings:
     record_ttl_s: float = 24 * 3600.0
     reannounce_s: float = 12 * 3600.0
     gc_interval_s: float = 600.0
+    announce_delay_s: float = ANNOUNCE_DELAY_S
     transfer_timeout_s: float = 10.0
     geo: GeoTable | None = None
 
@@ -71,6 +79,7 @@ class Node(Service):
         self._lan: LANDiscovery | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce_queue: asyncio.Queue[ChunkId] = asyncio.Queue()
+        self._announcing: list[ChunkId] = []  # the batch the worker holds, until it is announced
         self.announced = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -167,18 +176,24 @@ class Node(Service):
         return self.dht
 
     async def stop(self) -> None:
-        """Stop every task and socket; acknowledged chunks are already durable (fsynced before the reply)."""
+        """Stop every task and socket; acknowledged chunks are already durable (fsynced before the reply).
+
+        Chunks stored but not announced yet (the announce delay) are announced first, within
+        ANNOUNCE_FLUSH_TIMEOUT_S.
+        """
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.server is not None:
+            # No store is acknowledged after this, so no announcement can be queued after the flush.
+            await self.server.stop()
+            self.server = None
+        await self._flush_announcements()
         if self._lan is not None:
             await self._lan.stop()
             self._lan = None
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
         await self.client.close()
         if self.dht is not None:
             await self.dht.stop()  # saves the contacts (and every few minutes while running)
@@ -202,15 +217,36 @@ class Node(Service):
     async def _announce_worker(self) -> None:
         # Chunks stored in a burst (a share stores hundreds) are announced together: announce_many
         # batches the records per recording node instead of one crawl and k requests per chunk.
+        # Waiting announce_delay_s after the first chunk of a batch lets the burst gather.
+        queue = self._announce_queue
         while True:
-            ids = [await self._announce_queue.get()]
-            while not self._announce_queue.empty() and len(ids) < ANNOUNCE_BATCH:
-                ids.append(self._announce_queue.get_nowait())
-            try:
-                await self.dht_node.announce_many(ids, self.port)
-                self.announced += len(ids)
-            except P2PMegaError as exc:
-                log.debug("announcing %d chunks failed: %s", len(ids), exc)
+            self._announcing = [await queue.get()]
+            if queue.qsize() < ANNOUNCE_BATCH - 1:
+                await asyncio.sleep(self.settings.announce_delay_s)
+            while not queue.empty() and len(self._announcing) < ANNOUNCE_BATCH:
+                self._announcing.append(queue.get_nowait())
+            await self._announce(self._announcing)
+            self._announcing = []
+
+    async def _announce(self, ids: list[ChunkId]) -> None:
+        try:
+            await self.dht_node.announce_many(ids, self.port)
+            self.announced += len(ids)
+        except P2PMegaError as exc:
+            log.debug("announcing %d chunks failed: %s", len(ids), exc)
+
+    async def _flush_announcements(self) -> None:
+        """Announce what the stopped worker held or had queued, within ANNOUNCE_FLUSH_TIMEOUT_S."""
+        ids, self._announcing = self._announcing, []
+        while not self._announce_queue.empty():
+            ids.append(self._announce_queue.get_nowait())
+        if not ids or self.dht is None:
+            return
+        try:
+            async with asyncio.timeout(ANNOUNCE_FLUSH_TIMEOUT_S):
+                await self._announce(ids)
+        except TimeoutError:
+            log.debug("announcing %d chunks at stop timed out", len(ids))
 
     async def _maintenance_loop(self) -> None:
         s = self.settings

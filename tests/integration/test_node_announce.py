@@ -1,0 +1,106 @@
+"""A holder Node announces the chunks it stores: in batches after a delay, and what is left at stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from p2pmega.core.chunking import ChunkId, chunk_id_of
+from p2pmega.net.dht import DHTNode
+from p2pmega.net.transfer import TransferClient
+from p2pmega.node import Node, NodeSettings
+from tests.conftest import peer_address
+
+pytestmark = pytest.mark.integration
+
+STEP_S = 20.0
+
+
+@asynccontextmanager
+async def recorder() -> AsyncIterator[DHTNode]:
+    """The DHT node the holder joins through; with only the two of them, it records everything."""
+    node = DHTNode(host=peer_address(71, 1), node_id=os.urandom(20), rpc_timeout_s=1.0)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+def holder_settings(tmp_path: Path, dht: DHTNode, *, announce_delay_s: float) -> NodeSettings:
+    return NodeSettings(
+        host=peer_address(71, 2),
+        data_dir=tmp_path / "holder",
+        bootstrap=[(dht.host, dht.port)],
+        holder=True,
+        rpc_timeout_s=1.0,
+        announce_delay_s=announce_delay_s,
+    )
+
+
+async def store_chunks(node: Node, count: int) -> list[ChunkId]:
+    """Store ``count`` small chunks on ``node`` one after the other, each acknowledged."""
+    ids = []
+    async with TransferClient(local_host=peer_address(71, 3)) as client:
+        for _ in range(count):
+            data = os.urandom(1000)
+            chunk_id = chunk_id_of(data)
+            assert await client.store(node.address, chunk_id, data, lease_s=3600)
+            ids.append(chunk_id)
+    return ids
+
+
+async def providers_of(dht: DHTNode, ids: Sequence[ChunkId]) -> list[set[int]]:
+    return [{p.port for p in await dht.find_providers(chunk_id)} for chunk_id in ids]
+
+
+async def test_chunks_stored_within_the_delay_share_one_announcement_flushed_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with asyncio.timeout(STEP_S), recorder() as dht:
+        node = Node(holder_settings(tmp_path, dht, announce_delay_s=3600.0))
+        calls: list[list[bytes]] = []
+        await node.start()
+        try:
+            announce_many = node.dht_node.announce_many
+
+            async def spy(chunk_ids: Sequence[bytes], transfer_port: int) -> int:
+                calls.append(list(chunk_ids))
+                return await announce_many(chunk_ids, transfer_port)
+
+            monkeypatch.setattr(node.dht_node, "announce_many", spy)
+            ids = await store_chunks(node, 3)
+            port = node.port
+            # An hour of delay: nothing goes out while the node runs ...
+            assert calls == []
+            assert await providers_of(dht, ids) == [set(), set(), set()]
+        finally:
+            await node.stop()
+        # ... and stop() announces all three in one batch.
+        assert calls == [ids]
+        assert node.announced == 3
+        assert await providers_of(dht, ids) == [{port}, {port}, {port}]
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (the announce worker has no event to wait on); STEP_S bounds the test."""
+    for _ in range(int(STEP_S / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_stored_chunks_are_announced_after_the_delay(tmp_path: Path) -> None:
+    async with (
+        asyncio.timeout(STEP_S),
+        recorder() as dht,
+        Node(holder_settings(tmp_path, dht, announce_delay_s=0.2)) as node,
+    ):
+        ids = await store_chunks(node, 4)
+        await wait_for(lambda: node.announced == len(ids))
+        assert await providers_of(dht, ids) == [{node.port}] * len(ids)
