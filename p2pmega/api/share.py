@@ -214,13 +214,18 @@ async def _upload(
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
     tasks: list[asyncio.Task[None]] = []
 
-    async def one(index: int, plaintext: bytes) -> None:
+    fd = handle.fileno()
+
+    async def one(index: int) -> None:
         nonlocal done_bytes
         try:
-            chunk_id, sealed = await asyncio.to_thread(encoder.encode_chunk, index, plaintext)
+            # One worker-thread hop reads and seals the chunk (chunks are read with pread, in any order).
+            chunk_id, sealed, length = await asyncio.to_thread(
+                _read_and_seal, encoder, fd, index, chunk_size, size
+            )
             stored = await placer.place(chunk_id, sealed)
             results[index] = ChunkPlacement(chunk_id, "data", index, _holders(stored))
-            done_bytes += len(plaintext)
+            done_bytes += length
             if progress is not None:
                 progress(done_bytes, size)
         finally:
@@ -233,12 +238,10 @@ async def _upload(
             if failed:
                 sem.release()
                 break
-            plaintext = await asyncio.to_thread(handle.read, chunk_size)
-            if len(plaintext) != min(chunk_size, size - index * chunk_size):
-                sem.release()
-                raise InputFileError("the file changed size while it was being shared; try again")
-            tasks.append(asyncio.create_task(one(index, plaintext)))
+            tasks.append(asyncio.create_task(one(index)))
         await asyncio.gather(*tasks)
+        if (await asyncio.to_thread(os.fstat, fd)).st_size != size:
+            raise InputFileError("the file changed size while it was being shared; try again")
     finally:
         for task in tasks:
             task.cancel()
@@ -246,3 +249,19 @@ async def _upload(
     if progress is not None and size == 0:
         progress(0, 0)
     return [results[i] for i in range(encoder.chunk_count)]
+
+
+def _read_and_seal(
+    encoder: FileEncoder, fd: int, index: int, chunk_size: int, size: int
+) -> tuple[ChunkId, bytes, int]:
+    """Read plaintext chunk ``index`` and seal it; return its id, stored bytes and plaintext length.
+
+    Raises:
+        InputFileError: the file is shorter than it was when the share started.
+    """
+    length = min(chunk_size, size - index * chunk_size)
+    plaintext = os.pread(fd, length, index * chunk_size)
+    if len(plaintext) != length:
+        raise InputFileError("the file changed size while it was being shared; try again")
+    chunk_id, sealed = encoder.encode_chunk(index, plaintext)
+    return chunk_id, sealed, length

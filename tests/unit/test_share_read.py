@@ -1,0 +1,41 @@
+"""share's read-and-seal step: chunks read by offset, in any order, and a file that shrank is refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from p2pmega.api.share import _read_and_seal
+from p2pmega.core.chunking import chunk_id_of
+from p2pmega.core.manifest import FileEncoder
+from p2pmega.errors import InputFileError
+
+
+def test_chunks_read_by_offset_in_any_order(tmp_path: Path):
+    data = os.urandom(64 * 3 + 10)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    encoder = FileEncoder(name="f", size=len(data), chunk_size=64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for index in (3, 0, 2, 1):
+            chunk_id, sealed, length = _read_and_seal(encoder, fd, index, 64, len(data))
+            assert length == (10 if index == 3 else 64)
+            assert chunk_id_of(sealed) == chunk_id
+    finally:
+        os.close(fd)
+
+
+def test_a_file_that_shrank_is_refused(tmp_path: Path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(200))
+    encoder = FileEncoder(name="f", size=200, chunk_size=64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.truncate(path, 100)
+        with pytest.raises(InputFileError, match="changed size"):
+            _read_and_seal(encoder, fd, 2, 64, 200)
+    finally:
+        os.close(fd)
