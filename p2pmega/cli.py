@@ -2,49 +2,41 @@
 
 stdout carries only results (a link, a path, a report); progress, logs and errors go to stderr. Exit codes come
 from the exception tree in errors.py; 130 means interrupted.
+
+Every command pays for what this module imports before it parses its arguments, so it imports only typer and
+errors.py: each command imports its use case (and asyncio, rich, json...) when it runs.
+tests/unit/test_startup.py holds that line.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import shlex
-import shutil
 import sys
-import tempfile
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from p2pmega import __version__
-from p2pmega.api.check import CheckResult, check
-from p2pmega.api.common import NetSettings
-from p2pmega.api.demo import DemoHooks, run_demo
-from p2pmega.api.fetch import fetch
-from p2pmega.api.service import run_node, wait_for_stop_signal
-from p2pmega.api.share import DEFAULT_LEASE_S, ShareResult, share
-from p2pmega.api.testnet import DEFAULT_COUNTRIES, TestNet, parse_countries
-from p2pmega.config import resolve_bootstrap, resolve_data_dir, resolve_geo_table
 from p2pmega.errors import NotFoundError, P2PMegaError, PlacementImpossible
-from p2pmega.node import NodeSettings
-from p2pmega.storage import DEFAULT_QUOTA_BYTES, parse_size
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from rich.progress import Progress
+
+    from p2pmega.api.check import CheckResult
+    from p2pmega.api.common import NetSettings
+    from p2pmega.api.share import ShareResult
 
 T = TypeVar("T")
 
 DEFAULT_PORT = 7847
+# Defaults that --help shows. The modules that own them pull in the whole node (asyncio, the DHT, the store), which
+# no command needs before its arguments are parsed, so they are repeated here; tests/unit/test_startup.py checks
+# each one still equals its source.
+DEFAULT_LEASE_S = 30 * 24 * 3600.0  # api.share.DEFAULT_LEASE_S
+DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")  # api.testnet.DEFAULT_COUNTRIES
+DEFAULT_QUOTA_BYTES = 10 * 1000**3  # storage.DEFAULT_QUOTA_BYTES
 
 app = typer.Typer(
     name="p2pmega",
@@ -55,8 +47,7 @@ app = typer.Typer(
     help="Peer-to-peer encrypted file store: every chunk on two peers in two countries, no central server.",
 )
 
-_stderr = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "verbose": 0}
 
 BootstrapOpt = Annotated[
     list[str] | None,
@@ -93,24 +84,42 @@ def _fail(exc: P2PMegaError) -> NoReturn:
     """One stderr line and the error's exit code (a traceback only with --debug)."""
     if _state["debug"]:
         raise exc
-    _stderr.print(f"p2pmega: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    _err(f"p2pmega: error: {exc}")
     raise typer.Exit(exc.exit_code) from None
+
+
+def _configure_logging() -> None:
+    """Logs go to stderr at the level -v/-vv asked for (set up only once a use case runs)."""
+    import logging
+
+    verbose = _state["verbose"]
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="p2pmega: %(name)s: %(message)s")
+    # kademlia/rpcudp log keys and values at INFO; ours wrap them, so theirs stay quiet unless debugging.
+    for noisy in ("kademlia", "rpcudp"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a use case; turn our errors into one stderr line and their exit code."""
+    import asyncio
+
+    _configure_logging()
     try:
         return asyncio.run(coro)
     except P2PMegaError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _stderr.print("p2pmega: interrupted", markup=False, highlight=False)
+        _err("p2pmega: interrupted")
         raise typer.Exit(130) from None
 
 
 def _net(
     bootstrap: list[str] | None, data_dir: Path | None, geo_table: Path | None, host: str | None
 ) -> NetSettings:
+    from p2pmega.api.common import NetSettings
+    from p2pmega.config import resolve_bootstrap, resolve_data_dir, resolve_geo_table
+
     return NetSettings(
         bootstrap=resolve_bootstrap(bootstrap or []),
         data_dir=resolve_data_dir(data_dir),
@@ -128,32 +137,44 @@ def _err(text: str) -> None:
 
 
 class _Bar:
-    """A rich progress bar on a terminal; nothing (no control characters) otherwise."""
+    """A rich progress bar on a terminal; nothing (no control characters, and no rich import) otherwise."""
 
     def __init__(self, label: str) -> None:
-        self.enabled = sys.stderr.isatty()
+        self.progress: Progress | None = None
+        if not sys.stderr.isatty():
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self.progress = Progress(
             TextColumn(label),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            console=_stderr,
+            console=Console(stderr=True),
             transient=True,
         )
         self.task = self.progress.add_task(label, total=None)
 
     def __enter__(self) -> _Bar:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.stop()
 
     def update(self, done: int, total: int) -> None:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.update(self.task, completed=done, total=total)
 
 
@@ -176,11 +197,7 @@ def _main(
         _echo(ctx.get_help())
         raise typer.Exit(0)
     _state["debug"] = debug
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="p2pmega: %(name)s: %(message)s")
-    # kademlia/rpcudp log keys and values at INFO; ours wrap them, so theirs stay quiet unless debugging.
-    for noisy in ("kademlia", "rpcudp"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
+    _state["verbose"] = verbose
 
 
 @app.command("share")
@@ -207,6 +224,8 @@ def share_cmd(
     --min-countries countries, no two in the same /24. Exit 6 if the network cannot meet that.
     """
 
+    from p2pmega.api.share import share
+
     async def go() -> ShareResult:
         net = _net(bootstrap, data_dir, geo_table, host)
         with _Bar("sharing") as bar:
@@ -221,6 +240,8 @@ def share_cmd(
 
     result = _run(go())
     if as_json:
+        import json
+
         _echo(json.dumps(_share_json(result), indent=2))
     else:
         countries = sorted({h.country or "??" for c in result.chunks for h in c.holders})
@@ -272,6 +293,8 @@ def fetch_cmd(
     command again after an interruption and it resumes where it stopped.
     """
 
+    from p2pmega.api.fetch import fetch
+
     async def go() -> Any:
         net = _net(bootstrap, data_dir, geo_table, host)
         with _Bar("fetching") as bar:
@@ -309,6 +332,8 @@ def check_cmd(
     Exit 4 if some chunk has no live holder at all, 6 if some chunk is below the placement rule.
     """
 
+    from p2pmega.api.check import check
+
     async def go() -> CheckResult:
         return await check(
             link,
@@ -319,6 +344,8 @@ def check_cmd(
 
     result = _run(go())
     if as_json:
+        import json
+
         _echo(json.dumps(_check_json(result), indent=2))
     else:
         _print_check(result)
@@ -355,6 +382,9 @@ def _check_json(result: CheckResult) -> dict[str, Any]:
 
 
 def _print_check(result: CheckResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"file {result.root.hex()[:16]}…", show_lines=False)
     table.add_column("chunk")
     table.add_column("holders")
@@ -387,6 +417,11 @@ def _long_running(
     reannounce_s: float,
     gc_interval_s: float,
 ) -> None:
+    from p2pmega.api.service import run_node
+    from p2pmega.config import resolve_bootstrap, resolve_data_dir, resolve_geo_table
+    from p2pmega.node import NodeSettings
+    from p2pmega.storage import parse_size
+
     def report(line: str) -> None:
         _err(line)
 
@@ -500,6 +535,13 @@ def run_testnet_cmd(
 
     Prints the export lines to paste in another terminal, so share/fetch/check use it.
     """
+    import shlex
+    import shutil
+    import tempfile
+
+    from p2pmega.api.service import wait_for_stop_signal
+    from p2pmega.api.testnet import TestNet, parse_countries
+
     try:
         codes = parse_countries(countries)
     except P2PMegaError as exc:
@@ -533,6 +575,14 @@ def demo_cmd() -> None:
     Shares a generated file, shows which countries hold each chunk, seizes every peer of one country, fetches the
     file back and checks it is byte-identical.
     """
+    import shutil
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from p2pmega.api.demo import DemoHooks, run_demo
+
     work = Path(tempfile.mkdtemp(prefix="p2pmega-demo-"))
     current = ["starting the test network"]
 
