@@ -117,10 +117,18 @@ def test_version_loads_no_use_case(tmp_path: Path) -> None:
     ids=["share", "fetch", "testnet", "top"],
 )
 def test_help_loads_no_use_case(tmp_path: Path, args: list[str]) -> None:
-    code, modules, _ = _modules_after(tmp_path, *args)
+    code, modules, stdout = _modules_after(tmp_path, *args)
     assert code == 0
-    # typer renders help with rich (whose markdown parser imports logging): that is typer's, not ours.
-    assert _loaded(modules, tuple(m for m in HEAVY if m not in ("rich", "logging"))) == []
+    assert stdout.startswith("Usage: ")
+    # Plain help (rich_markup_mode=None): typer's rich help would import rich and its markdown parser.
+    assert _loaded(modules, HEAVY) == []
+
+
+def test_a_usage_error_loads_no_use_case(tmp_path: Path) -> None:
+    code, modules, stdout = _modules_after(tmp_path, "share")  # missing FILE
+    assert code == 2
+    assert stdout == ""
+    assert _loaded(modules, HEAVY) == []
 
 
 def test_help_shows_the_defaults_of_the_use_cases(tmp_path: Path) -> None:
