@@ -12,8 +12,6 @@ import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import platformdirs
-
 from p2pmega.core.geo import GeoTable, parse_geo_table
 from p2pmega.errors import BadGeoTable, BadOption
 
@@ -29,6 +27,10 @@ Address = tuple[str, int]
 
 def default_data_dir() -> Path:
     """The platform's per-user data directory for p2pmega (e.g. ``~/.local/share/p2pmega``)."""
+    # Imported here: it costs a command about 10 ms (it imports tempfile and shutil), and --data-dir or
+    # $P2PMEGA_DATA_DIR make it unnecessary.
+    import platformdirs
+
     return Path(platformdirs.user_data_dir("p2pmega", appauthor=False))
 
 
