@@ -1,6 +1,8 @@
 """kademlia's Server, hardened: explicit binding, counted stores, crawls that never stall, JSON state.
 
 Also the saved-contacts file (never pickle). The node API on top is p2pmega.net.dht.
+It rewrites each method of ``kademlia.network.Server`` it keeps and no longer derives from it: importing that
+module cost every command about 10 ms (it imports pickle, for a save_state we must never use).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.utils import digest
 
@@ -37,8 +39,13 @@ from p2pmega.net.routing import BoundedStorage
 log = logging.getLogger(__name__)
 
 
-class HardenedServer(Server):  # type: ignore[misc]
-    """kademlia's Server: checked ids, explicit binding, counted stores, JSON state, no pickle."""
+class HardenedServer:
+    """kademlia's Server: checked ids, explicit binding, counted stores, JSON state, no pickle.
+
+    The attributes of ``kademlia.network.Server`` (ksize, alpha, storage, node, transport, protocol) and its
+    methods, rewritten here, minus the pickle-based ``save_state_regularly`` and the unused
+    ``bootstrappable_neighbors``.
+    """
 
     protocol_class = HardenedProtocol
 
@@ -65,7 +72,12 @@ class HardenedServer(Server):  # type: ignore[misc]
             max_values=self.limits.max_values,
             max_value_bytes=self.limits.max_value_bytes,
         )
-        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
+        self.ksize = ksize
+        self.alpha = alpha
+        self.storage = storage
+        self.node = Node(node_id)
+        # Any, as kademlia's Server left it: callers read it only after listen() has set it.
+        self.transport: Any = None
         self.rpc_timeout_s = rpc_timeout_s
         self.read_only = read_only
         self.providers = ProviderTable(ttl_s=record_ttl_s, limits=self.limits.providers)

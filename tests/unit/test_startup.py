@@ -169,6 +169,26 @@ def test_a_command_loads_its_own_use_case_only(
     assert _loaded(modules, ("rich", *not_needed)) == []
 
 
+def test_share_and_fetch_load_nothing_they_do_not_use() -> None:
+    code = (
+        "import sys, p2pmega.api.share, p2pmega.api.fetch; print('\\n'.join(sorted(sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=_env(),
+    )
+    modules = set(proc.stdout.split())
+    assert "p2pmega.api.fetch" in modules
+    # kademlia.network (HardenedServer no longer derives from its Server) imports pickle; platformdirs is only
+    # for the default data dir; typer and rich belong to the CLI.
+    unused = ("pickle", "kademlia.network", "platformdirs", "typer", "rich", *OTHER_USE_CASES)
+    assert _loaded(modules, (*unused, "p2pmega.api.check")) == []
+
+
 def test_the_cli_defaults_equal_the_ones_of_the_modules_that_own_them() -> None:
     from p2pmega.api.share import DEFAULT_LEASE_S
     from p2pmega.api.testnet import DEFAULT_COUNTRIES
