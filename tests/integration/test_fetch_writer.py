@@ -1,9 +1,7 @@
-"""fetch's part-file writer: O_DIRECT from aligned buffers where possible, the page cache otherwise, same bytes."""
+"""fetch's part-file writer: chunks decrypted into reused buffers from several threads give the exact file."""
 
 from __future__ import annotations
 
-import errno
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +13,7 @@ from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import FileEncoder, Manifest, ManifestWalker
 
-CHUNK = 8192  # a multiple of 4 KiB, so whole chunks may go through O_DIRECT
+CHUNK = 8192
 
 
 def _encoded(size: int) -> tuple[bytes, ReadCap, Manifest, dict[ChunkId, bytes]]:
@@ -62,52 +60,22 @@ def test_part_writer_writes_the_file_exactly(tmp_path: Path, size: int):
     assert writer.fd == -1
 
 
-def test_direct_io_is_used_where_the_file_system_allows(tmp_path: Path):
-    probe = tmp_path / "probe"
-    probe.touch()
-    try:
-        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
-    except (OSError, AttributeError):
-        pytest.skip("no O_DIRECT here")
-    if not getattr(os, "O_DIRECT", 0):
-        pytest.skip("no O_DIRECT on this platform")
-    writer = _PartWriter.open(tmp_path / "part", CHUNK * 2, CHUNK, resuming=False)
-    try:
-        assert writer._direct_fd is not None
-    finally:
-        writer.close()
-    # A chunk size that is not a multiple of 4 KiB never tries O_DIRECT.
-    writer = _PartWriter.open(tmp_path / "part2", 300, 100, resuming=False)
-    try:
-        assert writer._direct_fd is None
-    finally:
-        writer.close()
-
-
-def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monkeypatch):
-    size = CHUNK * 4 + 7
+def test_close_waits_for_writes_under_way_and_later_writes_fail(tmp_path: Path):
+    size = CHUNK * 3
     plaintext, cap, manifest, store = _encoded(size)
-    part = tmp_path / "part"
-    writer = _PartWriter.open(part, size, CHUNK, resuming=False)
-    if writer._direct_fd is None:
-        writer.close()
-        pytest.skip("no O_DIRECT here")
-    real_pwrite = os.pwrite
-    refused = []
-
-    def pwrite(fd: int, data, offset: int) -> int:
-        if fd == writer._direct_fd:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    try:
-        assert _write_all(writer, cap, manifest, store) == size
-    finally:
-        writer.close()
-    monkeypatch.undo()
-    assert part.read_bytes() == plaintext
-    assert (
-        1 <= len(refused) <= 4
-    )  # each thread may have tried once before the first refusal was seen
+    writer = _PartWriter.open(tmp_path / "part", size, CHUNK, resuming=False)
+    first = manifest.chunk_ids[0]
+    with ThreadPoolExecutor(1) as pool:
+        # Hold the writer busy from a worker thread while close() runs on this one.
+        with writer._idle:
+            writer._busy += 1
+        closing = pool.submit(writer.close)
+        assert not closing.done()
+        with writer._idle:
+            writer._busy -= 1
+            writer._idle.notify_all()
+        closing.result(timeout=10)
+    assert writer.fd == -1
+    with pytest.raises(OSError, match="closed"):
+        writer.write_chunk(cap, manifest, 0, store[first], 0)
+    del plaintext
