@@ -11,7 +11,6 @@ import fcntl
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from p2pmega.core.chunking import ChunkId, short_id
@@ -117,15 +116,27 @@ def scan_chunk_files(chunks_dir: Path) -> dict[bytes, int]:
     return on_disk
 
 
-def write_chunk_file(chunks_dir: Path, tmp_dir: Path, chunk_id: ChunkId, data: bytes) -> None:
+def chunk_file(chunks_dir: str, key: bytes) -> str:
+    """`chunk_path` as a plain string, for the hot paths (no pathlib objects per chunk)."""
+    name = key.hex()
+    return f"{chunks_dir}/{name[:2]}/{name}"
+
+
+def write_chunk_file(
+    chunks_dir: str, tmp_dir: str, chunk_id: ChunkId, data: bytes | bytearray | memoryview
+) -> None:
     """Write to a temp file, fsync it, rename it into place and fsync the directory.
 
     Raises:
         StorageError: The disk failed; no temp file is left behind.
     """
-    final = chunk_path(chunks_dir, chunk_id)
+    name = chunk_id.hex()
+    final_dir = f"{chunks_dir}/{name[:2]}"
+    final = f"{final_dir}/{name}"
+    # A fresh random name, created exclusively: two writers never share a temp file.
+    tmp = f"{tmp_dir}/{name[:16]}.{os.urandom(6).hex()}{TMP_SUFFIX}"
     try:
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=chunk_id.hex()[:16] + ".", suffix=TMP_SUFFIX)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StorageError(
             f"cannot create a file in {tmp_dir}: {exc.strerror}; check the disk"
@@ -139,19 +150,19 @@ def write_chunk_file(chunks_dir: Path, tmp_dir: Path, chunk_id: ChunkId, data: b
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_dir(final_dir)
     except OSError as exc:
-        unlink_quietly(Path(tmp))
+        unlink_quietly(tmp)
         raise StorageError(
             f"cannot write chunk {short_id(chunk_id)} ({len(data)} bytes) to {final}: "
             f"{exc.strerror}; check free disk space"
         ) from exc
     except BaseException:
-        unlink_quietly(Path(tmp))
+        unlink_quietly(tmp)
         raise
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     """Make a rename or create in ``path`` durable (POSIX needs the directory itself fsynced)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -160,7 +171,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: Path | str) -> None:
     """Delete ``path`` if it is there."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -32,6 +32,7 @@ from p2pmega.errors import (
 from p2pmega.storage.files import (
     CHUNKS_DIR,
     TMP_DIR,
+    chunk_file,
     chunk_path,
     lock_root,
     make_dirs,
@@ -45,6 +46,7 @@ from p2pmega.storage.sizes import DEFAULT_QUOTA_BYTES
 log = logging.getLogger("p2pmega.storage")
 
 _LIVE_ROW_SQL = "SELECT lease_expiry FROM chunks WHERE id = ? AND lease_expiry > ?"
+_LIVE_SIZE_SQL = "SELECT size FROM chunks WHERE id = ? AND lease_expiry > ?"
 
 
 class ChunkStore:
@@ -79,6 +81,9 @@ class ChunkStore:
         self._root = Path(root)
         self._chunks_dir = self._root / CHUNKS_DIR
         self._tmp_dir = self._root / TMP_DIR
+        # Plain strings for the per-chunk paths: pathlib costs tens of microseconds per chunk.
+        self._chunks_str = str(self._chunks_dir)
+        self._tmp_str = str(self._tmp_dir)
         self._quota = quota_bytes
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
@@ -126,14 +131,17 @@ class ChunkStore:
         with self._cond:
             return self._count
 
-    def put(self, chunk_id: ChunkId, data: bytes, *, lease_s: float) -> bool:
+    def put(
+        self, chunk_id: ChunkId, data: bytes | bytearray | memoryview, *, lease_s: float
+    ) -> bool:
         """Store a chunk durably, or extend the lease of the copy already stored.
 
         Costs one hash, one write and its fsyncs; an existing copy is not re-read.
 
         Args:
             chunk_id: The id ``data`` must hash to.
-            data: The sealed chunk, at most ``MAX_SEALED_CHUNK_BYTES``.
+            data: The sealed chunk, at most ``MAX_SEALED_CHUNK_BYTES``; any bytes-like object
+                (not copied, and not kept after the call).
             lease_s: Seconds from now the chunk must be kept; an existing lease is never shortened.
 
         Returns:
@@ -154,33 +162,32 @@ class ChunkStore:
         _check_lease(lease_s)
         verify_chunk(chunk_id, data)
         key = bytes(chunk_id)
+        index = self._index
         with self._cond:
             while key in self._pending:
                 self._cond.wait()
             self._check_open()
             now = self._clock()
-            with self._index.transaction() as db:
-                extended = db.execute(
+            # A read first: a new chunk (the usual case) then costs no write transaction here.
+            if index.query("SELECT 1 FROM chunks WHERE id = ?", (key,)):
+                index.write(
                     "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) WHERE id = ?",
                     (now + lease_s, key),
-                ).rowcount
-            if extended:
+                )
                 return False
             self._reserve_locked(chunk_id, size, now)
             self._pending.add(key)
         try:
-            write_chunk_file(self._chunks_dir, self._tmp_dir, chunk_id, data)
+            write_chunk_file(self._chunks_str, self._tmp_str, chunk_id, data)
             with self._cond:
                 try:
                     self._check_open()
                     now = self._clock()
-                    with self._index.transaction() as db:
-                        db.execute(
-                            "INSERT INTO chunks VALUES (?, ?, ?, ?)",
-                            (key, size, now, now + lease_s),
-                        )
+                    index.write(
+                        "INSERT INTO chunks VALUES (?, ?, ?, ?)", (key, size, now, now + lease_s)
+                    )
                 except BaseException:
-                    unlink_quietly(self._path_of(chunk_id))
+                    unlink_quietly(chunk_file(self._chunks_str, key))
                     raise
                 self._used += size
                 self._count += 1
@@ -189,7 +196,8 @@ class ChunkStore:
                 self._pending.discard(key)
                 self._reserved -= size
                 self._cond.notify_all()
-        log.debug("stored chunk %s (%d bytes)", short_id(chunk_id), size)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("stored chunk %s (%d bytes)", short_id(chunk_id), size)
         return True
 
     def get(self, chunk_id: ChunkId) -> bytes:
@@ -206,35 +214,88 @@ class ChunkStore:
             ChunkHashMismatch: The bytes on disk no longer match the id; the chunk was deleted.
             StorageError: The disk failed.
         """
+        fd, size = self._open_live(chunk_id)
+        try:
+            try:
+                # One byte more than the row says, so that a file that grew is noticed too.
+                data = os.read(fd, size + 1)
+            except OSError as exc:
+                raise self._read_failed(chunk_id, exc) from exc
+            self._verify_or_discard(chunk_id, fd, data, size)
+        finally:
+            os.close(fd)
+        return data
+
+    def read_into(self, chunk_id: ChunkId, room: Callable[[int], memoryview]) -> int:
+        """`get` into a buffer of the caller's (reused between chunks, with room in front).
+
+        Once the chunk's size is known, ``room(size + 1)`` must return a writable view of at least
+        that many bytes (one more than the chunk, to notice a file that grew); the chunk lands at
+        its start, hash-checked like `get`'s result.
+
+        Args:
+            chunk_id: The chunk to read.
+            room: Lends the buffer, given the bytes needed; called at most once.
+
+        Returns:
+            The chunk's size.
+
+        Raises:
+            ChunkNotStored, ChunkHashMismatch, StorageError: As for `get`.
+            ValueError: ``room`` lent less than asked.
+        """
+        fd, size = self._open_live(chunk_id)
+        try:
+            view = room(size + 1)
+            if len(view) <= size:
+                raise ValueError(f"read_into asked for {size + 1} bytes of room, got {len(view)}")
+            try:
+                got = os.readv(fd, [view[: size + 1]])
+            except OSError as exc:
+                raise self._read_failed(chunk_id, exc) from exc
+            self._verify_or_discard(chunk_id, fd, view[:got], size)
+        finally:
+            os.close(fd)
+        return size
+
+    def _open_live(self, chunk_id: ChunkId) -> tuple[int, int]:
+        """Open a live chunk's file: (descriptor, size from the index)."""
+        key = bytes(chunk_id)
         with self._cond:
             self._check_open()
-            rows = self._index.query(
-                "SELECT lease_expiry FROM chunks WHERE id = ?", (bytes(chunk_id),)
-            )
-            live = bool(rows) and rows[0][0] > self._clock()
-        if not live:
+            rows = self._index.query(_LIVE_SIZE_SQL, (key, self._clock()))
+        if not rows:
             raise _not_stored(chunk_id)
-        path = self._path_of(chunk_id)
         try:
-            with open(path, "rb") as file:
-                data = file.read()
-                try:
-                    verify_chunk(chunk_id, data)
-                except ChunkHashMismatch:
-                    # Still holding the file open, so its inode cannot be reused by a new copy.
-                    self._discard_rotten(chunk_id, os.fstat(file.fileno()).st_ino)
-                    raise ChunkHashMismatch(
-                        f"stored chunk {short_id(chunk_id)} ({len(data)} bytes) no longer matches "
-                        "its id and was deleted; fetch it from another holder"
-                    ) from None
+            fd = os.open(chunk_file(self._chunks_str, key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget_missing(chunk_id)
             raise _not_stored(chunk_id) from None
         except OSError as exc:
-            raise StorageError(
-                f"cannot read chunk {short_id(chunk_id)} at {path}: {exc.strerror}; check the disk"
-            ) from exc
-        return data
+            raise self._read_failed(chunk_id, exc) from exc
+        return fd, int(rows[0][0])
+
+    def _verify_or_discard(
+        self, chunk_id: ChunkId, fd: int, data: bytes | memoryview, size: int
+    ) -> None:
+        """Check the bytes read; delete a rotten chunk (``fd`` still open pins its inode)."""
+        try:
+            if len(data) != size:
+                raise ChunkHashMismatch(f"{len(data)} bytes where the index says {size}")
+            verify_chunk(chunk_id, data)
+        except ChunkHashMismatch:
+            # Still holding the file open, so its inode cannot be reused by a new copy.
+            self._discard_rotten(chunk_id, os.fstat(fd).st_ino)
+            raise ChunkHashMismatch(
+                f"stored chunk {short_id(chunk_id)} ({size} bytes) no longer matches "
+                "its id and was deleted; fetch it from another holder"
+            ) from None
+
+    def _read_failed(self, chunk_id: ChunkId, exc: OSError) -> StorageError:
+        return StorageError(
+            f"cannot read chunk {short_id(chunk_id)} at {self._path_of(chunk_id)}: "
+            f"{exc.strerror}; check the disk"
+        )
 
     def has_many(self, ids: Sequence[ChunkId]) -> list[bool]:
         """Which of ``ids`` are live here.

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,59 @@ def test_rotted_chunk_is_detected_deleted_reported_and_not_served(
         store.get(chunk_id)
     assert store.put(chunk_id, data, lease_s=60) is True  # a good copy can be stored again
     assert store.get(chunk_id) == data
+    assert_consistent(store)
+
+
+def lend(buffer: bytearray, offset: int, asked: list[int]) -> Callable[[int], memoryview]:
+    """A read_into room callback lending ``buffer[offset:]`` and recording what was asked for."""
+
+    def room(size: int) -> memoryview:
+        asked.append(size)
+        return memoryview(buffer)[offset:]
+
+    return room
+
+
+def test_read_into_reads_into_the_lent_room(store: ChunkStore) -> None:
+    chunk_id, data = make_chunk(70_000)
+    store.put(chunk_id, data, lease_s=60)
+    buffer = bytearray(100_000)
+    asked: list[int] = []
+    assert store.read_into(chunk_id, lend(buffer, 42, asked)) == len(data)
+    assert asked == [len(data) + 1]
+    assert buffer[42 : 42 + len(data)] == data
+    with pytest.raises(ValueError, match="room"):
+        store.read_into(chunk_id, lend(bytearray(len(data)), 0, []))
+    with pytest.raises(ChunkNotStored):
+        store.read_into(make_chunk(10, seed=9)[0], lend(buffer, 0, asked))
+    assert_consistent(store)
+
+
+@pytest.mark.parametrize("read", ["get", "read_into"])
+@pytest.mark.parametrize("change", ["flip", "append", "truncate"])
+def test_rotted_chunk_is_not_served_by_either_read(
+    store: ChunkStore, read: str, change: str
+) -> None:
+    """A file whose bytes changed, or that grew or shrank, is rot: deleted, never served."""
+    chunk_id, data = make_chunk(10_000)
+    store.put(chunk_id, data, lease_s=60)
+    path = chunk_path(store.root, chunk_id)
+    rotten = bytearray(data)
+    if change == "flip":
+        rotten[0] ^= 1
+    elif change == "append":
+        rotten += b"\0"
+    else:
+        del rotten[-1]
+    path.write_bytes(rotten)
+    reader: dict[str, Callable[[], object]] = {
+        "get": lambda: store.get(chunk_id),
+        "read_into": lambda: store.read_into(chunk_id, lend(bytearray(20_000), 0, [])),
+    }
+    with pytest.raises(ChunkHashMismatch, match="deleted"):
+        reader[read]()
+    assert not path.exists()
+    assert store.has_many([chunk_id]) == [False]
     assert_consistent(store)
 
 
