@@ -43,6 +43,11 @@ _SERVER_KEEP_BYTES: Final = 64 << 10
 # The smallest room get_buffer() lends: a quarter of asyncio's own 256 KiB reads, so small frames
 # do not cost a system call each.
 _MIN_RECEIVE_BYTES: Final = 64 << 10
+# A server hands a StoreRequest at least this large its receive buffer itself (no copy of the
+# chunk), if at most _SERVER_KEEP_BYTES of the next frame have to move to a fresh buffer.
+_HAND_OVER_BYTES: Final = 64 << 10
+# What precedes the data in a ChunkData frame: header and chunk id (see send_chunk_data_in_place).
+CHUNK_DATA_HEAD_BYTES: Final = HEADER_BYTES + CHUNK_ID_BYTES
 # Request id 0 is reserved for errors about the whole connection (BUSY, TOO_LARGE before a header).
 CONNECTION_REQUEST_ID: Final = 0
 _MAX_REQUEST_ID: Final = 2**32 - 1
@@ -93,12 +98,16 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """Store ``data`` under ``chunk_id`` and keep it for at least ``lease_s`` seconds."""
+    """Store ``data`` under ``chunk_id`` and keep it for at least ``lease_s`` seconds.
+
+    A server receives a large chunk as a view of the buffer it was received into (no copy); the
+    connection lets go of that buffer, so the view stays valid as long as the event is kept.
+    """
 
     request_id: int
     chunk_id: ChunkId
     lease_s: int
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -307,7 +316,7 @@ class TransferConnection:
 
     # Sending.
 
-    def send(self, event: Request | Reply) -> list[bytes]:
+    def send(self, event: Request | Reply) -> list[bytes | memoryview]:
         """Encode ``event`` as one frame.
 
         Returns:
@@ -325,8 +334,8 @@ class TransferConnection:
         return self._send_reply(event)
 
     def _frame(
-        self, kind: MessageType, request_id: int, body: bytes, tail: bytes = b""
-    ) -> list[bytes]:
+        self, kind: MessageType, request_id: int, body: bytes, tail: bytes | memoryview = b""
+    ) -> list[bytes | memoryview]:
         length = HEADER_BYTES - PREFIX_BYTES + len(body) + len(tail)
         if length + PREFIX_BYTES > self.max_frame_bytes:
             raise ValueError(
@@ -335,7 +344,7 @@ class TransferConnection:
         head = _HEADER.pack(length, PROTOCOL_VERSION, kind, request_id) + body
         return [head, tail] if tail else [head]
 
-    def _send_request(self, event: Request | Reply) -> list[bytes]:
+    def _send_request(self, event: Request | Reply) -> list[bytes | memoryview]:
         request_id = event.request_id
         if not 0 < request_id <= _MAX_REQUEST_ID or request_id in self._outstanding:
             raise ValueError(f"request id {request_id} is invalid or in use")
@@ -371,7 +380,7 @@ class TransferConnection:
         self._outstanding[request_id] = pending
         return frames
 
-    def _send_reply(self, event: Request | Reply) -> list[bytes]:
+    def _send_reply(self, event: Request | Reply) -> list[bytes | memoryview]:
         request_id = event.request_id
         if isinstance(event, Error):
             # After a violation the offending request may never have been registered; the final
@@ -412,9 +421,45 @@ class TransferConnection:
         del self._outstanding[request_id]
         return frames
 
+    def send_chunk_data_in_place(self, request_id: int, frame: bytearray, size: int) -> memoryview:
+        """Answer FetchRequest ``request_id`` with a ChunkData whose data the caller already placed.
+
+        A server that reads a chunk into ``frame[CHUNK_DATA_HEAD_BYTES:]`` gets the whole frame
+        back as one buffer (header and chunk id written in front), so the chunk is neither copied
+        nor sent in two pieces. Otherwise the same as ``send(ChunkData(...))``.
+
+        Args:
+            request_id: The FetchRequest being answered.
+            frame: ``size`` data bytes at offset CHUNK_DATA_HEAD_BYTES.
+            size: Number of data bytes.
+
+        Returns:
+            ``frame[:CHUNK_DATA_HEAD_BYTES + size]``, to write as it is.
+
+        Raises:
+            ValueError: as for send(): no FetchRequest ``request_id`` awaits a reply, the frame
+                would exceed the limit, or ``frame`` is too short.
+        """
+        if self.role is not Role.SERVER or self._state is _State.FAILED:
+            raise ValueError("only a working server connection answers with ChunkData")
+        pending = self._outstanding.get(request_id)
+        if pending is None or pending.kind is not MessageType.FETCH:
+            raise ValueError(f"no FETCH request {request_id} awaits a reply")
+        end = CHUNK_DATA_HEAD_BYTES + size
+        if not 0 <= size <= len(frame) - CHUNK_DATA_HEAD_BYTES:
+            raise ValueError(f"frame of {len(frame)} bytes cannot hold {size} data bytes")
+        if end > self.max_frame_bytes:
+            raise ValueError(f"frame of {end} bytes exceeds {self.max_frame_bytes}")
+        _HEADER.pack_into(
+            frame, 0, end - PREFIX_BYTES, PROTOCOL_VERSION, MessageType.CHUNK_DATA, request_id
+        )
+        frame[HEADER_BYTES:CHUNK_DATA_HEAD_BYTES] = pending.chunk_id
+        del self._outstanding[request_id]
+        return memoryview(frame)[:end]
+
     # Receiving.
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received from the peer; ``b""`` means the peer closed its sending side.
 
         Raises:
@@ -469,7 +514,13 @@ class TransferConnection:
             self._end -= self._start
             self._start = 0
         missing = self._end + size - len(buffer)
-        if missing > 0:
+        if missing > len(buffer):
+            # Growing for a large frame: one allocation of the final size, and only the bytes
+            # already received move (extend() would allocate, zero and copy the whole room twice).
+            grown = bytearray(self._end + size)
+            grown[: self._end] = buffer[: self._end]
+            self._buffer = grown
+        elif missing > 0:
             buffer.extend(bytes(missing))
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA]:
@@ -527,6 +578,13 @@ class TransferConnection:
                 )
             return NEED_DATA
         _, _, kind_byte, request_id = _HEADER.unpack_from(buffer, start)
+        if (
+            kind_byte == MessageType.STORE
+            and self.role is Role.SERVER
+            and length >= _HAND_OVER_BYTES
+            and self._end - end <= _SERVER_KEEP_BYTES
+        ):
+            return self._hand_over_store(request_id, start, end)
         with memoryview(buffer) as view:
             body = view[start + HEADER_BYTES : end]
             try:
@@ -540,7 +598,28 @@ class TransferConnection:
                 self._buffer = bytearray()
         return event
 
-    def _decode(self, kind_byte: int, request_id: int, body: memoryview) -> Event:
+    def _hand_over_store(self, request_id: int, start: int, end: int) -> StoreRequest:
+        """Decode a large STORE frame whose data stays where it was received (no copy).
+
+        The event gets a view of the receive buffer, and the connection starts a fresh buffer
+        with the bytes after the frame (the start of the next one, at most _SERVER_KEEP_BYTES).
+        """
+        with memoryview(self._buffer) as view:
+            body = view[start + HEADER_BYTES : end]
+            try:
+                event = self._decode(MessageType.STORE, request_id, body, data=False)
+            finally:
+                body.release()
+            assert isinstance(event, StoreRequest)  # noqa: S101 - _decode_request made it
+            self._buffer = bytearray(view[end : self._end])
+            self._start, self._end = 0, len(self._buffer)
+            # A slice outlives the view it was cut from (both refer to the buffer itself).
+            data = view[start + HEADER_BYTES + _STORE_FIXED.size : end]
+        return StoreRequest(event.request_id, event.chunk_id, event.lease_s, data)
+
+    def _decode(
+        self, kind_byte: int, request_id: int, body: memoryview, *, data: bool = True
+    ) -> Event:
         try:
             kind = MessageType(kind_byte)
         except ValueError:
@@ -550,7 +629,7 @@ class TransferConnection:
                 request_id=request_id,
             ) from None
         if self.role is Role.SERVER:
-            return self._decode_request(kind, request_id, body)
+            return self._decode_request(kind, request_id, body, data=data)
         return self._decode_reply(kind, request_id, body)
 
     def _decode_ids(
@@ -569,7 +648,11 @@ class TransferConnection:
             for i in range(offset, offset + count * CHUNK_ID_BYTES, CHUNK_ID_BYTES)
         )
 
-    def _decode_request(self, kind: MessageType, request_id: int, body: memoryview) -> Request:
+    def _decode_request(
+        self, kind: MessageType, request_id: int, body: memoryview, *, data: bool = True
+    ) -> Request:
+        """Decode a request; with ``data=False`` a STORE's data is left out (the caller has it)."""
+
         def bad(message: str) -> ProtocolViolation:
             return ProtocolViolation(message, code=ErrorCode.BAD_REQUEST, request_id=request_id)
 
@@ -593,8 +676,8 @@ class TransferConnection:
                     code=ErrorCode.TOO_LARGE,
                     request_id=request_id,
                 )
-            data = bytes(body[_STORE_FIXED.size :])
-            event = StoreRequest(request_id, ChunkId(chunk_id), lease_s, data)
+            chunk = bytes(body[_STORE_FIXED.size :]) if data else b""
+            event = StoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk)
         elif kind is MessageType.FETCH:
             if len(body) != CHUNK_ID_BYTES:
                 raise bad("FETCH frame must hold exactly one chunk id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
 from p2pmega.core.wire import (
+    CHUNK_DATA_HEAD_BYTES,
     HEADER_BYTES,
     MAX_BATCH_IDS,
     MAX_FRAME_BYTES,
@@ -40,7 +42,9 @@ def pair() -> tuple[TransferConnection, TransferConnection]:
     return TransferConnection(role=Role.CLIENT), TransferConnection(role=Role.SERVER)
 
 
-def deliver(buffers: list[bytes], to: TransferConnection, *, step: int = 0) -> list[Event]:
+def deliver(
+    buffers: Sequence[bytes | memoryview], to: TransferConnection, *, step: int = 0
+) -> list[Event]:
     """Feed ``buffers`` to ``to`` (in pieces of ``step`` bytes if given) and drain its events."""
     data = b"".join(buffers)
     pieces = [data[i : i + step] for i in range(0, len(data), step)] if step else [data]
@@ -347,3 +351,60 @@ def test_garbage_only_ever_raises_protocol_violation(garbage: bytes, step: int) 
         except ProtocolViolation:
             assert conn.failed
         assert conn.buffered_bytes <= 4096 + step
+
+
+@given(
+    sizes=st.lists(st.integers(0, 200_000), min_size=1, max_size=4),
+    step=st.sampled_from([1000, 65536, 100_000, 1 << 20]),
+)
+def test_server_receives_pipelined_stores_whole(sizes: list[int], step: int) -> None:
+    client, server = pair()
+    stores = [
+        StoreRequest(i + 1, chunk_id_of(bytes([i])), 60, bytes([i]) * n)
+        for i, n in enumerate(sizes)
+    ]
+    wire = b"".join(b"".join(client.send(store)) for store in stores)
+    assert receive_into(server, wire, step) == stores
+    assert not server.receiving_frame
+
+
+def test_server_hands_a_large_store_its_receive_buffer() -> None:
+    """A large chunk is not copied out of the receive buffer: the event gets a view of it."""
+    client, server = pair()
+    data = bytes(range(256)) * 1000
+    store = StoreRequest(1, chunk_id_of(data), 60, data)
+    fetch = FetchRequest(2, CID)
+    wire = b"".join([*client.send(store), *client.send(fetch)])
+    # Everything in one receive, as from a socket: the fetch after the chunk moves to a new buffer.
+    events = receive_into(server, wire, len(wire))
+    assert events == [store, fetch]
+    assert isinstance(events[0], StoreRequest)
+    assert type(events[0].data) is memoryview
+    small = StoreRequest(3, chunk_id_of(b"x"), 60, b"x" * 100)
+    assert receive_into(server, b"".join(client.send(small)), 1 << 20) == [small]
+
+
+def test_chunk_data_in_place_is_the_same_frame_in_one_buffer() -> None:
+    client, server = pair()
+    data = bytes(range(256)) * 40
+    cid = chunk_id_of(data)
+    deliver(client.send(FetchRequest(1, cid)), server)
+    deliver(client.send(FetchRequest(2, cid)), server)
+    expected = b"".join(server.send(ChunkData(1, cid, data)))
+    frame = bytearray(CHUNK_DATA_HEAD_BYTES + len(data) + 10)
+    frame[CHUNK_DATA_HEAD_BYTES : CHUNK_DATA_HEAD_BYTES + len(data)] = data
+    # The same frame, but answering request 2 (bytes 6-9 are the request id).
+    in_place = server.send_chunk_data_in_place(2, frame, len(data))
+    assert bytes(in_place) == expected[:6] + (2).to_bytes(4, "big") + expected[10:]
+    assert server.outstanding == 0
+    assert deliver([expected], client) == [ChunkData(1, cid, data)]
+    with pytest.raises(ValueError, match="no FETCH request 2"):
+        server.send_chunk_data_in_place(2, frame, len(data))
+    deliver(client.send(HasRequest(3, (cid,))), server)
+    with pytest.raises(ValueError, match="no FETCH request 3"):
+        server.send_chunk_data_in_place(3, frame, len(data))
+    deliver(client.send(FetchRequest(4, cid)), server)
+    with pytest.raises(ValueError, match="cannot hold"):
+        server.send_chunk_data_in_place(4, frame, len(frame))
+    with pytest.raises(ValueError, match="working server"):
+        client.send_chunk_data_in_place(4, frame, len(data))
