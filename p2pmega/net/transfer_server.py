@@ -1,16 +1,20 @@
-"""TransferServer: serves a ChunkStore over TCP, one asyncio task per connection around core.wire.
+"""TransferServer: serves a ChunkStore over TCP, one BufferedProtocol per connection around core.wire.
 
 This module only moves bytes, enforces ServerLimits and maps store errors to typed Error replies;
 the protocol rules live in p2pmega.core.wire.
+
+The socket receives straight into core.wire's frame buffer (no StreamReader copies), requests run
+in the server's worker threads without a task each, and finished requests come back to the event
+loop in batches, with one wake-up for all that finished meanwhile (see _Workers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
+import concurrent.futures
 import logging
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -18,10 +22,10 @@ from typing import TYPE_CHECKING, Final
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id
 from p2pmega.core.wire import (
+    CHUNK_DATA_HEAD_BYTES,
     CONNECTION_REQUEST_ID,
     MAX_FRAME_BYTES,
     NEED_DATA,
-    ChunkData,
     ConnectionClosed,
     Error,
     ErrorCode,
@@ -45,13 +49,42 @@ if TYPE_CHECKING:
 # Both sides log as p2pmega.net.transfer, as they did when they were one module.
 log = logging.getLogger("p2pmega.net.transfer")
 
-# One read takes up to 1 MiB: a whole default chunk per system call on loopback.
-_READ_BYTES: Final = 1 << 20
-# The server's StreamReader pauses the socket past 2 x this: what a stalled connection may buffer
-# on top of the one partial frame held by core.wire.
-_SERVER_STREAM_LIMIT: Final = 256 << 10
-# How long stop() waits for a refused peer to take its final Error frame before aborting.
+# How long stop() and a protocol violation wait for a refused peer to take our final Error frame.
 _CLOSE_GRACE_S: Final = 1.0
+# Threads that run store calls: enough to overlap the fsyncs of concurrent stores.
+_WORKER_THREADS: Final = 8
+# Fetch buffers kept for reuse between replies: a fresh megabyte per chunk costs page faults on
+# every read. Sizes are rounded up so that one buffer fits chunks of slightly different sizes.
+_SPARE_READ_BUFFERS: Final = 4
+_READ_BUFFER_STEP: Final = 64 << 10
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of _ReadBuffers."""
+
+    buffer: bytearray
+    size: int
+
+
+class _ReadBuffers:
+    """Fetch buffers, taken by worker threads and given back by the loop once a reply is sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes."""
+        with self._lock:
+            if self._spare and len(self._spare[-1]) >= size:
+                return self._spare.pop()
+        return bytearray(-(-size // _READ_BUFFER_STEP) * _READ_BUFFER_STEP)
+
+    def give(self, buffer: bytearray) -> None:
+        with self._lock:
+            if len(self._spare) < _SPARE_READ_BUFFERS:
+                self._spare.append(buffer)
 
 
 @dataclass(frozen=True)
@@ -81,15 +114,110 @@ class ServerLimits:
             raise ValueError("ServerLimits timeouts must be positive")
 
 
-def _write_all(writer: asyncio.StreamWriter, buffers: list[bytes]) -> None:
-    """Write a frame's buffers one by one; writelines() would first join the body to the header."""
-    for buffer in buffers:
-        writer.write(buffer)
+def _answer(store: ChunkStore, event: Request, buffers: _ReadBuffers) -> Reply | _Chunk:
+    """Run one request against the store (in a worker thread); every failure becomes an Error."""
+    try:
+        if isinstance(event, StoreRequest):
+            newly = store.put(event.chunk_id, event.data, lease_s=event.lease_s)
+            return StoreOK(event.request_id, newly)
+        if isinstance(event, FetchRequest):
+            taken: list[bytearray] = []
+
+            def room(size: int) -> memoryview:
+                # The chunk goes after room for its frame header (send_chunk_data_in_place).
+                taken.append(buffers.take(CHUNK_DATA_HEAD_BYTES + size))
+                return memoryview(taken[-1])[CHUNK_DATA_HEAD_BYTES:]
+
+            try:
+                size = store.read_into(event.chunk_id, room)
+            except BaseException:
+                for buffer in taken:
+                    buffers.give(buffer)
+                raise
+            return _Chunk(taken[0], size)
+        if isinstance(event, HasRequest):
+            return HasReply(event.request_id, tuple(store.has_many(event.ids)))
+        return RenewReply(event.request_id, tuple(store.renew(event.ids, lease_s=event.lease_s)))
+    except errors.ChunkNotStored:
+        return Error(event.request_id, ErrorCode.NOT_FOUND, "chunk not stored here")
+    except errors.ChunkHashMismatch:
+        if isinstance(event, StoreRequest):
+            return Error(event.request_id, ErrorCode.BAD_HASH, "data does not hash to the chunk id")
+        # ChunkStore.get found the file rotten and dropped it: we no longer hold the chunk.
+        return Error(event.request_id, ErrorCode.NOT_FOUND, "chunk was corrupt on disk and dropped")
+    except errors.QuotaExceeded:
+        return Error(event.request_id, ErrorCode.QUOTA_FULL, "store quota is full")
+    except errors.UsageError as exc:
+        return Error(event.request_id, ErrorCode.BAD_REQUEST, f"refused: {type(exc).__name__}")
+    except errors.StorageError as exc:
+        return Error(event.request_id, ErrorCode.INTERNAL, f"store failed: {type(exc).__name__}")
+    except OSError as exc:
+        message = f"disk error: {exc.strerror or type(exc).__name__}"
+        return Error(event.request_id, ErrorCode.INTERNAL, message)
+    except Exception:
+        # A bug in the store must not leave the peer waiting for its timeout.
+        log.exception("store raised unexpectedly on request %d", event.request_id)
+        return Error(event.request_id, ErrorCode.INTERNAL, "internal error")
 
 
-def _close_writer(writer: asyncio.StreamWriter) -> None:
-    """Drop a connection now, discarding unsent bytes (the peer is not reading or is gone)."""
-    writer.transport.abort()
+_Done = tuple["_Connection", Request, Reply | _Chunk]
+
+
+class _Workers:
+    """Store calls in a thread pool; results return to the loop in batches.
+
+    A thread that finishes a request queues the reply and wakes the loop only if no wake-up is
+    pending already, so requests that finish close together cost one wake-up between them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: ChunkStore) -> None:
+        self._loop = loop
+        self._store = store
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            _WORKER_THREADS, thread_name_prefix="p2pmega-transfer"
+        )
+        self.buffers = _ReadBuffers()
+        self._lock = threading.Lock()
+        self._done: deque[_Done] = deque()
+        self._wake_pending = False
+        self._running = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    def submit(self, connection: _Connection, event: Request) -> None:
+        self._running += 1
+        self._pool.submit(self._run, connection, event)
+
+    def _run(self, connection: _Connection, event: Request) -> None:
+        reply = _answer(self._store, event, self.buffers)
+        with self._lock:
+            self._done.append((connection, event, reply))
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done = self._done, deque()
+            self._wake_pending = False
+        self._running -= len(done)
+        for connection, event, reply in done:
+            try:
+                connection.finished(event, reply, self.buffers)
+            except Exception:
+                log.exception("sending the reply to request %d failed", event.request_id)
+                connection.abort()
+        if not self._running and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Until every submitted request has finished (store writes are never abandoned)."""
+        if self._running:
+            self._idle = self._loop.create_future()
+            await self._idle
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 class TransferServer:
@@ -115,26 +243,24 @@ class TransferServer:
         self.limits = limits
         self.port = port
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._workers: _Workers | None = None
+        self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
-        self._inflight_total = asyncio.Semaphore(limits.max_inflight_total)
-        # One address cannot hold every global slot (e.g. with slow readers on several sockets).
-        self._inflight_per_ip: dict[str, asyncio.Semaphore] = {}
-        # Store writes run in threads and are shielded from cancellation; stop() waits for them so
-        # that no chunk acknowledged (or about to be) is lost half-written.
-        self._writes: set[asyncio.Future[bool]] = set()
-        self._connections: dict[asyncio.Task[None], TransferConnection] = {}
+        self._inflight_per_ip: Counter[str] = Counter()
+        self._inflight_total = 0
+        # Connections that stopped reading for want of an in-flight slot, in arrival order.
+        self._blocked: dict[_Connection, None] = {}
         self._stopping = False
 
     @property
     def connections(self) -> int:
         """How many connections are being served right now."""
-        return len(self._handlers)
+        return len(self._connections)
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet parsed, summed over all connections (for memory checks)."""
-        return sum(conn.buffered_bytes for conn in self._connections.values())
+        return sum(c.conn.buffered_bytes for c in self._connections)
 
     def peer_hosts(self) -> list[str]:
         """The source address of every connection being served, sorted (one entry per connection)."""
@@ -147,251 +273,357 @@ class TransferServer:
             OSError: the address cannot be bound. Left unconverted on purpose: node.py retries
                 another port when the TCP side of a UDP-chosen port number is taken.
         """
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            host=self._host,
-            port=self._requested_port,
-            limit=_SERVER_STREAM_LIMIT,
-            backlog=1024,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
         )
+        self._workers = _Workers(loop, self._store)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.debug("transfer server listening on %s:%d", self._host, self.port)
 
     async def stop(self) -> None:
-        """Stop listening, close every connection and wait for in-flight store writes."""
+        """Stop listening, close every connection and wait for the requests being answered."""
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.gather(*handlers, return_exceptions=True)
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        for connection in list(self._connections):
+            connection.abort()
+        if self._workers is not None:
+            # Store writes run to the end, so no chunk acknowledged (or about to be) is lost
+            # half-written; reads are short and must not outlive the store.
+            await self._workers.wait_idle()
+            self._workers.shutdown()
+            self._workers = None
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = writer.get_extra_info("peername")
-        ip = str(peer[0]) if peer else "?"
+    # -- used by _Connection -----------------------------------------------------------------------
+
+    def admit(self, connection: _Connection) -> bool:
         limits = self.limits
+        ip = connection.ip
         if (
-            len(self._handlers) >= limits.max_connections
+            self._stopping
+            or len(self._connections) >= limits.max_connections
             or self._per_ip[ip] >= limits.max_connections_per_ip
         ):
-            log.debug("refused BUSY connection from %s: %d open", ip, len(self._handlers))
+            return False
+        self._connections.add(connection)
+        self._per_ip[ip] += 1
+        return True
+
+    def forget(self, connection: _Connection) -> None:
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self._per_ip[connection.ip] -= 1
+            if not self._per_ip[connection.ip]:
+                del self._per_ip[connection.ip]
+        self._blocked.pop(connection, None)
+
+    def has_slot(self, connection: _Connection) -> bool:
+        """Whether every limit allows ``connection`` one more request in flight."""
+        limits = self.limits
+        return (
+            connection.inflight < limits.max_inflight_per_connection
+            and self._inflight_per_ip[connection.ip] < limits.max_inflight_per_ip
+            and self._inflight_total < limits.max_inflight_total
+        )
+
+    def take_slot(self, connection: _Connection) -> None:
+        self._inflight_per_ip[connection.ip] += 1
+        self._inflight_total += 1
+
+    def release_slot(self, connection: _Connection) -> None:
+        ip = connection.ip
+        self._inflight_per_ip[ip] -= 1
+        if not self._inflight_per_ip[ip]:
+            del self._inflight_per_ip[ip]
+        self._inflight_total -= 1
+        for blocked in list(self._blocked):
+            if self._inflight_total >= self.limits.max_inflight_total:
+                break
+            blocked.unblock()
+
+    def block(self, connection: _Connection) -> None:
+        self._blocked[connection] = None
+
+    def unblocked(self, connection: _Connection) -> None:
+        self._blocked.pop(connection, None)
+
+    def submit(self, connection: _Connection, event: Request) -> None:
+        assert self._workers is not None  # noqa: S101 - connections exist only while started
+        self._workers.submit(connection, event)
+
+    def stored(self, chunk_id: ChunkId) -> None:
+        if self._on_stored is None:
+            return
+        try:
+            self._on_stored(chunk_id)
+        except Exception:
+            log.exception("on_stored callback failed for chunk %s", short_id(chunk_id))
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: frames in, requests to the workers, replies out, limits enforced.
+
+    Timers: a started frame must be complete within ``request_timeout_s``, and each request must
+    be answered and its reply taken by the socket within ``request_timeout_s`` of its arrival;
+    either miss aborts the connection. With no frame and no request in flight, the connection is
+    closed after ``idle_timeout_s`` without traffic. One TimerHandle serves all three: it is
+    re-armed only when a deadline earlier than the armed one appears, and re-checks on firing.
+    """
+
+    def __init__(self, server: TransferServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.conn = TransferConnection(
+            role=Role.SERVER, max_frame_bytes=server.limits.max_frame_bytes
+        )
+        self.ip = "?"
+        self.inflight = 0
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._closing = False  # no more requests are read; replies still go out unless aborted
+        self._blocked = False
+        self._peer_done = False  # the peer closed its side at a frame boundary
+        self._write_paused = False
+        self._started: dict[int, float] = {}  # request id -> arrival, until its reply is taken
+        self._untaken: list[int] = []  # replies written while the socket was paused
+        self._frame_deadline: float | None = None
+        self._last_activity = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else "?"
+        if not self.server.admit(self):
+            log.debug("refused BUSY connection from %s: %d open", self.ip, self.server.connections)
+            self._closing = True
             refusal = TransferConnection(role=Role.SERVER)
-            writer.writelines(
-                refusal.send(
-                    Error(
-                        CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later"
-                    )
-                )
-            )
+            busy = Error(CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later")
+            transport.writelines(refusal.send(busy))
             # close() flushes the small Error frame in the background; a peer that never reads
             # cannot hold more than this one frame of ours.
-            writer.close()
+            transport.close()
             return
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101 - start_server runs every callback in a task
-        self._handlers.add(task)
-        self._per_ip[ip] += 1
-        if ip not in self._inflight_per_ip:
-            self._inflight_per_ip[ip] = asyncio.Semaphore(limits.max_inflight_per_ip)
-        conn = TransferConnection(role=Role.SERVER, max_frame_bytes=limits.max_frame_bytes)
-        self._connections[task] = conn
-        try:
-            await self._serve(conn, reader, writer, ip)
-        except asyncio.CancelledError:
-            # stop() cancels handlers; asyncio's start_server callback would log a cancelled
-            # handler task as an error, so a shutdown ends the handler normally instead.
-            if not self._stopping:
-                raise
-        finally:
-            self._handlers.discard(task)
-            del self._connections[task]
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
-                del self._inflight_per_ip[ip]
+        self._arm(self._last_activity + self.limits.idle_timeout_s)
 
-    async def _serve(
-        self,
-        conn: TransferConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        ip: str,
-    ) -> None:
-        limits = self.limits
-        loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(limits.max_inflight_per_connection)
-        answers: set[asyncio.Task[None]] = set()
-        frame_deadline: float | None = None
-        graceful = False
-        try:
-            while True:
-                # A frame must arrive whole within the request timeout (no slowloris); between
-                # frames the idle timeout applies.
-                if conn.receiving_frame:
-                    if frame_deadline is None:
-                        frame_deadline = loop.time() + limits.request_timeout_s
-                    timeout = max(frame_deadline - loop.time(), 0.0)
-                else:
-                    frame_deadline = None
-                    timeout = limits.idle_timeout_s
-                try:
-                    async with asyncio.timeout(timeout):
-                        data = await reader.read(_READ_BYTES)
-                except TimeoutError:
-                    if conn.receiving_frame:
-                        log.debug(
-                            "closing %s: frame not completed in %.1fs", ip, limits.request_timeout_s
-                        )
-                        return
-                    if answers:
-                        continue
-                    log.debug("closing %s: idle for %.1fs", ip, limits.idle_timeout_s)
-                    graceful = True
-                    return
-                conn.receive_data(data)
-                while True:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if isinstance(event, ConnectionClosed):
-                        graceful = True
-                        if answers:
-                            await asyncio.wait(answers)
-                        return
-                    if not isinstance(
-                        event, StoreRequest | FetchRequest | HasRequest | RenewRequest
-                    ):
-                        raise AssertionError("a server connection yields only requests")
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        if self._closing:
+            return
+        self._last_activity = self._loop.time()
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if not self._closing:
+            self.conn.receive_data(b"")
+            self._pump()
+        return True  # keep the socket open for the replies still owed; we close it ourselves
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Replies written but never taken free their slots now; requests still in the workers
+        # free theirs when they finish.
+        untaken, self._untaken = self._untaken, []
+        for request_id in untaken:
+            self._release(request_id)
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        untaken, self._untaken = self._untaken, []
+        for request_id in untaken:
+            self._done(request_id)
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Parse and dispatch frames while in-flight slots allow; stop reading when they do not."""
+        conn = self.conn
+        server = self.server
+        while not self._closing:
+            if not server.has_slot(self):
+                if not self._blocked:
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
                     # window fills up instead of our memory.
-                    ip_slots = self._inflight_per_ip[ip]
-                    await slots.acquire()
-                    try:
-                        await ip_slots.acquire()
-                        try:
-                            await self._inflight_total.acquire()
-                        except BaseException:
-                            ip_slots.release()
-                            raise
-                    except BaseException:
-                        slots.release()
-                        raise
-                    answer = asyncio.create_task(self._answer(conn, writer, event, ip))
-                    answers.add(answer)
-                    answer.add_done_callback(answers.discard)
-                    answer.add_done_callback(functools.partial(self._release, slots, ip_slots))
-        except ProtocolViolation as exc:
-            log.debug("refused %s from %s: %s", exc.code.name, ip, exc)
-            if not writer.is_closing():
-                _write_all(writer, conn.send(Error(exc.request_id, exc.code, str(exc))))
-                with contextlib.suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(_CLOSE_GRACE_S):
-                        await writer.drain()
-            graceful = True
-        except OSError as exc:
-            log.debug("connection from %s failed: %s", ip, exc)
-        finally:
-            for answer in answers:
-                answer.cancel()
-            if answers:
-                await asyncio.gather(*answers, return_exceptions=True)
-            if graceful and not writer.is_closing():
-                writer.close()
-            else:
-                _close_writer(writer)
+                    self._blocked = True
+                    server.block(self)
+                    self._pause_reading()
+                return
+            try:
+                event = conn.next_event()
+            except ProtocolViolation as exc:
+                self._refuse(exc)
+                return
+            if event is NEED_DATA:
+                self._need_data()
+                return
+            if isinstance(event, ConnectionClosed):
+                self._peer_done = True
+                self._close_when_answered()
+                return
+            if not isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
+                raise AssertionError("a server connection yields only requests")
+            server.take_slot(self)
+            self._frame_deadline = None
+            self.inflight += 1
+            now = self._loop.time()
+            self._started[event.request_id] = now
+            self._arm(now + self.limits.request_timeout_s)
+            server.submit(self, event)
 
-    def _release(
-        self, slots: asyncio.Semaphore, ip_slots: asyncio.Semaphore, _answer: asyncio.Task[None]
-    ) -> None:
-        slots.release()
-        ip_slots.release()
-        self._inflight_total.release()
+    def _need_data(self) -> None:
+        if self._blocked:
+            self._blocked = False
+            self.server.unblocked(self)
+            self._resume_reading()
+        if self.conn.receiving_frame:
+            if self._frame_deadline is None:
+                self._frame_deadline = self._loop.time() + self.limits.request_timeout_s
+                self._arm(self._frame_deadline)
+        else:
+            self._frame_deadline = None
 
-    async def _answer(
-        self, conn: TransferConnection, writer: asyncio.StreamWriter, event: Request, ip: str
-    ) -> None:
-        try:
-            async with asyncio.timeout(self.limits.request_timeout_s):
-                reply = await self._reply_to(event, ip)
-                if writer.is_closing() or conn.failed:
-                    return
-                _write_all(writer, conn.send(reply))
-                await writer.drain()
-        except TimeoutError:
-            log.debug(
-                "closing %s: reply %d not taken in %.1fs",
-                ip,
-                event.request_id,
-                self.limits.request_timeout_s,
+    def unblock(self) -> None:
+        """A slot was freed somewhere: parse on if this connection can now take one."""
+        if self._blocked and not self._closing:
+            self._pump()
+
+    def finished(self, event: Request, reply: Reply | _Chunk, buffers: _ReadBuffers) -> None:
+        """A worker answered ``event``: send the reply (unless the connection is gone)."""
+        request_id = event.request_id
+        if isinstance(event, StoreRequest) and isinstance(reply, StoreOK) and reply.newly_stored:
+            self.server.stored(event.chunk_id)
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.conn.failed:
+            if isinstance(reply, _Chunk):
+                buffers.give(reply.buffer)
+            self._release(request_id)
+            return
+        if isinstance(reply, _Chunk):
+            # Header, chunk id and data leave in one write from the buffer they were read into.
+            transport.write(
+                self.conn.send_chunk_data_in_place(request_id, reply.buffer, reply.size)
             )
-            _close_writer(writer)
-        except OSError as exc:
-            log.debug("closing %s: %s", ip, exc)
-            _close_writer(writer)
+            if not transport.get_write_buffer_size():
+                # The socket took it all, so the transport holds no reference to the buffer.
+                buffers.give(reply.buffer)
+        else:
+            for buffer in self.conn.send(reply):
+                transport.write(buffer)
+        if self._write_paused:
+            self._untaken.append(request_id)  # taken when the socket drains (resume_writing)
+        else:
+            self._done(request_id)
 
-    def _refuse(self, event: Request, ip: str, code: ErrorCode, message: str) -> Error:
-        log.debug("refused %s %d from %s: %s", code.name, event.request_id, ip, message)
-        return Error(event.request_id, code, message)
+    def _done(self, request_id: int) -> None:
+        self._last_activity = self._loop.time()
+        self._release(request_id)
+        if self._peer_done:
+            self._close_when_answered()
 
-    async def _reply_to(self, event: Request, ip: str) -> Reply:
-        store = self._store
-        try:
-            if isinstance(event, StoreRequest):
-                write = asyncio.ensure_future(
-                    asyncio.to_thread(store.put, event.chunk_id, event.data, lease_s=event.lease_s)
+    def _release(self, request_id: int) -> None:
+        if self._started.pop(request_id, None) is None:
+            return
+        self.inflight -= 1
+        self.server.release_slot(self)
+
+    def _close_when_answered(self) -> None:
+        if not self._started and self._transport is not None:
+            self._closing = True
+            self._transport.close()
+
+    # -- closing -------------------------------------------------------------------------------------
+
+    def _refuse(self, exc: ProtocolViolation) -> None:
+        """Send the one Error a protocol violation earns, then close (abort if not taken soon)."""
+        log.debug("refused %s from %s: %s", exc.code.name, self.ip, exc)
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        for buffer in self.conn.send(Error(exc.request_id, exc.code, str(exc))):
+            transport.write(buffer)
+        transport.close()
+        self._loop.call_later(_CLOSE_GRACE_S, transport.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent bytes (the peer is not reading, or we stop)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # -- timers --------------------------------------------------------------------------------------
+
+    def _arm(self, deadline: float) -> None:
+        """Make sure the timer fires no later than ``deadline``."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        limits = self.limits
+        deadlines = []
+        if self._frame_deadline is not None and not self._blocked:
+            if now >= self._frame_deadline:
+                log.debug(
+                    "closing %s: frame not completed in %.1fs", self.ip, limits.request_timeout_s
                 )
-                self._writes.add(write)
-                write.add_done_callback(self._writes.discard)
-                newly = await asyncio.shield(write)
-                if newly and self._on_stored is not None:
-                    try:
-                        self._on_stored(event.chunk_id)
-                    except Exception:
-                        log.exception(
-                            "on_stored callback failed for chunk %s", short_id(event.chunk_id)
-                        )
-                return StoreOK(event.request_id, newly)
-            if isinstance(event, FetchRequest):
-                data = await asyncio.to_thread(store.get, event.chunk_id)
-                return ChunkData(event.request_id, event.chunk_id, data)
-            if isinstance(event, HasRequest):
-                flags = await asyncio.to_thread(store.has_many, list(event.ids))
-                return HasReply(event.request_id, tuple(flags))
-            renewed = await asyncio.to_thread(store.renew, list(event.ids), lease_s=event.lease_s)
-            return RenewReply(event.request_id, tuple(renewed))
-        except errors.ChunkNotStored:
-            return self._refuse(event, ip, ErrorCode.NOT_FOUND, "chunk not stored here")
-        except errors.ChunkHashMismatch:
-            if isinstance(event, StoreRequest):
-                return self._refuse(
-                    event, ip, ErrorCode.BAD_HASH, "data does not hash to the chunk id"
+                self.abort()
+                return
+            deadlines.append(self._frame_deadline)
+        if self._started:
+            oldest = next(iter(self._started.items()))
+            if now >= oldest[1] + limits.request_timeout_s:
+                log.debug(
+                    "closing %s: reply %d not taken in %.1fs",
+                    self.ip,
+                    oldest[0],
+                    limits.request_timeout_s,
                 )
-            # ChunkStore.get found the file rotten and dropped it: we no longer hold the chunk.
-            return self._refuse(
-                event, ip, ErrorCode.NOT_FOUND, "chunk was corrupt on disk and dropped"
-            )
-        except errors.QuotaExceeded:
-            return self._refuse(event, ip, ErrorCode.QUOTA_FULL, "store quota is full")
-        except errors.UsageError as exc:
-            return self._refuse(event, ip, ErrorCode.BAD_REQUEST, f"refused: {type(exc).__name__}")
-        except errors.StorageError as exc:
-            return self._refuse(
-                event, ip, ErrorCode.INTERNAL, f"store failed: {type(exc).__name__}"
-            )
-        except OSError as exc:
-            return self._refuse(
-                event, ip, ErrorCode.INTERNAL, f"disk error: {exc.strerror or type(exc).__name__}"
-            )
-        except Exception:
-            # A bug in the store must not leave the peer waiting for its timeout.
-            log.exception("store raised unexpectedly on request %d from %s", event.request_id, ip)
-            return Error(event.request_id, ErrorCode.INTERNAL, "internal error")
+                self.abort()
+                return
+            deadlines.append(oldest[1] + limits.request_timeout_s)
+        elif not self.conn.receiving_frame:
+            idle_until = self._last_activity + limits.idle_timeout_s
+            if now >= idle_until:
+                log.debug("closing %s: idle for %.1fs", self.ip, limits.idle_timeout_s)
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            deadlines.append(idle_until)
+        if not deadlines:
+            # Blocked with a frame in the buffer: the requests that block it will re-arm us.
+            deadlines.append(now + limits.request_timeout_s)
+        self._arm(min(deadlines))

@@ -25,6 +25,7 @@ from p2pmega.core.wire import (
     FetchRequest,
     MessageType,
     Role,
+    StoreOK,
     StoreRequest,
     TransferConnection,
 )
@@ -188,6 +189,48 @@ async def test_frame_cut_then_stall_is_closed_after_request_timeout(holder: Hold
             LIMITS.request_timeout_s * 0.9 <= loop.time() - started <= LIMITS.request_timeout_s + 2
         )
     await holder.assert_serves_honest_peer()
+
+
+async def test_each_frame_gets_its_own_deadline_on_a_busy_connection(tmp_path: Path) -> None:
+    """Frames sent back to back, each split across sends: the buffer never empties between them,
+    yet every frame arrives within the request timeout, so the connection must live."""
+    timeout_s = 3.0
+    store = ChunkStore(tmp_path / "busy", quota_bytes=MiB)
+    server = TransferServer(
+        store, host=HOLDER, port=0, limits=ServerLimits(request_timeout_s=timeout_s)
+    )
+    conn = TransferConnection(role=Role.CLIENT)
+    chunks = [os.urandom(1000) for _ in range(4)]
+    wire = b"".join(
+        b"".join(conn.send(StoreRequest(i + 1, chunk_id_of(data), 60, data)))
+        for i, data in enumerate(chunks)
+    )
+    # Cut in the middle of frames 2, 3 and 4: a partial frame is buffered for 3 x 1.2 s in all,
+    # longer than the timeout, but each frame is complete within 1.2 s of its first byte.
+    frame_bytes = len(wire) // len(chunks)
+    cuts = [frame_bytes * i + frame_bytes // 2 for i in (1, 2, 3)]
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    try:
+        await server.start()
+        async with raw_connection(server.port) as (reader, writer):
+            for i, piece in enumerate(pieces):
+                if i:
+                    await asyncio.sleep(1.2)
+                writer.write(piece)
+            replies: list[object] = []
+            async with asyncio.timeout(STEP_S):
+                while len(replies) < len(chunks):
+                    data = await reader.read(65536)
+                    assert data, f"the holder closed after {len(replies)} replies"
+                    conn.receive_data(data)
+                    while (event := conn.next_event()) is not NEED_DATA:
+                        replies.append(event)
+        assert sorted(replies, key=lambda r: r.request_id) == [  # type: ignore[attr-defined]
+            StoreOK(i + 1, True) for i in range(len(chunks))
+        ]
+    finally:
+        await server.stop()
+        store.close()
 
 
 async def test_chunk_not_matching_its_id_gets_bad_hash_and_connection_lives(holder: Holder) -> None:
