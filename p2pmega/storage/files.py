@@ -7,10 +7,13 @@ Layout: docs/STORAGE.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
+import mmap
 import os
 import re
+import threading
 from pathlib import Path
 
 from p2pmega.core.chunking import ChunkId, short_id
@@ -28,6 +31,14 @@ TMP_SUFFIX = ".tmp"
 # quota, 4,000 at a million chunks) and lets all of them be created, and fsynced, once at open.
 _SHARDS = tuple(f"{i:02x}" for i in range(256))
 _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
+
+# O_DIRECT wants the buffer, the length and the file offset aligned to the device's logical block;
+# 4096 suits every common device (512-byte ones too). os.O_DIRECT exists on Linux only.
+_DIRECT_ALIGN = 4096
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+# Each writer thread keeps one page-aligned buffer for direct writes, grown in steps of 1 MiB.
+_DIRECT_BUFFER_STEP = 1 << 20
+_thread_buffers = threading.local()
 
 
 def lock_root(root: Path) -> int:
@@ -122,10 +133,40 @@ def chunk_file(chunks_dir: str, key: bytes) -> str:
     return f"{chunks_dir}/{name[:2]}/{name}"
 
 
+def direct_io_works(tmp_dir: str) -> bool:
+    """Whether files in ``tmp_dir`` can be written with O_DIRECT (not on tmpfs, nor off Linux)."""
+    if not _O_DIRECT:
+        return False
+    probe = f"{tmp_dir}/direct-io-probe.{os.urandom(6).hex()}{TMP_SUFFIX}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        _write_direct(fd, bytes(_DIRECT_ALIGN))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        unlink_quietly(probe)
+
+
 def write_chunk_file(
-    chunks_dir: str, tmp_dir: str, chunk_id: ChunkId, data: bytes | bytearray | memoryview
-) -> None:
+    chunks_dir: str,
+    tmp_dir: str,
+    chunk_id: ChunkId,
+    data: bytes | bytearray | memoryview,
+    *,
+    direct: bool = False,
+) -> bool:
     """Write to a temp file, fsync it, rename it into place and fsync the directory.
+
+    With ``direct``, the data goes to the disk with O_DIRECT from an aligned buffer, bypassing the
+    page cache (see docs/STORAGE.md for why); a filesystem that refuses it gets an ordinary write.
+
+    Returns:
+        Whether the data was written with O_DIRECT (False once the filesystem refused it).
 
     Raises:
         StorageError: The disk failed; no temp file is left behind.
@@ -135,17 +176,22 @@ def write_chunk_file(
     final = f"{final_dir}/{name}"
     # A fresh random name, created exclusively: two writers never share a temp file.
     tmp = f"{tmp_dir}/{name[:16]}.{os.urandom(6).hex()}{TMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, (flags | _O_DIRECT) if direct else flags, 0o600)
     except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            write_chunk_file(chunks_dir, tmp_dir, chunk_id, data)
+            return False
         raise StorageError(
             f"cannot create a file in {tmp_dir}: {exc.strerror}; check the disk"
         ) from exc
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            if direct:
+                direct = _write_direct_or_not(fd, data)
+            else:
+                _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -160,6 +206,55 @@ def write_chunk_file(
     except BaseException:
         unlink_quietly(tmp)
         raise
+    return direct
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_direct_or_not(fd: int, data: bytes | bytearray | memoryview) -> bool:
+    """Write ``data`` to the new file ``fd`` (opened with O_DIRECT); False if it had to fall back."""
+    try:
+        _write_direct(fd, data)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    # The filesystem took O_DIRECT at open but refuses the write: start over without it.
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    _write_all(fd, data)
+    return False
+
+
+def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to the empty file ``fd`` with O_DIRECT, then cut the padding off.
+
+    The data is copied into this thread's page-aligned buffer and zero-padded to the alignment;
+    ftruncate() then sets the exact length (the caller fsyncs, which makes the length durable).
+    """
+    size = len(data)
+    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    if not padded:
+        return
+    buffer: mmap.mmap | None = getattr(_thread_buffers, "buffer", None)
+    if buffer is None or len(buffer) < padded:
+        if buffer is not None:
+            buffer.close()
+        buffer = mmap.mmap(-1, -(-padded // _DIRECT_BUFFER_STEP) * _DIRECT_BUFFER_STEP)
+        _thread_buffers.buffer = buffer
+    buffer[:size] = data
+    buffer[size:padded] = bytes(padded - size)
+    with memoryview(buffer) as view, view[:padded] as block:
+        written = os.write(fd, block)
+    if written != padded:
+        raise OSError(errno.EIO, f"short direct write ({written} of {padded} bytes)")
+    if padded != size:
+        os.ftruncate(fd, size)
 
 
 def fsync_dir(path: Path | str) -> None:

@@ -34,6 +34,7 @@ from p2pmega.storage.files import (
     TMP_DIR,
     chunk_file,
     chunk_path,
+    direct_io_works,
     lock_root,
     make_dirs,
     unlink_quietly,
@@ -63,6 +64,7 @@ class ChunkStore:
         *,
         quota_bytes: int = DEFAULT_QUOTA_BYTES,
         clock: Callable[[], float] = time.time,
+        direct_io: bool | None = None,
     ) -> None:
         """Open (creating if needed) the store at ``root`` and repair what a crash left behind.
 
@@ -70,6 +72,8 @@ class ChunkStore:
             root: The store directory; created with mode 0700 if missing.
             quota_bytes: Most chunk bytes the store may hold.
             clock: Wall-clock seconds; leases are absolute times from this clock.
+            direct_io: Write chunks with O_DIRECT (bypassing the page cache); None uses it
+                where the filesystem allows it. Reads always go through the page cache.
 
         Raises:
             BadOption: ``quota_bytes`` is negative.
@@ -102,6 +106,7 @@ class ChunkStore:
         try:
             with self._cond:
                 self.repair_report, self._used, self._count = reconcile(self._index, self._root)
+            self._direct = direct_io_works(self._tmp_str) if direct_io is None else direct_io
         except BaseException:
             self._index.close()
             os.close(self._lock_fd)
@@ -113,6 +118,11 @@ class ChunkStore:
     def root(self) -> Path:
         """The store directory."""
         return self._root
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether chunks are written with O_DIRECT (False after the filesystem refused it)."""
+        return self._direct
 
     @property
     def quota_bytes(self) -> int:
@@ -178,7 +188,14 @@ class ChunkStore:
             self._reserve_locked(chunk_id, size, now)
             self._pending.add(key)
         try:
-            write_chunk_file(self._chunks_str, self._tmp_str, chunk_id, data)
+            direct = self._direct
+            if direct and not write_chunk_file(
+                self._chunks_str, self._tmp_str, chunk_id, data, direct=True
+            ):
+                self._direct = False
+                log.info("%s refuses O_DIRECT writes; writing through the page cache", self._root)
+            elif not direct:
+                write_chunk_file(self._chunks_str, self._tmp_str, chunk_id, data)
             with self._cond:
                 try:
                     self._check_open()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ from p2pmega.errors import (
     StoreCorrupt,
 )
 from p2pmega.storage import ChunkStore
+from p2pmega.storage import files as storage_files
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +111,57 @@ def test_put_then_get_returns_exact_bytes(store: ChunkStore, size: int) -> None:
     assert store.ids() == [chunk_id]
     assert store.has_many([chunk_id]) == [True]
     assert_consistent(store)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_direct_and_page_cache_writes_store_exact_bytes(tmp_path: Path, direct_io: bool) -> None:
+    """Sizes around the 4096-byte O_DIRECT alignment: the padding never reaches the file."""
+    sizes = [0, 1, 4095, 4096, 4097, 8191, (1 << 20) + 41, MAX_SEALED_CHUNK_BYTES]
+    chunks = [make_chunk(size, seed=size) for size in sizes]
+    with ChunkStore(tmp_path, quota_bytes=64 << 20, direct_io=direct_io) as store:
+        for chunk_id, data in chunks:
+            assert store.put(chunk_id, data, lease_s=60) is True
+        if direct_io and not store.direct_io:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert store.direct_io is direct_io
+        for chunk_id, data in chunks:
+            assert chunk_path(tmp_path, chunk_id).read_bytes() == data
+            assert store.get(chunk_id) == data
+        assert_consistent(store)
+    with ChunkStore(tmp_path, quota_bytes=64 << 20) as reopened:
+        assert not reopened.repair_report.repaired
+        assert reopened.has_many([c for c, _ in chunks]) == [True] * len(chunks)
+
+
+def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT accepted at open but refused on write (EINVAL): the chunk is written anyway, and
+    the store stops trying."""
+
+    def refuse(fd: int, data: object) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    chunks = [make_chunk(5000, seed=i) for i in range(2)]
+    with ChunkStore(tmp_path, quota_bytes=1 << 20, direct_io=True) as store:
+        monkeypatch.setattr(storage_files, "_write_direct", refuse)
+        for chunk_id, data in chunks:
+            assert store.put(chunk_id, data, lease_s=60) is True
+            assert store.get(chunk_id) == data
+        assert store.direct_io is False
+        assert_consistent(store)
+
+
+def test_no_o_direct_means_page_cache_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage_files, "_O_DIRECT", 0)  # as off Linux
+    with ChunkStore(tmp_path, quota_bytes=1 << 20) as store:
+        assert store.direct_io is False
+        chunk_id, data = make_chunk(5000)
+        assert store.put(chunk_id, data, lease_s=60) is True
+        assert store.get(chunk_id) == data
+        assert_consistent(store)
 
 
 def test_put_of_stored_chunk_returns_false_and_never_shortens_lease(
