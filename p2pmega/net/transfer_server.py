@@ -11,8 +11,8 @@ loop in batches, with one wake-up for all that finished meanwhile (see _Workers)
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import queue
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -164,37 +164,47 @@ _Done = tuple["_Connection", Request, Reply | _Chunk]
 
 
 class _Workers:
-    """Store calls in a thread pool; results return to the loop in batches.
+    """Store calls in worker threads; results return to the loop in batches.
 
-    A thread that finishes a request queues the reply and wakes the loop only if no wake-up is
-    pending already, so requests that finish close together cost one wake-up between them.
+    Plain threads on one queue (a ThreadPoolExecutor costs a Future, a work item and a semaphore
+    per request). A thread that finishes a request queues the reply and wakes the loop only if no
+    wake-up is pending already, so requests that finish close together cost one wake-up.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, store: ChunkStore) -> None:
         self._loop = loop
         self._store = store
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            _WORKER_THREADS, thread_name_prefix="p2pmega-transfer"
-        )
         self.buffers = _ReadBuffers()
+        self._jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done: deque[_Done] = deque()
         self._wake_pending = False
         self._running = 0
         self._idle: asyncio.Future[None] | None = None
+        # Daemon threads: a process that exits without stop() loses at most writes that were
+        # never acknowledged, which the store's repair at open removes (as after kill -9).
+        self._threads = [
+            threading.Thread(target=self._work, name=f"p2pmega-transfer-{i}", daemon=True)
+            for i in range(_WORKER_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, connection: _Connection, event: Request) -> None:
         self._running += 1
-        self._pool.submit(self._run, connection, event)
+        self._jobs.put((connection, event))
 
-    def _run(self, connection: _Connection, event: Request) -> None:
-        reply = _answer(self._store, event, self.buffers)
-        with self._lock:
-            self._done.append((connection, event, reply))
-            wake = not self._wake_pending
-            self._wake_pending = True
-        if wake:
-            self._loop.call_soon_threadsafe(self._deliver)
+    def _work(self) -> None:
+        store, buffers, jobs = self._store, self.buffers, self._jobs
+        while (job := jobs.get()) is not None:
+            connection, event = job
+            reply = _answer(store, event, buffers)
+            with self._lock:
+                self._done.append((connection, event, reply))
+                wake = not self._wake_pending
+                self._wake_pending = True
+            if wake:
+                self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
@@ -217,7 +227,9 @@ class _Workers:
             await self._idle
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False)
+        """Let the threads end (each takes one None off the queue once the jobs are done)."""
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class TransferServer:
@@ -386,6 +398,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._closing = False  # no more requests are read; replies still go out unless aborted
         self._blocked = False
+        self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
         self._write_paused = False
         self._started: dict[int, float] = {}  # request id -> arrival, until its reply is taken
@@ -425,6 +438,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         if not self._closing:
+            self._eof = True
             self.conn.receive_data(b"")
             self._pump()
         return True  # keep the socket open for the replies still owed; we close it ourselves
@@ -457,6 +471,10 @@ class _Connection(asyncio.BufferedProtocol):
         conn = self.conn
         server = self.server
         while not self._closing:
+            if not conn.receiving_frame and not self._eof:
+                # Nothing buffered (the usual case after a frame): no need to ask core.wire.
+                self._need_data()
+                return
             if not server.has_slot(self):
                 if not self._blocked:
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
