@@ -30,10 +30,12 @@ Address = tuple[str, int]
 
 # Chunk ids announced in one announce_many call at most (it splits them into datagrams itself).
 ANNOUNCE_BATCH = 1024
-# A stored chunk waits this long for others to share its announcement (docs/DHT.md): a share stores
-# a chunk every few milliseconds on each holder, and one announce_many per chunk cost a crawl and a
-# request to each of the k closest nodes per chunk, on the announcer and on every recorder.
-ANNOUNCE_DELAY_S = 1.0
+# Stored chunks are announced in batches (docs/DHT.md): a share stores a chunk every few
+# milliseconds on each holder, and each announce_many costs a crawl plus requests to the k closest
+# nodes, on the announcer and on every recorder. A batch closes once no chunk was stored for
+# ANNOUNCE_QUIET_S, or ANNOUNCE_DELAY_S after its first chunk, or at ANNOUNCE_BATCH ids.
+ANNOUNCE_QUIET_S = 0.5
+ANNOUNCE_DELAY_S = 5.0
 # At stop, what is still waiting to be announced gets this long (fetchers can also find holders
 # without the record, by asking the nodes closest to the chunk).
 ANNOUNCE_FLUSH_TIMEOUT_S = 3.0
@@ -57,6 +59,7 @@ class NodeSettings:
     record_ttl_s: float = 24 * 3600.0
     reannounce_s: float = 12 * 3600.0
     gc_interval_s: float = 600.0
+    announce_quiet_s: float = ANNOUNCE_QUIET_S
     announce_delay_s: float = ANNOUNCE_DELAY_S
     transfer_timeout_s: float = 10.0
     geo: GeoTable | None = None
@@ -217,15 +220,25 @@ class Node(Service):
     async def _announce_worker(self) -> None:
         # Chunks stored in a burst (a share stores hundreds) are announced together: announce_many
         # batches the records per recording node instead of one crawl and k requests per chunk.
-        # Waiting announce_delay_s after the first chunk of a batch lets the burst gather.
         queue = self._announce_queue
+        loop = asyncio.get_running_loop()
+        quiet_s, delay_s = self.settings.announce_quiet_s, self.settings.announce_delay_s
         while True:
-            self._announcing = [await queue.get()]
-            if queue.qsize() < ANNOUNCE_BATCH - 1:
-                await asyncio.sleep(self.settings.announce_delay_s)
-            while not queue.empty() and len(self._announcing) < ANNOUNCE_BATCH:
-                self._announcing.append(queue.get_nowait())
-            await self._announce(self._announcing)
+            batch = self._announcing = [await queue.get()]
+            deadline = loop.time() + delay_s
+            while len(batch) < ANNOUNCE_BATCH:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                wait_s = min(quiet_s, deadline - loop.time())
+                if wait_s <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait_s):
+                        batch.append(await queue.get())
+                except TimeoutError:
+                    break
+            await self._announce(batch)
             self._announcing = []
 
     async def _announce(self, ids: list[ChunkId]) -> None:

@@ -32,7 +32,9 @@ async def recorder() -> AsyncIterator[DHTNode]:
         await node.stop()
 
 
-def holder_settings(tmp_path: Path, dht: DHTNode, *, announce_delay_s: float) -> NodeSettings:
+def holder_settings(
+    tmp_path: Path, dht: DHTNode, *, announce_delay_s: float, announce_quiet_s: float
+) -> NodeSettings:
     return NodeSettings(
         host=peer_address(71, 2),
         data_dir=tmp_path / "holder",
@@ -40,6 +42,7 @@ def holder_settings(tmp_path: Path, dht: DHTNode, *, announce_delay_s: float) ->
         holder=True,
         rpc_timeout_s=1.0,
         announce_delay_s=announce_delay_s,
+        announce_quiet_s=announce_quiet_s,
     )
 
 
@@ -63,7 +66,9 @@ async def test_chunks_stored_within_the_delay_share_one_announcement_flushed_at_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with asyncio.timeout(STEP_S), recorder() as dht:
-        node = Node(holder_settings(tmp_path, dht, announce_delay_s=3600.0))
+        node = Node(
+            holder_settings(tmp_path, dht, announce_delay_s=3600.0, announce_quiet_s=3600.0)
+        )
         calls: list[list[bytes]] = []
         await node.start()
         try:
@@ -76,7 +81,7 @@ async def test_chunks_stored_within_the_delay_share_one_announcement_flushed_at_
             monkeypatch.setattr(node.dht_node, "announce_many", spy)
             ids = await store_chunks(node, 3)
             port = node.port
-            # An hour of delay: nothing goes out while the node runs ...
+            # An hour of delay and of quiet: nothing goes out while the node runs ...
             assert calls == []
             assert await providers_of(dht, ids) == [set(), set(), set()]
         finally:
@@ -93,14 +98,23 @@ async def wait_for(condition: Callable[[], bool]) -> None:
         if condition():
             return
         await asyncio.sleep(0.05)
+    raise AssertionError(f"condition still false after {STEP_S} s")
 
 
-async def test_stored_chunks_are_announced_after_the_delay(tmp_path: Path) -> None:
-    async with (
-        asyncio.timeout(STEP_S),
-        recorder() as dht,
-        Node(holder_settings(tmp_path, dht, announce_delay_s=0.2)) as node,
-    ):
-        ids = await store_chunks(node, 4)
-        await wait_for(lambda: node.announced == len(ids))
-        assert await providers_of(dht, ids) == [{node.port}] * len(ids)
+@pytest.mark.parametrize(
+    ("delay_s", "quiet_s"),
+    [(0.2, 3600.0), (3600.0, 0.2)],
+    ids=["delay-since-first-chunk", "quiet-since-last-chunk"],
+)
+async def test_stored_chunks_are_announced_after(
+    tmp_path: Path, delay_s: float, quiet_s: float
+) -> None:
+    """Either rule alone closes a batch (the other set to an hour)."""
+    async with asyncio.timeout(STEP_S), recorder() as dht:
+        settings = holder_settings(
+            tmp_path, dht, announce_delay_s=delay_s, announce_quiet_s=quiet_s
+        )
+        async with Node(settings) as node:
+            ids = await store_chunks(node, 4)
+            await wait_for(lambda: node.announced == len(ids))
+            assert await providers_of(dht, ids) == [{node.port}] * len(ids)
