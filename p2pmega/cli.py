@@ -107,6 +107,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a use case; turn our errors into one stderr line and their exit code."""
     import asyncio
 
+    from p2pmega.allocator import tune_allocator
+
+    # Chunk-sized buffers stay warm (p2pmega/allocator.py). Process-wide, so only the CLI does it, and only
+    # for commands that move chunks (not --help or a usage error).
+    tune_allocator()
+
     _configure_logging()
     try:
         return asyncio.run(coro)
@@ -627,7 +633,4 @@ def demo_cmd() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from p2pmega.allocator import tune_allocator
-
-    tune_allocator()  # chunk-sized buffers stay warm (p2pmega/allocator.py); process-wide, so only here
     app()

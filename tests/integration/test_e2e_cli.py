@@ -207,12 +207,21 @@ def test_check_fails_after_every_holder_of_a_chunk_is_stopped(tmp_path: Path) ->
     ) as small:
         src = tmp_path / "fragile.bin"
         src.write_bytes(os.urandom(1000))
-        doc = json.loads(_share(small, src, "--json").stdout)
+        # With 4 peers the data chunk and the manifest root can land on the same two; stopping those would lose
+        # the manifest and `check` could not list chunks at all. Share again (new key, new ids) until they differ.
+        for _attempt in range(8):
+            doc = json.loads(_share(small, src, "--json").stdout)
+            data_chunk = next(c for c in doc["chunks"] if c["kind"] == "data")
+            root = next(c for c in doc["chunks"] if c["kind"] == "manifest" and c["index"] == 0)
+            data_at = {h["address"] for h in data_chunk["holders"]}
+            if not {h["address"] for h in root["holders"]} <= data_at:
+                break
+        else:
+            pytest.fail("8 shares all put the data chunk and the manifest root on the same peers")
         client = str(tmp_path / "client")
         healthy = run("check", doc["read_link"], "--data-dir", client, env=small.env)
         assert healthy.returncode == 0, healthy.stderr
 
-        data_chunk = next(c for c in doc["chunks"] if c["kind"] == "data")
         for holder in data_chunk["holders"]:
             small.kill_peer(holder["address"])
         broken = run("check", doc["read_link"], "--json", "--data-dir", client, env=small.env)
