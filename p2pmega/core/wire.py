@@ -275,6 +275,8 @@ class TransferConnection:
         self._buffer = bytearray()
         self._start = 0
         self._end = 0
+        # Where the frame being received ends in _buffer, once its prefix told; else 0.
+        self._frame_end = 0
         self._peer_closed = False
         self._state = _State.OPEN
         # Requests sent (client) or received (server) and not answered yet, by request id.
@@ -290,6 +292,14 @@ class TransferConnection:
     def receiving_frame(self) -> bool:
         """True while part of a frame is buffered: the pump applies the per-request timeout."""
         return self._end > self._start
+
+    @property
+    def frame_pending(self) -> bool:
+        """True while the frame being received is known to be incomplete.
+
+        Then next_event() would return NEED_DATA, so a pump may skip it until more bytes arrive.
+        """
+        return self._end < self._frame_end
 
     @property
     def buffered_bytes(self) -> int:
@@ -512,6 +522,8 @@ class TransferConnection:
             # Drop parsed bytes; CPython removes a bytearray's head without moving the rest.
             del buffer[: self._start]
             self._end -= self._start
+            if self._frame_end:
+                self._frame_end -= self._start
             self._start = 0
         missing = self._end + size - len(buffer)
         if missing > len(buffer):
@@ -538,7 +550,7 @@ class TransferConnection:
         except ProtocolViolation:
             self._state = _State.FAILED
             self._buffer = bytearray()
-            self._start = self._end = 0
+            self._start = self._end = self._frame_end = 0
             raise
 
     def _parse(self) -> Event | Literal[Sentinel.NEED_DATA]:
@@ -576,7 +588,9 @@ class TransferConnection:
                 raise ProtocolViolation(
                     "peer closed in the middle of a frame", code=ErrorCode.BAD_REQUEST
                 )
+            self._frame_end = end
             return NEED_DATA
+        self._frame_end = 0
         _, _, kind_byte, request_id = _HEADER.unpack_from(buffer, start)
         if (
             kind_byte == MessageType.STORE

@@ -430,11 +430,13 @@ class _Connection(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.buffer_updated(nbytes)
+        conn = self.conn
+        conn.buffer_updated(nbytes)
         if self._closing:
             return
         self._last_activity = self._loop.time()
-        self._pump()
+        if not conn.frame_pending:  # a large frame arrives in several reads: parse once, at the end
+            self._pump()
 
     def eof_received(self) -> bool:
         if not self._closing:

@@ -408,3 +408,30 @@ def test_chunk_data_in_place_is_the_same_frame_in_one_buffer() -> None:
         server.send_chunk_data_in_place(4, frame, len(frame))
     with pytest.raises(ValueError, match="working server"):
         client.send_chunk_data_in_place(4, frame, len(data))
+
+
+def pending(conn: TransferConnection) -> bool:
+    """``conn.frame_pending`` (a call, so that mypy does not narrow it between asserts)."""
+    return conn.frame_pending
+
+
+def test_frame_pending_until_the_frame_is_whole() -> None:
+    client, server = pair()
+    data = bytes(100_000)
+    wire = b"".join([*client.send(StoreRequest(1, chunk_id_of(data), 60, data))])
+    wire += b"".join(client.send(FetchRequest(2, CID)))
+    assert not pending(server)
+    server.receive_data(wire[:3])
+    assert server.next_event() is NEED_DATA
+    assert not pending(server)  # the length is not known yet
+    server.receive_data(wire[3:50_000])
+    assert server.next_event() is NEED_DATA
+    assert pending(server)
+    server.receive_data(wire[50_000:-10])
+    assert not pending(server)
+    assert isinstance(server.next_event(), StoreRequest)
+    assert server.next_event() is NEED_DATA
+    assert pending(server)  # the fetch after it, 10 bytes short
+    server.receive_data(wire[-10:])
+    assert not pending(server)
+    assert server.next_event() == FetchRequest(2, CID)
