@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -250,6 +251,7 @@ class TransferConnection:
         role: Role,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         keep_buffer_bytes: int | None = None,
+        allocate: Callable[[int], bytearray] = bytearray,
     ) -> None:
         """Create one side of a connection.
 
@@ -259,6 +261,10 @@ class TransferConnection:
             keep_buffer_bytes: Receive buffer kept between frames for reuse; a larger one is freed
                 once empty. Defaults to one frame for a client (few, busy connections) and
                 _SERVER_KEEP_BYTES for a server (many, mostly idle connections).
+            allocate: Makes the receive buffer for a frame larger than ``keep_buffer_bytes``,
+                given the bytes it must hold at least (it may hold more). A server recycles the
+                buffers its large StoreRequests hand over, so each chunk does not cost a fresh
+                megabyte.
 
         Raises:
             ValueError: ``max_frame_bytes`` cannot hold a header.
@@ -270,6 +276,7 @@ class TransferConnection:
         if keep_buffer_bytes is None:
             keep_buffer_bytes = max_frame_bytes if role is Role.CLIENT else _SERVER_KEEP_BYTES
         self._keep_buffer_bytes = keep_buffer_bytes
+        self._allocate = allocate
         # Received bytes not parsed yet are _buffer[_start:_end]; _buffer[_end:] is spare room
         # that get_buffer() lends out so that a socket can receive straight into it.
         self._buffer = bytearray()
@@ -527,9 +534,14 @@ class TransferConnection:
             self._start = 0
         missing = self._end + size - len(buffer)
         if missing > len(buffer):
-            # Growing for a large frame: one allocation of the final size, and only the bytes
-            # already received move (extend() would allocate, zero and copy the whole room twice).
-            grown = bytearray(self._end + size)
+            # Growing for a large frame: one buffer of the final size, and only the bytes already
+            # received move (extend() would allocate, zero and copy the whole room twice).
+            needed = self._end + size
+            grown = (
+                self._allocate(needed) if needed > self._keep_buffer_bytes else bytearray(needed)
+            )
+            if len(grown) < needed:
+                raise ValueError(f"allocate({needed}) returned {len(grown)} bytes")
             grown[: self._end] = buffer[: self._end]
             self._buffer = grown
         elif missing > 0:

@@ -53,22 +53,23 @@ log = logging.getLogger("p2pmega.net.transfer")
 _CLOSE_GRACE_S: Final = 1.0
 # Threads that run store calls: enough to overlap the fsyncs of concurrent stores.
 _WORKER_THREADS: Final = 8
-# Fetch buffers kept for reuse between replies: a fresh megabyte per chunk costs page faults on
-# every read. Sizes are rounded up so that one buffer fits chunks of slightly different sizes.
-_SPARE_READ_BUFFERS: Final = 4
-_READ_BUFFER_STEP: Final = 64 << 10
+# Large buffers kept for reuse between chunks (receive buffers of stored chunks, read buffers of
+# fetched ones): a fresh megabyte per chunk costs a zero-fill and page faults. Sizes are rounded
+# up so that one buffer fits chunks of slightly different sizes.
+_SPARE_BUFFERS: Final = 8
+_BUFFER_STEP: Final = 64 << 10
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of _ReadBuffers."""
+    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of _Buffers."""
 
     buffer: bytearray
     size: int
 
 
-class _ReadBuffers:
-    """Fetch buffers, taken by worker threads and given back by the loop once a reply is sent."""
+class _Buffers:
+    """Chunk-sized buffers shared by all connections and worker threads (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -79,11 +80,12 @@ class _ReadBuffers:
         with self._lock:
             if self._spare and len(self._spare[-1]) >= size:
                 return self._spare.pop()
-        return bytearray(-(-size // _READ_BUFFER_STEP) * _READ_BUFFER_STEP)
+        return bytearray(-(-size // _BUFFER_STEP) * _BUFFER_STEP)
 
     def give(self, buffer: bytearray) -> None:
+        """Keep ``buffer`` for reuse; nothing may use it any more."""
         with self._lock:
-            if len(self._spare) < _SPARE_READ_BUFFERS:
+            if len(self._spare) < _SPARE_BUFFERS:
                 self._spare.append(buffer)
 
 
@@ -114,7 +116,7 @@ class ServerLimits:
             raise ValueError("ServerLimits timeouts must be positive")
 
 
-def _answer(store: ChunkStore, event: Request, buffers: _ReadBuffers) -> Reply | _Chunk:
+def _answer(store: ChunkStore, event: Request, buffers: _Buffers) -> Reply | _Chunk:
     """Run one request against the store (in a worker thread); every failure becomes an Error."""
     try:
         if isinstance(event, StoreRequest):
@@ -171,10 +173,12 @@ class _Workers:
     wake-up is pending already, so requests that finish close together cost one wake-up.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, store: ChunkStore) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, store: ChunkStore, buffers: _Buffers
+    ) -> None:
         self._loop = loop
         self._store = store
-        self.buffers = _ReadBuffers()
+        self.buffers = buffers
         self._jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done: deque[_Done] = deque()
@@ -256,6 +260,7 @@ class TransferServer:
         self.port = port
         self._server: asyncio.Server | None = None
         self._workers: _Workers | None = None
+        self.buffers = _Buffers()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._inflight_per_ip: Counter[str] = Counter()
@@ -289,7 +294,7 @@ class TransferServer:
         self._server = await loop.create_server(
             lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
         )
-        self._workers = _Workers(loop, self._store)
+        self._workers = _Workers(loop, self._store, self.buffers)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.debug("transfer server listening on %s:%d", self._host, self.port)
 
@@ -376,6 +381,17 @@ class TransferServer:
             log.exception("on_stored callback failed for chunk %s", short_id(chunk_id))
 
 
+def _recycle(data: bytes | memoryview, buffers: _Buffers) -> None:
+    """Give the receive buffer a stored chunk arrived in (see core.wire) back to ``buffers``."""
+    if isinstance(data, memoryview) and isinstance(data.obj, bytearray):
+        buffer = data.obj
+        try:
+            data.release()
+        except BufferError:
+            return  # something still looks at it: let it go instead
+        buffers.give(buffer)
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: frames in, requests to the workers, replies out, limits enforced.
 
@@ -390,7 +406,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.server = server
         self.limits = server.limits
         self.conn = TransferConnection(
-            role=Role.SERVER, max_frame_bytes=server.limits.max_frame_bytes
+            role=Role.SERVER,
+            max_frame_bytes=server.limits.max_frame_bytes,
+            allocate=server.buffers.take,
         )
         self.ip = "?"
         self.inflight = 0
@@ -524,11 +542,13 @@ class _Connection(asyncio.BufferedProtocol):
         if self._blocked and not self._closing:
             self._pump()
 
-    def finished(self, event: Request, reply: Reply | _Chunk, buffers: _ReadBuffers) -> None:
+    def finished(self, event: Request, reply: Reply | _Chunk, buffers: _Buffers) -> None:
         """A worker answered ``event``: send the reply (unless the connection is gone)."""
         request_id = event.request_id
-        if isinstance(event, StoreRequest) and isinstance(reply, StoreOK) and reply.newly_stored:
-            self.server.stored(event.chunk_id)
+        if isinstance(event, StoreRequest):
+            _recycle(event.data, buffers)
+            if isinstance(reply, StoreOK) and reply.newly_stored:
+                self.server.stored(event.chunk_id)
         transport = self._transport
         if transport is None or transport.is_closing() or self.conn.failed:
             if isinstance(reply, _Chunk):

@@ -21,7 +21,7 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
-from p2pmega.net import transfer_client
+from p2pmega.net import transfer_client, transfer_server
 from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
@@ -315,3 +315,28 @@ async def test_busy_holder_refusal_is_peer_unreachable(tmp_path: Path) -> None:
         async with asyncio.timeout(STEP_S):
             await server.stop()
         store.close()
+
+
+async def test_holder_reuses_its_receive_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks stored one after another arrive in recycled buffers, not in a fresh (zero-filled,
+    faulted-in) buffer per chunk."""
+    lent: list[bytearray] = []
+    take = transfer_server._Buffers.take
+
+    def spy(self: transfer_server._Buffers, size: int) -> bytearray:
+        lent.append(take(self, size))
+        return lent[-1]
+
+    monkeypatch.setattr(transfer_server._Buffers, "take", spy)
+    host = peer_address(1, 1)
+    chunks = [random_chunk(300_000 + i) for i in range(10)]
+    async with holder(tmp_path, host) as (server, store):
+        addr = (host, server.port)
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            for cid, data in chunks:
+                assert await client.store(addr, cid, data, 60)
+        assert [store.get(cid) for cid, _ in chunks] == [data for _, data in chunks]
+    assert len(lent) == len(chunks)
+    assert len({id(buffer) for buffer in lent}) == 1
