@@ -112,6 +112,9 @@ def running_testnet(base_dir: Path, *args: str) -> Iterator[RunningTestnet]:
         if proc.stderr:
             proc.stderr.close()
     left = [pid for pid in pids if _alive(pid)]
+    for pid in left:  # fail the test, but never leave a peer running after it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"testnet left peers running: {left}"
 
 
