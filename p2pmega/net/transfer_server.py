@@ -208,7 +208,10 @@ class _Workers:
                 wake = not self._wake_pending
                 self._wake_pending = True
             if wake:
-                self._loop.call_soon_threadsafe(self._deliver)
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:
+                    return  # the loop is closed: the server was never stopped, nobody waits
 
     def _deliver(self) -> None:
         with self._lock:
