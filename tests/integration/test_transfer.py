@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from p2pmega.core.wire import (
     ChunkData,
     FetchRequest,
     Role,
+    StoreRequest,
     TransferConnection,
 )
 from p2pmega.net import transfer_client, transfer_server
@@ -340,3 +342,51 @@ async def test_holder_reuses_its_receive_buffers(
         assert [store.get(cid) for cid, _ in chunks] == [data for _, data in chunks]
     assert len(lent) == len(chunks)
     assert len({id(buffer) for buffer in lent}) == 1
+
+
+def test_a_request_finishing_after_the_loop_closed_ends_quietly() -> None:
+    """A server never stopped, its loop closed while a worker still writes: no thread error."""
+    in_put, release = threading.Event(), threading.Event()
+
+    class SlowStore:
+        def put(self, chunk_id: ChunkId, data: object, *, lease_s: float) -> bool:
+            in_put.set()
+            release.wait(STEP_S)
+            return True
+
+    failures: list[BaseException | None] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    host = peer_address(1, 1)
+    cid, data = random_chunk(1000)
+
+    async def store_without_waiting() -> TransferServer:
+        server = TransferServer(SlowStore(), host=host, port=0)  # type: ignore[arg-type]
+        await server.start()
+        _, writer = await asyncio.open_connection(host, server.port)
+        writer.writelines(TransferConnection(role=Role.CLIENT).send(StoreRequest(1, cid, 60, data)))
+        await asyncio.to_thread(in_put.wait, STEP_S)
+        writer.transport.abort()
+        # Close the sockets, as a process tearing down would, but do not stop() the server.
+        assert server._server is not None
+        server._server.close()
+        for connection in list(server._connections):
+            connection.abort()
+        await asyncio.sleep(0.05)
+        return server
+
+    loop = asyncio.new_event_loop()
+    try:
+        server = loop.run_until_complete(store_without_waiting())
+    finally:
+        loop.close()
+        release.set()
+    try:
+        workers = server._workers
+        assert workers is not None
+        workers.shutdown()
+        for thread in workers._threads:
+            thread.join(STEP_S)
+    finally:
+        threading.excepthook = hook
+    assert failures == []
