@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+from p2pmega.allocator import tune_allocator
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.net.transfer import TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
@@ -224,6 +225,8 @@ if __name__ == "__main__":
     parser.add_argument("--inflight", type=int, default=16, help="requests outstanding at once")
     parser.add_argument("--serve", nargs=2, metavar=("HOST", "STORE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As every p2pmega command does (cli._run): chunk buffers stay warm instead of being faulted in anew.
+    tune_allocator()
     if args.serve:
         asyncio.run(serve_until_stdin_closes(*args.serve))
     else:
