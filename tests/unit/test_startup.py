@@ -89,8 +89,9 @@ def _loaded(modules: set[str], names: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules for n in names if m == n or m.startswith(n + "."))
 
 
-def test_importing_the_cli_loads_no_use_case_and_no_heavy_library() -> None:
-    code = "import sys, p2pmega.cli; print('\\n'.join(sorted(sys.modules)))"
+def _modules_after_importing(names: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after ``import NAMES``."""
+    code = f"import sys, {names}; print('\\n'.join(sorted(sys.modules)))"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -99,7 +100,11 @@ def test_importing_the_cli_loads_no_use_case_and_no_heavy_library() -> None:
         check=True,
         env=_env(),
     )
-    modules = set(proc.stdout.split())
+    return set(proc.stdout.split())
+
+
+def test_importing_the_cli_loads_no_use_case_and_no_heavy_library() -> None:
+    modules = _modules_after_importing("p2pmega.cli")
     assert "p2pmega.cli" in modules
     assert _loaded(modules, HEAVY) == []
 
@@ -170,18 +175,7 @@ def test_a_command_loads_its_own_use_case_only(
 
 
 def test_share_and_fetch_load_nothing_they_do_not_use() -> None:
-    code = (
-        "import sys, p2pmega.api.share, p2pmega.api.fetch; print('\\n'.join(sorted(sys.modules)))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=_env(),
-    )
-    modules = set(proc.stdout.split())
+    modules = _modules_after_importing("p2pmega.api.share, p2pmega.api.fetch")
     assert "p2pmega.api.fetch" in modules
     # kademlia.network (HardenedServer no longer derives from its Server) imports pickle; platformdirs is only
     # for the default data dir; typer and rich belong to the CLI.
