@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import NewType
+from typing import NewType, Protocol
 
 from p2pmega.core import crypto
 from p2pmega.errors import ChunkHashMismatch, DecryptionFailed
@@ -28,9 +28,16 @@ KIND_ROOT = 2
 KIND_META = 3  # the metadata box nested inside the root; never a stored chunk of its own
 HEADER_BYTES = 2  # version, kind
 CHUNK_OVERHEAD_BYTES = HEADER_BYTES + crypto.SEAL_OVERHEAD_BYTES
-_SEAL_OVERHEAD = {
-    LEGACY_VERSION: crypto.XCHACHA_OVERHEAD_BYTES,
-    FORMAT_VERSION: crypto.SEAL_OVERHEAD_BYTES,
+
+
+class _Opener(Protocol):
+    def __call__(self, key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes: ...
+
+
+# What opens each readable format version's boxes, and how many bytes its nonce and tag add.
+_OPENERS: dict[int, tuple[int, _Opener]] = {
+    LEGACY_VERSION: (crypto.XCHACHA_OVERHEAD_BYTES, crypto.open_sealed_xchacha),
+    FORMAT_VERSION: (crypto.SEAL_OVERHEAD_BYTES, crypto.open_sealed),
 }
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -222,19 +229,7 @@ def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
         DecryptionFailed: Unknown version, another version than ``aad`` names, wrong kind, or it
             does not authenticate here.
     """
-    version = aad[0]
-    overhead = _SEAL_OVERHEAD.get(version)
-    if (
-        overhead is None
-        or len(stored) < HEADER_BYTES + overhead
-        or stored[0] != version
-        or stored[1] != kind
-    ):
-        header = stored[:HEADER_BYTES].hex()
-        raise DecryptionFailed(
-            f"chunk header {header!r} ({len(stored)} bytes) is not format v{version} "
-            f"kind {kind}; it was altered or needs a newer p2pmega"
-        )
+    _check_header(kind, stored, aad)
     return open_box(key, stored, aad, offset=HEADER_BYTES)
 
 
@@ -247,17 +242,28 @@ def open_chunk_into(
         DecryptionFailed: As for `open_chunk`.
         ValueError: ``out`` is too small (a caller bug).
     """
+    _check_header(kind, stored, aad)
     if aad[0] != FORMAT_VERSION:
-        plain = open_chunk(key, kind, stored, aad)
+        plain = open_box(key, stored, aad, offset=HEADER_BYTES)
         out[: len(plain)] = plain
         return len(plain)
-    if len(stored) < CHUNK_OVERHEAD_BYTES or stored[0] != FORMAT_VERSION or stored[1] != kind:
+    return crypto.open_sealed_into(key, stored, aad, out, offset=HEADER_BYTES)
+
+
+def _check_header(kind: int, stored: bytes, aad: bytes) -> None:
+    version = aad[0]
+    opener = _OPENERS.get(version)
+    if (
+        opener is None
+        or len(stored) < HEADER_BYTES + opener[0]
+        or stored[0] != version
+        or stored[1] != kind
+    ):
         header = stored[:HEADER_BYTES].hex()
         raise DecryptionFailed(
-            f"chunk header {header!r} ({len(stored)} bytes) is not format v{FORMAT_VERSION} "
+            f"chunk header {header!r} ({len(stored)} bytes) is not format v{version} "
             f"kind {kind}; it was altered or needs a newer p2pmega"
         )
-    return crypto.open_sealed_into(key, stored, aad, out, offset=HEADER_BYTES)
 
 
 def open_box(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
@@ -275,12 +281,10 @@ def open_box(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes
     Raises:
         DecryptionFailed: An unknown version or it does not authenticate.
     """
-    version = aad[0]
-    if version == FORMAT_VERSION:
-        return crypto.open_sealed(key, sealed, aad, offset=offset)
-    if version == LEGACY_VERSION:
-        return crypto.open_sealed_xchacha(key, sealed, aad, offset=offset)
-    raise DecryptionFailed(f"format v{version} is unknown; it needs a newer p2pmega")
+    opener = _OPENERS.get(aad[0])
+    if opener is None:
+        raise DecryptionFailed(f"format v{aad[0]} is unknown; it needs a newer p2pmega")
+    return opener[1](key, sealed, aad, offset=offset)
 
 
 def padme(length: int) -> int:

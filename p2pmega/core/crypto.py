@@ -124,8 +124,8 @@ def open_sealed_into(
 ) -> int:
     """`open_sealed` writing the plaintext into ``out`` instead of returning a new buffer.
 
-    For fetch, which writes each chunk with O_DIRECT from a page-aligned buffer it reuses: the public
-    binding allocates, zero-fills and copies 1 MiB per call (1.7 ms per MiB here, 0.17 ms this way).
+    For fetch, which decrypts every chunk into a buffer it reuses: the public binding allocates,
+    zero-fills and copies 1 MiB per call (1.7 ms per MiB here, 0.17 ms this way).
 
     Args:
         key, sealed, aad, offset: As for `open_sealed`.
@@ -139,12 +139,8 @@ def open_sealed_into(
         DecryptionFailed: As for `open_sealed`.
         ValueError: ``out`` is too small (a caller bug).
     """
+    _check_length(sealed, offset, SEAL_OVERHEAD_BYTES)
     length = len(sealed) - offset - SEAL_OVERHEAD_BYTES
-    if length < 0:
-        raise DecryptionFailed(
-            f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "
-            "it is truncated"
-        )
     if len(out) < length:
         raise ValueError(f"output buffer holds {len(out)} bytes, the plaintext needs {length}")
     if len(key) != KEY_BYTES:
@@ -163,9 +159,7 @@ def open_sealed_into(
         key,
     )
     if status != 0:
-        raise DecryptionFailed(
-            "data does not authenticate under this key; it was altered, moved or the key is wrong"
-        )
+        raise DecryptionFailed(_NOT_AUTHENTIC)
     return int(written[0])
 
 
@@ -194,18 +188,25 @@ def _open(
     aad: bytes,
     offset: int,
 ) -> bytes:
-    if len(sealed) - offset < nonce_bytes + tag_bytes:
-        raise DecryptionFailed(
-            f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "
-            "it is truncated"
-        )
+    _check_length(sealed, offset, nonce_bytes + tag_bytes)
     nonce = sealed[offset : offset + nonce_bytes]
     try:
         return primitive(sealed[offset + nonce_bytes :], aad, nonce, key)
     except nacl.exceptions.CryptoError as exc:
+        raise DecryptionFailed(_NOT_AUTHENTIC) from exc
+
+
+_NOT_AUTHENTIC = (
+    "data does not authenticate under this key; it was altered, moved or the key is wrong"
+)
+
+
+def _check_length(sealed: bytes, offset: int, overhead: int) -> None:
+    if len(sealed) - offset < overhead:
         raise DecryptionFailed(
-            "data does not authenticate under this key; it was altered, moved or the key is wrong"
-        ) from exc
+            f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "
+            "it is truncated"
+        )
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:

@@ -12,8 +12,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
@@ -38,6 +37,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.net.service import Service
 
 # Both sides log as p2pmega.net.transfer, as they did when they were one module.
 log = logging.getLogger("p2pmega.net.transfer")
@@ -175,7 +175,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
         self.drop()
 
 
-class TransferClient:
+class TransferClient(Service):
     """Talks to holders' TransferServers, reusing up to ``max_connections_per_peer`` connections.
 
     Every fetched chunk is hash-checked (in a thread) before it is returned.
@@ -198,15 +198,11 @@ class TransferClient:
         self._closed = False
         self._next_sweep = 0.0
 
-    async def __aenter__(self) -> Self:
-        return self
+    async def start(self) -> None:
+        """Nothing to do: connections open on first use."""
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """The `Service` name for `close`."""
         await self.close()
 
     async def close(self) -> None:
