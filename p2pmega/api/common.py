@@ -227,7 +227,7 @@ class HolderLocator:
     def live_holders(self, chunk_id: ChunkId) -> list[Address]:
         return [a for a in self.holders.get(chunk_id, []) if a not in self.dead]
 
-    async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes:
+    async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes | memoryview:
         """Fetch and hash-check one chunk, failing over between holders; ``spread`` rotates the holder order.
 
         Raises:

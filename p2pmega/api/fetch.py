@@ -73,7 +73,7 @@ async def walk_manifest(locator: HolderLocator, cap: ReadCap | KeepCap) -> Manif
                 "the file may have expired, or check --bootstrap"
             ) from exc
         for chunk_id, data in zip(wanted, blobs, strict=True):
-            walker.feed(chunk_id, data)
+            walker.feed(chunk_id, bytes(data))
     return walker.result()
 
 
@@ -267,7 +267,7 @@ class _PartWriter:
         return cls(_open_part(part, size, resuming), chunk_size)
 
     def write_chunk(
-        self, cap: ReadCap, manifest: Manifest, index: int, data: bytes, offset: int
+        self, cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview, offset: int
     ) -> int:
         """Decrypt chunk ``index`` into a buffer and write it at ``offset``; return the file bytes it held."""
         with self._idle:

@@ -31,7 +31,9 @@ CHUNK_OVERHEAD_BYTES = HEADER_BYTES + crypto.SEAL_OVERHEAD_BYTES
 
 
 class _Opener(Protocol):
-    def __call__(self, key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes: ...
+    def __call__(
+        self, key: bytes, sealed: bytes | memoryview, aad: bytes, *, offset: int = 0
+    ) -> bytes: ...
 
 
 # What opens each readable format version's boxes, and how many bytes its nonce and tag add.
@@ -234,7 +236,7 @@ def open_chunk(key: bytes, kind: int, stored: bytes, aad: bytes) -> bytes:
 
 
 def open_chunk_into(
-    key: bytes, kind: int, stored: bytes, aad: bytes, out: bytearray | memoryview
+    key: bytes, kind: int, stored: bytes | memoryview, aad: bytes, out: bytearray | memoryview
 ) -> int:
     """`open_chunk` writing the plaintext into ``out``; returns its length.
 
@@ -250,7 +252,7 @@ def open_chunk_into(
     return crypto.open_sealed_into(key, stored, aad, out, offset=HEADER_BYTES)
 
 
-def _check_header(kind: int, stored: bytes, aad: bytes) -> None:
+def _check_header(kind: int, stored: bytes | memoryview, aad: bytes) -> None:
     version = aad[0]
     opener = _OPENERS.get(version)
     if (
@@ -266,7 +268,7 @@ def _check_header(kind: int, stored: bytes, aad: bytes) -> None:
         )
 
 
-def open_box(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
+def open_box(key: bytes, sealed: bytes | memoryview, aad: bytes, *, offset: int = 0) -> bytes:
     """Open a sealed box with the cipher of the format version that ``aad`` starts with.
 
     Args:

@@ -99,7 +99,7 @@ def _seal_with_nonce(
     return b"".join((header, nonce, ciphertext))
 
 
-def open_sealed(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
+def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, *, offset: int = 0) -> bytes:
     """Check and decrypt what `seal` produced.
 
     Args:
@@ -120,7 +120,12 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> by
 
 
 def open_sealed_into(
-    key: bytes, sealed: bytes, aad: bytes, out: bytearray | memoryview, *, offset: int = 0
+    key: bytes,
+    sealed: bytes | memoryview,
+    aad: bytes,
+    out: bytearray | memoryview,
+    *,
+    offset: int = 0,
 ) -> int:
     """`open_sealed` writing the plaintext into ``out`` instead of returning a new buffer.
 
@@ -163,7 +168,9 @@ def open_sealed_into(
     return int(written[0])
 
 
-def open_sealed_xchacha(key: bytes, sealed: bytes, aad: bytes, *, offset: int = 0) -> bytes:
+def open_sealed_xchacha(
+    key: bytes, sealed: bytes | memoryview, aad: bytes, *, offset: int = 0
+) -> bytes:
     """Check and decrypt a box of format version 1: ``nonce(24) || ciphertext || tag(16)``, XChaCha20-Poly1305.
 
     Read-only: nothing seals this way any more. Arguments, result and errors as for `open_sealed`.
@@ -184,14 +191,15 @@ def _open(
     nonce_bytes: int,
     tag_bytes: int,
     key: bytes,
-    sealed: bytes,
+    sealed: bytes | memoryview,
     aad: bytes,
     offset: int,
 ) -> bytes:
     _check_length(sealed, offset, nonce_bytes + tag_bytes)
-    nonce = sealed[offset : offset + nonce_bytes]
+    # PyNaCl's bindings take bytes only: bytes() of a bytes slice is that slice, no second copy.
+    nonce = bytes(sealed[offset : offset + nonce_bytes])
     try:
-        return primitive(sealed[offset + nonce_bytes :], aad, nonce, key)
+        return primitive(bytes(sealed[offset + nonce_bytes :]), aad, nonce, key)
     except nacl.exceptions.CryptoError as exc:
         raise DecryptionFailed(_NOT_AUTHENTIC) from exc
 
@@ -201,7 +209,7 @@ _NOT_AUTHENTIC = (
 )
 
 
-def _check_length(sealed: bytes, offset: int, overhead: int) -> None:
+def _check_length(sealed: bytes | memoryview, offset: int, overhead: int) -> None:
     if len(sealed) - offset < overhead:
         raise DecryptionFailed(
             f"sealed data is {len(sealed) - offset} bytes, shorter than nonce and tag; "

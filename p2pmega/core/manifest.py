@@ -405,7 +405,7 @@ def decrypt_chunk_into(
     cap: ReadCap,
     manifest: Manifest,
     index: int,
-    data: bytes,
+    data: bytes | memoryview,
     out: bytearray | memoryview,
     *,
     id_verified: bool = False,
@@ -426,7 +426,7 @@ def decrypt_chunk_into(
 
 
 def _data_chunk_context(
-    cap: ReadCap, manifest: Manifest, index: int, data: bytes, *, id_verified: bool
+    cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview, *, id_verified: bool
 ) -> tuple[bytes, bytes, bool]:
     """The key, associated data and final flag of data chunk ``index``, after the id check."""
     if manifest.size is None or manifest.chunk_size is None:

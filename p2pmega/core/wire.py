@@ -146,11 +146,15 @@ class StoreOK:
 
 @dataclass(frozen=True)
 class ChunkData:
-    """The bytes of a chunk, unverified: the receiver must hash-check them before use."""
+    """The bytes of a chunk, unverified: the receiver must hash-check them before use.
+
+    A client receives a large chunk as a view of the buffer it was received into (no copy), as a
+    server receives a large StoreRequest.
+    """
 
     request_id: int
     chunk_id: ChunkId
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,8 @@ class TransferConnection:
         self._end = 0
         # Where the frame being received ends in _buffer, once its prefix told; else 0.
         self._frame_end = 0
+        # After a hand-over: how large the fresh receive buffer grows when it must grow.
+        self._regrow_bytes = 0
         self._peer_closed = False
         self._state = _State.OPEN
         # Requests sent (client) or received (server) and not answered yet, by request id.
@@ -536,7 +542,7 @@ class TransferConnection:
         if missing > len(buffer):
             # Growing for a large frame: one buffer of the final size, and only the bytes already
             # received move (extend() would allocate, zero and copy the whole room twice).
-            needed = self._end + size
+            needed = max(self._end + size, self._regrow_bytes)
             grown = (
                 self._allocate(needed) if needed > self._keep_buffer_bytes else bytearray(needed)
             )
@@ -604,13 +610,11 @@ class TransferConnection:
             return NEED_DATA
         self._frame_end = 0
         _, _, kind_byte, request_id = _HEADER.unpack_from(buffer, start)
-        if (
-            kind_byte == MessageType.STORE
-            and self.role is Role.SERVER
-            and length >= _HAND_OVER_BYTES
-            and self._end - end <= _SERVER_KEEP_BYTES
-        ):
-            return self._hand_over_store(request_id, start, end)
+        if length >= _HAND_OVER_BYTES and self._end - end <= _SERVER_KEEP_BYTES:
+            if kind_byte == MessageType.STORE and self.role is Role.SERVER:
+                return self._hand_over_store(request_id, start, end)
+            if kind_byte == MessageType.CHUNK_DATA and self.role is Role.CLIENT:
+                return self._hand_over_chunk(request_id, start, end)
         with memoryview(buffer) as view:
             body = view[start + HEADER_BYTES : end]
             try:
@@ -625,23 +629,40 @@ class TransferConnection:
         return event
 
     def _hand_over_store(self, request_id: int, start: int, end: int) -> StoreRequest:
-        """Decode a large STORE frame whose data stays where it was received (no copy).
+        """Decode a large STORE frame whose data stays where it was received (no copy)."""
+        event, data = self._hand_over(MessageType.STORE, request_id, start, end, _STORE_FIXED.size)
+        assert isinstance(event, StoreRequest)  # noqa: S101 - _decode_request made it
+        return StoreRequest(event.request_id, event.chunk_id, event.lease_s, data)
 
-        The event gets a view of the receive buffer, and the connection starts a fresh buffer
-        with the bytes after the frame (the start of the next one, at most _SERVER_KEEP_BYTES).
+    def _hand_over_chunk(self, request_id: int, start: int, end: int) -> ChunkData:
+        """Decode a large CHUNK_DATA frame whose data stays where it was received (no copy)."""
+        event, data = self._hand_over(
+            MessageType.CHUNK_DATA, request_id, start, end, CHUNK_ID_BYTES
+        )
+        assert isinstance(event, ChunkData)  # noqa: S101 - _decode_reply made it
+        return ChunkData(event.request_id, event.chunk_id, data)
+
+    def _hand_over(
+        self, kind: MessageType, request_id: int, start: int, end: int, fixed: int
+    ) -> tuple[Event, memoryview]:
+        """Decode the frame at ``start:end`` leaving out its data, and give the data away as a view.
+
+        The connection lets go of its receive buffer, so the view stays valid as long as it is
+        kept, and starts a fresh buffer with the bytes after the frame (the start of the next one,
+        at most _SERVER_KEEP_BYTES). The fresh buffer grows to the handed-over one's size at once
+        when the next large frame comes, as the next one mostly is as large.
         """
+        self._regrow_bytes = min(len(self._buffer), self._keep_buffer_bytes)
         with memoryview(self._buffer) as view:
             body = view[start + HEADER_BYTES : end]
             try:
-                event = self._decode(MessageType.STORE, request_id, body, data=False)
+                event = self._decode(kind, request_id, body, data=False)
             finally:
                 body.release()
-            assert isinstance(event, StoreRequest)  # noqa: S101 - _decode_request made it
             self._buffer = bytearray(view[end : self._end])
             self._start, self._end = 0, len(self._buffer)
             # A slice outlives the view it was cut from (both refer to the buffer itself).
-            data = view[start + HEADER_BYTES + _STORE_FIXED.size : end]
-        return StoreRequest(event.request_id, event.chunk_id, event.lease_s, data)
+            return event, view[start + HEADER_BYTES + fixed : end]
 
     def _decode(
         self, kind_byte: int, request_id: int, body: memoryview, *, data: bool = True
@@ -656,7 +677,7 @@ class TransferConnection:
             ) from None
         if self.role is Role.SERVER:
             return self._decode_request(kind, request_id, body, data=data)
-        return self._decode_reply(kind, request_id, body)
+        return self._decode_reply(kind, request_id, body, data=data)
 
     def _decode_ids(
         self, kind: MessageType, request_id: int, body: memoryview, offset: int
@@ -725,7 +746,11 @@ class TransferConnection:
         self._outstanding[request_id] = _Outstanding(kind, chunk_id=chunk_id_seen, count=count)
         return event
 
-    def _decode_reply(self, kind: MessageType, request_id: int, body: memoryview) -> Reply:
+    def _decode_reply(
+        self, kind: MessageType, request_id: int, body: memoryview, *, data: bool = True
+    ) -> Reply:
+        """Decode a reply; with ``data=False`` a CHUNK_DATA's data is left out (the caller has it)."""
+
         def bad(message: str) -> ProtocolViolation:
             return ProtocolViolation(message, code=ErrorCode.BAD_REQUEST, request_id=request_id)
 
@@ -757,7 +782,8 @@ class TransferConnection:
         elif kind is MessageType.CHUNK_DATA:
             if len(body) < CHUNK_ID_BYTES or body[:CHUNK_ID_BYTES] != pending.chunk_id:
                 raise bad("CHUNK_DATA carries a chunk id that was not asked for")
-            reply = ChunkData(request_id, ChunkId(pending.chunk_id), bytes(body[CHUNK_ID_BYTES:]))
+            chunk = bytes(body[CHUNK_ID_BYTES:]) if data else b""
+            reply = ChunkData(request_id, ChunkId(pending.chunk_id), chunk)
         else:
             if len(body) < _COUNT.size:
                 raise bad(f"{kind.name} frame is too short")

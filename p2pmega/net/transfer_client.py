@@ -318,8 +318,10 @@ class TransferClient(Service):
             raise AssertionError("core.wire matches STORE with STORE_OK")
         return reply.newly_stored
 
-    async def fetch(self, addr: Address, chunk_id: ChunkId) -> bytes:
+    async def fetch(self, addr: Address, chunk_id: ChunkId) -> bytes | memoryview:
         """Fetch the chunk ``chunk_id`` from ``addr`` and verify its hash.
+
+        A large chunk comes as a read-only view of the buffer it was received into (no copy).
 
         Raises:
             errors.ChunkNotStored: the peer does not have it.
@@ -343,7 +345,9 @@ class TransferClient(Service):
             raise
         return reply.data
 
-    async def fetch_any(self, addrs: Sequence[Address], chunk_id: ChunkId) -> tuple[bytes, Address]:
+    async def fetch_any(
+        self, addrs: Sequence[Address], chunk_id: ChunkId
+    ) -> tuple[bytes | memoryview, Address]:
         """Fetch ``chunk_id`` from the first holder in ``addrs`` that serves it intact.
 
         Returns:

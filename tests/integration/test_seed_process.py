@@ -92,7 +92,7 @@ def test_seed_keeps_acknowledged_chunks_across_a_restart(tmp_path: Path) -> None
     async def fetch_back() -> bytes:
         async with TransferClient(local_host="127.61.9.1", timeout_s=10) as client:
             async with asyncio.timeout(30):
-                return await client.fetch((HOST, port), chunk_id)
+                return bytes(await client.fetch((HOST, port), chunk_id))
 
     seed = ("seed", "--data-dir", str(tmp_path))
     with started(*seed, host=HOST, port=port) as proc:

@@ -384,6 +384,38 @@ def test_server_hands_a_large_store_its_receive_buffer() -> None:
     assert receive_into(server, b"".join(client.send(small)), 1 << 20) == [small]
 
 
+def test_client_hands_a_large_chunk_its_receive_buffer() -> None:
+    """A large fetched chunk is not copied out either, and later receives do not overwrite it."""
+    client, server = pair()
+    first, second = bytes(range(256)) * 1000, bytes(reversed(range(256))) * 1000
+    requests = [FetchRequest(client.new_request_id(), chunk_id_of(d)) for d in (first, second)]
+    for request in requests:
+        deliver(client.send(request), server)
+    replies = [
+        ChunkData(r.request_id, r.chunk_id, d)
+        for r, d in zip(requests, (first, second), strict=True)
+    ]
+    # The first reply and the start of the second arrive together: that start moves to a new buffer.
+    wire = b"".join(b"".join(server.send(reply)) for reply in replies)
+    split = len(wire) // 2 + 1000
+    got = receive_into(client, wire[:split], split)
+    assert got == replies[:1]
+    got += receive_into(client, wire[split:], 4096)
+    assert got == replies
+    for event, data in zip(got, (first, second), strict=True):
+        assert isinstance(event, ChunkData)
+        assert type(event.data) is memoryview
+        assert bytes(event.data) == data
+    assert not client.receiving_frame
+    small = FetchRequest(client.new_request_id(), CID)
+    deliver(client.send(small), server)
+    reply = ChunkData(small.request_id, CID, b"y" * 100)
+    small_got = receive_into(client, b"".join(server.send(reply)), 1 << 20)
+    assert small_got == [reply]
+    assert isinstance(small_got[0], ChunkData)
+    assert type(small_got[0].data) is bytes
+
+
 def test_chunk_data_in_place_is_the_same_frame_in_one_buffer() -> None:
     client, server = pair()
     data = bytes(range(256)) * 40
