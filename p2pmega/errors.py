@@ -11,8 +11,8 @@
     │  ├─ DecryptionFailed, ChunkHashMismatch, BadManifest, BadSignature
     ├─ PlacementError   exit 6   not enough holders or countries for the rule
     │  └─ PlacementImpossible
-    └─ StorageError     exit 7   the local chunk store refused (quota full, disk)
-       └─ QuotaExceeded, StoreCorrupt
+    └─ StorageError     exit 7   the local disk refused: chunk store quota full, output not writable
+       └─ QuotaExceeded, StoreCorrupt, OutputWriteFailed
     RemoteProtocolError          a peer sent garbage; net/ logs it and drops the peer; users never see it
 
 Exit code 130 (interrupted) is produced by the CLI on Ctrl-C; it has no class.
@@ -131,7 +131,7 @@ class PlacementImpossible(PlacementError):
 
 
 class StorageError(P2PMegaError):
-    """The local chunk store refused an operation (exit 7)."""
+    """The local chunk store or disk refused an operation (exit 7)."""
 
     exit_code = 7
 
@@ -142,6 +142,10 @@ class QuotaExceeded(StorageError):
 
 class StoreCorrupt(StorageError):
     """The store's index or files are inconsistent beyond automatic repair."""
+
+
+class OutputWriteFailed(StorageError):
+    """Writing a fetched file failed part-way (disk full, I/O error); a rerun resumes."""
 
 
 class RemoteProtocolError(Exception):

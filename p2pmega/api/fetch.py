@@ -18,13 +18,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from p2pmega.api.common import HolderLocator, NetSettings, client_node
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk_into
-from p2pmega.errors import BadLink, ManifestNotFound, NotFoundError, OutputExists, UsageError
+from p2pmega.errors import (
+    BadLink,
+    ManifestNotFound,
+    NotFoundError,
+    OutputExists,
+    OutputWriteFailed,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Chunks downloading at once; spread over every holder, so each holder sees a few requests at a time. Measured
 # with 256 MiB from 8 seeds: 8 -> 2.4-2.6 s (fetch waits on round trips), 16 -> 1.8 s, 24 -> 2.2-3.0 s; peak RSS
@@ -201,6 +210,19 @@ async def _download(
     fetched = 0
     unsaved = 0
     finished = False
+
+    async def on_disk(call: Callable[..., _T], *args: object) -> _T:
+        try:
+            return await asyncio.to_thread(call, *args)
+        except OSError as exc:
+            raise OutputWriteFailed(
+                f"cannot write {str(target)!r}: {exc.strerror or exc}; free space and run "
+                "the same command again to resume"
+            ) from exc
+
+    async def save_state() -> None:
+        await on_disk(resume.save, fd, frozenset(resume.done))
+
     try:
         # Learn in one batch per likely holder which chunks each one has, before asking the DHT chunk by chunk.
         await locator.want([ids[i] for i in todo], near=cap.root)
@@ -214,7 +236,7 @@ async def _download(
                 index = queue.get_nowait()
                 # locator.fetch hash-checks the bytes against ids[index]; decrypting authenticates them again.
                 data = await locator.fetch(ids[index], spread=index)
-                written = await asyncio.to_thread(
+                written = await on_disk(
                     writer.write_chunk, cap, manifest, index, data, index * chunk_size
                 )
                 resume.done.add(index)
@@ -225,7 +247,7 @@ async def _download(
                     progress(done_bytes, size)
                 if unsaved >= STATE_SAVE_EVERY:
                     unsaved = 0
-                    await asyncio.to_thread(resume.save, fd, frozenset(resume.done))
+                    await save_state()
 
         workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(todo)))]
         try:
@@ -234,13 +256,13 @@ async def _download(
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-        await asyncio.to_thread(_finish, fd, resume, target)
+        await on_disk(_finish, fd, resume, target)
         finished = True
     finally:
         if not finished:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(resume.save, fd, frozenset(resume.done))
-        writer.close()
+            with contextlib.suppress(OutputWriteFailed):
+                await save_state()
+        await asyncio.to_thread(writer.close)
     return FetchResult(target, size, len(ids), fetched, resumed)
 
 
@@ -287,9 +309,15 @@ class _PartWriter:
                 self._idle.notify_all()
 
     def close(self) -> None:
-        """Close the part file once no write is under way (at most one chunk's decrypt and write)."""
+        """Close the part file once no write is under way (at most one chunk's decrypt and write).
+
+        A write still running after 30 s (a hung disk) keeps the descriptor open until the process
+        ends, rather than have its bytes land in whatever file reuses the number.
+        """
         with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, timeout=30.0)
+            if not self._idle.wait_for(lambda: self._busy == 0, timeout=30.0):
+                log.warning("a write to the part file is still running after 30 s; leaving it open")
+                return
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1

@@ -241,7 +241,7 @@ async def _upload(
             tasks.append(asyncio.create_task(one(index)))
         await asyncio.gather(*tasks)
         if (await asyncio.to_thread(os.fstat, fd)).st_size != size:
-            raise InputFileError("the file changed size while it was being shared; try again")
+            raise InputFileError(_CHANGED_SIZE)
     finally:
         for task in tasks:
             task.cancel()
@@ -257,11 +257,24 @@ def _read_and_seal(
     """Read plaintext chunk ``index`` and seal it; return its id, stored bytes and plaintext length.
 
     Raises:
-        InputFileError: the file is shorter than it was when the share started.
+        InputFileError: the file is shorter than it was when the share started, or reading failed.
     """
     length = min(chunk_size, size - index * chunk_size)
-    plaintext = os.pread(fd, length, index * chunk_size)
+    offset = index * chunk_size
+    try:
+        plaintext = os.pread(fd, length, offset)
+        # A read may return less than asked short of the end (network file systems): read on.
+        while 0 < len(plaintext) < length:
+            more = os.pread(fd, length - len(plaintext), offset + len(plaintext))
+            if not more:
+                break
+            plaintext += more
+    except OSError as exc:
+        raise InputFileError(f"reading the file failed: {exc.strerror or exc}") from exc
     if len(plaintext) != length:
-        raise InputFileError("the file changed size while it was being shared; try again")
+        raise InputFileError(_CHANGED_SIZE)
     chunk_id, sealed = encoder.encode_chunk(index, plaintext)
     return chunk_id, sealed, length
+
+
+_CHANGED_SIZE = "the file changed size while it was being shared; try again"

@@ -78,15 +78,32 @@ class _Buffers:
     def take(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes."""
         with self._lock:
-            if self._spare and len(self._spare[-1]) >= size:
-                return self._spare.pop()
+            for i in range(len(self._spare) - 1, -1, -1):
+                if len(self._spare[i]) >= size:
+                    return self._spare.pop(i)
         return bytearray(-(-size // _BUFFER_STEP) * _BUFFER_STEP)
 
     def give(self, buffer: bytearray) -> None:
-        """Keep ``buffer`` for reuse; nothing may use it any more."""
+        """Keep ``buffer`` for reuse, unless something still has a view of it or it is kept already."""
+        if not _unshared(buffer):
+            return  # a view is alive (a transport still sending from it, a traceback): let it go
         with self._lock:
-            if len(self._spare) < _SPARE_BUFFERS:
+            if len(self._spare) < _SPARE_BUFFERS and all(b is not buffer for b in self._spare):
                 self._spare.append(buffer)
+
+
+def _unshared(buffer: bytearray) -> bool:
+    """True if no view of ``buffer`` is alive: CPython refuses to resize a bytearray with views.
+
+    The probe grows the buffer by one byte and shrinks it back; after the first time the byte
+    fits the spare room the resize left, so reused buffers are not moved again.
+    """
+    try:
+        buffer.append(0)
+    except BufferError:
+        return False
+    del buffer[-1]
+    return True
 
 
 @dataclass(frozen=True)
@@ -224,6 +241,9 @@ class _Workers:
             except Exception:
                 log.exception("sending the reply to request %d failed", event.request_id)
                 connection.abort()
+                connection.release(event.request_id)  # its slot, which connection_lost cannot see
+                if isinstance(reply, _Chunk):
+                    self.buffers.give(reply.buffer)
         if not self._running and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -294,10 +314,16 @@ class TransferServer:
                 another port when the TCP side of a UDP-chosen port number is taken.
         """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
-        )
+        # Workers first: the server accepts connections as soon as it is bound.
         self._workers = _Workers(loop, self._store, self.buffers)
+        try:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
+            )
+        except BaseException:
+            self._workers.shutdown()
+            self._workers = None
+            raise
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.debug("transfer server listening on %s:%d", self._host, self.port)
 
@@ -388,11 +414,8 @@ def _recycle(data: bytes | memoryview, buffers: _Buffers) -> None:
     """Give the receive buffer a stored chunk arrived in (see core.wire) back to ``buffers``."""
     if isinstance(data, memoryview) and isinstance(data.obj, bytearray):
         buffer = data.obj
-        try:
-            data.release()
-        except BufferError:
-            return  # something still looks at it: let it go instead
-        buffers.give(buffer)
+        data.release()
+        buffers.give(buffer)  # kept only if no other view of it is alive
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -475,7 +498,7 @@ class _Connection(asyncio.BufferedProtocol):
         # free theirs when they finish.
         untaken, self._untaken = self._untaken, []
         for request_id in untaken:
-            self._release(request_id)
+            self.release(request_id)
         self.server.forget(self)
 
     def pause_writing(self) -> None:
@@ -556,7 +579,7 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing() or self.conn.failed:
             if isinstance(reply, _Chunk):
                 buffers.give(reply.buffer)
-            self._release(request_id)
+            self.release(request_id)
             return
         if isinstance(reply, _Chunk):
             # Header, chunk id and data leave in one write from the buffer they were read into.
@@ -576,11 +599,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _done(self, request_id: int) -> None:
         self._last_activity = self._loop.time()
-        self._release(request_id)
+        self.release(request_id)
         if self._peer_done:
             self._close_when_answered()
 
-    def _release(self, request_id: int) -> None:
+    def release(self, request_id: int) -> None:
+        """Free the in-flight slot of ``request_id`` (once; later calls do nothing)."""
         if self._started.pop(request_id, None) is None:
             return
         self.inflight -= 1

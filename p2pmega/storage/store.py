@@ -231,17 +231,15 @@ class ChunkStore:
             ChunkHashMismatch: The bytes on disk no longer match the id; the chunk was deleted.
             StorageError: The disk failed.
         """
-        fd, size = self._open_live(chunk_id)
-        try:
-            try:
-                # One byte more than the row says, so that a file that grew is noticed too.
-                data = os.read(fd, size + 1)
-            except OSError as exc:
-                raise self._read_failed(chunk_id, exc) from exc
-            self._verify_or_discard(chunk_id, fd, data, size)
-        finally:
-            os.close(fd)
-        return data
+        buffers: list[bytearray] = []
+
+        def room(size: int) -> memoryview:
+            buffers.append(bytearray(size))
+            return memoryview(buffers[0])
+
+        size = self.read_into(chunk_id, room)
+        with memoryview(buffers[0]) as view:
+            return bytes(view[:size])
 
     def read_into(self, chunk_id: ChunkId, room: Callable[[int], memoryview]) -> int:
         """`get` into a buffer of the caller's (reused between chunks, with room in front).
@@ -267,7 +265,7 @@ class ChunkStore:
             if len(view) <= size:
                 raise ValueError(f"read_into asked for {size + 1} bytes of room, got {len(view)}")
             try:
-                got = os.readv(fd, [view[: size + 1]])
+                got = _read_fully(fd, view[: size + 1])
             except OSError as exc:
                 raise self._read_failed(chunk_id, exc) from exc
             self._verify_or_discard(chunk_id, fd, view[:got], size)
@@ -491,3 +489,18 @@ def _not_stored(chunk_id: ChunkId) -> ChunkNotStored:
     return ChunkNotStored(
         f"chunk {short_id(chunk_id)} is not stored here (or its lease expired); ask another holder"
     )
+
+
+def _read_fully(fd: int, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the file ends; return the bytes read.
+
+    One read mostly does it, but a read may return less than asked without the file having ended
+    (network file systems, signals), and a chunk must not be taken for rotten for that.
+    """
+    got = 0
+    while got < len(view):
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return got

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from p2pmega.api.fetch import _PartWriter
+from p2pmega.api.fetch import _download, _PartWriter
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import FileEncoder, Manifest, ManifestWalker
+from p2pmega.errors import OutputWriteFailed
 
 CHUNK = 8192
 
@@ -79,3 +83,52 @@ def test_close_waits_for_writes_under_way_and_later_writes_fail(tmp_path: Path):
     with pytest.raises(OSError, match="closed"):
         writer.write_chunk(cap, manifest, 0, store[first], 0)
     del plaintext
+
+
+class _Holders:
+    """Serves chunks from a dict, as a HolderLocator serves them from the network."""
+
+    def __init__(self, store: dict[ChunkId, bytes]) -> None:
+        self.store = store
+        self.fetched = 0
+
+    async def want(self, ids: list[ChunkId], *, near: bytes) -> None:
+        del ids, near
+
+    async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes:
+        self.fetched += 1
+        return self.store[chunk_id]
+
+
+async def test_a_full_disk_is_one_clear_error_and_the_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = CHUNK * 40 + 77
+    plaintext, cap, manifest, store = _encoded(size)
+    target = tmp_path / "out.bin"
+    real_pwrite = os.pwrite
+    writes = 0
+
+    def filling_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        nonlocal writes
+        writes += 1
+        if writes > 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling_pwrite)
+    holders = _Holders(store)
+    with pytest.raises(OutputWriteFailed) as caught:
+        await asyncio.wait_for(_download(holders, cap, manifest, target, None), 30)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "No space left on device" in message
+    assert "\n" not in message
+    assert caught.value.exit_code == 7
+    assert not target.exists()
+
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    again = _Holders(store)
+    result = await asyncio.wait_for(_download(again, cap, manifest, target, None), 30)  # type: ignore[arg-type]
+    assert target.read_bytes() == plaintext
+    assert result.chunks_resumed >= 16  # the state saved every 16 chunks, and once more on failure
+    assert again.fetched == len(manifest.chunk_ids) - result.chunks_resumed

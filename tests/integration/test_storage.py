@@ -100,6 +100,27 @@ def store(tmp_path: Path, clock: FakeClock):
         yield opened
 
 
+def test_short_reads_do_not_make_a_good_chunk_look_rotten(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return less than asked (network file systems, signals): read on, do not delete."""
+    chunk_id, data = make_chunk(100_000, seed=7)
+    store.put(chunk_id, data, lease_s=60)
+    real_read, real_readv = os.read, os.readv
+
+    def short_read(fd: int, n: int) -> bytes:
+        return real_read(fd, min(n, 4096))
+
+    def short_readv(fd: int, buffers: list[memoryview]) -> int:
+        return real_readv(fd, [buffers[0][:4096]])
+
+    monkeypatch.setattr(os, "read", short_read)
+    monkeypatch.setattr(os, "readv", short_readv)
+    assert store.get(chunk_id) == data
+    assert chunk_path(store.root, chunk_id).exists()
+    assert store.chunk_count == 1
+
+
 @pytest.mark.parametrize("size", [1, 2, 255, 4096, 1 << 20, MAX_SEALED_CHUNK_BYTES])
 def test_put_then_get_returns_exact_bytes(store: ChunkStore, size: int) -> None:
     chunk_id, data = make_chunk(size, seed=size)

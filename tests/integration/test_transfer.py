@@ -390,3 +390,61 @@ def test_a_request_finishing_after_the_loop_closed_ends_quietly() -> None:
     finally:
         threading.excepthook = hook
     assert failures == []
+
+
+def test_buffer_pool_keeps_no_buffer_that_is_still_viewed() -> None:
+    """A pooled buffer is lent to one user at a time: never one a view still reads, never twice."""
+    pool = transfer_server._Buffers()
+    viewed = pool.take(1000)
+    view = memoryview(viewed)[10:20]  # a slice, as a transport or a traceback may keep
+    pool.give(viewed)
+    assert pool.take(1000) is not viewed
+    view.release()
+    free = pool.take(1000)
+    pool.give(free)
+    pool.give(free)
+    assert pool.take(1000) is free
+    assert pool.take(1000) is not free
+    # A small buffer on top does not hide a large one below it.
+    large, small = pool.take(300_000), pool.take(1000)
+    assert len(small) < 300_000
+    pool.give(large)
+    pool.give(small)
+    assert pool.take(300_000) is large
+
+
+async def test_a_reply_that_fails_to_send_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If sending a reply raises, the connection is dropped and its request's slot comes back."""
+    finished = transfer_server._Connection.finished
+    failures = 0
+
+    def failing_once(self: transfer_server._Connection, *args: object) -> None:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise RuntimeError("injected")
+        finished(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transfer_server._Connection, "finished", failing_once)
+    host = peer_address(1, 1)
+    cid, data = random_chunk(200_000)
+    limits = ServerLimits(max_inflight_total=1)
+    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
+    store.put(cid, data, lease_s=60)
+    server = TransferServer(store, host=host, port=0, limits=limits)
+    try:
+        async with asyncio.timeout(STEP_S):
+            await server.start()
+            addr = (host, server.port)
+            async with TransferClient(local_host=peer_address(2, 1), timeout_s=2) as client:
+                with pytest.raises(errors.NetworkError):
+                    await client.fetch(addr, cid)
+            # With the one server-wide slot leaked, this fetch would wait for its timeout.
+            async with TransferClient(local_host=peer_address(2, 1), timeout_s=5) as client:
+                assert await client.fetch(addr, cid) == data
+    finally:
+        await server.stop()
+        store.close()
+    assert failures == 1
