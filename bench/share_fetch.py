@@ -88,9 +88,8 @@ def raw_rates(data: bytes) -> tuple[float, float]:
     return hash_rate, seal_rate
 
 
-def durable_write_rates(directory: Path, total: int = 256 * MIB) -> tuple[float, float]:
-    """MiB/s of (1 MiB files each fsynced, two writers at once, as two holders store chunks; one file
-    written and fsynced once, as fetch writes its output) in ``directory``."""
+def chunk_write_rate(directory: Path, total: int = 256 * MIB) -> float:
+    """MiB/s of 1 MiB files each fsynced, two writers at once (as two holders store chunks)."""
     directory.mkdir(parents=True, exist_ok=True)
     block = os.urandom(MIB)
 
@@ -111,7 +110,13 @@ def durable_write_rates(directory: Path, total: int = 256 * MIB) -> tuple[float,
         w.start()
     for w in writers:
         w.join()
-    chunk_rate = total / MIB / (time.perf_counter() - start)
+    return total / MIB / (time.perf_counter() - start)
+
+
+def file_write_rate(directory: Path, total: int = 256 * MIB) -> float:
+    """MiB/s of one file written and fsynced once (as fetch writes its output)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(MIB)
     path = directory / "sequential"
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -121,9 +126,9 @@ def durable_write_rates(directory: Path, total: int = 256 * MIB) -> tuple[float,
         os.fsync(fd)
     finally:
         os.close(fd)
-    file_rate = total / MIB / (time.perf_counter() - start)
+    rate = total / MIB / (time.perf_counter() - start)
     path.unlink()
-    return chunk_rate, file_rate
+    return rate
 
 
 def write_random(path: Path, size: int) -> None:
@@ -161,20 +166,15 @@ async def main() -> None:
         out_dir = args.out_dir / f"p2pmega-bench-out-{os.getpid()}" if args.out_dir else work
         extra_dirs.extend(d for d in (net_dir, out_dir) if not d.is_relative_to(work))
         out_dir.mkdir(parents=True, exist_ok=True)
-        chunk_rate, file_rate = await asyncio.to_thread(durable_write_rates, net_dir / "disk-probe")
+        chunk_rate = await asyncio.to_thread(chunk_write_rate, net_dir / "disk-probe")
         print(
             f"durable writes where seeds store: {chunk_rate:.1f} MiB/s as fsynced 1 MiB chunk files "
             f"(share ceiling with 2 replicas: {chunk_rate / 2:.1f} MiB/s)"
         )
-        out_chunk, out_file = (
-            (chunk_rate, file_rate)
-            if out_dir.resolve() == net_dir.resolve()
-            else await asyncio.to_thread(durable_write_rates, out_dir / "disk-probe")
-        )
+        out_file = await asyncio.to_thread(file_write_rate, out_dir / "disk-probe")
         print(
             f"durable writes where fetch writes: {out_file:.1f} MiB/s as one fsynced file (fetch ceiling)"
         )
-        del out_chunk
         async with TestNet(base_dir=net_dir) as net:
             env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
             env.update(net.environment())

@@ -38,8 +38,8 @@ MAX_ERROR_MESSAGE_BYTES: Final = 256
 # 4 KiB of slack covers that and leaves room for a future field without a version bump of the limit.
 FRAME_SLACK_BYTES: Final = 4096
 MAX_FRAME_BYTES: Final = MAX_SEALED_CHUNK_BYTES + FRAME_SLACK_BYTES
-# A server keeps at most 64 KiB of receive buffer between frames: it may have 128 mostly idle
-# connections, and stores are bound by fsync, not by one allocation per chunk.
+# A server keeps at most 64 KiB of receive buffer per connection between frames: it may have 128
+# mostly idle connections. Large frames arrive in buffers from ``allocate`` (the server's pool).
 _SERVER_KEEP_BYTES: Final = 64 << 10
 # The smallest room get_buffer() lends: a quarter of asyncio's own 256 KiB reads, so small frames
 # do not cost a system call each.
@@ -102,7 +102,8 @@ class StoreRequest:
     """Store ``data`` under ``chunk_id`` and keep it for at least ``lease_s`` seconds.
 
     A server receives a large chunk as a view of the buffer it was received into (no copy); the
-    connection lets go of that buffer, so the view stays valid as long as the event is kept.
+    connection lets go of that buffer, so the view stays valid until the receiver lets go of it
+    (the transfer server recycles it once the store call is done).
     """
 
     request_id: int

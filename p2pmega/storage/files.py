@@ -172,8 +172,8 @@ def write_chunk_file(
         StorageError: The disk failed; no temp file is left behind.
     """
     name = chunk_id.hex()
-    final_dir = f"{chunks_dir}/{name[:2]}"
-    final = f"{final_dir}/{name}"
+    final = chunk_file(chunks_dir, bytes(chunk_id))
+    final_dir = os.path.dirname(final)
     # A fresh random name, created exclusively: two writers never share a temp file.
     tmp = f"{tmp_dir}/{name[:16]}.{os.urandom(6).hex()}{TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC

@@ -189,13 +189,12 @@ class ChunkStore:
             self._pending.add(key)
         try:
             direct = self._direct
-            if direct and not write_chunk_file(
-                self._chunks_str, self._tmp_str, chunk_id, data, direct=True
-            ):
+            wrote_direct = write_chunk_file(
+                self._chunks_str, self._tmp_str, chunk_id, data, direct=direct
+            )
+            if direct and not wrote_direct:
                 self._direct = False
                 log.info("%s refuses O_DIRECT writes; writing through the page cache", self._root)
-            elif not direct:
-                write_chunk_file(self._chunks_str, self._tmp_str, chunk_id, data)
             with self._cond:
                 try:
                     self._check_open()
