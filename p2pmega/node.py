@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
@@ -19,10 +19,15 @@ from p2pmega.core.geo import GeoTable, country_of
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
-from p2pmega.net.lan import LANDiscovery
 from p2pmega.net.service import Service
-from p2pmega.net.transfer import TransferClient, TransferServer
-from p2pmega.storage import DEFAULT_QUOTA_BYTES, ChunkStore
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.storage import DEFAULT_QUOTA_BYTES
+
+if TYPE_CHECKING:
+    # A holder's parts load when a holder starts: share, fetch and check never need them.
+    from p2pmega.net.lan import LANDiscovery
+    from p2pmega.net.transfer_server import TransferServer
+    from p2pmega.storage.store import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +110,15 @@ class Node(Service):
         s = self.settings
         node_id = await asyncio.to_thread(self._node_id)
         if s.holder:
+            from p2pmega.storage.store import ChunkStore
+
             self.store = await asyncio.to_thread(
                 ChunkStore, s.data_dir / "store", quota_bytes=s.quota_bytes
             )
         await self._bind(node_id)
         if s.lan:
+            from p2pmega.net.lan import LANDiscovery
+
             self._lan = LANDiscovery(
                 node_id=node_id, host=s.host, dht_port=self.port, on_peer=self._lan_peer
             )
@@ -149,6 +158,8 @@ class Node(Service):
             if store is None:
                 self.dht = dht
                 return
+            from p2pmega.net.transfer_server import TransferServer
+
             server = TransferServer(store, host=s.host, port=dht.port, on_stored=self._on_stored)
             try:
                 await server.start()

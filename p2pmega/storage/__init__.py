@@ -7,10 +7,38 @@ Modules: ``store`` (ChunkStore), ``files`` (the chunk files, directory lock, ato
 ``index`` (the SQLite index and repair after a crash), ``sizes`` (parse_size for the quota option).
 """
 
-from p2pmega.storage.files import CHUNKS_DIR, LOCK_NAME, TMP_DIR, TMP_SUFFIX
-from p2pmega.storage.index import INDEX_NAME, SCHEMA_VERSION, RepairReport
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from p2pmega.storage.sizes import DEFAULT_QUOTA_BYTES, parse_size
-from p2pmega.storage.store import ChunkStore
+
+if TYPE_CHECKING:
+    from p2pmega.storage.files import CHUNKS_DIR, LOCK_NAME, TMP_DIR, TMP_SUFFIX
+    from p2pmega.storage.index import INDEX_NAME, SCHEMA_VERSION, RepairReport
+    from p2pmega.storage.store import ChunkStore
+
+# The rest loads on first use (PEP 562): a share or fetch client names DEFAULT_QUOTA_BYTES through
+# node settings but never opens a store, and sqlite3 with the store modules cost ~20 ms a command.
+_LAZY = {
+    "CHUNKS_DIR": "files",
+    "LOCK_NAME": "files",
+    "TMP_DIR": "files",
+    "TMP_SUFFIX": "files",
+    "INDEX_NAME": "index",
+    "SCHEMA_VERSION": "index",
+    "RepairReport": "index",
+    "ChunkStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "CHUNKS_DIR",
