@@ -45,10 +45,17 @@ OTHER_USE_CASES = ("p2pmega.api.testnet", "p2pmega.api.demo", "p2pmega.api.servi
 # Runs the console entry point (as `python -m p2pmega ARGS`) and writes the loaded module names to a file, also
 # when the command exits with an error.
 _DRIVER = """
-import runpy, sys
+import os, runpy, sys
 out, args = sys.argv[1], sys.argv[2:]
 sys.argv = ["p2pmega", *args]
 code = 0
+
+
+def leave(status):  # cli.main ends with os._exit; this driver has more to do
+    raise SystemExit(status)
+
+
+os._exit = leave
 try:
     runpy.run_module("p2pmega", run_name="__main__", alter_sys=True)
 except SystemExit as exc:
