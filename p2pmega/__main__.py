@@ -1,5 +1,5 @@
 """``python -m p2pmega`` runs the command-line interface."""
 
-from p2pmega.cli import main
+from p2pmega.entry import main
 
 main()

@@ -200,3 +200,29 @@ def test_the_cli_defaults_equal_the_ones_of_the_modules_that_own_them() -> None:
     assert cli.DEFAULT_LEASE_S == DEFAULT_LEASE_S
     assert cli.DEFAULT_COUNTRIES == DEFAULT_COUNTRIES
     assert cli.DEFAULT_QUOTA_BYTES == DEFAULT_QUOTA_BYTES
+
+
+def test_the_entry_point_collects_no_cycles_until_the_command_runs() -> None:
+    """entry.main turns the cycle collector off while the CLI loads; cli._run turns it back on."""
+    code = (
+        "import gc, sys\n"
+        "from p2pmega import cli\n"
+        "seen = []\n"
+        "async def command():\n"
+        "    seen.append(gc.isenabled())\n"
+        "gc.disable()\n"
+        "cli._run(command())\n"
+        "print(seen[0], gc.isenabled(), gc.get_freeze_count() > 0)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.split() == ["True", "True", "True"]
+    entry = subprocess.run(
+        [sys.executable, "-c", "import gc; from p2pmega import entry; print(gc.isenabled())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert entry.stdout.strip() == "True"  # importing the entry module changes nothing
