@@ -66,9 +66,11 @@ class RunningTestnet:
             except ProcessLookupError:
                 return
             # A killed child of the testnet stays a zombie until the testnet reaps it; that is gone enough.
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 if "\nState:\tZ" in Path(f"/proc/{peer['pid']}/status").read_text():
                     return
+            except (FileNotFoundError, ProcessLookupError):
+                return  # reaped between the two checks (reading /proc of a dying process gives ESRCH)
             time.sleep(0.02)
         raise AssertionError(f"peer {address} did not die")
 
@@ -133,7 +135,7 @@ def _alive(pid: int) -> bool:
         return False
     try:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone while we looked
         return False
 
 
