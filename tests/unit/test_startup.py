@@ -226,3 +226,18 @@ def test_the_entry_point_collects_no_cycles_until_the_command_runs() -> None:
         check=True,
     )
     assert entry.stdout.strip() == "True"  # importing the entry module changes nothing
+
+
+def test_the_console_script_enters_through_entry_main() -> None:
+    """The installed ``p2pmega`` script runs entry.main (which turns the collector off first)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="p2pmega")
+    assert script.value == "p2pmega.entry:main"
+    installed = Path(sys.executable).parent / "p2pmega"
+    assert installed.exists(), "pip install -e '.[test]' puts the script next to the interpreter"
+    proc = subprocess.run(
+        [str(installed), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("p2pmega ")
