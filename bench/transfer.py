@@ -81,9 +81,9 @@ async def raw_tcp_rate(total_mib: int) -> float:
 def fill_stores(root: Path, chunks: Sequence[tuple[ChunkId, bytes]]) -> list[list[ChunkId]]:
     """Put chunk i on holder i % 4, straight into the stores (not part of the measurement).
 
-    Written through the page cache (direct_io=False), so that the holders serve from memory: the
-    bench measures the transfer path against TCP and hashing, not the disk. (A holder's own
-    stores bypass the cache, and a chunk fetched soon after being stored comes from the disk.)
+    Written through the page cache (direct_io=False). The holders then open the stores as a seed
+    does (direct I/O where the filesystem has it), so they read every chunk from the disk with
+    O_DIRECT, as a real holder serves a chunk it stored (docs/STORAGE.md, "Reads").
     """
     per_holder: list[list[ChunkId]] = [[] for _ in HOLDERS]
     for index, host in enumerate(HOLDERS):

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -44,6 +45,9 @@ STATE_SAVE_EVERY = 16
 STATE_VERSION = 1
 PART_SUFFIX = ".p2pmega-part"
 STATE_SUFFIX = ".p2pmega-state"
+# O_DIRECT needs buffer addresses, offsets and lengths aligned to the device's logical block (<= 4 KiB).
+DIRECT_IO_ALIGN = 4096
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 Progress = Callable[[int, int], None]
 
@@ -230,9 +234,19 @@ async def _download(
         for i in todo:
             queue.put_nowait(i)
 
+        # The first failure stops every worker from taking a new chunk, but the chunks under way are
+        # finished and recorded (a rerun does not fetch them again), then the failure is raised.
+        failures: list[Exception] = []
+
         async def worker() -> None:
+            try:
+                await work()
+            except Exception as exc:  # raised below, once every worker has stopped
+                failures.append(exc)
+
+        async def work() -> None:
             nonlocal fetched, unsaved, done_bytes
-            while not queue.empty():
+            while not failures and not queue.empty():
                 index = queue.get_nowait()
                 # locator.fetch hash-checks the bytes against ids[index]; decrypting authenticates them again.
                 data = await locator.fetch(ids[index], spread=index)
@@ -256,6 +270,8 @@ async def _download(
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+        if failures:
+            raise failures[0]
         await on_disk(_finish, fd, resume, target)
         finished = True
     finally:
@@ -269,24 +285,38 @@ async def _download(
 class _PartWriter:
     """Writes opened chunks into the part file, from worker threads.
 
-    Each chunk is decrypted straight into one of a few reused buffers (one per write under way) and written
-    from there: no new megabyte per chunk. O_DIRECT from page-aligned buffers was tried and measured here
-    (256 MiB, 8 seeds): it saved little CPU once the allocator was tuned and made the fetch slower, every
-    write waiting for the disk (1.63-1.81 s against 1.42-1.56 s through the page cache).
+    Each chunk is decrypted straight into one of a few reused, page-aligned buffers (one per write under
+    way) and whole chunks are written from there through a second descriptor opened with O_DIRECT: the
+    kernel fills no page cache page. On this kind of VM a page cache page the guest has not touched
+    lately costs a fault to the host (free pages are reported back to it), so a buffered write of a new
+    1 MiB cost 3 ms of CPU, ten times the copy itself, and the writing threads queued on the inode lock
+    (docs/STORAGE.md, "Reads"). The final, partial chunk, chunk sizes that are not a multiple of 4 KiB,
+    and file systems without O_DIRECT (tmpfs, other systems) go through the ordinary descriptor ``fd``,
+    which is also the one fsync and the resume state use.
     """
 
-    def __init__(self, fd: int, chunk_size: int) -> None:
+    def __init__(self, fd: int, direct_fd: int | None, chunk_size: int) -> None:
         self.fd = fd
+        self._direct_fd = direct_fd
         self._chunk_size = chunk_size
-        self._buffers: list[bytearray] = []
+        self._buffers: list[mmap.mmap] = []
         # Writes under way in worker threads: a cancelled fetch leaves its threads running, and close()
-        # must not pull the descriptor from under them (a reused descriptor number would get the bytes).
+        # must not pull the descriptors from under them (a reused descriptor number would get the bytes).
         self._busy = 0
         self._idle = threading.Condition()
+        # Direct descriptors given up on while other writes may still use them; closed by close().
+        self._refused: list[int] = []
 
     @classmethod
     def open(cls, part: Path, size: int, chunk_size: int, resuming: bool) -> _PartWriter:
-        return cls(_open_part(part, size, resuming), chunk_size)
+        fd = _open_part(part, size, resuming)
+        direct_fd = None
+        if _O_DIRECT and chunk_size % DIRECT_IO_ALIGN == 0:
+            try:
+                direct_fd = os.open(part, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+            except OSError:  # the file system does not do O_DIRECT: buffered it is
+                direct_fd = None
+        return cls(fd, direct_fd, chunk_size)
 
     def write_chunk(
         self, cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview, offset: int
@@ -296,11 +326,11 @@ class _PartWriter:
             if self.fd < 0:
                 raise OSError(errno.EBADF, "the part file is closed")
             self._busy += 1
-            buffer = self._buffers.pop() if self._buffers else bytearray(self._chunk_size)
+            buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, self._chunk_size)
         try:
             with memoryview(buffer) as view:
                 length = decrypt_chunk_into(cap, manifest, index, data, view, id_verified=True)
-                _pwrite_all(self.fd, view[:length], offset)
+                self._write(view[:length], offset)
             return length
         finally:
             with self._idle:
@@ -308,19 +338,41 @@ class _PartWriter:
                 self._busy -= 1
                 self._idle.notify_all()
 
+    def _write(self, view: memoryview, offset: int) -> None:
+        direct_fd = self._direct_fd
+        if direct_fd is not None and len(view) == self._chunk_size:
+            try:
+                _pwrite_all(direct_fd, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # Opened, but this file system refuses O_DIRECT writes: stop trying (close() closes it).
+                log.debug("O_DIRECT write refused (%s); writing through the page cache", exc)
+                with self._idle:
+                    self._direct_fd = None
+                    self._refused.append(direct_fd)
+        _pwrite_all(self.fd, view, offset)
+
     def close(self) -> None:
         """Close the part file once no write is under way (at most one chunk's decrypt and write).
 
-        A write still running after 30 s (a hung disk) keeps the descriptor open until the process
+        A write still running after 30 s (a hung disk) keeps the descriptors open until the process
         ends, rather than have its bytes land in whatever file reuses the number.
         """
         with self._idle:
             if not self._idle.wait_for(lambda: self._busy == 0, timeout=30.0):
                 log.warning("a write to the part file is still running after 30 s; leaving it open")
                 return
+            for extra in [self._direct_fd, *self._refused]:
+                if extra is not None:
+                    os.close(extra)
+            self._direct_fd = None
+            self._refused.clear()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+            # Unmapped when the last reference goes (an exception's traceback may still hold a view).
             self._buffers.clear()
 
 

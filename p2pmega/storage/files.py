@@ -231,6 +231,80 @@ def _write_direct_or_not(fd: int, data: bytes | bytearray | memoryview) -> bool:
     return False
 
 
+def _thread_buffer(size: int) -> mmap.mmap:
+    """This thread's page-aligned buffer for direct I/O, at least ``size`` bytes (kept between calls).
+
+    Reused, so its pages stay mapped: a fresh buffer per chunk would be fresh pages, the cost direct
+    I/O is there to avoid (docs/STORAGE.md).
+    """
+    buffer: mmap.mmap | None = getattr(_thread_buffers, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        if buffer is not None:
+            buffer.close()
+        buffer = mmap.mmap(
+            -1, max(_DIRECT_BUFFER_STEP, -(-size // _DIRECT_BUFFER_STEP) * _DIRECT_BUFFER_STEP)
+        )
+        _thread_buffers.buffer = buffer
+    return buffer
+
+
+def open_chunk_for_read(path: str, *, direct: bool) -> int:
+    """Open a chunk file to read it, with O_DIRECT when ``direct`` (see `read_chunk`)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    return os.open(path, (flags | _O_DIRECT) if direct else flags)
+
+
+def read_chunk(fd: int, view: memoryview) -> int:
+    """Read the file ``fd`` from its start into ``view`` until it is full or the file ends.
+
+    A descriptor opened with O_DIRECT is read by the disk into this thread's page-aligned buffer and
+    copied into ``view`` from there: no page cache page is filled (docs/STORAGE.md, "Reads"). A
+    filesystem that refuses the direct read (``EINVAL``) gets an ordinary one.
+
+    Returns:
+        The bytes read.
+
+    Raises:
+        OSError: The read failed.
+    """
+    if _O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
+        try:
+            return _read_direct(fd, view)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+    return _read_fully(fd, view, 0)
+
+
+def _read_direct(fd: int, view: memoryview) -> int:
+    want = len(view)
+    padded = -(-want // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    buffer = _thread_buffer(padded)
+    with memoryview(buffer) as whole, whole[:padded] as block:
+        got = _read_fully(fd, block, 0)
+        got = min(got, want)
+        view[:got] = block[:got]
+    return got
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` until it is full or the file ends; return the bytes read.
+
+    One read mostly does it, but a read may return less than asked without the file having ended
+    (network file systems, signals), and a chunk must not be taken for rotten for that. (After a
+    short direct read the next offset may be unaligned; the kernel then refuses with ``EINVAL``
+    and `read_chunk` reads the rest through the page cache.)
+    """
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to the empty file ``fd`` with O_DIRECT, then cut the padding off.
 
@@ -241,12 +315,7 @@ def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
     padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
     if not padded:
         return
-    buffer: mmap.mmap | None = getattr(_thread_buffers, "buffer", None)
-    if buffer is None or len(buffer) < padded:
-        if buffer is not None:
-            buffer.close()
-        buffer = mmap.mmap(-1, -(-padded // _DIRECT_BUFFER_STEP) * _DIRECT_BUFFER_STEP)
-        _thread_buffers.buffer = buffer
+    buffer = _thread_buffer(padded)
     buffer[:size] = data
     buffer[size:padded] = bytes(padded - size)
     with memoryview(buffer) as view, view[:padded] as block:

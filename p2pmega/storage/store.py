@@ -37,6 +37,8 @@ from p2pmega.storage.files import (
     direct_io_works,
     lock_root,
     make_dirs,
+    open_chunk_for_read,
+    read_chunk,
     unlink_quietly,
     write_chunk_file,
 )
@@ -264,7 +266,7 @@ class ChunkStore:
             if len(view) <= size:
                 raise ValueError(f"read_into asked for {size + 1} bytes of room, got {len(view)}")
             try:
-                got = _read_fully(fd, view[: size + 1])
+                got = read_chunk(fd, view[: size + 1])
             except OSError as exc:
                 raise self._read_failed(chunk_id, exc) from exc
             self._verify_or_discard(chunk_id, fd, view[:got], size)
@@ -281,7 +283,7 @@ class ChunkStore:
         if not rows:
             raise _not_stored(chunk_id)
         try:
-            fd = os.open(chunk_file(self._chunks_str, key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_chunk_for_read(chunk_file(self._chunks_str, key), direct=self._direct)
         except FileNotFoundError:
             self._forget_missing(chunk_id)
             raise _not_stored(chunk_id) from None
@@ -488,18 +490,3 @@ def _not_stored(chunk_id: ChunkId) -> ChunkNotStored:
     return ChunkNotStored(
         f"chunk {short_id(chunk_id)} is not stored here (or its lease expired); ask another holder"
     )
-
-
-def _read_fully(fd: int, view: memoryview) -> int:
-    """Read into ``view`` until it is full or the file ends; return the bytes read.
-
-    One read mostly does it, but a read may return less than asked without the file having ended
-    (network file systems, signals), and a chunk must not be taken for rotten for that.
-    """
-    got = 0
-    while got < len(view):
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            break
-        got += n
-    return got

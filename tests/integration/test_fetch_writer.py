@@ -130,5 +130,6 @@ async def test_a_full_disk_is_one_clear_error_and_the_rerun_resumes(
     again = _Holders(store)
     result = await asyncio.wait_for(_download(again, cap, manifest, target, None), 30)  # type: ignore[arg-type]
     assert target.read_bytes() == plaintext
-    assert result.chunks_resumed >= 16  # the state saved every 16 chunks, and once more on failure
+    # Every chunk written before the disk filled up is recorded: the workers finish what is under way.
+    assert result.chunks_resumed == 20
     assert again.fetched == len(manifest.chunk_ids) - result.chunks_resumed

@@ -173,6 +173,44 @@ def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
         assert_consistent(store)
 
 
+def test_direct_reads_fill_no_page_cache(tmp_path: Path) -> None:
+    """A holder reads chunks with O_DIRECT too: serving a chunk leaves none of it in the page cache."""
+    chunk_id, data = make_chunk((1 << 20) + 41, seed=7)
+    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+        store.put(chunk_id, data, lease_s=60)
+        if not store.direct_io:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert store.get(chunk_id) == data
+        fd = os.open(chunk_path(tmp_path, chunk_id), os.O_RDONLY)
+        try:
+            # RWF_NOWAIT reads only what is cached; EAGAIN says the first page is not.
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # pragma: no cover - a filesystem without RWF_NOWAIT
+            pytest.skip(f"no RWF_NOWAIT here: {exc}")
+        else:
+            pytest.fail("the chunk's first page is in the page cache after a direct read")
+        finally:
+            os.close(fd)
+
+
+def test_a_filesystem_refusing_direct_reads_gets_page_cache_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, view: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    chunks = [make_chunk(size, seed=size) for size in (1, 5000, (1 << 20) + 3)]
+    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+        for chunk_id, data in chunks:
+            store.put(chunk_id, data, lease_s=60)
+        monkeypatch.setattr(storage_files, "_read_direct", refuse)
+        for chunk_id, data in chunks:
+            assert store.get(chunk_id) == data
+        assert_consistent(store)
+
+
 def test_no_o_direct_means_page_cache_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
