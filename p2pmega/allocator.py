@@ -1,6 +1,6 @@
-"""Keep glibc from handing 1 MiB chunk buffers back to the kernel after every use.
+"""Keep glibc from handing chunk buffers (a few MiB) back to the kernel after every use.
 
-Every chunk p2pmega moves is a buffer of about 1 MiB (received, hashed, sealed or opened, written). glibc
+Every chunk p2pmega moves is a buffer of 1-4 MiB (received, hashed, sealed or opened, written). glibc
 serves such sizes with ``mmap`` or from the top of a heap, and gives them back (``munmap``, heap trim)
 as soon as they are freed, so the next chunk's buffer starts as fresh pages: one page fault and one
 zeroed page per 4 KiB. On the development VM that made opening a 1 MiB chunk through PyNaCl cost

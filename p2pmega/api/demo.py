@@ -14,9 +14,10 @@ from p2pmega.api.check import CheckResult, check
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import ShareResult, share
 from p2pmega.api.testnet import TestNet
+from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 from p2pmega.errors import IntegrityError
 
-DEMO_FILE_BYTES = 5 * (1 << 20) + 12345  # a few chunks and a ragged end
+DEMO_FILE_BYTES = 6 * DEFAULT_CHUNK_SIZE + 12345  # a few chunks and a ragged end
 
 
 @dataclass(frozen=True)

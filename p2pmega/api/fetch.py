@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # Chunks downloading at once; spread over every holder, so each holder sees a few requests at a time. Measured
-# with 256 MiB from 8 seeds: 8 -> 2.4-2.6 s (fetch waits on round trips), 16 -> 1.8 s, 24 -> 2.2-3.0 s; peak RSS
-# 86, 101-106 and 117-120 MiB.
-FETCH_CONCURRENCY = 16
+# with 256 MiB from 8 seeds, 2 MiB chunks (3 runs each): 6 -> 0.95-1.00 s, 8 -> 0.80-0.89 s, 10 -> 0.82-0.91 s,
+# 12 -> 0.81-1.03 s, 16 -> 0.91-1.20 s. (With 1 MiB chunks 16 was best: about the same bytes in flight.)
+FETCH_CONCURRENCY = 8
 # The resume state is written after at most this many newly finished chunks (and on any exit).
 STATE_SAVE_EVERY = 16
 STATE_VERSION = 1

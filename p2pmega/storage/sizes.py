@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from p2pmega.errors import BadOption
 
-# 10 GB is a share of a laptop disk most users will not notice, yet holds ~10,000 1 MiB chunks.
+# 10 GB is a share of a laptop disk most users will not notice, yet holds ~5,000 chunks of the default 2 MiB.
 DEFAULT_QUOTA_BYTES = 10 * 1000**3
 
 # Decimal units are 1000-based and binary units 1024-based (IEC 80000-13); a bare number is bytes.
