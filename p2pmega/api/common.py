@@ -7,9 +7,10 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from p2pmega.config import local_address_towards
 from p2pmega.core.chunking import ChunkId, dht_key_of
@@ -29,6 +30,7 @@ from p2pmega.node import Node, NodeSettings
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+_T = TypeVar("_T")
 
 # A network with fewer DHT nodes than this is small enough that every chunk is placed among all of them; above it,
 # each chunk's candidates are the k closest nodes to its key, found by a crawl (twice kademlia's k of 20).
@@ -233,6 +235,17 @@ class HolderLocator:
         Raises:
             ChunkUnavailable: no reachable holder returned the chunk.
         """
+        return await self.fetch_into(chunk_id, _as_is, spread=spread)
+
+    async def fetch_into(
+        self, chunk_id: ChunkId, consume: Callable[[bytes | memoryview], _T], *, spread: int = 0
+    ) -> _T:
+        """`fetch`, handing the verified bytes to ``consume`` in the thread that hash-checked them.
+
+        Raises:
+            ChunkUnavailable: no reachable holder returned the chunk.
+            Whatever ``consume`` raises (TransferClient.fetch_any_into).
+        """
         for attempt in range(2):
             addrs = self.live_holders(chunk_id)
             if not addrs:
@@ -242,7 +255,7 @@ class HolderLocator:
                 k = spread % len(addrs)
                 order = addrs[k:] + addrs[:k]
                 try:
-                    data, _addr = await self.node.client.fetch_any(order, chunk_id)
+                    result, _addr = await self.node.client.fetch_any_into(order, chunk_id, consume)
                 except (ChunkUnavailable, ChunkNotStored, ChunkHashMismatch, NetworkError):
                     # Everyone we knew failed: forget them for this chunk and look again once.
                     self.holders.pop(chunk_id, None)
@@ -251,8 +264,12 @@ class HolderLocator:
                     if attempt == 0:
                         continue
                 else:
-                    return data
+                    return result
         raise ChunkUnavailable(
             f"no reachable holder has chunk {chunk_id.hex()[:16]}… (asked {len(self.peers)} peers); "
             "retry later or check --bootstrap"
         )
+
+
+def _as_is(data: bytes | memoryview) -> bytes | memoryview:
+    return data

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import functools
 import json
 import logging
 import mmap
@@ -219,10 +220,13 @@ async def _download(
         try:
             return await asyncio.to_thread(call, *args)
         except OSError as exc:
-            raise OutputWriteFailed(
-                f"cannot write {str(target)!r}: {exc.strerror or exc}; free space and run "
-                "the same command again to resume"
-            ) from exc
+            raise _write_failed(target, exc) from exc
+
+    def write(index: int, data: bytes | memoryview) -> int:
+        try:
+            return writer.write_chunk(cap, manifest, index, data, index * chunk_size)
+        except OSError as exc:
+            raise _write_failed(target, exc) from exc
 
     async def save_state() -> None:
         await on_disk(resume.save, fd, frozenset(resume.done))
@@ -248,10 +252,10 @@ async def _download(
             nonlocal fetched, unsaved, done_bytes
             while not failures and not queue.empty():
                 index = queue.get_nowait()
-                # locator.fetch hash-checks the bytes against ids[index]; decrypting authenticates them again.
-                data = await locator.fetch(ids[index], spread=index)
-                written = await on_disk(
-                    writer.write_chunk, cap, manifest, index, data, index * chunk_size
+                # The bytes are hash-checked against ids[index], then decrypted (which authenticates
+                # them again) and written, all in one worker-thread hop.
+                written = await locator.fetch_into(
+                    ids[index], functools.partial(write, index), spread=index
                 )
                 resume.done.add(index)
                 fetched += 1
@@ -280,6 +284,13 @@ async def _download(
                 await save_state()
         await asyncio.to_thread(writer.close)
     return FetchResult(target, size, len(ids), fetched, resumed)
+
+
+def _write_failed(target: Path, exc: OSError) -> OutputWriteFailed:
+    return OutputWriteFailed(
+        f"cannot write {str(target)!r}: {exc.strerror or exc}; free space and run "
+        "the same command again to resume"
+    )
 
 
 class _PartWriter:

@@ -12,7 +12,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
@@ -43,6 +43,8 @@ from p2pmega.net.service import Service
 log = logging.getLogger("p2pmega.net.transfer")
 
 Address = tuple[str, int]
+_T = TypeVar("_T")
+ChunkBytes = bytes | memoryview
 
 # The client closes pooled connections idle this long: before the holder's 60 s idle timeout, and
 # so that a client that talked to many holders does not keep a receive buffer for each of them.
@@ -318,7 +320,7 @@ class TransferClient(Service):
             raise AssertionError("core.wire matches STORE with STORE_OK")
         return reply.newly_stored
 
-    async def fetch(self, addr: Address, chunk_id: ChunkId) -> bytes | memoryview:
+    async def fetch(self, addr: Address, chunk_id: ChunkId) -> ChunkBytes:
         """Fetch the chunk ``chunk_id`` from ``addr`` and verify its hash.
 
         A large chunk comes as a read-only view of the buffer it was received into (no copy).
@@ -329,11 +331,25 @@ class TransferClient(Service):
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
             errors.TransferTimeout: no answer within ``timeout_s``.
         """
+        return await self.fetch_into(addr, chunk_id, _as_is)
+
+    async def fetch_into(
+        self, addr: Address, chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
+    ) -> _T:
+        """`fetch`, then ``consume(data)`` in the worker thread that verified it; return its result.
+
+        One thread hop per chunk for hashing and whatever the caller does with the bytes next
+        (fetch decrypts and writes them). ``consume`` runs only on bytes that match ``chunk_id``;
+        what it raises propagates unchanged.
+
+        Raises:
+            As `fetch`, and whatever ``consume`` raises.
+        """
         reply = await self._request(addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id)
         if not isinstance(reply, ChunkData):
             raise AssertionError("core.wire matches FETCH with CHUNK_DATA")
         try:
-            await asyncio.to_thread(verify_chunk, chunk_id, reply.data)
+            return await asyncio.to_thread(_verified, chunk_id, reply.data, consume)
         except errors.ChunkHashMismatch:
             log.debug(
                 "peer %s sent bad bytes for chunk %s; dropping its connections",
@@ -343,11 +359,10 @@ class TransferClient(Service):
             for peer_conn in self._pool.pop(addr, []):
                 await peer_conn.close()
             raise
-        return reply.data
 
     async def fetch_any(
         self, addrs: Sequence[Address], chunk_id: ChunkId
-    ) -> tuple[bytes | memoryview, Address]:
+    ) -> tuple[ChunkBytes, Address]:
         """Fetch ``chunk_id`` from the first holder in ``addrs`` that serves it intact.
 
         Returns:
@@ -356,10 +371,22 @@ class TransferClient(Service):
         Raises:
             errors.ChunkUnavailable: every holder failed (names how many were tried and why).
         """
+        return await self.fetch_any_into(addrs, chunk_id, _as_is)
+
+    async def fetch_any_into(
+        self, addrs: Sequence[Address], chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
+    ) -> tuple[_T, Address]:
+        """`fetch_any` with `fetch_into`'s ``consume``: its result and the address that served.
+
+        Raises:
+            errors.ChunkUnavailable: every holder failed (names how many were tried and why).
+            Whatever else ``consume`` raises (the next holder is not tried for it); it should
+            raise none of the errors that mean a bad holder (hash mismatch, not stored, network).
+        """
         reasons: Counter[str] = Counter()
         for addr in addrs:
             try:
-                return await self.fetch(addr, chunk_id), addr
+                return await self.fetch_into(addr, chunk_id, consume), addr
             except errors.ChunkNotStored:
                 reasons["not found"] += 1
             except errors.ChunkHashMismatch:
@@ -414,6 +441,15 @@ class TransferClient(Service):
                 raise AssertionError("core.wire matches RENEW with RENEW_REPLY")
             flags.extend(reply.flags)
         return flags
+
+
+def _as_is(data: ChunkBytes) -> ChunkBytes:
+    return data
+
+
+def _verified(chunk_id: ChunkId, data: ChunkBytes, consume: Callable[[ChunkBytes], _T]) -> _T:
+    verify_chunk(chunk_id, data)
+    return consume(data)
 
 
 def _raise_for(reply: Error, addr: Address, chunk_id: bytes) -> None:

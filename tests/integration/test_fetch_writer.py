@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,9 +96,11 @@ class _Holders:
     async def want(self, ids: list[ChunkId], *, near: bytes) -> None:
         del ids, near
 
-    async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes:
+    async def fetch_into(
+        self, chunk_id: ChunkId, consume: Callable[[bytes], int], *, spread: int = 0
+    ) -> int:
         self.fetched += 1
-        return self.store[chunk_id]
+        return await asyncio.to_thread(consume, self.store[chunk_id])
 
 
 async def test_a_full_disk_is_one_clear_error_and_the_rerun_resumes(

@@ -252,6 +252,41 @@ async def test_fetch_any_fails_over_past_dead_lying_and_mute_holders(tmp_path: P
                     await client.fetch_any([], cid)
 
 
+async def test_fetch_into_hands_only_verified_bytes_to_consume(tmp_path: Path) -> None:
+    """consume runs in the hashing thread on bytes that matched the id, never on a liar's bytes."""
+    good_host = peer_address(4, 1)
+    async with (
+        fake_holder(peer_address(2, 1), "lie") as liar_port,
+        holder(tmp_path, good_host) as (good, _),
+    ):
+        liar = (peer_address(2, 1), liar_port)
+        cid, data = random_chunk(300_000)
+        seen: list[bytes] = []
+
+        def consume(got: bytes | memoryview) -> int:
+            seen.append(bytes(got))
+            return len(got)
+
+        async with TransferClient(local_host=peer_address(5, 1)) as client:
+            async with asyncio.timeout(STEP_S):
+                await client.store((good_host, good.port), cid, data, 60)
+                with pytest.raises(errors.ChunkHashMismatch):
+                    await client.fetch_into(liar, cid, consume)
+                assert seen == []
+                got, source = await client.fetch_any_into(
+                    [liar, (good_host, good.port)], cid, consume
+                )
+                assert (got, source) == (len(data), (good_host, good.port))
+                assert seen == [data]
+
+                def refuse(got: bytes | memoryview) -> int:
+                    raise OSError("disk full")
+
+                # What consume raises is not a bad holder: it propagates, no other holder is tried.
+                with pytest.raises(OSError, match="disk full"):
+                    await client.fetch_any_into([(good_host, good.port), liar], cid, refuse)
+
+
 async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
     host = peer_address(1, 1)
     chunks = [random_chunk(200_000 + i) for i in range(8)]
