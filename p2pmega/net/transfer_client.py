@@ -37,6 +37,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.net.service import Service
 
 # Both sides log as p2pmega.net.transfer, as they did when they were one module.
@@ -50,6 +51,9 @@ ChunkBytes = bytes | memoryview
 # so that a client that talked to many holders does not keep a receive buffer for each of them.
 _POOL_IDLE_S: Final = 20.0
 _POOL_SWEEP_INTERVAL_S: Final = 5.0
+# Receive buffer a connection keeps between frames; a chunk arrives in a buffer of the client's
+# BufferPool, which fetch_into takes back once its consumer is done with the chunk.
+_KEEP_BUFFER_BYTES: Final = 64 << 10
 
 
 def _lease_seconds(lease_s: float) -> int:
@@ -69,9 +73,11 @@ class _PeerConnection(asyncio.BufferedProtocol):
     buffer, which saves three copies of every chunk (measured with bench/transfer.py).
     """
 
-    def __init__(self, addr: Address) -> None:
+    def __init__(self, addr: Address, buffers: BufferPool) -> None:
         self.addr = addr
-        self.conn = TransferConnection(role=Role.CLIENT)
+        self.conn = TransferConnection(
+            role=Role.CLIENT, keep_buffer_bytes=_KEEP_BUFFER_BYTES, allocate=buffers.take
+        )
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.closed = False
         self.answered = 0  # replies received so far; a reused connection may have gone stale
@@ -199,6 +205,7 @@ class TransferClient(Service):
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
         self._next_sweep = 0.0
+        self._buffers = BufferPool()
 
     async def start(self) -> None:
         """Nothing to do: connections open on first use."""
@@ -261,7 +268,10 @@ class TransferClient(Service):
             loop = asyncio.get_running_loop()
             try:
                 _, peer_conn = await loop.create_connection(
-                    functools.partial(_PeerConnection, addr), addr[0], addr[1], local_addr=local
+                    functools.partial(_PeerConnection, addr, self._buffers),
+                    addr[0],
+                    addr[1],
+                    local_addr=local,
                 )
             except OSError as exc:
                 raise errors.PeerUnreachable(
@@ -331,7 +341,7 @@ class TransferClient(Service):
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
             errors.TransferTimeout: no answer within ``timeout_s``.
         """
-        return await self.fetch_into(addr, chunk_id, _as_is)
+        return await self._fetch(addr, chunk_id, _as_is, reuse=False)
 
     async def fetch_into(
         self, addr: Address, chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
@@ -340,16 +350,29 @@ class TransferClient(Service):
 
         One thread hop per chunk for hashing and whatever the caller does with the bytes next
         (fetch decrypts and writes them). ``consume`` runs only on bytes that match ``chunk_id``;
-        what it raises propagates unchanged.
+        what it raises propagates unchanged. ``data`` is valid only while ``consume`` runs: its
+        buffer receives a later chunk (keep a copy, never the view).
 
         Raises:
             As `fetch`, and whatever ``consume`` raises.
         """
+        return await self._fetch(addr, chunk_id, consume, reuse=True)
+
+    async def _fetch(
+        self,
+        addr: Address,
+        chunk_id: ChunkId,
+        consume: Callable[[ChunkBytes], _T],
+        *,
+        reuse: bool,
+    ) -> _T:
         reply = await self._request(addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id)
         if not isinstance(reply, ChunkData):
             raise AssertionError("core.wire matches FETCH with CHUNK_DATA")
         try:
-            return await asyncio.to_thread(_verified, chunk_id, reply.data, consume)
+            return await asyncio.to_thread(
+                _verified, chunk_id, reply.data, consume, self._buffers if reuse else None
+            )
         except errors.ChunkHashMismatch:
             log.debug(
                 "peer %s sent bad bytes for chunk %s; dropping its connections",
@@ -371,7 +394,7 @@ class TransferClient(Service):
         Raises:
             errors.ChunkUnavailable: every holder failed (names how many were tried and why).
         """
-        return await self.fetch_any_into(addrs, chunk_id, _as_is)
+        return await self._fetch_any(addrs, chunk_id, _as_is, reuse=False)
 
     async def fetch_any_into(
         self, addrs: Sequence[Address], chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
@@ -383,10 +406,20 @@ class TransferClient(Service):
             Whatever else ``consume`` raises (the next holder is not tried for it); it should
             raise none of the errors that mean a bad holder (hash mismatch, not stored, network).
         """
+        return await self._fetch_any(addrs, chunk_id, consume, reuse=True)
+
+    async def _fetch_any(
+        self,
+        addrs: Sequence[Address],
+        chunk_id: ChunkId,
+        consume: Callable[[ChunkBytes], _T],
+        *,
+        reuse: bool,
+    ) -> tuple[_T, Address]:
         reasons: Counter[str] = Counter()
         for addr in addrs:
             try:
-                return await self.fetch_into(addr, chunk_id, consume), addr
+                return await self._fetch(addr, chunk_id, consume, reuse=reuse), addr
             except errors.ChunkNotStored:
                 reasons["not found"] += 1
             except errors.ChunkHashMismatch:
@@ -447,9 +480,19 @@ def _as_is(data: ChunkBytes) -> ChunkBytes:
     return data
 
 
-def _verified(chunk_id: ChunkId, data: ChunkBytes, consume: Callable[[ChunkBytes], _T]) -> _T:
-    verify_chunk(chunk_id, data)
-    return consume(data)
+def _verified(
+    chunk_id: ChunkId,
+    data: ChunkBytes,
+    consume: Callable[[ChunkBytes], _T],
+    buffers: BufferPool | None,
+) -> _T:
+    """Hash-check ``data``, hand it to ``consume``, then give its buffer to ``buffers`` (if any)."""
+    try:
+        verify_chunk(chunk_id, data)
+        return consume(data)
+    finally:
+        if buffers is not None:
+            recycle(data, buffers)
 
 
 def _raise_for(reply: Error, addr: Address, chunk_id: bytes) -> None:

@@ -42,6 +42,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.net.buffers import BufferPool, recycle
 
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
@@ -53,57 +54,14 @@ log = logging.getLogger("p2pmega.net.transfer")
 _CLOSE_GRACE_S: Final = 1.0
 # Threads that run store calls: enough to overlap the fsyncs of concurrent stores.
 _WORKER_THREADS: Final = 8
-# Large buffers kept for reuse between chunks (receive buffers of stored chunks, read buffers of
-# fetched ones): a fresh megabyte per chunk costs a zero-fill and page faults. Sizes are rounded
-# up so that one buffer fits chunks of slightly different sizes.
-_SPARE_BUFFERS: Final = 8
-_BUFFER_STEP: Final = 64 << 10
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of _Buffers."""
+    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of BufferPool."""
 
     buffer: bytearray
     size: int
-
-
-class _Buffers:
-    """Chunk-sized buffers shared by all connections and worker threads (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spare: list[bytearray] = []
-
-    def take(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes."""
-        with self._lock:
-            for i in range(len(self._spare) - 1, -1, -1):
-                if len(self._spare[i]) >= size:
-                    return self._spare.pop(i)
-        return bytearray(-(-size // _BUFFER_STEP) * _BUFFER_STEP)
-
-    def give(self, buffer: bytearray) -> None:
-        """Keep ``buffer`` for reuse, unless something still has a view of it or it is kept already."""
-        if not _unshared(buffer):
-            return  # a view is alive (a transport still sending from it, a traceback): let it go
-        with self._lock:
-            if len(self._spare) < _SPARE_BUFFERS and all(b is not buffer for b in self._spare):
-                self._spare.append(buffer)
-
-
-def _unshared(buffer: bytearray) -> bool:
-    """True if no view of ``buffer`` is alive: CPython refuses to resize a bytearray with views.
-
-    The probe grows the buffer by one byte and shrinks it back; after the first time the byte
-    fits the spare room the resize left, so reused buffers are not moved again.
-    """
-    try:
-        buffer.append(0)
-    except BufferError:
-        return False
-    del buffer[-1]
-    return True
 
 
 @dataclass(frozen=True)
@@ -133,7 +91,7 @@ class ServerLimits:
             raise ValueError("ServerLimits timeouts must be positive")
 
 
-def _answer(store: ChunkStore, event: Request, buffers: _Buffers) -> Reply | _Chunk:
+def _answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | _Chunk:
     """Run one request against the store (in a worker thread); every failure becomes an Error."""
     try:
         if isinstance(event, StoreRequest):
@@ -191,7 +149,7 @@ class _Workers:
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, store: ChunkStore, buffers: _Buffers
+        self, loop: asyncio.AbstractEventLoop, store: ChunkStore, buffers: BufferPool
     ) -> None:
         self._loop = loop
         self._store = store
@@ -283,7 +241,7 @@ class TransferServer:
         self.port = port
         self._server: asyncio.Server | None = None
         self._workers: _Workers | None = None
-        self.buffers = _Buffers()
+        self.buffers = BufferPool()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._inflight_per_ip: Counter[str] = Counter()
@@ -408,14 +366,6 @@ class TransferServer:
             self._on_stored(chunk_id)
         except Exception:
             log.exception("on_stored callback failed for chunk %s", short_id(chunk_id))
-
-
-def _recycle(data: bytes | memoryview, buffers: _Buffers) -> None:
-    """Give the receive buffer a stored chunk arrived in (see core.wire) back to ``buffers``."""
-    if isinstance(data, memoryview) and isinstance(data.obj, bytearray):
-        buffer = data.obj
-        data.release()
-        buffers.give(buffer)  # kept only if no other view of it is alive
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -568,11 +518,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._blocked and not self._closing:
             self._pump()
 
-    def finished(self, event: Request, reply: Reply | _Chunk, buffers: _Buffers) -> None:
+    def finished(self, event: Request, reply: Reply | _Chunk, buffers: BufferPool) -> None:
         """A worker answered ``event``: send the reply (unless the connection is gone)."""
         request_id = event.request_id
         if isinstance(event, StoreRequest):
-            _recycle(event.data, buffers)
+            recycle(event.data, buffers)
             if isinstance(reply, StoreOK) and reply.newly_stored:
                 self.server.stored(event.chunk_id)
         transport = self._transport

@@ -23,7 +23,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
-from p2pmega.net import transfer_client, transfer_server
+from p2pmega.net import buffers, transfer_client, transfer_server
 from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
@@ -360,13 +360,13 @@ async def test_holder_reuses_its_receive_buffers(
     """Chunks stored one after another arrive in recycled buffers, not in a fresh (zero-filled,
     faulted-in) buffer per chunk."""
     lent: list[bytearray] = []
-    take = transfer_server._Buffers.take
+    take = buffers.BufferPool.take
 
-    def spy(self: transfer_server._Buffers, size: int) -> bytearray:
+    def spy(self: buffers.BufferPool, size: int) -> bytearray:
         lent.append(take(self, size))
         return lent[-1]
 
-    monkeypatch.setattr(transfer_server._Buffers, "take", spy)
+    monkeypatch.setattr(buffers.BufferPool, "take", spy)
     host = peer_address(1, 1)
     chunks = [random_chunk(300_000 + i) for i in range(10)]
     async with holder(tmp_path, host) as (server, store):
@@ -427,9 +427,39 @@ def test_a_request_finishing_after_the_loop_closed_ends_quietly() -> None:
     assert failures == []
 
 
+async def test_client_reuses_its_receive_buffers_through_fetch_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks fetched one after another with fetch_into arrive in one recycled buffer; fetch() hands
+    its view to the caller, so that buffer is never lent again."""
+    host = peer_address(1, 1)
+    chunks = [random_chunk(300_000 + i) for i in range(6)]
+    async with holder(tmp_path, host) as (server, _):
+        addr = (host, server.port)
+        async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            for cid, data in chunks:
+                await client.store(addr, cid, data, 60)
+            lent: list[bytearray] = []
+            take = buffers.BufferPool.take
+
+            def spy(self: buffers.BufferPool, size: int) -> bytearray:
+                lent.append(take(self, size))
+                return lent[-1]
+
+            monkeypatch.setattr(buffers.BufferPool, "take", spy)
+            got = [await client.fetch_into(addr, cid, bytes) for cid, _ in chunks]
+            assert got == [data for _, data in chunks]
+            assert len(lent) == len(chunks)
+            assert len({id(buffer) for buffer in lent}) == 1
+            kept = await client.fetch(addr, chunks[0][0])
+            again = await client.fetch_into(addr, chunks[1][0], bytes)
+            assert kept == chunks[0][1]  # the view fetch() returned is intact
+            assert again == chunks[1][1]
+
+
 def test_buffer_pool_keeps_no_buffer_that_is_still_viewed() -> None:
     """A pooled buffer is lent to one user at a time: never one a view still reads, never twice."""
-    pool = transfer_server._Buffers()
+    pool = buffers.BufferPool()
     viewed = pool.take(1000)
     view = memoryview(viewed)[10:20]  # a slice, as a transport or a traceback may keep
     pool.give(viewed)
