@@ -248,6 +248,10 @@ class HolderLocator:
         """
         for attempt in range(2):
             addrs = self.live_holders(chunk_id)
+            if not addrs and attempt == 0 and self.hints:
+                # The link names the root's holders: ask them before searching the DHT.
+                await self.confirm([chunk_id], self.hints)
+                addrs = self.live_holders(chunk_id)
             if not addrs:
                 await self.discover(chunk_id)
                 addrs = self.live_holders(chunk_id)

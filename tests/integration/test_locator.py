@@ -1,0 +1,55 @@
+"""HolderLocator: a link's peer hints are asked before the DHT is searched."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from p2pmega.api.common import HolderLocator
+from p2pmega.core.chunking import chunk_id_of
+from p2pmega.errors import ChunkUnavailable
+from p2pmega.node import Node, NodeSettings
+from tests.integration.test_node_announce import holder_settings, recorder, store_chunks
+
+pytestmark = pytest.mark.integration
+
+STEP_S = 20.0
+
+
+async def test_hinted_holder_serves_without_a_dht_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with recorder() as dht, asyncio.timeout(STEP_S):
+        # No announcement goes out during the test: the DHT has no provider record to find.
+        settings = holder_settings(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
+        async with Node(settings) as holder:
+            [chunk_id] = await store_chunks(holder, 1)
+            client_settings = NodeSettings(
+                host="127.71.4.1",
+                data_dir=tmp_path / "client",
+                bootstrap=[(dht.host, dht.port)],
+                persistent_identity=False,
+                rpc_timeout_s=1.0,
+            )
+            async with Node(client_settings) as client:
+                lookups: list[bytes] = []
+                real = client.dht_node.find_providers
+
+                async def spy(key: bytes) -> object:
+                    lookups.append(key)
+                    return await real(key)
+
+                monkeypatch.setattr(client.dht_node, "find_providers", spy)
+                hinted = HolderLocator(client, hints=[holder.address])
+                data = bytes(await hinted.fetch(chunk_id))
+                assert chunk_id_of(data) == chunk_id
+                assert lookups == []
+                # Without the hint the same chunk is looked up in the DHT first.
+                other = os.urandom(32)
+                blind = HolderLocator(client)
+                with pytest.raises(ChunkUnavailable, match="no reachable holder"):
+                    await blind.fetch(other)  # type: ignore[arg-type]
+                assert lookups, "a chunk with no hinted holder should be searched in the DHT"
