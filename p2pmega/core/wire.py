@@ -445,7 +445,9 @@ class TransferConnection:
         del self._outstanding[request_id]
         return frames
 
-    def send_chunk_data_in_place(self, request_id: int, frame: bytearray, size: int) -> memoryview:
+    def send_chunk_data_in_place(
+        self, request_id: int, frame: bytearray | memoryview, size: int
+    ) -> memoryview:
         """Answer FetchRequest ``request_id`` with a ChunkData whose data the caller already placed.
 
         A server that reads a chunk into ``frame[CHUNK_DATA_HEAD_BYTES:]`` gets the whole frame

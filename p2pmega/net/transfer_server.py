@@ -58,9 +58,13 @@ _WORKER_THREADS: Final = 8
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A fetched chunk: ``size`` bytes at CHUNK_DATA_HEAD_BYTES in a buffer of BufferPool."""
+    """A fetched chunk: its ChunkData frame at ``start`` in a buffer of BufferPool.
+
+    The frame's ``size`` data bytes follow CHUNK_DATA_HEAD_BYTES of room for its header.
+    """
 
     buffer: bytearray
+    start: int
     size: int
 
 
@@ -99,11 +103,14 @@ def _answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | _
             return StoreOK(event.request_id, newly)
         if isinstance(event, FetchRequest):
             taken: list[bytearray] = []
+            starts: list[int] = []
 
             def room(size: int) -> memoryview:
-                # The chunk goes after room for its frame header (send_chunk_data_in_place).
-                taken.append(buffers.take(CHUNK_DATA_HEAD_BYTES + size))
-                return memoryview(taken[-1])[CHUNK_DATA_HEAD_BYTES:]
+                # The chunk goes after room for its frame header (send_chunk_data_in_place), on a
+                # direct I/O boundary, so the disk reads it into place.
+                taken.append(buffers.take(CHUNK_DATA_HEAD_BYTES + size + store.ROOM_SPARE_BYTES))
+                starts.append(store.room_offset(taken[-1], CHUNK_DATA_HEAD_BYTES))
+                return memoryview(taken[-1])[starts[-1] + CHUNK_DATA_HEAD_BYTES :]
 
             try:
                 size = store.read_into(event.chunk_id, room)
@@ -111,7 +118,7 @@ def _answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | _
                 for buffer in taken:
                     buffers.give(buffer)
                 raise
-            return _Chunk(taken[0], size)
+            return _Chunk(taken[0], starts[0], size)
         if isinstance(event, HasRequest):
             return HasReply(event.request_id, tuple(store.has_many(event.ids)))
         return RenewReply(event.request_id, tuple(store.renew(event.ids, lease_s=event.lease_s)))
@@ -533,9 +540,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if isinstance(reply, _Chunk):
             # Header, chunk id and data leave in one write from the buffer they were read into.
-            transport.write(
-                self.conn.send_chunk_data_in_place(request_id, reply.buffer, reply.size)
-            )
+            frame = memoryview(reply.buffer)[reply.start :]
+            transport.write(self.conn.send_chunk_data_in_place(request_id, frame, reply.size))
+            del frame  # a view left alive would keep the pool from taking the buffer back
             if not transport.get_write_buffer_size():
                 # The socket took it all, so the transport holds no reference to the buffer.
                 buffers.give(reply.buffer)

@@ -7,6 +7,7 @@ Layout: docs/STORAGE.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -34,7 +35,7 @@ _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
 
 # O_DIRECT wants the buffer, the length and the file offset aligned to the device's logical block;
 # 4096 suits every common device (512-byte ones too). os.O_DIRECT exists on Linux only.
-_DIRECT_ALIGN = 4096
+DIRECT_ALIGN = 4096
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 # Each writer thread keeps one page-aligned buffer for direct writes, grown in steps of 1 MiB.
 _DIRECT_BUFFER_STEP = 1 << 20
@@ -143,7 +144,7 @@ def direct_io_works(tmp_dir: str) -> bool:
     except OSError:
         return False
     try:
-        _write_direct(fd, bytes(_DIRECT_ALIGN))
+        _write_direct(fd, bytes(DIRECT_ALIGN))
         return True
     except OSError:
         return False
@@ -254,32 +255,62 @@ def open_chunk_for_read(path: str, *, direct: bool) -> int:
     return os.open(path, (flags | _O_DIRECT) if direct else flags)
 
 
-def read_chunk(fd: int, view: memoryview) -> int:
-    """Read the file ``fd`` from its start into ``view`` until it is full or the file ends.
+def read_chunk(fd: int, view: memoryview, limit: int | None = None) -> int:
+    """Read the file ``fd`` from its start into ``view`` until ``limit`` bytes or the file ends.
 
-    A descriptor opened with O_DIRECT is read by the disk into this thread's page-aligned buffer and
-    copied into ``view`` from there: no page cache page is filled (docs/STORAGE.md, "Reads"). A
-    filesystem that refuses the direct read (``EINVAL``) gets an ordinary one.
+    A descriptor opened with O_DIRECT is read by the disk, no page cache page filled (docs/STORAGE.md,
+    "Reads"): straight into ``view`` when it starts on a DIRECT_ALIGN boundary and has room for
+    ``limit`` rounded up to one (`direct_io_offset` places a view so; ChunkStore.room_offset), otherwise into this thread's
+    page-aligned buffer and copied from there. A filesystem that refuses the direct read
+    (``EINVAL``) gets an ordinary one.
+
+    Args:
+        fd: The open chunk file.
+        view: Where the bytes go, from its start. With O_DIRECT, bytes of ``view`` past ``limit``
+            (up to the next boundary) may be overwritten too.
+        limit: Bytes wanted at most; ``len(view)`` if None.
 
     Returns:
-        The bytes read.
+        The bytes read (at most ``limit``).
 
     Raises:
         OSError: The read failed.
     """
+    want = len(view) if limit is None else limit
     if _O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
         try:
-            return _read_direct(fd, view)
+            return _read_direct(fd, view, want)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-    return _read_fully(fd, view, 0)
+    with view[:want] as wanted:
+        return _read_fully(fd, wanted, 0)
 
 
-def _read_direct(fd: int, view: memoryview) -> int:
-    want = len(view)
-    padded = -(-want // _DIRECT_ALIGN) * _DIRECT_ALIGN
+def direct_io_offset(buffer: bytearray, head: int) -> int:
+    """The offset in ``buffer`` at which ``head`` bytes end on a DIRECT_ALIGN boundary.
+
+    Data read to ``buffer[offset + head:]`` then goes straight from the disk (`read_chunk`); the
+    offset is below DIRECT_ALIGN, so a buffer with 2 * DIRECT_ALIGN bytes to spare has the room.
+    """
+    return -(_address(buffer) + head) % DIRECT_ALIGN
+
+
+def _address(buffer: bytearray | memoryview) -> int:
+    """Where ``buffer``'s bytes start in memory (a writable, non-empty buffer)."""
+    anchor = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # the export it holds would keep a bytearray from being resized
+
+
+def _read_direct(fd: int, view: memoryview, want: int) -> int:
+    padded = -(-want // DIRECT_ALIGN) * DIRECT_ALIGN
+    if padded and len(view) >= padded and not view.readonly and _address(view) % DIRECT_ALIGN == 0:
+        with view[:padded] as block:
+            return min(_read_fully(fd, block, 0), want)
     buffer = _thread_buffer(padded)
     with memoryview(buffer) as whole, whole[:padded] as block:
         got = _read_fully(fd, block, 0)
@@ -312,7 +343,7 @@ def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
     ftruncate() then sets the exact length (the caller fsyncs, which makes the length durable).
     """
     size = len(data)
-    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
     if not padded:
         return
     buffer = _thread_buffer(padded)

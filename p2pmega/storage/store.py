@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 from p2pmega.core.chunking import (
     MAX_SEALED_CHUNK_BYTES,
@@ -31,9 +31,11 @@ from p2pmega.errors import (
 )
 from p2pmega.storage.files import (
     CHUNKS_DIR,
+    DIRECT_ALIGN,
     TMP_DIR,
     chunk_file,
     chunk_path,
+    direct_io_offset,
     direct_io_works,
     lock_root,
     make_dirs,
@@ -59,6 +61,18 @@ class ChunkStore:
     not expired; expired chunks stay on disk (and count towards ``used_bytes``) until
     `collect_garbage` or a put that needs their space removes them, but are never served.
     """
+
+    # Room a `read_into` buffer needs past ``head + size`` so that `room_offset` fits in it.
+    ROOM_SPARE_BYTES: Final = 2 * DIRECT_ALIGN
+
+    @staticmethod
+    def room_offset(buffer: bytearray, head: int) -> int:
+        """Where in ``buffer`` to put ``head`` bytes so that `read_into` fills what follows copy-free.
+
+        The disk then reads the chunk straight into ``buffer[offset + head:]`` (docs/STORAGE.md,
+        "Reads"). The offset is below ROOM_SPARE_BYTES / 2; any buffer works, this one saves a copy.
+        """
+        return direct_io_offset(buffer, head)
 
     def __init__(
         self,
@@ -247,7 +261,9 @@ class ChunkStore:
 
         Once the chunk's size is known, ``room(size + 1)`` must return a writable view of at least
         that many bytes (one more than the chunk, to notice a file that grew); the chunk lands at
-        its start, hash-checked like `get`'s result.
+        its start, hash-checked like `get`'s result. Bytes after it, up to the next DIRECT_ALIGN
+        boundary, may be overwritten. A view placed with `room_offset` and that much room is
+        filled by the disk directly, with no copy.
 
         Args:
             chunk_id: The chunk to read.
@@ -266,7 +282,7 @@ class ChunkStore:
             if len(view) <= size:
                 raise ValueError(f"read_into asked for {size + 1} bytes of room, got {len(view)}")
             try:
-                got = read_chunk(fd, view[: size + 1])
+                got = read_chunk(fd, view, size + 1)
             except OSError as exc:
                 raise self._read_failed(chunk_id, exc) from exc
             self._verify_or_discard(chunk_id, fd, view[:got], size)

@@ -195,10 +195,39 @@ def test_direct_reads_fill_no_page_cache(tmp_path: Path) -> None:
             os.close(fd)
 
 
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, (1 << 20) + 41])
+def test_a_room_placed_on_a_direct_io_boundary_is_read_into_without_a_bounce_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """The holder's path: read_into a pooled buffer at direct_io_offset, straight from the disk."""
+    chunk_id, data = make_chunk(size, seed=size)
+    head = 45  # like a ChunkData frame header in front of the data
+    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+        store.put(chunk_id, data, lease_s=60)
+        if not store.direct_io:
+            pytest.skip("this filesystem refuses O_DIRECT")
+
+        def no_bounce(size: int) -> object:
+            raise AssertionError("an aligned room was read through the bounce buffer")
+
+        monkeypatch.setattr(storage_files, "_thread_buffer", no_bounce)
+        buffer = bytearray(b"\xee" * (head + size + ChunkStore.ROOM_SPARE_BYTES))
+        start = store.room_offset(buffer, head)
+        assert 0 <= start < storage_files.DIRECT_ALIGN
+        got = store.read_into(chunk_id, lambda need: memoryview(buffer)[start + head :])
+        assert got == size
+        assert buffer[start + head : start + head + size] == data
+        assert buffer[: start + head] == b"\xee" * (start + head)  # nothing before it touched
+        monkeypatch.undo()
+        # The same room one byte off the boundary still gets the chunk, through the bounce buffer.
+        got = store.read_into(chunk_id, lambda need: memoryview(buffer)[start + head + 1 :])
+        assert buffer[start + head + 1 : start + head + 1 + size] == data
+
+
 def test_a_filesystem_refusing_direct_reads_gets_page_cache_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(fd: int, view: object) -> int:
+    def refuse(fd: int, view: object, want: int) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
     chunks = [make_chunk(size, seed=size) for size in (1, 5000, (1 << 20) + 3)]
