@@ -354,11 +354,8 @@ async def test_busy_holder_refusal_is_peer_unreachable(tmp_path: Path) -> None:
         store.close()
 
 
-async def test_holder_reuses_its_receive_buffers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Chunks stored one after another arrive in recycled buffers, not in a fresh (zero-filled,
-    faulted-in) buffer per chunk."""
+def record_pool_takes(monkeypatch: pytest.MonkeyPatch) -> list[bytearray]:
+    """From now on, every buffer BufferPool.take lends (in any pool) is appended to the returned list."""
     lent: list[bytearray] = []
     take = buffers.BufferPool.take
 
@@ -367,6 +364,15 @@ async def test_holder_reuses_its_receive_buffers(
         return lent[-1]
 
     monkeypatch.setattr(buffers.BufferPool, "take", spy)
+    return lent
+
+
+async def test_holder_reuses_its_receive_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks stored one after another arrive in recycled buffers, not in a fresh (zero-filled,
+    faulted-in) buffer per chunk."""
+    lent = record_pool_takes(monkeypatch)
     host = peer_address(1, 1)
     chunks = [random_chunk(300_000 + i) for i in range(10)]
     async with holder(tmp_path, host) as (server, store):
@@ -439,14 +445,7 @@ async def test_client_reuses_its_receive_buffers_through_fetch_into(
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
             for cid, data in chunks:
                 await client.store(addr, cid, data, 60)
-            lent: list[bytearray] = []
-            take = buffers.BufferPool.take
-
-            def spy(self: buffers.BufferPool, size: int) -> bytearray:
-                lent.append(take(self, size))
-                return lent[-1]
-
-            monkeypatch.setattr(buffers.BufferPool, "take", spy)
+            lent = record_pool_takes(monkeypatch)
             got = [await client.fetch_into(addr, cid, bytes) for cid, _ in chunks]
             assert got == [data for _, data in chunks]
             assert len(lent) == len(chunks)
