@@ -104,11 +104,69 @@ def test_seed_keeps_acknowledged_chunks_across_a_restart(tmp_path: Path) -> None
         stop(proc, signal.SIGINT)
 
 
+def _wait_stopped(pid: int) -> None:
+    """Wait until every thread of ``pid`` is stopped (SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(state in "tT" for state in states):
+            return
+    raise AssertionError(f"seed {pid} did not stop within 10 s")
+
+
+def _kill_while_writing(
+    proc: subprocess.Popen[str], port: int, store_dir: Path
+) -> tuple[bytes, list[bytes]]:
+    """Send whole STORE frames until the seed is SIGKILLed with one chunk half on disk.
+
+    Returns:
+        That chunk, and the chunks before it, which put() finished before the seed could be stopped.
+
+    The kill is placed from outside: poll ``tmp/`` for the chunk's temp file, SIGSTOP the seed the
+    moment it shows, and kill it only if, stopped, the temp file is still there and the chunk file
+    is not (put() is between its create and its rename). If the write won the race, the seed goes on
+    and the next chunk is tried.
+    """
+    written: list[bytes] = []
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        for request_id in range(1, 51):
+            data = os.urandom(DEFAULT_CHUNK_SIZE)
+            chunk_id = chunk_id_of(data)
+            prefix = chunk_id.hex()[:16]
+            final = store_dir / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
+            frames = TransferConnection(role=Role.CLIENT).send(
+                StoreRequest(request_id=request_id, chunk_id=chunk_id, lease_s=3600, data=data)
+            )
+            sock.sendall(b"".join(frames))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if any(n.startswith(prefix) for n in os.listdir(store_dir / "tmp")):
+                    proc.send_signal(signal.SIGSTOP)
+                    _wait_stopped(proc.pid)
+                    mid_write = not final.exists() and any(
+                        n.startswith(prefix) for n in os.listdir(store_dir / "tmp")
+                    )
+                    if mid_write:
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait(timeout=10)
+                        return data, written
+                    proc.send_signal(signal.SIGCONT)
+                    break
+                if final.exists():
+                    break
+            else:
+                raise AssertionError(f"chunk {request_id} never reached put(): no temp file in 10 s")
+            written.append(data)
+    raise AssertionError("50 chunks were each written before the seed could be stopped")
+
+
 def test_seed_killed_mid_chunk_restarts_consistent(tmp_path: Path) -> None:
     port = free_port(HOST)
     seed = ("seed", "--data-dir", str(tmp_path))
     kept = os.urandom(1000)
-    half_sent = os.urandom(DEFAULT_CHUNK_SIZE)
     with started(*seed, host=HOST, port=port) as proc:
 
         async def store_one() -> None:
@@ -117,17 +175,9 @@ def test_seed_killed_mid_chunk_restarts_consistent(tmp_path: Path) -> None:
                     await client.store((HOST, port), chunk_id_of(kept), kept, 3600)
 
         asyncio.run(store_one())
-        frames = TransferConnection(role=Role.CLIENT).send(
-            StoreRequest(
-                request_id=1, chunk_id=chunk_id_of(half_sent), lease_s=3600, data=half_sent
-            )
-        )
-        wire = b"".join(frames)
-        with socket.create_connection((HOST, port), timeout=10) as sock:
-            sock.sendall(wire[: len(wire) // 2])
-            time.sleep(0.2)  # the holder is now buffering a half-received chunk
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+        half_sent, written = _kill_while_writing(proc, port, tmp_path / "store")
+        # Killed between create and rename: the temp file is on disk for the restart to find.
+        assert [n for n in os.listdir(tmp_path / "store" / "tmp") if not n.startswith("direct-io")]
 
     # Restarted, it serves what it acknowledged and knows nothing of the half chunk.
     with started(*seed, host=HOST, port=port) as proc:
@@ -142,11 +192,16 @@ def test_seed_killed_mid_chunk_restarts_consistent(tmp_path: Path) -> None:
         assert stop(proc, signal.SIGTERM)[0] == 0
 
     # The store on disk: no partial file, index and files agree.
+    # Chunks fully written before the one killed mid-write may be there too, whole.
     with ChunkStore(tmp_path / "store") as store:
-        assert store.ids() == [chunk_id_of(kept)]
-        assert store.get(ChunkId(chunk_id_of(kept))) == kept
+        ids = store.ids()
+        assert chunk_id_of(kept) in ids
+        assert set(ids) <= {chunk_id_of(c) for c in [kept, *written]}
+        for chunk in [kept, *written]:
+            if chunk_id_of(chunk) in ids:
+                assert store.get(ChunkId(chunk_id_of(chunk))) == chunk
         assert not store.repair_report.repaired
         files = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
         chunk_files = [p for p in files if p.parent.parent.name == "chunks"]
-        assert [p.name for p in chunk_files] == [chunk_id_of(kept).hex()]
+        assert sorted(p.name for p in chunk_files) == sorted(i.hex() for i in ids)
         assert not list((tmp_path / "store" / "tmp").iterdir())
