@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,50 @@ def assert_consistent(store: ChunkStore) -> None:
     assert store.chunk_count == len(rows)
 
 
+# File systems where O_DIRECT is refused or meaningless (no page cache to bypass, or none of its own).
+_NO_DIRECT_FS = {"tmpfs", "ramfs", "overlay", "fuse", "9p", "nfs", "nfs4", "cifs"}
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system ``path`` is on: the longest mount point in /proc/mounts over it."""
+    best, kind = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            mount_point, fs_type = line.split()[1:3]
+            mount_point = mount_point.replace("\\040", " ")
+            inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) > len(best):
+                best, kind = mount_point, fs_type
+    return kind
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory on a file system that takes O_DIRECT: tmp_path if it does, else one under
+    /var/tmp or the repository. pytest's tmp_path is often tmpfs, which refuses O_DIRECT, and the
+    tests using this fixture would then test nothing. In CI (CI=true) finding none is a failure."""
+    repo = Path(__file__).resolve().parents[2]
+    # /var/tmp: by FHS a disk-backed temp dir; each test gets its own fresh directory under it.
+    for base in (tmp_path, Path("/var/tmp"), repo):  # noqa: S108
+        if not base.is_dir() or not os.access(base, os.W_OK) or not os.path.exists("/proc/mounts"):
+            continue
+        if _fs_type(base.resolve()) in _NO_DIRECT_FS:
+            continue
+        path = Path(tempfile.mkdtemp(prefix="p2pmega-direct-", dir=base))
+        if not storage_files.direct_io_works(str(path)):
+            shutil.rmtree(path)
+            continue
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    reason = f"no O_DIRECT-capable directory (tried {tmp_path}, /var/tmp, {repo})"
+    if os.environ.get("CI", "").lower() in {"true", "1"}:
+        pytest.fail(f"{reason}; CI must run the O_DIRECT tests")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -135,27 +180,28 @@ def test_put_then_get_returns_exact_bytes(store: ChunkStore, size: int) -> None:
 
 
 @pytest.mark.parametrize("direct_io", [True, False])
-def test_direct_and_page_cache_writes_store_exact_bytes(tmp_path: Path, direct_io: bool) -> None:
+def test_direct_and_page_cache_writes_store_exact_bytes(
+    request: pytest.FixtureRequest, tmp_path: Path, direct_io: bool
+) -> None:
     """Sizes around the 4096-byte O_DIRECT alignment: the padding never reaches the file."""
+    root = request.getfixturevalue("direct_dir") if direct_io else tmp_path
     sizes = [0, 1, 4095, 4096, 4097, 8191, (1 << 20) + 41, MAX_SEALED_CHUNK_BYTES]
     chunks = [make_chunk(size, seed=size) for size in sizes]
-    with ChunkStore(tmp_path, quota_bytes=64 << 20, direct_io=direct_io) as store:
+    with ChunkStore(root, quota_bytes=64 << 20, direct_io=direct_io) as store:
         for chunk_id, data in chunks:
             assert store.put(chunk_id, data, lease_s=60) is True
-        if direct_io and not store.direct_io:
-            pytest.skip("this filesystem refuses O_DIRECT")
         assert store.direct_io is direct_io
         for chunk_id, data in chunks:
-            assert chunk_path(tmp_path, chunk_id).read_bytes() == data
+            assert chunk_path(root, chunk_id).read_bytes() == data
             assert store.get(chunk_id) == data
         assert_consistent(store)
-    with ChunkStore(tmp_path, quota_bytes=64 << 20) as reopened:
+    with ChunkStore(root, quota_bytes=64 << 20) as reopened:
         assert not reopened.repair_report.repaired
         assert reopened.has_many([c for c, _ in chunks]) == [True] * len(chunks)
 
 
 def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """O_DIRECT accepted at open but refused on write (EINVAL): the chunk is written anyway, and
     the store stops trying."""
@@ -164,7 +210,8 @@ def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
         raise OSError(errno.EINVAL, "Invalid argument")
 
     chunks = [make_chunk(5000, seed=i) for i in range(2)]
-    with ChunkStore(tmp_path, quota_bytes=1 << 20, direct_io=True) as store:
+    with ChunkStore(direct_dir, quota_bytes=1 << 20, direct_io=True) as store:
+        assert store.direct_io
         monkeypatch.setattr(storage_files, "_write_direct", refuse)
         for chunk_id, data in chunks:
             assert store.put(chunk_id, data, lease_s=60) is True
@@ -173,15 +220,14 @@ def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
         assert_consistent(store)
 
 
-def test_direct_reads_fill_no_page_cache(tmp_path: Path) -> None:
+def test_direct_reads_fill_no_page_cache(direct_dir: Path) -> None:
     """A holder reads chunks with O_DIRECT too: serving a chunk leaves none of it in the page cache."""
     chunk_id, data = make_chunk((1 << 20) + 41, seed=7)
-    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+    with ChunkStore(direct_dir, quota_bytes=8 << 20, direct_io=True) as store:
         store.put(chunk_id, data, lease_s=60)
-        if not store.direct_io:
-            pytest.skip("this filesystem refuses O_DIRECT")
+        assert store.direct_io
         assert store.get(chunk_id) == data
-        fd = os.open(chunk_path(tmp_path, chunk_id), os.O_RDONLY)
+        fd = os.open(chunk_path(direct_dir, chunk_id), os.O_RDONLY)
         try:
             # RWF_NOWAIT reads only what is cached; EAGAIN says the first page is not.
             os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
@@ -197,15 +243,14 @@ def test_direct_reads_fill_no_page_cache(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [1, 4095, 4096, 4097, (1 << 20) + 41])
 def test_a_room_placed_on_a_direct_io_boundary_is_read_into_without_a_bounce_buffer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     """The holder's path: read_into a pooled buffer at direct_io_offset, straight from the disk."""
     chunk_id, data = make_chunk(size, seed=size)
     head = 45  # like a ChunkData frame header in front of the data
-    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+    with ChunkStore(direct_dir, quota_bytes=8 << 20, direct_io=True) as store:
         store.put(chunk_id, data, lease_s=60)
-        if not store.direct_io:
-            pytest.skip("this filesystem refuses O_DIRECT")
+        assert store.direct_io
 
         def no_bounce(size: int) -> object:
             raise AssertionError("an aligned room was read through the bounce buffer")
@@ -225,13 +270,13 @@ def test_a_room_placed_on_a_direct_io_boundary_is_read_into_without_a_bounce_buf
 
 
 def test_a_filesystem_refusing_direct_reads_gets_page_cache_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def refuse(fd: int, view: object, want: int) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
     chunks = [make_chunk(size, seed=size) for size in (1, 5000, (1 << 20) + 3)]
-    with ChunkStore(tmp_path, quota_bytes=8 << 20, direct_io=True) as store:
+    with ChunkStore(direct_dir, quota_bytes=8 << 20, direct_io=True) as store:
         for chunk_id, data in chunks:
             store.put(chunk_id, data, lease_s=60)
         monkeypatch.setattr(storage_files, "_read_direct", refuse)
