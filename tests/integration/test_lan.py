@@ -52,11 +52,30 @@ class Recorder:
         if self.fail:
             raise RuntimeError(f"on_peer refuses {host}:{port}")
 
+    async def wait_for_peer(self, peer: tuple[str, int], timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while peer not in self.peers:
+                self._changed.clear()
+                await self._changed.wait()
+
     async def wait_for(self, count: int, timeout_s: float = 5.0) -> None:
         async with asyncio.timeout(timeout_s):
             while len(self.peers) < count:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+async def marker_reported(recorder: Recorder, lsd_port: int, host: str, port: int) -> None:
+    """Send an announcement from ``host`` and wait until on_peer got it.
+
+    A node handles datagrams in the order they arrive, and on loopback a datagram is queued on the
+    receiving socket when sendto() returns: once the marker is reported, everything sent before it
+    has been handled. "Nothing was reported" is then proven, not hoped for after a sleep.
+    """
+    async with raw_sender(host) as send:
+        send(encode_announcement(Announcement(node_id(99), port, b"\x99" * 8)), lsd_port)
+        await recorder.wait_for_peer((host, port))
+    assert recorder.peers[-1] == (host, port), "reported after the marker: handled out of order"
 
 
 def node_id(n: int) -> bytes:
@@ -121,6 +140,16 @@ async def raw_listener(port: int) -> AsyncIterator[DatagramServer]:
         stream.close()
 
 
+async def wait_heard_from(wire: DatagramServer, hosts: set[str], timeout_s: float = 5.0) -> None:
+    """Receive on ``wire`` until a datagram from each of ``hosts`` came. A broadcast reaches every
+    socket on the port in the one sendto(), so the nodes' listeners have them queued too."""
+    async with asyncio.timeout(timeout_s):
+        while hosts:
+            _, addr = await wire.recv()
+            assert isinstance(addr, tuple)
+            hosts.discard(addr[0])
+
+
 async def test_two_nodes_find_each_other_without_bootstrap() -> None:
     seen_by_a, seen_by_b = Recorder(), Recorder()
     async with make(1, seen_by_a) as a:
@@ -132,11 +161,16 @@ async def test_two_nodes_find_each_other_without_bootstrap() -> None:
             assert seen_by_a.peers == [(peer_address(2, 1), b._dht_port)]
             assert seen_by_b.peers == [(peer_address(1, 1), a._dht_port)]
             # Both intervals are 60 s: more announcements in the next moments must not re-report.
-            a.announce_now()
-            b.announce_now()
-            await asyncio.sleep(0.3)
-            assert len(seen_by_a.peers) == 1
-            assert len(seen_by_b.peers) == 1
+            async with raw_listener(a.lsd_port) as wire:
+                a.announce_now()
+                b.announce_now()
+                await wait_heard_from(wire, {peer_address(1, 1), peer_address(2, 1)})
+            # Each re-announcement is on the other's socket; a marker sent after it is handled after.
+            marker = peer_address(2, 9)
+            await marker_reported(seen_by_a, a.lsd_port, marker, 4999)
+            await marker_reported(seen_by_b, b.lsd_port, marker, 4999)
+            assert seen_by_a.peers == [(peer_address(2, 1), b._dht_port), (marker, 4999)]
+            assert seen_by_b.peers == [(peer_address(1, 1), a._dht_port), (marker, 4999)]
 
 
 async def test_three_nodes_on_one_host_share_the_port() -> None:
@@ -167,10 +201,11 @@ async def test_own_announcements_are_ignored() -> None:
             assert data[11] == 1
             assert data[12:32] == node_id(4)
             assert int.from_bytes(data[32:34], "big") == node._dht_port
-        await asyncio.sleep(0.1)
-        # ... and the node's own listener heard it too, but did not report itself.
+        # ... and the node's own listener heard it too (before a marker sent after it), but did
+        # not report itself.
+        await marker_reported(recorder, node.lsd_port, peer_address(4, 9), 4999)
         assert node.announcements_sent >= 3
-        assert recorder.peers == []
+        assert recorder.peers == [(peer_address(4, 9), 4999)]
 
 
 async def test_malformed_datagrams_are_dropped_and_discovery_keeps_working(
@@ -213,11 +248,9 @@ async def test_flooding_source_is_rate_limited() -> None:
             # Same port over and over, then many fake ports: both are bounded.
             port = 5000 if i < 10 else 5000 + i
             send(encode_announcement(Announcement(node_id(8), port, b"\x02" * 8)), node.lsd_port)
-        async with raw_sender(peer_address(7, 8)) as honest:
-            await asyncio.sleep(0.2)
-            honest(encode_announcement(Announcement(node_id(6), 6000, b"\x03" * 8)), node.lsd_port)
-            await recorder.wait_for(1 + (MAX_ANNOUNCEMENTS_PER_SOURCE - 10) + 1)
-        await asyncio.sleep(0.2)
+        # The honest peer's announcement is handled after the whole flood: once it is reported,
+        # everything the flood could cause has been reported too.
+        await marker_reported(recorder, node.lsd_port, peer_address(7, 8), 6000)
     flooder = [p for p in recorder.peers if p[0] == peer_address(7, 9)]
     assert flooder[0] == (peer_address(7, 9), 5000)
     # 10 repeats of one peer were reported once, and the source's allowance ran out after 16.
@@ -236,7 +269,7 @@ async def test_on_peer_errors_are_logged_at_debug_and_ignored(
         await recorder.wait_for(1)
         send(encode_announcement(Announcement(node_id(2), 7002, b"\x05" * 8)), node.lsd_port)
         await recorder.wait_for(2)
-        await asyncio.sleep(0.05)
+    # on_peer raised and was logged in the same step as it recorded the call: no wait needed.
     assert recorder.peers == [(peer_address(10, 2), 7001), (peer_address(10, 2), 7002)]
     failures = [r for r in caplog.records if r.getMessage().startswith("on_peer(")]
     assert [r.levelno for r in failures] == [logging.DEBUG, logging.DEBUG]
