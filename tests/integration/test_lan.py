@@ -423,13 +423,30 @@ async def test_hanging_on_peer_times_out_and_does_not_block_others(
     monkeypatch.setattr(lan_module, "ON_PEER_TIMEOUT_S", 0.3)
     calls: list[int] = []
     second = asyncio.Event()
+    first_hanging: list[bool] = []  # when the second call came, was the first still waiting?
+    hanging = False
 
     async def on_peer(host: str, port: int) -> None:
+        nonlocal hanging
         calls.append(port)
         if port == 7101:
-            await asyncio.Event().wait()  # a peer that never answers the ping
+            hanging = True
+            try:
+                await asyncio.Event().wait()  # a peer that never answers the ping
+            finally:
+                hanging = False
+        first_hanging.append(hanging)
         second.set()
 
+    timed_out = asyncio.Event()
+
+    class OnTimeout(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("on_peer("):
+                timed_out.set()
+
+    handler = OnTimeout()
+    logging.getLogger("p2pmega.net.lan").addHandler(handler)
     node = LANDiscovery(
         node_id=node_id(15),
         host=peer_address(15, 1),
@@ -438,13 +455,17 @@ async def test_hanging_on_peer_times_out_and_does_not_block_others(
         lsd_port=0,
         min_interval_s=0.05,
     )
-    async with node, raw_sender(peer_address(15, 2)) as send:
-        send(encode_announcement(Announcement(node_id(1), 7101, b"\x06" * 8)), node.lsd_port)
-        await asyncio.sleep(0.05)
-        send(encode_announcement(Announcement(node_id(2), 7102, b"\x07" * 8)), node.lsd_port)
-        async with asyncio.timeout(0.25):
-            await second.wait()  # served while the first call still hangs
-        await asyncio.sleep(0.4)
+    try:
+        async with node, raw_sender(peer_address(15, 2)) as send:
+            send(encode_announcement(Announcement(node_id(1), 7101, b"\x06" * 8)), node.lsd_port)
+            send(encode_announcement(Announcement(node_id(2), 7102, b"\x07" * 8)), node.lsd_port)
+            async with asyncio.timeout(5):
+                await second.wait()
+                await timed_out.wait()
+    finally:
+        logging.getLogger("p2pmega.net.lan").removeHandler(handler)
+    # Served while the first call still hung, not after its timeout freed a slot.
+    assert first_hanging == [True]
     assert calls == [7101, 7102]
     timed_out = [r for r in caplog.records if r.getMessage().startswith("on_peer(")]
     assert len(timed_out) == 1
