@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -111,6 +111,14 @@ async def test_pipelined_requests_reuse_pooled_connections(tmp_path: Path) -> No
             assert 1 <= server.connections <= 3
 
 
+async def wait_until(condition: Callable[[], bool], timeout_s: float = STEP_S) -> None:
+    """Poll ``condition`` until it holds (TimeoutError after ``timeout_s``): a server's connection
+    count has no event to wait on, and it drops only after the loop has seen the peer's EOF."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the count itself
+            await asyncio.sleep(0.005)
+
+
 async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Path) -> None:
     host = peer_address(1, 1)
     store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
@@ -124,8 +132,7 @@ async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Pa
             async with TransferClient(local_host=peer_address(2, 1)) as client:
                 addr = (host, server.port)
                 await client.store(addr, cid, data, 60)
-                await asyncio.sleep(0.5)
-                assert server.connections == 0
+                await wait_until(lambda: server.connections == 0)  # the holder dropped it
                 assert await client.fetch(addr, cid) == data
     finally:
         async with asyncio.timeout(STEP_S):
@@ -136,7 +143,7 @@ async def test_pooled_connection_dropped_by_idle_holder_is_replaced(tmp_path: Pa
 async def test_client_drops_its_idle_pooled_connections(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(transfer_client, "_POOL_IDLE_S", 0.2)
+    monkeypatch.setattr(transfer_client, "_POOL_IDLE_S", 5.0)
     monkeypatch.setattr(transfer_client, "_POOL_SWEEP_INTERVAL_S", 0.0)
     host_a, host_b = peer_address(1, 1), peer_address(2, 1)
     async with holder(tmp_path, host_a) as (a, _), holder(tmp_path, host_b) as (b, _):
@@ -144,11 +151,18 @@ async def test_client_drops_its_idle_pooled_connections(
         async with TransferClient(local_host=peer_address(3, 1)) as client:
             async with asyncio.timeout(STEP_S):
                 await client.store((host_a, a.port), cid, data, 60)
-                assert a.connections == 1
-                await asyncio.sleep(0.3)
                 await client.store((host_b, b.port), cid, data, 60)
-                await asyncio.sleep(0.1)
-            assert a.connections == 0
+                assert (a.connections, b.connections) == (1, 1)
+                [b_conn] = client._pool[(host_b, b.port)]
+                # a's connection was last used 10 s ago (no sleeping through the idle time).
+                for peer_conn in client._pool[(host_a, a.port)]:
+                    peer_conn.last_used -= 10.0
+                assert await client.fetch((host_b, b.port), cid) == data  # this use sweeps
+                await wait_until(lambda: a.connections == 0)
+            # The sweep dropped only the idle one: b's, just used, is still the pooled one, open.
+            assert (host_a, a.port) not in client._pool
+            assert client._pool[(host_b, b.port)] == [b_conn]
+            assert not b_conn.closed
             assert b.connections == 1
 
 
