@@ -467,8 +467,8 @@ async def test_hanging_on_peer_times_out_and_does_not_block_others(
     # Served while the first call still hung, not after its timeout freed a slot.
     assert first_hanging == [True]
     assert calls == [7101, 7102]
-    timed_out = [r for r in caplog.records if r.getMessage().startswith("on_peer(")]
-    assert len(timed_out) == 1
-    assert "7101" in timed_out[0].getMessage()
-    assert timed_out[0].exc_info is not None
-    assert timed_out[0].exc_info[0] is TimeoutError
+    failures = [r for r in caplog.records if r.getMessage().startswith("on_peer(")]
+    assert len(failures) == 1
+    assert "7101" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
+    assert failures[0].exc_info[0] is TimeoutError

@@ -158,7 +158,9 @@ def _kill_while_writing(
                 if final.exists():
                     break
             else:
-                raise AssertionError(f"chunk {request_id} never reached put(): no temp file in 10 s")
+                raise AssertionError(
+                    f"chunk {request_id} never reached put(): no temp file in 10 s"
+                )
             written.append(data)
     raise AssertionError("50 chunks were each written before the seed could be stopped")
 

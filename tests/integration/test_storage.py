@@ -211,7 +211,8 @@ def test_a_filesystem_refusing_direct_writes_gets_page_cache_writes(
 
     chunks = [make_chunk(5000, seed=i) for i in range(2)]
     with ChunkStore(direct_dir, quota_bytes=1 << 20, direct_io=True) as store:
-        assert store.direct_io
+        started_direct = store.direct_io
+        assert started_direct
         monkeypatch.setattr(storage_files, "_write_direct", refuse)
         for chunk_id, data in chunks:
             assert store.put(chunk_id, data, lease_s=60) is True
