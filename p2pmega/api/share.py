@@ -105,9 +105,8 @@ class Placer:
             PlacementImpossible: the live peers can no longer meet the rule.
         """
         stored: list[Candidate] = []
-        failed: set[tuple[str, int]] = (
-            set()
-        )  # holders that failed this chunk: the next round replaces them
+        # Holders that failed this chunk: the next round replaces them where the rule allows.
+        failed: set[tuple[str, int]] = set()
         for _round in range(MAX_PLACEMENT_ROUNDS):
             candidates = [c for c in await self.candidates_for(chunk_id) if c not in stored]
             others = [c for c in candidates if (c.host, c.port) not in failed]
