@@ -4,7 +4,7 @@
     ├─ UsageError       exit 2   bad link, missing file, bad option, bad geo table, output exists
     │  ├─ BadLink, BadGeoTable, InputFileError, OutputExists, BadOption
     ├─ NetworkError     exit 3   nothing reachable
-    │  ├─ BootstrapFailed, PeerUnreachable, TransferTimeout
+    │  ├─ BootstrapFailed, PeerUnreachable (PeerRefused), TransferTimeout
     ├─ NotFoundError    exit 4   no holder has a needed chunk
     │  ├─ ManifestNotFound, ChunkUnavailable, ChunkNotStored
     ├─ IntegrityError   exit 5   decryption or hash failure no other holder could fix
@@ -76,8 +76,12 @@ class PeerUnreachable(NetworkError):
     """One peer could not be reached or closed the connection."""
 
 
+class PeerRefused(PeerUnreachable):
+    """Nothing listens at a peer's address (connection refused): it is gone, not slow."""
+
+
 class TransferTimeout(NetworkError):
-    """A peer did not answer a transfer request in time."""
+    """A connection to a peer moved no data for the idle timeout, or could not be opened in time."""
 
 
 class NotFoundError(P2PMegaError):

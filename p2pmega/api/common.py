@@ -50,7 +50,7 @@ class NetSettings:
     geo: GeoTable | None = None
     host: str | None = None
     rpc_timeout_s: float = 2.0
-    transfer_timeout_s: float = 10.0
+    transfer_timeout_s: float = 10.0  # idle time: a transfer fails when no data moved for this long
     lan: bool = False
 
 

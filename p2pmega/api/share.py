@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from p2pmega.core.placement import Candidate, choose_holders, meets_rule, plan_r
 from p2pmega.errors import (
     BadOption,
     InputFileError,
+    NetworkError,
     P2PMegaError,
+    PeerRefused,
     PlacementImpossible,
     QuotaExceeded,
 )
@@ -44,6 +47,14 @@ SHARE_CONCURRENCY = 4
 DEFAULT_LEASE_S = 30 * 24 * 3600.0
 # How many placement rounds a chunk gets before we give up (each round replaces the holders that failed).
 MAX_PLACEMENT_ROUNDS = 8
+# A store that fails for a reason that may pass (no data moved for the transfer timeout, a dropped connection, a
+# busy holder) is tried this many times on the same holder, waiting STORE_RETRY_DELAY_S, then twice that, between.
+# The transfer timeout counts idle time, not size, so a holder that is merely slow never gets here.
+STORE_ATTEMPTS = 3
+STORE_RETRY_DELAY_S = 0.5
+# A holder that failed this many chunks in a row (each after its attempts) is left out for the rest of the share;
+# one that refuses connections (nothing listens) at once.
+MAX_HOLDER_FAILURES = 2
 
 Progress = Callable[[int, int], None]
 
@@ -77,6 +88,7 @@ class Placer:
     lease_s: float
     dead: set[tuple[str, int]] = field(default_factory=set)
     full: set[tuple[str, int]] = field(default_factory=set)
+    failures: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
         if len(self.pool) < SMALL_NETWORK_NODES:
@@ -93,15 +105,31 @@ class Placer:
             PlacementImpossible: the live peers can no longer meet the rule.
         """
         stored: list[Candidate] = []
+        # Holders that failed this chunk: the next round replaces them where the rule allows.
+        failed: set[tuple[str, int]] = set()
         for _round in range(MAX_PLACEMENT_ROUNDS):
             candidates = [c for c in await self.candidates_for(chunk_id) if c not in stored]
-            wanted = plan_repair(
-                chunk_id,
-                stored,
-                candidates,
-                replicas=self.replicas,
-                min_countries=self.min_countries,
-            )
+            others = [c for c in candidates if (c.host, c.port) not in failed]
+            try:
+                wanted = plan_repair(
+                    chunk_id,
+                    stored,
+                    others,
+                    replicas=self.replicas,
+                    min_countries=self.min_countries,
+                )
+            except PlacementImpossible:
+                if len(others) == len(candidates):
+                    raise
+                # Only holders that failed this chunk can complete it: try them again. One that keeps
+                # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
+                wanted = plan_repair(
+                    chunk_id,
+                    stored,
+                    candidates,
+                    replicas=self.replicas,
+                    min_countries=self.min_countries,
+                )
             if not wanted:
                 return stored
             outcomes = await asyncio.gather(
@@ -112,6 +140,8 @@ class Placer:
                     stored.append(cand)
                 elif isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                     raise outcome
+                else:
+                    failed.add((cand.host, cand.port))
             if meets_rule(stored, replicas=self.replicas, min_countries=self.min_countries):
                 return stored
         raise PlacementImpossible(
@@ -120,17 +150,35 @@ class Placer:
         )
 
     async def _store_one(self, cand: Candidate, chunk_id: ChunkId, data: bytes) -> bool:
+        """Store on one holder, retrying what may pass; True once the holder confirmed the chunk."""
         addr = (cand.host, cand.port)
-        try:
-            await self.node.client.store(addr, chunk_id, data, self.lease_s)
-        except QuotaExceeded:
-            self.full.add(addr)
-            return False
-        except P2PMegaError as exc:
-            log.debug("store on %s failed: %s", addr, exc)
+        for attempt in range(STORE_ATTEMPTS):
+            if addr in self.dead:
+                return False  # given up on by another chunk's store meanwhile
+            try:
+                await self.node.client.store(addr, chunk_id, data, self.lease_s)
+            except QuotaExceeded:
+                self.full.add(addr)
+                return False
+            except PeerRefused as exc:
+                log.debug("store on %s refused, leaving the holder out: %s", addr, exc)
+                self.dead.add(addr)
+                return False
+            except NetworkError as exc:
+                log.debug("store on %s failed (attempt %d): %s", addr, attempt + 1, exc)
+                if attempt + 1 < STORE_ATTEMPTS:
+                    await asyncio.sleep(STORE_RETRY_DELAY_S * 2**attempt)
+                    continue
+            except P2PMegaError as exc:
+                log.debug("store on %s failed: %s", addr, exc)  # not a network hiccup: no retry
+            else:
+                self.failures.pop(addr, None)
+                return True
+            break
+        self.failures[addr] += 1
+        if self.failures[addr] >= MAX_HOLDER_FAILURES:
             self.dead.add(addr)
-            return False
-        return True
+        return False
 
 
 def _holders(cands: list[Candidate]) -> tuple[Holder, ...]:

@@ -38,6 +38,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool, recycle
+from p2pmega.net.progress import unacknowledged_bytes
 from p2pmega.net.service import Service
 
 # Both sides log as p2pmega.net.transfer, as they did when they were one module.
@@ -54,6 +55,9 @@ _POOL_SWEEP_INTERVAL_S: Final = 5.0
 # Receive buffer a connection keeps between frames; a chunk arrives in a buffer of the client's
 # BufferPool, which fetch_into takes back once its consumer is done with the chunk.
 _KEEP_BUFFER_BYTES: Final = 64 << 10
+# A connection with requests pending checks its progress this many times per idle timeout, so a
+# stalled one fails between 1 and 1.25 idle timeouts after its last byte moved.
+_PROGRESS_CHECKS_PER_TIMEOUT: Final = 4
 
 
 def _lease_seconds(lease_s: float) -> int:
@@ -73,7 +77,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
     buffer, which saves three copies of every chunk (measured with bench/transfer.py).
     """
 
-    def __init__(self, addr: Address, buffers: BufferPool) -> None:
+    def __init__(self, addr: Address, buffers: BufferPool, idle_timeout_s: float) -> None:
         self.addr = addr
         self.conn = TransferConnection(
             role=Role.CLIENT, keep_buffer_bytes=_KEEP_BUFFER_BYTES, allocate=buffers.take
@@ -81,10 +85,19 @@ class _PeerConnection(asyncio.BufferedProtocol):
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.closed = False
         self.answered = 0  # replies received so far; a reused connection may have gone stale
-        self.last_used = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self.last_used = self._loop.time()
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
+        # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
+        self.idle_timeout_s = idle_timeout_s
+        self._written = 0
+        self._received = 0
+        self._moved_at_check = 0
+        self._progress_at = self.last_used
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
@@ -94,6 +107,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
         if not self.closed:
             self.conn.buffer_updated(nbytes)
             self._drain_events()
@@ -140,9 +154,44 @@ class _PeerConnection(asyncio.BufferedProtocol):
                 )
             )
 
-    def _fail(self, failure: errors.PeerUnreachable) -> None:
+    def _moved(self) -> int:
+        """Bytes received plus bytes written that the holder has acknowledged, so far."""
+        if self._transport is None:
+            return self._received
+        return self._received + self._written - unacknowledged_bytes(self._transport)
+
+    def _check_progress(self) -> None:
+        """Fail every pending request if nothing moved for idle_timeout_s; else check again later.
+
+        Progress is sampled, so the connection fails only after a whole idle_timeout_s between two
+        samples with no byte moved in either direction: a slow link is slow, not dead.
+        """
+        self._watchdog = None
+        if self.closed or not self.pending:
+            return  # re-armed by the next request
+        now = self._loop.time()
+        moved = self._moved()
+        if moved != self._moved_at_check:
+            self._moved_at_check = moved
+            self._progress_at = now
+        elif now - self._progress_at >= self.idle_timeout_s:
+            self._fail(
+                errors.TransferTimeout(
+                    f"peer {_where(self.addr)} did not answer: no data moved for "
+                    f"{self.idle_timeout_s:g}s; try another holder"
+                )
+            )
+            return
+        self._watchdog = self._loop.call_at(
+            now + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT, self._check_progress
+        )
+
+    def _fail(self, failure: errors.NetworkError) -> None:
         self.closed = True
         self._writable.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._transport is not None:
             self._transport.abort()
         pending, self.pending = self.pending, {}
@@ -153,21 +202,35 @@ class _PeerConnection(asyncio.BufferedProtocol):
     async def request(self, event: Callable[[int], Request]) -> Reply:
         """Send one request built for a fresh request id and wait for its reply.
 
+        No deadline for the whole request: it fails only when the connection moves no data for
+        ``idle_timeout_s`` (see _check_progress), so a 2 MiB store may take minutes on a slow uplink.
+
         Raises:
             errors.PeerUnreachable: the connection is or becomes unusable.
+            errors.TransferTimeout: the connection moved no data for ``idle_timeout_s``.
         """
         if self.closed or self._transport is None:
             raise errors.PeerUnreachable(f"connection to {_where(self.addr)} is closed")
         request_id = self.conn.new_request_id()
         buffers = self.conn.send(event(request_id))
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.pending[request_id] = future
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        future: asyncio.Future[Reply] = loop.create_future()
         self.last_used = loop.time()
+        if not self.pending:
+            # Time spent idle in the pool is not a stall.
+            self._progress_at = self.last_used
+            self._moved_at_check = self._moved()
+        self.pending[request_id] = future
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(
+                self.last_used + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT,
+                self._check_progress,
+            )
         try:
             # Separate writes: the transport sends the chunk body straight from our buffer
             # instead of first joining it to the header.
             for buffer in buffers:
+                self._written += len(buffer)
                 self._transport.write(buffer)
             await self._writable.wait()
             return await future
@@ -186,7 +249,10 @@ class _PeerConnection(asyncio.BufferedProtocol):
 class TransferClient(Service):
     """Talks to holders' TransferServers, reusing up to ``max_connections_per_peer`` connections.
 
-    Every fetched chunk is hash-checked (in a thread) before it is returned.
+    Every fetched chunk is hash-checked (in a thread) before it is returned. ``timeout_s`` is an
+    idle timeout: a request fails once its connection moved no data for that long, whatever the
+    size of the request (a 2 MiB store takes 17 s alone at 1 Mbit/s). Connecting has its own
+    ``connect_timeout_s`` (default: ``timeout_s``).
     """
 
     def __init__(
@@ -194,12 +260,16 @@ class TransferClient(Service):
         *,
         local_host: str | None = None,
         timeout_s: float = 10.0,
+        connect_timeout_s: float | None = None,
         max_connections_per_peer: int = 4,
     ) -> None:
-        if timeout_s <= 0 or max_connections_per_peer < 1:
-            raise ValueError("timeout_s must be positive and max_connections_per_peer at least 1")
+        if connect_timeout_s is None:
+            connect_timeout_s = timeout_s
+        if timeout_s <= 0 or connect_timeout_s <= 0 or max_connections_per_peer < 1:
+            raise ValueError("timeouts must be positive and max_connections_per_peer at least 1")
         self.local_host = local_host
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.max_connections_per_peer = max_connections_per_peer
         self._pool: dict[Address, list[_PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
@@ -260,51 +330,59 @@ class TransferClient(Service):
         if found is not None:
             return found
         lock = self._opening.setdefault(addr, asyncio.Lock())
-        async with lock:
-            found = None if fresh else self._idle_or_none(addr)
-            if found is not None:
-                return found
-            local = (self.local_host, 0) if self.local_host else None
-            loop = asyncio.get_running_loop()
-            try:
-                _, peer_conn = await loop.create_connection(
-                    functools.partial(_PeerConnection, addr, self._buffers),
-                    addr[0],
-                    addr[1],
-                    local_addr=local,
-                )
-            except OSError as exc:
-                raise errors.PeerUnreachable(
-                    f"cannot connect to {_where(addr)} ({exc.strerror or exc}); try another holder"
-                ) from exc
-            self._pool.setdefault(addr, []).append(peer_conn)
-            return peer_conn
+        try:
+            # One deadline for waiting on another task's connect and for our own: a holder that
+            # does not accept costs each request connect_timeout_s, not a multiple of it.
+            async with asyncio.timeout(self.connect_timeout_s), lock:
+                found = None if fresh else self._idle_or_none(addr)
+                if found is not None:
+                    return found
+                peer_conn = await self._open(addr)
+        except TimeoutError:
+            raise errors.TransferTimeout(
+                f"cannot connect to {_where(addr)} within {self.connect_timeout_s:g}s; "
+                "try another holder"
+            ) from None
+        self._pool.setdefault(addr, []).append(peer_conn)
+        return peer_conn
+
+    async def _open(self, addr: Address) -> _PeerConnection:
+        local = (self.local_host, 0) if self.local_host else None
+        loop = asyncio.get_running_loop()
+        try:
+            _, peer_conn = await loop.create_connection(
+                functools.partial(_PeerConnection, addr, self._buffers, self.timeout_s),
+                addr[0],
+                addr[1],
+                local_addr=local,
+            )
+        except ConnectionRefusedError as exc:
+            raise errors.PeerRefused(
+                f"cannot connect to {_where(addr)}: nothing listens there; try another holder"
+            ) from exc
+        except OSError as exc:
+            raise errors.PeerUnreachable(
+                f"cannot connect to {_where(addr)} ({exc.strerror or exc}); try another holder"
+            ) from exc
+        return peer_conn
 
     async def _request(
         self, addr: Address, event: Callable[[int], Request], chunk_id: bytes = b""
     ) -> Reply:
-        peer_conn: _PeerConnection | None = None
+        # No deadline around the request: its connection fails it (and every other request on
+        # it, and is not reused) once no data moved for timeout_s (_PeerConnection.request).
+        peer_conn = await self._connection(addr)
+        reused = peer_conn.answered > 0
         try:
-            async with asyncio.timeout(self.timeout_s):
-                peer_conn = await self._connection(addr)
-                reused = peer_conn.answered > 0
-                try:
-                    reply = await peer_conn.request(event)
-                except errors.PeerUnreachable:
-                    if not reused:
-                        raise
-                    # The holder may have closed this pooled connection for idleness just as we
-                    # reused it. Every request is idempotent, so retry once on a fresh one.
-                    log.debug("pooled connection to %s was dropped; reconnecting", _where(addr))
-                    peer_conn = await self._connection(addr, fresh=True)
-                    reply = await peer_conn.request(event)
-        except TimeoutError:
-            # A peer that does not answer in time is not reused: its replies may never come.
-            if peer_conn is not None:
-                await peer_conn.close()
-            raise errors.TransferTimeout(
-                f"peer {_where(addr)} did not answer within {self.timeout_s:g}s; try another holder"
-            ) from None
+            reply = await peer_conn.request(event)
+        except errors.PeerUnreachable:
+            if not reused:
+                raise
+            # The holder may have closed this pooled connection for idleness just as we
+            # reused it. Every request is idempotent, so retry once on a fresh one.
+            log.debug("pooled connection to %s was dropped; reconnecting", _where(addr))
+            peer_conn = await self._connection(addr, fresh=True)
+            reply = await peer_conn.request(event)
         if isinstance(reply, Error):
             _raise_for(reply, addr, chunk_id)
         return reply
@@ -319,7 +397,8 @@ class TransferClient(Service):
             errors.QuotaExceeded: the peer's quota is full.
             errors.ChunkHashMismatch: the peer found ``data`` does not hash to ``chunk_id``.
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no answer within ``timeout_s``.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
             ValueError: ``data`` exceeds MAX_SEALED_CHUNK_BYTES or ``lease_s`` is not positive.
         """
         lease = _lease_seconds(lease_s)
@@ -339,7 +418,8 @@ class TransferClient(Service):
             errors.ChunkNotStored: the peer does not have it.
             errors.ChunkHashMismatch: the peer sent bytes that do not hash to ``chunk_id``.
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no answer within ``timeout_s``.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
         """
         return await self._fetch(addr, chunk_id, _as_is, reuse=False)
 
@@ -444,7 +524,8 @@ class TransferClient(Service):
 
         Raises:
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no answer within ``timeout_s``.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
         """
         flags: list[bool] = []
         for start in range(0, len(ids), MAX_BATCH_IDS):
@@ -460,7 +541,8 @@ class TransferClient(Service):
 
         Raises:
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no answer within ``timeout_s``.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
             ValueError: ``lease_s`` is not positive.
         """
         lease = _lease_seconds(lease_s)

@@ -43,6 +43,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool, recycle
+from p2pmega.net.progress import unacknowledged_bytes
 
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
@@ -78,7 +79,8 @@ class ServerLimits:
     max_inflight_per_ip: int = 16
     max_inflight_total: int = 32
     idle_timeout_s: float = 60.0
-    request_timeout_s: float = 30.0
+    stall_timeout_s: float = 30.0
+    min_rate_bytes_s: int = 4096
     max_frame_bytes: int = MAX_FRAME_BYTES
 
     def __post_init__(self) -> None:
@@ -91,8 +93,8 @@ class ServerLimits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLimits.{name} must be at least 1")
-        if self.idle_timeout_s <= 0 or self.request_timeout_s <= 0:
-            raise ValueError("ServerLimits timeouts must be positive")
+        if self.idle_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.min_rate_bytes_s <= 0:
+            raise ValueError("ServerLimits timeouts and rates must be positive")
 
 
 def _answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | _Chunk:
@@ -378,11 +380,18 @@ class TransferServer:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: frames in, requests to the workers, replies out, limits enforced.
 
-    Timers: a started frame must be complete within ``request_timeout_s``, and each request must
-    be answered and its reply taken by the socket within ``request_timeout_s`` of its arrival;
-    either miss aborts the connection. With no frame and no request in flight, the connection is
-    closed after ``idle_timeout_s`` without traffic. One TimerHandle serves all three: it is
-    re-armed only when a deadline earlier than the armed one appears, and re-checks on firing.
+    Timers measure progress, not size, so a peer on a slow link is served and a slowloris is not:
+
+    - a started frame must receive bytes at least every ``stall_timeout_s``, and from its first
+      byte on at an average of ``min_rate_bytes_s`` after a grace of ``stall_timeout_s``;
+    - a request must be answered within ``stall_timeout_s`` of its arrival, and while replies wait
+      for the socket, the peer must acknowledge bytes at least every ``stall_timeout_s`` and at
+      ``min_rate_bytes_s`` on average (same grace) since the socket stopped taking them;
+    - with no frame and no request in flight, the connection is closed after ``idle_timeout_s``.
+
+    Any miss aborts the connection. Time the server itself stopped reading (no free slot) does not
+    count against the sender. One TimerHandle serves all of them: it is re-armed only when a
+    deadline earlier than the armed one appears, and re-checks on firing.
     """
 
     def __init__(self, server: TransferServer) -> None:
@@ -404,9 +413,20 @@ class _Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._started: dict[int, float] = {}  # request id -> arrival, until its reply is taken
         self._untaken: list[int] = []  # replies written while the socket was paused
-        self._frame_deadline: float | None = None
         self._last_activity = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
+        # Receiving: bytes so far, and when the current frame started and how many had come then.
+        self._received = 0
+        self._frame_started: float | None = None
+        self._frame_base = 0
+        self._blocked_at = 0.0
+        # Sending while the socket is paused: bytes written, bytes acknowledged when last polled,
+        # when that count last grew, and when the pause started and how many were acknowledged then.
+        self._written = 0
+        self._acked = 0
+        self._acked_at = 0.0
+        self._paused_at = 0.0
+        self._paused_base = 0
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
 
@@ -433,6 +453,7 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
         conn.buffer_updated(nbytes)
+        self._received += nbytes
         if self._closing:
             return
         self._last_activity = self._loop.time()
@@ -460,6 +481,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._paused_at = self._acked_at = self._loop.time()
+        self._paused_base = self._acked = self._acked_bytes()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -483,6 +506,7 @@ class _Connection(asyncio.BufferedProtocol):
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
                     # window fills up instead of our memory.
                     self._blocked = True
+                    self._blocked_at = self._loop.time()
                     server.block(self)
                     self._pause_reading()
                 return
@@ -501,11 +525,11 @@ class _Connection(asyncio.BufferedProtocol):
             if not isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
                 raise AssertionError("a server connection yields only requests")
             server.take_slot(self)
-            self._frame_deadline = None
+            self._frame_started = None
             self.inflight += 1
             now = self._loop.time()
             self._started[event.request_id] = now
-            self._arm(now + self.limits.request_timeout_s)
+            self._arm(now + self.limits.stall_timeout_s)
             server.submit(self, event)
 
     def _need_data(self) -> None:
@@ -513,12 +537,18 @@ class _Connection(asyncio.BufferedProtocol):
             self._blocked = False
             self.server.unblocked(self)
             self._resume_reading()
+            # The sender could not send while we did not read: that time is not its stall.
+            now = self._loop.time()
+            self._last_activity = now
+            if self._frame_started is not None:
+                self._frame_started += now - self._blocked_at
         if self.conn.receiving_frame:
-            if self._frame_deadline is None:
-                self._frame_deadline = self._loop.time() + self.limits.request_timeout_s
-                self._arm(self._frame_deadline)
+            if self._frame_started is None:
+                self._frame_started = self._loop.time()
+                self._frame_base = self._received
+                self._arm(self._frame_deadline())
         else:
-            self._frame_deadline = None
+            self._frame_started = None
 
     def unblock(self) -> None:
         """A slot was freed somewhere: parse on if this connection can now take one."""
@@ -541,13 +571,16 @@ class _Connection(asyncio.BufferedProtocol):
         if isinstance(reply, _Chunk):
             # Header, chunk id and data leave in one write from the buffer they were read into.
             frame = memoryview(reply.buffer)[reply.start :]
-            transport.write(self.conn.send_chunk_data_in_place(request_id, frame, reply.size))
-            del frame  # a view left alive would keep the pool from taking the buffer back
+            out = self.conn.send_chunk_data_in_place(request_id, frame, reply.size)
+            self._written += len(out)  # before the write, which may call pause_writing
+            transport.write(out)
+            del frame, out  # a view left alive would keep the pool from taking the buffer back
             if not transport.get_write_buffer_size():
                 # The socket took it all, so the transport holds no reference to the buffer.
                 buffers.give(reply.buffer)
         else:
             for buffer in self.conn.send(reply):
+                self._written += len(buffer)
                 transport.write(buffer)
         if self._write_paused:
             self._untaken.append(request_id)  # taken when the socket drains (resume_writing)
@@ -611,6 +644,35 @@ class _Connection(asyncio.BufferedProtocol):
             timer.cancel()
         self._timer = self._loop.call_at(deadline, self._on_timer)
 
+    def _acked_bytes(self) -> int:
+        """Bytes of our replies the peer has acknowledged so far."""
+        if self._transport is None:
+            return 0
+        return self._written - unacknowledged_bytes(self._transport)
+
+    def _frame_deadline(self) -> float:
+        """When the frame being received fails its stall or rate rule if no more bytes come."""
+        assert self._frame_started is not None  # noqa: S101 - only while a frame is started
+        limits = self.limits
+        got = self._received - self._frame_base
+        return min(
+            self._last_activity + limits.stall_timeout_s,
+            self._frame_started + limits.stall_timeout_s + got / limits.min_rate_bytes_s,
+        )
+
+    def _send_deadline(self, now: float) -> float:
+        """When the paused socket fails its stall or rate rule, polling the peer's progress."""
+        limits = self.limits
+        acked = self._acked_bytes()
+        if acked > self._acked:
+            self._acked, self._acked_at = acked, now
+        return min(
+            self._acked_at + limits.stall_timeout_s,
+            self._paused_at
+            + limits.stall_timeout_s
+            + (self._acked - self._paused_base) / limits.min_rate_bytes_s,
+        )
+
     def _on_timer(self) -> None:
         self._timer = None
         if self._closing:
@@ -618,27 +680,42 @@ class _Connection(asyncio.BufferedProtocol):
         now = self._loop.time()
         limits = self.limits
         deadlines = []
-        if self._frame_deadline is not None and not self._blocked:
-            if now >= self._frame_deadline:
+        if self._frame_started is not None and not self._blocked:
+            deadline = self._frame_deadline()
+            if now >= deadline:
                 log.debug(
-                    "closing %s: frame not completed in %.1fs", self.ip, limits.request_timeout_s
-                )
-                self.abort()
-                return
-            deadlines.append(self._frame_deadline)
-        if self._started:
-            oldest = next(iter(self._started.items()))
-            if now >= oldest[1] + limits.request_timeout_s:
-                log.debug(
-                    "closing %s: reply %d not taken in %.1fs",
+                    "closing %s: a frame stalled or came slower than %d bytes/s",
                     self.ip,
-                    oldest[0],
-                    limits.request_timeout_s,
+                    limits.min_rate_bytes_s,
                 )
                 self.abort()
                 return
-            deadlines.append(oldest[1] + limits.request_timeout_s)
-        elif not self.conn.receiving_frame:
+            deadlines.append(deadline)
+        if self._untaken:
+            deadline = self._send_deadline(now)
+            if now >= deadline:
+                log.debug(
+                    "closing %s: replies not read, or slower than %d bytes/s",
+                    self.ip,
+                    limits.min_rate_bytes_s,
+                )
+                self.abort()
+                return
+            deadlines.append(deadline)  # progress is polled then
+        waiting = [(rid, t) for rid, t in self._started.items() if rid not in self._untaken]
+        if waiting:
+            oldest_id, arrived = waiting[0]
+            if now >= arrived + limits.stall_timeout_s:
+                log.debug(
+                    "closing %s: request %d not answered in %.1fs",
+                    self.ip,
+                    oldest_id,
+                    limits.stall_timeout_s,
+                )
+                self.abort()
+                return
+            deadlines.append(arrived + limits.stall_timeout_s)
+        elif not self._started and not self.conn.receiving_frame:
             idle_until = self._last_activity + limits.idle_timeout_s
             if now >= idle_until:
                 log.debug("closing %s: idle for %.1fs", self.ip, limits.idle_timeout_s)
@@ -649,5 +726,5 @@ class _Connection(asyncio.BufferedProtocol):
             deadlines.append(idle_until)
         if not deadlines:
             # Blocked with a frame in the buffer: the requests that block it will re-arm us.
-            deadlines.append(now + limits.request_timeout_s)
+            deadlines.append(now + limits.stall_timeout_s)
         self._arm(min(deadlines))

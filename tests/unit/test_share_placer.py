@@ -1,0 +1,123 @@
+"""share's Placer on a failing store (issue 21): what may pass is retried, a holder is dropped only
+when it refuses connections or keeps failing. The network is a fake client; no sockets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import cast
+
+import pytest
+
+from p2pmega.api import share as share_module
+from p2pmega.api.share import MAX_HOLDER_FAILURES, STORE_ATTEMPTS, Placer
+from p2pmega.core.chunking import ChunkId, chunk_id_of
+from p2pmega.core.placement import Candidate
+from p2pmega.errors import (
+    ChunkHashMismatch,
+    P2PMegaError,
+    PeerRefused,
+    PeerUnreachable,
+    PlacementImpossible,
+    TransferTimeout,
+)
+from p2pmega.node import Node
+
+Address = tuple[str, int]
+DE = Candidate(node_id=b"\x01" * 20, host="127.1.1.1", port=4001, country="DE")
+NZ = Candidate(node_id=b"\x02" * 20, host="127.2.1.1", port=4002, country="NZ")
+NZ2 = Candidate(node_id=b"\x03" * 20, host="127.2.2.1", port=4003, country="NZ")
+
+
+@dataclass
+class FakeClient:
+    """Stores succeed unless ``script`` has failures queued for that address."""
+
+    script: dict[Address, list[P2PMegaError]] = field(default_factory=dict)
+    calls: Counter[Address] = field(default_factory=Counter)
+
+    async def store(self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float) -> bool:
+        self.calls[addr] += 1
+        queued = self.script.get(addr)
+        if queued:
+            raise queued.pop(0)
+        return True
+
+
+@dataclass
+class FakeNode:
+    client: FakeClient
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(share_module, "STORE_RETRY_DELAY_S", 0.0)
+
+
+def placer(client: FakeClient, pool: list[Candidate]) -> Placer:
+    return Placer(cast(Node, FakeNode(client)), pool, None, 2, 2, 60.0)
+
+
+def addr(cand: Candidate) -> Address:
+    return (cand.host, cand.port)
+
+
+CHUNK = chunk_id_of(b"chunk")
+
+
+async def test_a_timeout_is_retried_on_the_same_holder() -> None:
+    # The only NZ holder times out twice (a slow link's hiccup): dropping it would make the chunk
+    # impossible to place.
+    client = FakeClient({addr(NZ): [TransferTimeout("t1"), PeerUnreachable("lost")]})
+    p = placer(client, [DE, NZ])
+    assert sorted(c.country or "" for c in await p.place(CHUNK, b"data")) == ["DE", "NZ"]
+    assert client.calls[addr(NZ)] == 3
+    assert not p.dead
+
+
+async def test_a_refused_connection_drops_the_holder_at_once() -> None:
+    client = FakeClient({addr(NZ): [PeerRefused("nothing listens")]})
+    p = placer(client, [DE, NZ, NZ2])
+    stored = await p.place(CHUNK, b"data")
+    assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
+    assert client.calls[addr(NZ)] == 1
+    assert p.dead == {addr(NZ)}
+
+
+async def test_a_holder_that_keeps_failing_is_replaced_then_dropped() -> None:
+    failures: list[P2PMegaError] = [TransferTimeout("t")] * (STORE_ATTEMPTS * MAX_HOLDER_FAILURES)
+    client = FakeClient({addr(NZ): list(failures)})
+    p = placer(client, [DE, NZ, NZ2])
+    # Placement picks the closer of the two NZ holders per chunk: place until NZ was tried enough.
+    for n in range(100):
+        stored = await p.place(chunk_id_of(bytes([n])), b"data")
+        assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
+        if p.dead:
+            break
+    assert p.dead == {addr(NZ)}
+    assert client.calls[addr(NZ)] == STORE_ATTEMPTS * MAX_HOLDER_FAILURES
+    for n in range(20):
+        await p.place(chunk_id_of(b"later %d" % n), b"data")
+    assert client.calls[addr(NZ)] == STORE_ATTEMPTS * MAX_HOLDER_FAILURES  # never asked again
+
+
+async def test_a_holder_that_failed_a_chunk_is_asked_again_when_no_other_can_take_it() -> None:
+    # Its attempts on the first round all fail; with no other NZ holder the next round tries it again.
+    client = FakeClient({addr(NZ): [TransferTimeout("t")] * STORE_ATTEMPTS})
+    p = placer(client, [DE, NZ])
+    assert len(await p.place(CHUNK, b"data")) == 2
+    assert client.calls[addr(NZ)] == STORE_ATTEMPTS + 1
+
+
+async def test_a_holder_that_is_gone_makes_the_rule_impossible() -> None:
+    client = FakeClient({addr(NZ): [PeerRefused("nothing listens")]})
+    with pytest.raises(PlacementImpossible):
+        await placer(client, [DE, NZ]).place(CHUNK, b"data")
+
+
+async def test_a_refusal_that_is_not_a_network_error_is_not_retried() -> None:
+    client = FakeClient({addr(NZ): [ChunkHashMismatch("holder says the bytes differ")]})
+    p = placer(client, [DE, NZ, NZ2])
+    stored = await p.place(CHUNK, b"data")
+    assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
+    assert client.calls[addr(NZ)] == 1
