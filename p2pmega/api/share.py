@@ -261,7 +261,12 @@ async def _share(
     encoder = FileEncoder(name=name, size=size, chunk_size=chunk_size, key=state.key)
     async with client_node(net) as node:
         pool = await candidate_pool(node, net.geo, rng)
-        live, silent = await storage_peers(node, pool, rng)
+        live, silent = await storage_peers(
+            node,
+            pool,
+            rng,
+            enough=lambda peers: meets_rule(peers, replicas=replicas, min_countries=min_countries),
+        )
         # Refuse before storing anything if even every storage peer found cannot meet the rule.
         if not meets_rule(live, replicas=replicas, min_countries=min_countries):
             raise PlacementImpossible(

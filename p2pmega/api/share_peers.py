@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from p2pmega.api.common import Address, Holder, candidate_of, holder_of, synthetic_node_id
 from p2pmega.api.share_state import PlacedChunk, ShareState
@@ -24,6 +25,9 @@ PROBE_PEERS = 64
 # A storage peer answers `has` in one round trip; one that is silent this long is left out of the share. Far
 # above a round trip across the world (~0.3 s), far below the transfer timeout a dead peer would otherwise cost.
 PROBE_TIMEOUT_S = 3.0
+# Once the peers that answered can meet the rule, the others get this much longer: on a LAN or across a continent
+# every storage peer has answered by then.
+PROBE_GRACE_S = 0.5
 
 
 def shortfall(summary: PoolSummary, replicas: int, min_countries: int, *, geo_table: bool) -> str:
@@ -83,12 +87,18 @@ def _found(summary: PoolSummary) -> str:
 
 
 async def storage_peers(
-    node: Node, pool: list[Candidate], rng: random.Random
+    node: Node,
+    pool: list[Candidate],
+    rng: random.Random,
+    *,
+    enough: Callable[[list[Candidate]], bool] = lambda _live: False,
 ) -> tuple[list[Candidate], list[Candidate]]:
     """Which of ``pool`` store chunks: one batched ``has`` each, in parallel (a sample of a large pool).
 
     DHT-only nodes (a bootstrap node has no transfer server) and dead contacts do not answer; they can hold
-    nothing, so they must not count towards the rule.
+    nothing, so they must not count towards the rule. Waits for every answer up to PROBE_TIMEOUT_S, but once the
+    peers that answered are ``enough``, only PROBE_GRACE_S more: a firewalled contact that drops the connection
+    then costs a share half a second, not three.
 
     Returns:
         The candidates that answered, and the ones that did not (both sorted by node id).
@@ -98,16 +108,31 @@ async def storage_peers(
 
     async def answers(cand: Candidate) -> bool:
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await node.client.has((cand.host, cand.port), probe)
-        except (P2PMegaError, TimeoutError) as exc:
+            await node.client.has((cand.host, cand.port), probe)
+        except P2PMegaError as exc:
             log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
             return False
         return True
 
-    flags = await asyncio.gather(*(answers(c) for c in probed))
-    live = [c for c, ok in zip(probed, flags, strict=True) if ok]
-    silent = [c for c, ok in zip(probed, flags, strict=True) if not ok]
+    tasks = {asyncio.create_task(answers(c)): c for c in probed}
+    live: list[Candidate] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PROBE_TIMEOUT_S
+    pending = set(tasks)
+    try:
+        while pending and loop.time() < deadline:
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            live.extend(tasks[t] for t in done if t.result())
+            if enough(live):
+                deadline = min(deadline, loop.time() + PROBE_GRACE_S)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    answered = {id(c) for c in live}
+    silent = [c for c in probed if id(c) not in answered]
     return sorted(live, key=lambda c: c.node_id), sorted(silent, key=lambda c: c.node_id)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import stat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -18,13 +19,15 @@ from typing import Any
 import pytest
 
 from p2pmega import cli
+from p2pmega.api import share_peers
 from p2pmega.api.check import check
-from p2pmega.api.common import NetSettings
+from p2pmega.api.common import NetSettings, candidate_pool, client_node
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
 from p2pmega.api.share_state import load_state
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import parse_geo_table
+from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.errors import InputFileError, PlacementImpossible
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
@@ -267,3 +270,43 @@ async def test_a_resumed_share_places_again_what_a_lost_holder_had(tmp_path: Pat
         fetched = await fetch(resumed.read_link, net=n.net, output=tmp_path / "out.bin")
         assert fetched.path.read_bytes() == data
         assert (await check(resumed.read_link, net=n.net)).healthy
+
+
+async def test_the_probe_keeps_storage_peers_and_stops_waiting_once_they_suffice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A contact that accepts connections and never answers (a firewall, a hung peer), and a probe timeout far
+    # longer than the test's own: the probe must stop waiting for it once the storage peers meet the rule.
+    monkeypatch.setattr(share_peers, "PROBE_TIMEOUT_S", 3600.0)
+    hung: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    server = await asyncio.start_server(never_answer, host=peer_address(95, 1), port=0)
+    mute = Candidate(
+        node_id=os.urandom(20),
+        host=peer_address(95, 1),
+        port=server.sockets[0].getsockname()[1],
+        country=None,
+    )
+    try:
+        async with (
+            network(tmp_path, [91, 92, 93]) as n,
+            asyncio.timeout(STEP_S),
+            client_node(n.net) as node,
+        ):
+            pool = await candidate_pool(node, n.net.geo, random.Random(1))
+            live, silent = await share_peers.storage_peers(
+                node,
+                [*pool, mute],
+                random.Random(2),
+                enough=lambda peers: meets_rule(peers, replicas=2, min_countries=2),
+            )
+        assert {c.host for c in live} == {s.settings.host for s in n.seeds}
+        assert {c.host for c in silent} == {n.boot.settings.host, mute.host}
+    finally:
+        for writer in hung:
+            writer.close()
+        server.close()
+        await server.wait_closed()
