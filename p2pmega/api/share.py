@@ -155,8 +155,8 @@ class Placer:
 
     def _ran_out(self, chunk_id: ChunkId, left: list[Candidate]) -> PlacementImpossible:
         return PlacementImpossible(
-            f"cannot store chunk {chunk_id.hex()[:16]}…: {len(self.dead)} storage peers stopped answering and "
-            f"{len(self.full)} are full; "
+            f"cannot store chunk {chunk_id.hex()[:16]}…: storage peers stopped answering ({len(self.dead)}) "
+            f"or are full ({len(self.full)}); "
             + shortfall(
                 summarize(left), self.replicas, self.min_countries, geo_table=self.geo is not None
             )

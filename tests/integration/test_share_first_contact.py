@@ -310,3 +310,38 @@ async def test_the_probe_keeps_storage_peers_and_stops_waiting_once_they_suffice
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_peers_lost_mid_share_keep_what_was_stored_for_a_rerun(tmp_path: Path) -> None:
+    chunks = 16
+    data = os.urandom(chunks * CHUNK)
+    src = tmp_path / "dropped.bin"
+    src.write_bytes(data)
+    async with network(tmp_path, [91, 92, 93]) as n, asyncio.timeout(STEP_S):
+        some = asyncio.Event()
+
+        def progress(done: int, total: int) -> None:
+            if done >= 4 * CHUNK:
+                some.set()
+
+        task = asyncio.create_task(
+            share(src, net=n.net, replicas=3, chunk_size=CHUNK, progress=progress)
+        )
+        waiter = asyncio.create_task(some.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        assert not task.done(), "the share finished before a peer could be lost"
+        await n.seeds[0].stop()
+        with pytest.raises(PlacementImpossible) as caught:
+            await task
+        waiter.cancel()
+        message = str(caught.value)
+        assert message.startswith("cannot store chunk ")
+        assert "lower --replicas to 2" in message
+        assert "repair" not in message
+        assert message.endswith("rerun the same command to resume")
+
+        resumed = await share(src, net=n.net, replicas=2, chunk_size=CHUNK)
+        assert resumed.status == "resumed"
+        assert resumed.chunks_resumed >= 4
+        fetched = await fetch(resumed.read_link, net=n.net, output=tmp_path / "out.bin")
+        assert fetched.path.read_bytes() == data
