@@ -407,15 +407,15 @@ def _below_rule(result: "CheckResult") -> str:
     )
     if not result.below:
         return (
-            f"countries unknown: {unknown} of {total} chunks have {result.replicas} or more holders, but of "
-            f"unknown country, so {result.min_countries} countries cannot be confirmed; {hint}"
+            f"countries unknown: {unknown} of {total} chunks have {result.replicas} or more holders, but too few "
+            f"of known country to confirm {result.min_countries} countries; {hint}"
         )
     line = (
         f"{result.below} of {total} chunks are below {result.replicas} holders "
         f"in {result.min_countries} countries"
     )
     if unknown:
-        line += f"; {unknown} more have enough holders but of unknown country: {hint}"
+        line += f"; {unknown} more have enough holders, but too few of known country: {hint}"
     return line
 
 
