@@ -210,7 +210,10 @@ async def main() -> None:
             rounds = []
             for i in range(7):
                 t = time.perf_counter()
-                link = await asyncio.to_thread(run_plain, ["share", str(small), *client], env)
+                # --new: the same unchanged file would otherwise give back its first link, uploading nothing.
+                link = await asyncio.to_thread(
+                    run_plain, ["share", str(small), "--new", *client], env
+                )
                 await asyncio.to_thread(
                     run_plain, ["fetch", link, "-o", str(work / f"small-{i}.bin"), *client], env
                 )
@@ -224,7 +227,7 @@ async def main() -> None:
             rounds = []
             for i in range(5):
                 t = time.perf_counter()
-                shared = await share(small, net=net_settings)
+                shared = await share(small, net=net_settings, new=True)
                 await fetch(shared.read_link, net=net_settings, output=work / f"api-{i}.bin")
                 rounds.append(time.perf_counter() - t)
             rounds.sort()

@@ -230,6 +230,13 @@ def share_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print links, sizes and every chunk's holders as JSON.")
     ] = False,
+    new: Annotated[
+        bool,
+        typer.Option(
+            "--new",
+            help="Share again under a new key (a new link), even if FILE was shared unchanged.",
+        ),
+    ] = False,
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
@@ -238,7 +245,9 @@ def share_cmd(
     """Encrypt FILE, store every chunk on holders in different countries, print the read link.
 
     Exits 0 only once every chunk and the manifest are confirmed stored on --replicas holders spanning
-    --min-countries countries, no two in the same /24. Exit 6 if the network cannot meet that.
+    --min-countries countries, no two in the same /24. Exit 6, before storing anything, if the storage peers
+    found cannot meet that. Run again on the unchanged file, an interrupted share resumes and a finished one
+    prints the same link without uploading (the state is kept in the data dir).
     """
 
     from p2pmega.api.share import share
@@ -253,9 +262,18 @@ def share_cmd(
                 min_countries=min_countries,
                 lease_s=lease_days * 86400,
                 progress=bar.update,
+                new=new,
             )
 
     result = _run(go())
+    if result.status == "unchanged":
+        _err(
+            "already shared and unchanged since: same link, nothing uploaded (--new shares it again)"
+        )
+    elif result.status == "resumed":
+        _err(
+            f"resumed: {result.chunks_resumed} of {result.chunk_count} data chunks were already stored"
+        )
     if as_json:
         import json
 
@@ -346,7 +364,8 @@ def check_cmd(
 ) -> None:
     """List every chunk's live holders and their countries; exit 0 only if every chunk meets the rule.
 
-    Exit 4 if some chunk has no live holder at all, 6 if some chunk is below the placement rule.
+    Exit 4 if some chunk has no live holder at all, 6 if some chunk is below the placement rule, or if its
+    holders' countries are unknown (unknown never counts; pass --geo-table).
     """
 
     from p2pmega.api.check import check
@@ -372,12 +391,32 @@ def check_cmd(
         )
         raise typer.Exit(NotFoundError.exit_code)
     if not result.healthy:
-        below = sum(1 for c in result.chunks if not c.meets_rule)
-        _err(
-            f"p2pmega: error: {below} of {len(result.chunks)} chunks are below {result.replicas} holders "
-            f"in {result.min_countries} countries"
-        )
+        _err(f"p2pmega: error: {_below_rule(result)}")
         raise typer.Exit(PlacementImpossible.exit_code)
+
+
+def _below_rule(result: "CheckResult") -> str:
+    """Why check fails the rule: chunks short of holders, and chunks whose holders' countries are unknown."""
+    total = len(result.chunks)
+    unknown = result.countries_unknown
+    # Unknown never counts as a country: without a table, loopback and private addresses have none.
+    hint = (
+        "add their networks to the geo table"
+        if result.geo_table
+        else "pass --geo-table FILE (or set P2PMEGA_GEO_TABLE) mapping their addresses to countries"
+    )
+    if not result.below:
+        return (
+            f"countries unknown: {unknown} of {total} chunks have {result.replicas} or more holders, but too few "
+            f"of known country to confirm {result.min_countries} countries; {hint}"
+        )
+    line = (
+        f"{result.below} of {total} chunks are below {result.replicas} holders "
+        f"in {result.min_countries} countries"
+    )
+    if unknown:
+        line += f"; {unknown} more have enough holders, but too few of known country: {hint}"
+    return line
 
 
 def _check_json(result: "CheckResult") -> dict[str, Any]:
@@ -391,6 +430,7 @@ def _check_json(result: "CheckResult") -> dict[str, Any]:
                 "kind": c.kind,
                 "index": c.index,
                 "meets_rule": c.meets_rule,
+                "countries_unknown": c.countries_unknown,
                 "holders": [{"address": h.label(), "country": h.country} for h in c.holders],
             }
             for c in result.chunks
@@ -412,9 +452,15 @@ def _print_check(result: "CheckResult") -> None:
             f"{c.kind} {c.index} {c.chunk_id.hex()[:12]}",
             " ".join(h.label() for h in c.holders) or "-",
             ",".join(sorted({h.country or "??" for h in c.holders})) or "-",
-            "yes" if c.meets_rule else "NO",
+            "yes" if c.meets_rule else "unknown" if c.countries_unknown else "NO",
         )
     Console(soft_wrap=True).print(table)
+    if not result.healthy and not result.below:
+        _echo(
+            "countries unknown; whether the file meets the rule and survives the loss of any one country "
+            "cannot be told"
+        )
+        return
     survive = "survives" if result.survives_country_loss else "does NOT survive"
     _echo(
         f"{'healthy' if result.healthy else 'UNHEALTHY'}; the file {survive} the loss of any one country"

@@ -16,16 +16,28 @@ from p2pmega.api.common import (
 from p2pmega.api.fetch import walk_manifest
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import parse_link
-from p2pmega.core.placement import Candidate, meets_rule, survives_loss_of_any_country
+from p2pmega.core.placement import (
+    Candidate,
+    meets_rule,
+    summarize,
+    survives_loss_of_any_country,
+)
 
 
 @dataclass(frozen=True)
 class ChunkHealth:
+    """One chunk's live holders. ``countries_unknown``: below the rule only for want of known countries.
+
+    That is, it has enough holders on distinct networks, but some of them are of unknown country (which never
+    counts), so the countries the rule asks for cannot be confirmed: a geo table would tell.
+    """
+
     chunk_id: ChunkId
     kind: str  # "data" or "manifest"
     index: int
     holders: tuple[Holder, ...]
     meets_rule: bool
+    countries_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,17 @@ class CheckResult:
     chunks: tuple[ChunkHealth, ...]
     replicas: int
     min_countries: int
+    geo_table: bool = False  # whether a geo table was given
+
+    @property
+    def below(self) -> int:
+        """Chunks below the rule with holders missing, not just countries unknown (live holders or not)."""
+        return sum(1 for c in self.chunks if not c.meets_rule and not c.countries_unknown)
+
+    @property
+    def countries_unknown(self) -> int:
+        """Chunks with enough holders whose countries are unknown, so the rule cannot be confirmed."""
+        return sum(1 for c in self.chunks if c.countries_unknown)
 
     @property
     def healthy(self) -> bool:
@@ -82,10 +105,16 @@ async def check(
             out = []
             for chunk_id, kind, index in entries:
                 holders = tuple(holder_of(a, net.geo) for a in locator.live_holders(chunk_id))
-                ok = meets_rule(
-                    _candidates(holders), replicas=replicas, min_countries=min_countries
+                cands = _candidates(holders)
+                ok = meets_rule(cands, replicas=replicas, min_countries=min_countries)
+                summary = summarize(cands)
+                unknown = (
+                    not ok
+                    and summary.unknown > 0
+                    and not summary.short_of_holders(replicas)
+                    and summary.short_of_countries(min_countries)
                 )
-                out.append(ChunkHealth(chunk_id, kind, index, holders, ok))
+                out.append(ChunkHealth(chunk_id, kind, index, holders, ok, unknown))
             return out
 
         # One batched question to every peer known so far; then the DHT only for chunks still short of the
@@ -95,4 +124,4 @@ async def check(
         await asyncio.gather(*(locator.discover(c) for c in short))
         await locator.confirm(ids)
         chunks = health()
-    return CheckResult(cap.root, tuple(chunks), replicas, min_countries)
+    return CheckResult(cap.root, tuple(chunks), replicas, min_countries, net.geo is not None)

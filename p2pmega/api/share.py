@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +23,22 @@ from p2pmega.api.common import (
     candidate_pool,
     client_node,
 )
+from p2pmega.api.share_peers import recheck, shortfall, storage_peers
+from p2pmega.api.share_state import (
+    Completed,
+    FileIdentity,
+    PlacedChunk,
+    ShareState,
+    StateWriter,
+    load_state,
+    state_path,
+)
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
+from p2pmega.core.crypto import new_key
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
-from p2pmega.core.placement import Candidate, choose_holders, meets_rule, plan_repair
+from p2pmega.core.placement import Candidate, meets_rule, plan_repair, summarize
 from p2pmega.errors import (
     BadOption,
     InputFileError,
@@ -35,6 +47,7 @@ from p2pmega.errors import (
     PeerRefused,
     PlacementImpossible,
     QuotaExceeded,
+    StorageError,
 )
 from p2pmega.node import Node
 
@@ -55,6 +68,11 @@ STORE_RETRY_DELAY_S = 0.5
 # A holder that failed this many chunks in a row (each after its attempts) is left out for the rest of the share;
 # one that refuses connections (nothing listens) at once.
 MAX_HOLDER_FAILURES = 2
+# The share's state is saved at most this often while chunks are placed (and always at the end), and never more
+# often than every STATE_SAVE_COST_FACTOR times the last save took: a huge file's state costs more to write, and
+# saving stays a small share of the work (a rerun then re-uploads at most the chunks of that interval).
+STATE_SAVE_INTERVAL_S = 1.0
+STATE_SAVE_COST_FACTOR = 20
 
 Progress = Callable[[int, int], None]
 
@@ -69,11 +87,20 @@ class ChunkPlacement:
 
 @dataclass(frozen=True)
 class ShareResult:
+    """The links of a share and where its chunks are.
+
+    ``status`` is "new" (uploaded now under a new key), "resumed" (an interrupted share of the same unchanged file
+    finished: ``chunks_resumed`` data chunks were already stored) or "unchanged" (the file was shared already and
+    is unchanged: the same links, nothing stored).
+    """
+
     read_link: str
     keep_link: str
     size: int
     chunk_count: int
     chunks: tuple[ChunkPlacement, ...]
+    status: str = "new"
+    chunks_resumed: int = 0
 
 
 @dataclass
@@ -89,6 +116,8 @@ class Placer:
     dead: set[tuple[str, int]] = field(default_factory=set)
     full: set[tuple[str, int]] = field(default_factory=set)
     failures: Counter[tuple[str, int]] = field(default_factory=Counter)
+    # Contacts that did not answer the storage-peer probe (DHT-only nodes, dead contacts): never asked to store.
+    silent: set[tuple[str, int]] = field(default_factory=set)
 
     async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
         if len(self.pool) < SMALL_NETWORK_NODES:
@@ -96,7 +125,8 @@ class Placer:
         else:
             peers = await self.node.dht_node.find_peers(dht_key_of(chunk_id))
             found = [candidate_of(p.node_id, (p.host, p.port), self.geo) for p in peers]
-        return [c for c in found if (c.host, c.port) not in self.dead | self.full]
+        skip = self.dead | self.full | self.silent
+        return [c for c in found if (c.host, c.port) not in skip]
 
     async def place(self, chunk_id: ChunkId, data: bytes) -> list[Candidate]:
         """Store ``data`` until holders meeting the rule have confirmed it.
@@ -109,27 +139,7 @@ class Placer:
         failed: set[tuple[str, int]] = set()
         for _round in range(MAX_PLACEMENT_ROUNDS):
             candidates = [c for c in await self.candidates_for(chunk_id) if c not in stored]
-            others = [c for c in candidates if (c.host, c.port) not in failed]
-            try:
-                wanted = plan_repair(
-                    chunk_id,
-                    stored,
-                    others,
-                    replicas=self.replicas,
-                    min_countries=self.min_countries,
-                )
-            except PlacementImpossible:
-                if len(others) == len(candidates):
-                    raise
-                # Only holders that failed this chunk can complete it: try them again. One that keeps
-                # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
-                wanted = plan_repair(
-                    chunk_id,
-                    stored,
-                    candidates,
-                    replicas=self.replicas,
-                    min_countries=self.min_countries,
-                )
+            wanted = self._plan(chunk_id, stored, candidates, failed)
             if not wanted:
                 return stored
             outcomes = await asyncio.gather(
@@ -146,7 +156,42 @@ class Placer:
                 return stored
         raise PlacementImpossible(
             f"chunk {chunk_id.hex()[:16]}… could not be placed after {MAX_PLACEMENT_ROUNDS} rounds; "
-            f"{len(self.dead)} peers failed"
+            f"{len(self.dead)} peers failed; {_RERUN}"
+        )
+
+    def _plan(
+        self,
+        chunk_id: ChunkId,
+        stored: list[Candidate],
+        candidates: list[Candidate],
+        failed: set[tuple[str, int]],
+    ) -> list[Candidate]:
+        """The holders to store on next: preferably ones that have not failed this chunk.
+
+        Raises:
+            PlacementImpossible: even the holders that failed this chunk cannot complete the rule.
+        """
+        others = [c for c in candidates if (c.host, c.port) not in failed]
+        for pool in [others, candidates] if len(others) < len(candidates) else [candidates]:
+            try:
+                return plan_repair(
+                    chunk_id, stored, pool, replicas=self.replicas, min_countries=self.min_countries
+                )
+            except PlacementImpossible:
+                # Only holders that failed this chunk can complete it: try them again. One that keeps
+                # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
+                continue
+        # plan_repair words its error for a repair; a share says what it ran out of.
+        raise self._ran_out(chunk_id, [*stored, *candidates])
+
+    def _ran_out(self, chunk_id: ChunkId, left: list[Candidate]) -> PlacementImpossible:
+        return PlacementImpossible(
+            f"cannot store chunk {chunk_id.hex()[:16]}…: storage peers stopped answering ({len(self.dead)}) "
+            f"or are full ({len(self.full)}); "
+            + shortfall(
+                summarize(left), self.replicas, self.min_countries, geo_table=self.geo is not None
+            )
+            + f"; {_RERUN}"
         )
 
     async def _store_one(self, cand: Candidate, chunk_id: ChunkId, data: bytes) -> bool:
@@ -185,6 +230,9 @@ def _holders(cands: list[Candidate]) -> tuple[Holder, ...]:
     return tuple(Holder(c.host, c.port, c.country) for c in cands)
 
 
+_RERUN = "the chunks stored so far are kept: rerun the same command to resume"
+
+
 async def share(
     path: Path,
     *,
@@ -195,14 +243,21 @@ async def share(
     lease_s: float = DEFAULT_LEASE_S,
     progress: Progress | None = None,
     rng: random.Random | None = None,
+    new: bool = False,
 ) -> ShareResult:
     """Encrypt ``path``, store each chunk and the manifest on holders meeting the rule, return the links.
 
+    The share's state (its key, the chunks placed so far, then its links) is kept in ``net.data_dir``: run again
+    on the same unchanged file, an interrupted share resumes where it stopped, and a finished one returns the
+    same links without storing anything. ``new`` starts a fresh share under a new key (a new link).
+
     Raises:
-        InputFileError: the file is missing or unreadable.
+        InputFileError: the file is missing, unreadable, or not a regular file.
         BadOption: replicas / min_countries out of range.
         BootstrapFailed: no way into the network.
-        PlacementImpossible: the reachable peers cannot meet the rule (nothing more is stored).
+        PlacementImpossible: the storage peers found cannot meet the rule (then nothing is stored), or too many
+            of them failed during the upload (what was stored is kept for a rerun).
+        StorageError: the share's state cannot be saved in the data dir.
     """
     if replicas < 1 or not 1 <= min_countries <= replicas:
         raise BadOption(
@@ -210,38 +265,211 @@ async def share(
             "1 <= min-countries <= replicas"
         )
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
+    handle, info, resolved = await asyncio.to_thread(_open_regular, path)
     try:
-        handle = await asyncio.to_thread(path.open, "rb")
-    except OSError as exc:
-        raise InputFileError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
-    try:
-        info = await asyncio.to_thread(os.fstat, handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InputFileError(f"{str(path)!r} is not a regular file")
-        size = info.st_size
-        encoder = FileEncoder(name=path.name, size=size, chunk_size=chunk_size)
-        async with client_node(net) as node:
-            pool = await candidate_pool(node, net.geo, rng)
-            # Refuse before storing anything if even the whole pool cannot meet the rule.
-            choose_holders(rng.randbytes(32), pool, replicas=replicas, min_countries=min_countries)
-            placer = Placer(node, pool, net.geo, replicas, min_countries, lease_s)
-            placements = await _upload(encoder, handle, size, chunk_size, placer, progress)
-            cap, manifest_chunks = encoder.finish()
-            for i, (chunk_id, data) in enumerate(manifest_chunks):
-                stored = await placer.place(chunk_id, data)
-                placements.append(ChunkPlacement(chunk_id, "manifest", i, _holders(stored)))
+        identity = FileIdentity.of(resolved, info)
+        where = state_path(net.data_dir, resolved)
+        previous = None if new else await asyncio.to_thread(load_state, where)
+        if previous is not None and previous.file != identity:
+            previous = None  # another file at this path, or this one changed: start afresh
+        if previous is not None and _reusable(previous.completed, replicas, min_countries):
+            return _unchanged(previous)
+        if previous is not None and previous.chunk_size == chunk_size:
+            state = ShareState(identity, previous.key, chunk_size, dict(previous.chunks))
+        else:
+            state = ShareState(identity, new_key(), chunk_size)
+        return await _share(
+            path.name,
+            handle,
+            state,
+            StateWriter(where),
+            net,
+            replicas,
+            min_countries,
+            lease_s,
+            progress,
+            rng,
+        )
     finally:
         handle.close()
-    root_holders = next(p.holders for p in placements if p.chunk_id == cap.root)
-    # The root's holders travel in the link as hints, so a fetch can start before any DHT lookup.
-    cap = dataclasses.replace(cap, peers=tuple(h.address for h in root_holders))
+
+
+async def _share(
+    name: str,
+    handle: BinaryIO,
+    state: ShareState,
+    writer: StateWriter,
+    net: NetSettings,
+    replicas: int,
+    min_countries: int,
+    lease_s: float,
+    progress: Progress | None,
+    rng: random.Random,
+) -> ShareResult:
+    size, chunk_size = state.file.size, state.chunk_size
+    encoder = FileEncoder(name=name, size=size, chunk_size=chunk_size, key=state.key)
+    async with client_node(net) as node:
+        pool = await candidate_pool(node, net.geo, rng)
+        live, silent = await storage_peers(
+            node,
+            pool,
+            rng,
+            enough=lambda peers: meets_rule(peers, replicas=replicas, min_countries=min_countries),
+        )
+        # Refuse before storing anything if even every storage peer found cannot meet the rule.
+        if not meets_rule(live, replicas=replicas, min_countries=min_countries):
+            raise PlacementImpossible(
+                f"cannot share {name!r}: "
+                + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
+            )
+        placer = Placer(node, live, net.geo, replicas, min_countries, lease_s)
+        placer.silent.update((c.host, c.port) for c in silent)
+        started_at = time.time()
+        recorded = len(state.chunks)
+        if state.chunks:
+            await recheck(node, state, net.geo, replicas, min_countries, lease_s)
+            log.info(
+                "resuming: %d of %d recorded chunks are still placed", len(state.chunks), recorded
+            )
+        resumed = len(state.chunks)
+        for index, placed in state.chunks.items():
+            encoder.adopt_chunk(index, placed.chunk_id)
+        keeper = _Keeper(writer, state)
+        try:
+            await keeper.save()
+            placements = await _upload(encoder, handle, size, chunk_size, placer, progress, keeper)
+            cap, manifest_chunks = encoder.finish()
+            manifest: list[PlacedChunk] = []
+            for i, (chunk_id, data) in enumerate(manifest_chunks):
+                stored = await placer.place(chunk_id, data)
+                manifest.append(PlacedChunk(chunk_id, _holders(stored)))
+                placements.append(ChunkPlacement(chunk_id, "manifest", i, _holders(stored)))
+            # The root's holders travel in the link as hints, so a fetch can start before any DHT lookup.
+            cap = dataclasses.replace(cap, peers=tuple(h.address for h in manifest[0].holders))
+            done = state.completed = Completed(
+                read_link=format_link(cap),
+                keep_link=format_link(cap.keep_cap()),
+                manifest=tuple(manifest),
+                replicas=replicas,
+                min_countries=min_countries,
+                # Every data chunk was stored or renewed after started_at, each for lease_s.
+                lease_expires_at=started_at + lease_s,
+            )
+        except BaseException:
+            # Also on an error or Ctrl-C (a cancellation): whatever was placed is resumed by the next run. A
+            # failure to save then must not hide why the share stopped.
+            try:
+                await keeper.save()
+            except StorageError as exc:
+                log.warning("%s", exc)
+            raise
+        await keeper.save()
     return ShareResult(
-        read_link=format_link(cap),
-        keep_link=format_link(cap.keep_cap()),
+        read_link=done.read_link,
+        keep_link=done.keep_link,
         size=size,
         chunk_count=encoder.chunk_count,
         chunks=tuple(placements),
+        status="resumed" if resumed else "new",
+        chunks_resumed=resumed,
     )
+
+
+def _reusable(done: Completed | None, replicas: int, min_countries: int) -> bool:
+    """A finished share can be given again if it met at least this rule and its leases have not ended."""
+    return (
+        done is not None
+        and done.replicas >= replicas
+        and done.min_countries >= min_countries
+        and time.time() < done.lease_expires_at
+    )
+
+
+def _unchanged(state: ShareState) -> ShareResult:
+    done = state.completed
+    assert done is not None  # noqa: S101 - _reusable checked it
+    data = [
+        ChunkPlacement(p.chunk_id, "data", i, p.holders) for i, p in sorted(state.chunks.items())
+    ]
+    manifest = [
+        ChunkPlacement(p.chunk_id, "manifest", i, p.holders) for i, p in enumerate(done.manifest)
+    ]
+    return ShareResult(
+        read_link=done.read_link,
+        keep_link=done.keep_link,
+        size=state.file.size,
+        chunk_count=len(data),
+        chunks=(*data, *manifest),
+        status="unchanged",
+    )
+
+
+class _Keeper:
+    """Saves the share's state while chunks are placed: at most every STATE_SAVE_INTERVAL_S, and on demand."""
+
+    def __init__(self, writer: StateWriter, state: ShareState) -> None:
+        self.writer = writer
+        self.state = state
+        self.dirty = False
+        self.next_save = 0.0
+
+    def record(self, index: int, placed: PlacedChunk) -> None:
+        self.state.chunks[index] = placed
+        self.dirty = True
+
+    async def save_soon(self) -> None:
+        if self.dirty and asyncio.get_running_loop().time() >= self.next_save:
+            await self.save()
+
+    async def save(self) -> None:
+        """Write the state now (in a worker thread).
+
+        Raises:
+            StorageError: the data dir cannot be written.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.next_save = started + STATE_SAVE_INTERVAL_S  # concurrent placements do not save twice
+        self.dirty = False
+        await asyncio.to_thread(self.writer.save, self.state, dict(self.state.chunks))
+        took = loop.time() - started
+        self.next_save = started + max(STATE_SAVE_INTERVAL_S, STATE_SAVE_COST_FACTOR * took)
+
+
+def _open_regular(path: Path) -> tuple[BinaryIO, os.stat_result, Path]:
+    """Open ``path`` for reading; refuse anything but a regular file before reading a byte.
+
+    Raises:
+        InputFileError: the file is missing or unreadable, or is a FIFO, a directory, a device or a socket.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever if none comes.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InputFileError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputFileError(
+                f"{str(path)!r} is {_kind(info.st_mode)}, not a regular file; share reads regular files only"
+            )
+        os.set_blocking(fd, True)
+        resolved = path.resolve()
+        return os.fdopen(fd, "rb"), info, resolved
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 async def _upload(
@@ -251,15 +479,20 @@ async def _upload(
     chunk_size: int,
     placer: Placer,
     progress: Progress | None,
+    keeper: _Keeper,
 ) -> list[ChunkPlacement]:
-    """Read, encrypt and place every data chunk, at most SHARE_CONCURRENCY at a time.
+    """Read, encrypt and place every data chunk not placed yet, at most SHARE_CONCURRENCY at a time.
 
     Raises:
         InputFileError: the file changed size while it was read.
         PlacementImpossible: a chunk could not be placed (the first failure stops the upload).
+        StorageError: the share's state cannot be saved.
     """
-    results: dict[int, ChunkPlacement] = {}
-    done_bytes = 0
+    placed = keeper.state.chunks
+    todo = [i for i in range(encoder.chunk_count) if i not in placed]
+    done_bytes = sum(min(chunk_size, size - i * chunk_size) for i in placed)
+    if progress is not None and placed:
+        progress(done_bytes, size)
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
     tasks: list[asyncio.Task[None]] = []
 
@@ -273,15 +506,16 @@ async def _upload(
                 _read_and_seal, encoder, fd, index, chunk_size, size
             )
             stored = await placer.place(chunk_id, sealed)
-            results[index] = ChunkPlacement(chunk_id, "data", index, _holders(stored))
+            keeper.record(index, PlacedChunk(chunk_id, _holders(stored)))
             done_bytes += length
             if progress is not None:
                 progress(done_bytes, size)
+            await keeper.save_soon()
         finally:
             sem.release()
 
     try:
-        for index in range(encoder.chunk_count):
+        for index in todo:
             await sem.acquire()
             failed = [t for t in tasks if t.done() and t.exception() is not None]
             if failed:
@@ -297,7 +531,10 @@ async def _upload(
         await asyncio.gather(*tasks, return_exceptions=True)
     if progress is not None and size == 0:
         progress(0, 0)
-    return [results[i] for i in range(encoder.chunk_count)]
+    return [
+        ChunkPlacement(placed[i].chunk_id, "data", i, placed[i].holders)
+        for i in range(encoder.chunk_count)
+    ]
 
 
 def _read_and_seal(

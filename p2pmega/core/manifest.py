@@ -171,6 +171,23 @@ class FileEncoder:
             self._ids[index] = chunk_id
         return chunk_id, stored
 
+    def adopt_chunk(self, index: int, chunk_id: ChunkId) -> None:
+        """Record data chunk ``index`` as sealed earlier, under this encoder's key, as ``chunk_id``.
+
+        A resumed share does not seal the chunks it already stored again (a new random nonce would give them
+        new ids); it lists the ids it recorded. The caller vouches that ``chunk_id`` is data chunk ``index``
+        of this file sealed under this key: a wrong id makes a manifest whose chunk fails to authenticate.
+
+        Raises:
+            ValueError: Index out of range or an id of the wrong length (a caller bug).
+        """
+        if not 0 <= index < self.chunk_count:
+            raise ValueError(f"chunk index {index} is outside 0..{self.chunk_count - 1}")
+        if len(chunk_id) != CHUNK_ID_BYTES:
+            raise ValueError(f"chunk ids are {CHUNK_ID_BYTES} bytes, got {len(chunk_id)}")
+        with self._lock:
+            self._ids[index] = chunk_id
+
     def finish(self) -> tuple[ReadCap, list[tuple[ChunkId, bytes]]]:
         """Build and seal the manifest tree once every data chunk is encoded.
 

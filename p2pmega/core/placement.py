@@ -261,6 +261,53 @@ def _impossible(
     )
 
 
+@dataclass(frozen=True)
+class PoolSummary:
+    """What a set of peers offers towards the rule, so a caller can say what is missing in its own words.
+
+    Attributes:
+        peers: distinct peers (same node id or host:port counts once).
+        networks: distinct /24 (IPv4) or /48 (IPv6) networks among them: the most holders one chunk can have.
+        countries: the distinct known countries, sorted.
+        unknown: peers whose country is unknown (they never count as a country).
+        max_countries: the most known countries one placement can span (each holder on its own network).
+    """
+
+    peers: int
+    networks: int
+    countries: tuple[str, ...]
+    unknown: int
+    max_countries: int
+
+    def short_of_holders(self, replicas: int) -> bool:
+        """Too few distinct networks for ``replicas`` holders: lowering --replicas (or more peers) helps."""
+        return self.networks < replicas
+
+    def short_of_countries(self, min_countries: int) -> bool:
+        """Too few known countries on distinct networks: lowering --min-countries (or a geo table) helps."""
+        return self.max_countries < min_countries
+
+
+def summarize(peers: Iterable[Candidate]) -> PoolSummary:
+    """Count what ``peers`` offer towards the rule: networks, known countries, unknown ones.
+
+    Args:
+        peers: candidates or holders; duplicates (same node id or host:port) count once.
+
+    Returns:
+        The counts; ``meets_rule`` decides, this only explains.
+    """
+    unique = _unique(peers)
+    countries = tuple(sorted({c.country for c in unique if c.country is not None}))
+    return PoolSummary(
+        peers=len(unique),
+        networks=len({_network_of(c.host) for c in unique}),
+        countries=countries,
+        unknown=sum(1 for c in unique if c.country is None),
+        max_countries=_max_country_matching(unique, limit=len(countries)),
+    )
+
+
 def choose_holders(
     chunk_id: bytes,
     candidates: Sequence[Candidate],

@@ -208,9 +208,10 @@ def test_check_fails_after_every_holder_of_a_chunk_is_stopped(tmp_path: Path) ->
         src = tmp_path / "fragile.bin"
         src.write_bytes(os.urandom(1000))
         # With 4 peers the data chunk and the manifest root can land on the same two; stopping those would lose
-        # the manifest and `check` could not list chunks at all. Share again (new key, new ids) until they differ.
+        # the manifest and `check` could not list chunks at all. Share again (--new: new key, new ids) until they
+        # differ.
         for _attempt in range(8):
-            doc = json.loads(_share(small, src, "--json").stdout)
+            doc = json.loads(_share(small, src, "--json", "--new").stdout)
             data_chunk = next(c for c in doc["chunks"] if c["kind"] == "data")
             root = next(c for c in doc["chunks"] if c["kind"] == "manifest" and c["index"] == 0)
             data_at = {h["address"] for h in data_chunk["holders"]}

@@ -172,6 +172,33 @@ def test_encode_from_threads_in_any_order():
     assert decode(cap, store) == plaintext
 
 
+def test_a_resumed_encoder_adopts_chunks_sealed_by_an_earlier_one():
+    """A resumed share lists the chunks an interrupted run stored, sealed under the same key."""
+    chunk_size = 64
+    plaintext = random.Random(4).randbytes(5 * chunk_size + 9)
+    key = bytes(range(32))  # the key the share's state recorded
+    first = FileEncoder(name="r", size=len(plaintext), chunk_size=chunk_size, key=key)
+    store: Store = {}
+    earlier = {}
+    for index in (0, 3):
+        chunk_id, sealed = first.encode_chunk(index, plaintext[index * 64 : (index + 1) * 64])
+        store[chunk_id] = sealed
+        earlier[index] = chunk_id
+    second = FileEncoder(name="r", size=len(plaintext), chunk_size=chunk_size, key=key)
+    for index, chunk_id in earlier.items():
+        second.adopt_chunk(index, chunk_id)
+    for index in (1, 2, 4, 5):
+        chunk_id, sealed = second.encode_chunk(index, plaintext[index * 64 : (index + 1) * 64])
+        store[chunk_id] = sealed
+    cap, manifest_chunks = second.finish()
+    store.update(manifest_chunks)
+    assert decode(cap, store) == plaintext
+    with pytest.raises(ValueError, match="index 6"):
+        second.adopt_chunk(6, earlier[0])
+    with pytest.raises(ValueError, match="32 bytes"):
+        second.adopt_chunk(0, ChunkId(bytes(31)))
+
+
 def test_encoder_rejects_misuse():
     encoder = FileEncoder(name="f", size=100, chunk_size=64)
     assert encoder.chunk_count == 2

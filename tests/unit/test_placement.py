@@ -15,6 +15,7 @@ from p2pmega.core.placement import (
     choose_holders,
     meets_rule,
     plan_repair,
+    summarize,
     survives_loss_of_any_country,
 )
 from p2pmega.errors import BadOption, PlacementError, PlacementImpossible
@@ -375,3 +376,46 @@ def test_plan_repair_keeps_the_live_holder_a_crowded_network_would_hide():
     added = plan_repair(CHUNK, live, fresh, replicas=3, min_countries=2)
     assert added == [fresh[1]]
     assert meets_rule([*live, *added], replicas=3, min_countries=2)
+
+
+def test_summarize_counts_networks_known_countries_and_unknown_ones() -> None:
+    peers = [
+        peer(1, "198.51.100.1", "DE"),
+        peer(2, "198.51.100.2", "DE"),  # same /24 as the first
+        peer(3, "203.0.113.1", "NZ"),
+        peer(4, "192.0.2.1", None),
+        peer(4, "192.0.2.1", None),  # the same peer twice counts once
+    ]
+    summary = summarize(peers)
+    assert (summary.peers, summary.networks, summary.unknown) == (4, 3, 1)
+    assert summary.countries == ("DE", "NZ")
+    assert summary.max_countries == 2
+    assert summary.short_of_holders(4)
+    assert not summary.short_of_holders(3)
+    assert summary.short_of_countries(3)
+    assert not summary.short_of_countries(2)
+
+
+def test_summarize_max_countries_needs_distinct_networks() -> None:
+    # Two countries, but both on one /24: one placement spans only one of them.
+    summary = summarize([peer(1, "198.51.100.1", "DE"), peer(2, "198.51.100.2", "NZ")])
+    assert summary.countries == ("DE", "NZ")
+    assert summary.max_countries == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(world=worlds())
+def test_summarize_matches_brute_force(world: tuple[list[Candidate], int, int]) -> None:
+    """max_countries is the most countries any set on distinct networks spans; a shortage means impossible."""
+    peers, replicas, min_countries = world
+    best = 0
+    for size in range(len(peers) + 1):
+        for combo in itertools.combinations(peers, size):
+            nets = [network(c) for c in combo]
+            if len(set(nets)) == len(nets):
+                best = max(best, len({c.country for c in combo if c.country is not None}))
+    summary = summarize(peers)
+    assert summary.max_countries == best
+    assert summary.networks == len({network(c) for c in peers})
+    if summary.short_of_holders(replicas) or summary.short_of_countries(min_countries):
+        assert not meets_rule(peers, replicas=replicas, min_countries=min_countries)

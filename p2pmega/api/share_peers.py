@@ -1,0 +1,177 @@
+"""Which peers a share can use: the storage-peer probe, re-confirming a resumed share's holders, and the words
+for a rule the peers found cannot meet. Used by api/share.py only; no placement decisions are made here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+from p2pmega.api.common import Address, Holder, candidate_of, holder_of, synthetic_node_id
+from p2pmega.api.share_state import PlacedChunk, ShareState
+from p2pmega.core.chunking import ChunkId
+from p2pmega.core.geo import GeoTable
+from p2pmega.core.placement import Candidate, PoolSummary, meets_rule
+from p2pmega.errors import P2PMegaError
+from p2pmega.node import Node
+
+log = logging.getLogger(__name__)
+
+# Before anything is stored, each candidate is asked one batched `has`: only storage peers answer (a bootstrap
+# node has no transfer server), and dead contacts drop out. A small network is probed whole (it is under
+# SMALL_NETWORK_NODES); a large one by a sample this big, enough to judge whether the rule can be met.
+PROBE_PEERS = 64
+# A storage peer answers `has` in one round trip; one that is silent this long is left out of the share. Far
+# above a round trip across the world (~0.3 s), far below the transfer timeout a dead peer would otherwise cost.
+PROBE_TIMEOUT_S = 3.0
+# Once the peers that answered can meet the rule, the others get this much longer: on a LAN or across a continent
+# every storage peer has answered by then.
+PROBE_GRACE_S = 0.5
+
+
+def shortfall(summary: PoolSummary, replicas: int, min_countries: int, *, geo_table: bool) -> str:
+    """What the storage peers found lack for the rule, and which option (or peers) would help.
+
+    Args:
+        summary: what the storage peers offer (core.placement.summarize).
+        replicas: the rule's holders per chunk.
+        min_countries: the rule's countries per chunk.
+        geo_table: whether a geo table was given (unknown countries then need lines in it, not the option).
+
+    Returns:
+        One clause for a share error: "need ..., but found ...; <what to do>".
+    """
+    need = (
+        f"need {replicas} holders on distinct /24 (IPv6 /48) networks in {min_countries} countries"
+    )
+    found = _found(summary)
+    if summary.short_of_holders(replicas):
+        if summary.networks == 0:
+            hint = "start storage peers (p2pmega seed) or check --bootstrap"
+        else:
+            hint = f"lower --replicas to {summary.networks} or add storage peers"
+    elif summary.short_of_countries(min_countries):
+        lower = (
+            f" or lower --min-countries to {summary.max_countries}"
+            if summary.max_countries >= 1
+            else ""
+        )
+        if summary.unknown and not geo_table:
+            hint = (
+                "unknown never counts as a country: pass --geo-table FILE (or set P2PMEGA_GEO_TABLE) "
+                f"mapping their addresses to countries{lower}"
+            )
+        elif summary.unknown:
+            hint = f"unknown never counts as a country: add their networks to the geo table{lower}"
+        else:
+            hint = f"lower --min-countries to {summary.max_countries} or add storage peers in other countries"
+    else:
+        # Enough networks and enough countries, but not both at once (the countries sit on shared networks).
+        hint = "lower --replicas or --min-countries, or add storage peers in other countries"
+    return f"{need}, but {found}; {hint}"
+
+
+def _found(summary: PoolSummary) -> str:
+    if summary.peers == 0:
+        return "found no storage peer"
+    peers = f"{summary.peers} storage peer{'s' if summary.peers != 1 else ''}"
+    if summary.networks < summary.peers:
+        peers += f" on {summary.networks} distinct networks"
+    if not summary.countries:
+        return f"found {peers}, all of unknown country"
+    where = f"found {peers} in {', '.join(summary.countries)}"
+    if summary.unknown:
+        where += f" and {summary.unknown} of unknown country"
+    return where
+
+
+async def storage_peers(
+    node: Node,
+    pool: list[Candidate],
+    rng: random.Random,
+    *,
+    enough: Callable[[list[Candidate]], bool] = lambda _live: False,
+) -> tuple[list[Candidate], list[Candidate]]:
+    """Which of ``pool`` store chunks: one batched ``has`` each, in parallel (a sample of a large pool).
+
+    DHT-only nodes (a bootstrap node has no transfer server) and dead contacts do not answer; they can hold
+    nothing, so they must not count towards the rule. Waits for every answer up to PROBE_TIMEOUT_S, but once the
+    peers that answered are ``enough``, only PROBE_GRACE_S more: a firewalled contact that drops the connection
+    then costs a share half a second, not three.
+
+    Returns:
+        The candidates that answered, and the ones that did not (both sorted by node id).
+    """
+    probed = pool if len(pool) <= PROBE_PEERS else rng.sample(pool, PROBE_PEERS)
+    probe = [ChunkId(rng.randbytes(32))]
+
+    async def answers(cand: Candidate) -> bool:
+        try:
+            await node.client.has((cand.host, cand.port), probe)
+        except P2PMegaError as exc:
+            log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
+            return False
+        return True
+
+    tasks = {asyncio.create_task(answers(c)): c for c in probed}
+    live: list[Candidate] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PROBE_TIMEOUT_S
+    pending = set(tasks)
+    try:
+        while pending and loop.time() < deadline:
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            live.extend(tasks[t] for t in done if t.result())
+            if enough(live):
+                deadline = min(deadline, loop.time() + PROBE_GRACE_S)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    answered = {id(c) for c in live}
+    silent = [c for c in probed if id(c) not in answered]
+    return sorted(live, key=lambda c: c.node_id), sorted(silent, key=lambda c: c.node_id)
+
+
+async def recheck(
+    node: Node,
+    state: ShareState,
+    geo: GeoTable | None,
+    replicas: int,
+    min_countries: int,
+    lease_s: float,
+) -> None:
+    """Keep the recorded chunks whose holders still have them, enough for the rule; renew their leases.
+
+    One batched ``renew`` per recorded holder: it confirms the chunks (True only for chunks held) and gives them
+    the new share's lease. A chunk short of the rule now is dropped from the state and uploaded again (sealed
+    anew, so under a new id: the manifest is not built yet).
+    """
+    by_holder: dict[Address, list[int]] = {}
+    for index, placed in state.chunks.items():
+        for holder in placed.holders:
+            by_holder.setdefault(holder.address, []).append(index)
+
+    async def renew(addr: Address, indexes: list[int]) -> tuple[Address, list[int]]:
+        ids = [state.chunks[i].chunk_id for i in indexes]
+        try:
+            flags = await node.client.renew(addr, ids, lease_s)
+        except P2PMegaError as exc:
+            log.debug("recorded holder %s did not answer renew(): %s", addr, exc)
+            return addr, []
+        return addr, [i for i, held in zip(indexes, flags, strict=True) if held]
+
+    answers = await asyncio.gather(*(renew(a, ix) for a, ix in by_holder.items()))
+    confirmed: dict[int, list[Holder]] = {}
+    for addr, held in answers:
+        for index in held:
+            confirmed.setdefault(index, []).append(holder_of(addr, geo))
+    kept: dict[int, PlacedChunk] = {}
+    for index, holders in confirmed.items():
+        cands = [candidate_of(synthetic_node_id(h.address), h.address, geo) for h in holders]
+        if meets_rule(cands, replicas=replicas, min_countries=min_countries):
+            kept[index] = PlacedChunk(state.chunks[index].chunk_id, tuple(holders))
+    state.chunks = kept
