@@ -9,20 +9,18 @@ import os
 import random
 import stat
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from p2pmega.api.common import (
-    SMALL_NETWORK_NODES,
     Holder,
     NetSettings,
-    candidate_of,
     candidate_pool,
     client_node,
 )
+from p2pmega.api.placer import Placer
 from p2pmega.api.share_peers import recheck, shortfall, storage_peers
 from p2pmega.api.share_state import (
     Completed,
@@ -33,23 +31,17 @@ from p2pmega.api.share_state import (
     load_state,
     state_path,
 )
-from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
+from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
 from p2pmega.core.crypto import new_key
-from p2pmega.core.geo import GeoTable
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
-from p2pmega.core.placement import Candidate, meets_rule, plan_repair, summarize
+from p2pmega.core.placement import Candidate, meets_rule, summarize
 from p2pmega.errors import (
     BadOption,
     InputFileError,
-    NetworkError,
-    P2PMegaError,
-    PeerRefused,
     PlacementImpossible,
-    QuotaExceeded,
     StorageError,
 )
-from p2pmega.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +50,6 @@ log = logging.getLogger(__name__)
 # 3 -> 1.65-2.02 s, 4 -> 1.26-1.32 s, 6 -> 1.23-1.52 s (with 1 MiB chunks 6 was best, 10 and 16 slower).
 SHARE_CONCURRENCY = 4
 DEFAULT_LEASE_S = 30 * 24 * 3600.0
-# How many placement rounds a chunk gets before we give up (each round replaces the holders that failed).
-MAX_PLACEMENT_ROUNDS = 8
-# A store that fails for a reason that may pass (no data moved for the transfer timeout, a dropped connection, a
-# busy holder) is tried this many times on the same holder, waiting STORE_RETRY_DELAY_S, then twice that, between.
-# The transfer timeout counts idle time, not size, so a holder that is merely slow never gets here.
-STORE_ATTEMPTS = 3
-STORE_RETRY_DELAY_S = 0.5
-# A holder that failed this many chunks in a row (each after its attempts) is left out for the rest of the share;
-# one that refuses connections (nothing listens) at once.
-MAX_HOLDER_FAILURES = 2
 # The share's state is saved at most this often while chunks are placed (and always at the end), and never more
 # often than every STATE_SAVE_COST_FACTOR times the last save took: a huge file's state costs more to write, and
 # saving stays a small share of the work (a rerun then re-uploads at most the chunks of that interval).
@@ -103,134 +85,8 @@ class ShareResult:
     chunks_resumed: int = 0
 
 
-@dataclass
-class Placer:
-    """Stores chunks on holders chosen by the placement rule, replacing holders that fail."""
-
-    node: Node
-    pool: list[Candidate]
-    geo: GeoTable | None
-    replicas: int
-    min_countries: int
-    lease_s: float
-    dead: set[tuple[str, int]] = field(default_factory=set)
-    full: set[tuple[str, int]] = field(default_factory=set)
-    failures: Counter[tuple[str, int]] = field(default_factory=Counter)
-    # Contacts that did not answer the storage-peer probe (DHT-only nodes, dead contacts): never asked to store.
-    silent: set[tuple[str, int]] = field(default_factory=set)
-
-    async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
-        if len(self.pool) < SMALL_NETWORK_NODES:
-            found = self.pool
-        else:
-            peers = await self.node.dht_node.find_peers(dht_key_of(chunk_id))
-            found = [candidate_of(p.node_id, (p.host, p.port), self.geo) for p in peers]
-        skip = self.dead | self.full | self.silent
-        return [c for c in found if (c.host, c.port) not in skip]
-
-    async def place(self, chunk_id: ChunkId, data: bytes) -> list[Candidate]:
-        """Store ``data`` until holders meeting the rule have confirmed it.
-
-        Raises:
-            PlacementImpossible: the live peers can no longer meet the rule.
-        """
-        stored: list[Candidate] = []
-        # Holders that failed this chunk: the next round replaces them where the rule allows.
-        failed: set[tuple[str, int]] = set()
-        for _round in range(MAX_PLACEMENT_ROUNDS):
-            candidates = [c for c in await self.candidates_for(chunk_id) if c not in stored]
-            wanted = self._plan(chunk_id, stored, candidates, failed)
-            if not wanted:
-                return stored
-            outcomes = await asyncio.gather(
-                *(self._store_one(c, chunk_id, data) for c in wanted), return_exceptions=True
-            )
-            for cand, outcome in zip(wanted, outcomes, strict=True):
-                if outcome is True:
-                    stored.append(cand)
-                elif isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                    raise outcome
-                else:
-                    failed.add((cand.host, cand.port))
-            if meets_rule(stored, replicas=self.replicas, min_countries=self.min_countries):
-                return stored
-        raise PlacementImpossible(
-            f"chunk {chunk_id.hex()[:16]}… could not be placed after {MAX_PLACEMENT_ROUNDS} rounds; "
-            f"{len(self.dead)} peers failed; {_RERUN}"
-        )
-
-    def _plan(
-        self,
-        chunk_id: ChunkId,
-        stored: list[Candidate],
-        candidates: list[Candidate],
-        failed: set[tuple[str, int]],
-    ) -> list[Candidate]:
-        """The holders to store on next: preferably ones that have not failed this chunk.
-
-        Raises:
-            PlacementImpossible: even the holders that failed this chunk cannot complete the rule.
-        """
-        others = [c for c in candidates if (c.host, c.port) not in failed]
-        for pool in [others, candidates] if len(others) < len(candidates) else [candidates]:
-            try:
-                return plan_repair(
-                    chunk_id, stored, pool, replicas=self.replicas, min_countries=self.min_countries
-                )
-            except PlacementImpossible:
-                # Only holders that failed this chunk can complete it: try them again. One that keeps
-                # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
-                continue
-        # plan_repair words its error for a repair; a share says what it ran out of.
-        raise self._ran_out(chunk_id, [*stored, *candidates])
-
-    def _ran_out(self, chunk_id: ChunkId, left: list[Candidate]) -> PlacementImpossible:
-        return PlacementImpossible(
-            f"cannot store chunk {chunk_id.hex()[:16]}…: storage peers stopped answering ({len(self.dead)}) "
-            f"or are full ({len(self.full)}); "
-            + shortfall(
-                summarize(left), self.replicas, self.min_countries, geo_table=self.geo is not None
-            )
-            + f"; {_RERUN}"
-        )
-
-    async def _store_one(self, cand: Candidate, chunk_id: ChunkId, data: bytes) -> bool:
-        """Store on one holder, retrying what may pass; True once the holder confirmed the chunk."""
-        addr = (cand.host, cand.port)
-        for attempt in range(STORE_ATTEMPTS):
-            if addr in self.dead:
-                return False  # given up on by another chunk's store meanwhile
-            try:
-                await self.node.client.store(addr, chunk_id, data, self.lease_s)
-            except QuotaExceeded:
-                self.full.add(addr)
-                return False
-            except PeerRefused as exc:
-                log.debug("store on %s refused, leaving the holder out: %s", addr, exc)
-                self.dead.add(addr)
-                return False
-            except NetworkError as exc:
-                log.debug("store on %s failed (attempt %d): %s", addr, attempt + 1, exc)
-                if attempt + 1 < STORE_ATTEMPTS:
-                    await asyncio.sleep(STORE_RETRY_DELAY_S * 2**attempt)
-                    continue
-            except P2PMegaError as exc:
-                log.debug("store on %s failed: %s", addr, exc)  # not a network hiccup: no retry
-            else:
-                self.failures.pop(addr, None)
-                return True
-            break
-        self.failures[addr] += 1
-        if self.failures[addr] >= MAX_HOLDER_FAILURES:
-            self.dead.add(addr)
-        return False
-
-
 def _holders(cands: list[Candidate]) -> tuple[Holder, ...]:
     return tuple(Holder(c.host, c.port, c.country) for c in cands)
-
-
-_RERUN = "the chunks stored so far are kept: rerun the same command to resume"
 
 
 async def share(

@@ -9,8 +9,8 @@ from typing import cast
 
 import pytest
 
-from p2pmega.api import share as share_module
-from p2pmega.api.share import MAX_HOLDER_FAILURES, STORE_ATTEMPTS, Placer
+from p2pmega.api import placer as placer_module
+from p2pmega.api.placer import MAX_HOLDER_FAILURES, STORE_ATTEMPTS, Placer
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.core.placement import Candidate
 from p2pmega.errors import (
@@ -51,7 +51,7 @@ class FakeNode:
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(share_module, "STORE_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(placer_module, "STORE_RETRY_DELAY_S", 0.0)
 
 
 def placer(client: FakeClient, pool: list[Candidate]) -> Placer:
