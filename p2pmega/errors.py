@@ -11,8 +11,10 @@
     │  ├─ DecryptionFailed, ChunkHashMismatch, BadManifest, BadSignature
     ├─ PlacementError   exit 6   not enough holders or countries for the rule
     │  └─ PlacementImpossible
-    └─ StorageError     exit 7   the local disk refused: chunk store quota full, output not writable
-       └─ QuotaExceeded, StoreCorrupt, OutputWriteFailed
+    ├─ StorageError     exit 7   the local disk refused: chunk store quota full, output not writable
+    │  └─ QuotaExceeded, StoreCorrupt, OutputWriteFailed
+    └─ LocalSetupError  exit 8   a local p2pmega process could not start (testnet/demo peer): its log says why
+       └─ PeerStartFailed
     RemoteProtocolError          a peer sent garbage; net/ logs it and drops the peer; users never see it
 
 Exit code 130 (interrupted) is produced by the CLI on Ctrl-C; it has no class.
@@ -150,6 +152,16 @@ class StoreCorrupt(StorageError):
 
 class OutputWriteFailed(StorageError):
     """Writing a fetched file failed part-way (disk full, I/O error); a rerun resumes."""
+
+
+class LocalSetupError(P2PMegaError):
+    """This machine could not start a p2pmega process it needed (exit 8); not the network's fault."""
+
+    exit_code = 8
+
+
+class PeerStartFailed(LocalSetupError):
+    """A test-network peer process exited or never listened (its log names the cause)."""
 
 
 class RemoteProtocolError(Exception):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from p2pmega.api.common import NetSettings
 from p2pmega.config import resolve_geo_table
-from p2pmega.errors import BadOption, NetworkError
+from p2pmega.errors import BadOption, NetworkError, PeerStartFailed
 from p2pmega.net.service import Service
 
 DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")
@@ -131,7 +131,7 @@ class TestNet(Service):
         """Start the bootstrap node, then every seed, and wait until each one listens.
 
         Raises:
-            NetworkError: a peer did not start within START_TIMEOUT_S (its log is named).
+            PeerStartFailed: a peer exited, or did not listen within START_TIMEOUT_S (its log is named).
         """
         await asyncio.to_thread(self._prepare)
         self.bootstrap = self._peer("bootstrap", None, BOOTSTRAP_HOST)
@@ -186,8 +186,12 @@ class TestNet(Service):
         )
 
     async def _spawn(self, peer: Peer, args: list[str]) -> None:
+        # -P: the caller's working directory is not put on sys.path, so a p2pmega.py or p2pmega/ folder where the
+        # user runs `demo` is never imported in place of the installed package; the child also runs in its own
+        # data dir, not the caller's directory.
         cmd = [
             sys.executable,
+            "-P",
             "-m",
             "p2pmega",
             *args,
@@ -200,6 +204,7 @@ class TestNet(Service):
             "--no-lan",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
+        await asyncio.to_thread(peer.data_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         log = await asyncio.to_thread(peer.log_path.open, "ab")
         try:
             peer.process = await asyncio.create_subprocess_exec(
@@ -208,6 +213,7 @@ class TestNet(Service):
                 stdout=log,
                 stderr=log,
                 env=env,
+                cwd=peer.data_dir,
                 start_new_session=True,  # Ctrl-C in the terminal reaches the testnet, which stops its peers
             )
         finally:
@@ -224,11 +230,12 @@ class TestNet(Service):
                     pending.remove(peer)
                 elif peer.process is not None and peer.process.returncode is not None:
                     last = text.strip().splitlines()[-1:] or ["(no output)"]
-                    raise NetworkError(
-                        f"testnet peer {peer.name} exited with {peer.process.returncode}: {last[0]}"
+                    raise PeerStartFailed(
+                        f"testnet peer {peer.name} exited with {peer.process.returncode}: {last[0]}; "
+                        f"see {peer.log_path}"
                     )
             if pending and loop.time() > deadline:
-                raise NetworkError(
+                raise PeerStartFailed(
                     f"testnet peer {pending[0].name} did not start in {START_TIMEOUT_S:.0f} s; "
                     f"see {pending[0].log_path}"
                 )
