@@ -20,6 +20,7 @@ from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
 from p2pmega.net.service import Service
+from p2pmega.net.supervise import supervise
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import DEFAULT_QUOTA_BYTES
 
@@ -134,8 +135,12 @@ class Node(Service):
                     raise
                 log.warning("could not rejoin from saved contacts (%s); waiting for peers", exc)
         if s.holder:
-            self._spawn(self._announce_worker())
-            self._spawn(self._maintenance_loop())
+            # Each duty is supervised on its own (net/supervise.py): one that fails is logged, backed off and
+            # restarted, and never takes the others down with it.
+            self._spawn("announcer", self._announce_worker)
+            self._spawn("garbage collector", lambda: self._every(s.gc_interval_s, self._collect))
+            self._spawn("re-announcer", lambda: self._every(s.reannounce_s, self._reannounce))
+            self._spawn("summary", lambda: self._every(SUMMARY_INTERVAL_S, self._summarize))
 
     async def _bind(self, node_id: bytes) -> None:
         s = self.settings
@@ -216,8 +221,8 @@ class Node(Service):
             await asyncio.to_thread(self.store.close)
             self.store = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.create_task(supervise(name, factory))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -272,31 +277,26 @@ class Node(Service):
         except TimeoutError:
             log.debug("announcing %d chunks at stop timed out", len(ids))
 
-    async def _maintenance_loop(self) -> None:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        next_announce = loop.time() + s.reannounce_s
-        next_gc = loop.time() + s.gc_interval_s
-        next_summary = loop.time() + SUMMARY_INTERVAL_S
+    @staticmethod
+    async def _every(interval_s: float, duty: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``duty`` every ``interval_s`` seconds, the first time one interval from now."""
         while True:
-            now = loop.time()
-            await asyncio.sleep(max(0.05, min(next_announce, next_gc, next_summary) - now))
-            now = loop.time()
-            store = self.store
-            if store is None:
-                return
-            if now >= next_gc:
-                next_gc = now + s.gc_interval_s
-                removed = await asyncio.to_thread(store.collect_garbage)
-                if removed:
-                    log.info("garbage collector removed %d expired chunks", removed)
-            if now >= next_announce:
-                next_announce = now + s.reannounce_s
-                for chunk_id in await asyncio.to_thread(store.ids):
-                    self._announce_queue.put_nowait(chunk_id)
-            if now >= next_summary:
-                next_summary = now + SUMMARY_INTERVAL_S
-                self._report(self.summary())
+            await asyncio.sleep(interval_s)
+            await duty()
+
+    async def _collect(self) -> None:
+        if self.store is not None:
+            removed = await asyncio.to_thread(self.store.collect_garbage)
+            if removed:
+                log.info("garbage collector removed %d expired chunks", removed)
+
+    async def _reannounce(self) -> None:
+        if self.store is not None:
+            for chunk_id in await asyncio.to_thread(self.store.ids):
+                self._announce_queue.put_nowait(chunk_id)
+
+    async def _summarize(self) -> None:
+        self._report(self.summary())
 
     def summary(self) -> str:
         """One line about this node's state, for the per-minute log of long-running commands."""

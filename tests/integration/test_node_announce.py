@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -118,3 +119,41 @@ async def test_stored_chunks_are_announced_after(
             ids = await store_chunks(node, 4)
             await wait_for(lambda: node.announced == len(ids))
             assert await providers_of(dht, ids) == [{node.port}] * len(ids)
+
+
+async def test_garbage_collection_survives_a_failed_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One StorageError in GC used to end the holder's maintenance loop for good (issue 21, bug 3)."""
+    import dataclasses
+
+    from p2pmega.errors import StorageError
+    from p2pmega.net import supervise as supervise_module
+
+    monkeypatch.setattr(supervise_module, "BASE_DELAY_S", 0.01)
+    calls: list[int] = []
+    collected_again = asyncio.Event()
+    async with recorder() as dht:
+        settings = dataclasses.replace(
+            holder_settings(tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05),
+            gc_interval_s=0.05,
+        )
+        node = Node(settings)
+        async with node:
+            assert node.store is not None
+            real = node.store.collect_garbage
+
+            def flaky() -> int:
+                calls.append(1)
+                if len(calls) <= 2:
+                    raise StorageError("index locked")
+                collected_again.set()
+                return real()
+
+            monkeypatch.setattr(node.store, "collect_garbage", flaky)
+            with caplog.at_level(logging.WARNING, logger="p2pmega.net.supervise"):
+                async with asyncio.timeout(STEP_S):
+                    await collected_again.wait()
+    warnings = [r.getMessage() for r in caplog.records if "garbage collector" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "StorageError: index locked" in warnings[0]
