@@ -325,7 +325,8 @@ def fetch_cmd(
     """Download, verify and decrypt the file of LINK; print the path written.
 
     Chunks come in parallel from every holder, with failover. The file appears only when complete; run the same
-    command again after an interruption and it resumes where it stopped.
+    command again after an interruption and it resumes where it stopped. With no --bootstrap, no
+    P2PMEGA_BOOTSTRAP and no saved contacts, the holders named in the link are the way into the network.
     """
 
     from p2pmega.api.fetch import fetch
@@ -365,7 +366,8 @@ def check_cmd(
     """List every chunk's live holders and their countries; exit 0 only if every chunk meets the rule.
 
     Exit 4 if some chunk has no live holder at all, 6 if some chunk is below the placement rule, or if its
-    holders' countries are unknown (unknown never counts; pass --geo-table).
+    holders' countries are unknown (unknown never counts; pass --geo-table). With no --bootstrap, no
+    P2PMEGA_BOOTSTRAP and no saved contacts, the holders named in the link are the way into the network.
     """
 
     from p2pmega.api.check import check

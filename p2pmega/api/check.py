@@ -93,7 +93,7 @@ async def check(
         ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
     """
     cap = parse_link(link)
-    async with client_node(net) as node:
+    async with client_node(net, hints=cap.peers) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
         entries: list[tuple[ChunkId, str, int]] = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -81,14 +82,22 @@ def client_host(net: NetSettings) -> str:
 
 
 @contextlib.asynccontextmanager
-async def client_node(net: NetSettings) -> AsyncIterator[Node]:
+async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> AsyncIterator[Node]:
     """A DHT-only node with a throwaway identity, joined to the network, stopped on exit.
 
+    With no bootstrap node and no saved contacts, it joins through ``hints`` (a link's peer hints: holders,
+    whose DHT port is their transfer port), so a link alone is enough to fetch or check a file.
+
     Raises:
-        BootstrapFailed: no bootstrap node, saved contact or LAN peer answered.
+        BootstrapFailed: no bootstrap node, saved contact, hint or LAN peer answered.
     """
     saved = await asyncio.to_thread(load_contacts, net.data_dir / "contacts.json")
-    if not net.bootstrap and not saved:
+    entry = tuple(net.bootstrap)
+    through_hints = not entry and not saved and bool(hints)
+    if through_hints:
+        entry = tuple(hints)
+        net = dataclasses.replace(net, bootstrap=entry)
+    elif not entry and not saved:
         raise BootstrapFailed(
             "no bootstrap node given; pass --bootstrap HOST:PORT or set P2PMEGA_BOOTSTRAP"
         )
@@ -96,15 +105,29 @@ async def client_node(net: NetSettings) -> AsyncIterator[Node]:
     settings = NodeSettings(
         host=client_host(net),
         data_dir=net.data_dir,
-        bootstrap=tuple(net.bootstrap),
+        bootstrap=entry,
         holder=False,
         persistent_identity=False,
         lan=net.lan,
         rpc_timeout_s=net.rpc_timeout_s,
         transfer_timeout_s=net.transfer_timeout_s,
     )
-    async with Node(settings) as node:
+    node = Node(settings)
+    try:
+        await node.start()
+    except BaseException as exc:
+        await node.stop()
+        if not through_hints or not isinstance(exc, NetworkError):
+            raise
+        n = len(entry)
+        raise BootstrapFailed(
+            f"none of the link's {n} peer hint{'s' if n != 1 else ''} answered and no bootstrap node is set; "
+            "pass --bootstrap HOST:PORT or set P2PMEGA_BOOTSTRAP"
+        ) from exc
+    try:
         yield node
+    finally:
+        await node.stop()
 
 
 def synthetic_node_id(address: Address) -> bytes:

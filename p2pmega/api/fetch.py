@@ -113,7 +113,7 @@ async def fetch(
         raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
     if output is not None and not force and await asyncio.to_thread(_is_existing_file, output):
         raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
-    async with client_node(net) as node:
+    async with client_node(net, hints=cap.peers) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
         target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)

@@ -244,3 +244,18 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert "What happened:" in out
     # Every peer it started is gone, and so is its work directory.
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_alone_is_enough_to_fetch_and_check(net: RunningTestnet, tmp_path: Path) -> None:
+    """No bootstrap node and no saved contacts: the link's peer hints are the way in (issue 21, bug 4)."""
+    src = tmp_path / "alone.bin"
+    src.write_bytes(os.urandom(CHUNK + 7))
+    link = _share(net, src).stdout.strip()
+    env = {k: v for k, v in net.env.items() if k != "P2PMEGA_BOOTSTRAP"}
+    out = tmp_path / "alone.out"
+    fetched = run("fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "fresh1"), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert out.read_bytes() == src.read_bytes()
+    checked = run("check", link, "--json", "--data-dir", str(tmp_path / "fresh2"), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["healthy"] is True
