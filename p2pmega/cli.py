@@ -23,7 +23,7 @@ from p2pmega import __version__
 from p2pmega.errors import NotFoundError, P2PMegaError, PlacementImpossible
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
 
     from rich.progress import Progress
 
@@ -106,8 +106,11 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
 
 
-def _run(coro: "Coroutine[Any, Any, T]") -> T:
-    """Run a use case; turn our errors into one stderr line and their exit code."""
+def _run(coro: "Coroutine[Any, Any, T]", *, on_interrupt: "Callable[[], str] | None" = None) -> T:
+    """Run a use case; turn our errors into one stderr line and their exit code.
+
+    ``on_interrupt()`` is added to the Ctrl-C line: what was kept and how to go on.
+    """
     import asyncio
 
     from p2pmega.allocator import tune_allocator
@@ -127,7 +130,7 @@ def _run(coro: "Coroutine[Any, Any, T]") -> T:
     except P2PMegaError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _err("p2pmega: interrupted")
+        _err(f"p2pmega: interrupted{'; ' + on_interrupt() if on_interrupt else ''}")
         raise typer.Exit(130) from None
 
 
@@ -265,7 +268,10 @@ def share_cmd(
                 new=new,
             )
 
-    result = _run(go())
+    def kept() -> str:
+        return "the chunks stored so far are kept: run the same command again to resume"
+
+    result = _run(go(), on_interrupt=kept)
     if result.status == "unchanged":
         _err(
             "already shared and unchanged since: same link, nothing uploaded (--new shares it again)"
@@ -331,12 +337,22 @@ def fetch_cmd(
 
     from p2pmega.api.fetch import fetch
 
+    part: list[Path] = []
+
     async def go() -> Any:
         net = _net(bootstrap, data_dir, geo_table, host)
         with _Bar("fetching") as bar:
-            return await fetch(link, net=net, output=output, force=force, progress=bar.update)
+            return await fetch(
+                link, net=net, output=output, force=force, progress=bar.update, on_part=part.append
+            )
 
-    result = _run(go())
+    def kept() -> str:
+        # Asked when Ctrl-C comes, by which time fetch has named its partial file (or not begun one).
+        if not part:
+            return "nothing was written yet"
+        return f"the partial file {str(part[0])!r} is kept: run the same command again to resume"
+
+    result = _run(go(), on_interrupt=kept)
     _err(
         f"fetched {result.chunks_fetched} of {result.chunks_total} chunks "
         f"({result.chunks_resumed} already present), {result.size:,} bytes, all verified"

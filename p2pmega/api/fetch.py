@@ -17,16 +17,18 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from p2pmega.api.common import HolderLocator, NetSettings, client_node
+from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk_into
 from p2pmega.errors import (
     BadLink,
+    ChunkUnavailable,
     ManifestNotFound,
     NotFoundError,
     OutputExists,
@@ -99,8 +101,13 @@ async def fetch(
     cwd: Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    on_part: Callable[[Path], None] | None = None,
 ) -> FetchResult:
     """Download the file of a read link, verified chunk by chunk, to ``output`` (or cwd/NAME).
+
+    An ``output`` that is a symbolic link is written through: the file it names is replaced, never the link.
+    The finished file gets the mode any new file gets (0666 less the umask). ``on_part`` is told the path of
+    the partial file once it exists (the CLI names it when interrupted).
 
     Raises:
         BadLink: the link is malformed or is a keep-alive link.
@@ -119,7 +126,7 @@ async def fetch(
         target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
         if not force and await asyncio.to_thread(target.exists):
             raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
-        return await _download(locator, cap, manifest, target, progress)
+        return await _download(locator, cap, manifest, target, progress, on_part)
 
 
 def _is_existing_file(path: Path) -> bool:
@@ -132,6 +139,9 @@ def _target(output: Path | None, cwd: Path, manifest: Manifest, cap: ReadCap) ->
         return cwd / name
     if output.is_dir():
         return output / name
+    if output.is_symlink():
+        # `-o link --force` means the file the link names: write through it, and keep the link.
+        return output.resolve()
     return output
 
 
@@ -188,6 +198,7 @@ async def _download(
     manifest: Manifest,
     target: Path,
     progress: Progress | None,
+    on_part: Callable[[Path], None] | None = None,
 ) -> FetchResult:
     size = manifest.size or 0
     chunk_size = manifest.chunk_size or 1
@@ -207,6 +218,8 @@ async def _download(
     except OSError as exc:
         raise UsageError(f"cannot write next to {str(target)!r}: {exc.strerror}") from exc
     fd = writer.fd
+    if on_part is not None:
+        on_part(resume.part)
     resumed = len(resume.done)
     todo = [i for i in range(len(ids)) if i not in resume.done]
     done_bytes = sum(min(chunk_size, size - i * chunk_size) for i in resume.done)
@@ -275,7 +288,10 @@ async def _download(
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         if failures:
-            raise failures[0]
+            first = failures[0]
+            if isinstance(first, ChunkUnavailable):
+                raise _unavailable(locator, ids, resume, first) from first
+            raise first
         await on_disk(_finish, fd, resume, target)
         finished = True
     finally:
@@ -284,6 +300,22 @@ async def _download(
                 await save_state()
         await asyncio.to_thread(writer.close)
     return FetchResult(target, size, len(ids), fetched, resumed)
+
+
+def _unavailable(
+    locator: HolderLocator, ids: Sequence[ChunkId], resume: _Resume, first: ChunkUnavailable
+) -> ChunkUnavailable:
+    """The fetch's own word for chunks no holder has: how many, and that what was fetched is kept."""
+    left = [i for i in range(len(ids)) if i not in resume.done]
+    # Every known peer was asked about every chunk in one batch (HolderLocator.want): a chunk none of them
+    # has, and the DHT search found nowhere, is missing; the rest were only not reached before the stop.
+    missing = sum(1 for i in left if not locator.live_holders(ids[i])) or 1
+    verb = "has" if missing == 1 else "have"
+    return ChunkUnavailable(
+        f"{missing} of {len(ids)} chunks {verb} no reachable holder "
+        f"({first}); {len(resume.done)} of {len(ids)} chunks are saved in {str(resume.part)!r}: "
+        "run the same command again later to resume"
+    )
 
 
 def _write_failed(target: Path, exc: OSError) -> OutputWriteFailed:
@@ -394,6 +426,22 @@ def _open_part(part: Path, size: int, resuming: bool) -> int:
     return fd
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(
+        0o077
+    )  # no /proc: set and restore; a file created meanwhile would only be stricter
+    os.umask(mask)
+    return mask
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
@@ -401,6 +449,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _finish(fd: int, resume: _Resume, target: Path) -> None:
+    # The part file is 0600 while incomplete; the finished file gets the mode any new file would.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.fsync(fd)
     os.replace(resume.part, target)
     with contextlib.suppress(FileNotFoundError):

@@ -259,3 +259,61 @@ def test_a_link_alone_is_enough_to_fetch_and_check(net: RunningTestnet, tmp_path
     checked = run("check", link, "--json", "--data-dir", str(tmp_path / "fresh2"), env=env)
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["healthy"] is True
+
+
+def test_fetch_writes_through_a_symlink_and_keeps_the_umask(
+    net: RunningTestnet, tmp_path: Path
+) -> None:
+    """`-o link --force` replaces the file the link names, not the link; the mode follows the umask (bug 7)."""
+    src = tmp_path / "modes.txt"
+    src.write_bytes(b"contents\n")
+    link = _share(net, src).stdout.strip()
+    real = tmp_path / "real.txt"
+    real.write_bytes(b"old")
+    alias = tmp_path / "alias.txt"
+    alias.symlink_to(real)
+    forced = _fetch(net, link, alias, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert alias.is_symlink(), "the link itself was replaced"
+    assert real.read_bytes() == b"contents\n"
+    for umask, mode in [(0o022, 0o644), (0o077, 0o600)]:
+        out = tmp_path / f"mode-{umask:o}.txt"
+        done = subprocess.run(
+            [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "client")],
+            env=net.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            umask=umask,
+        )
+        assert done.returncode == 0, done.stderr
+        assert out.stat().st_mode & 0o777 == mode
+
+
+def test_ctrl_c_during_fetch_names_the_partial_file(net: RunningTestnet, tmp_path: Path) -> None:
+    src = tmp_path / "interrupted.bin"
+    src.write_bytes(os.urandom(64 * CHUNK))
+    link = _share(net, src).stdout.strip()
+    out = tmp_path / "interrupted.out"
+    part = tmp_path / ".interrupted.out.p2pmega-part"
+    proc = subprocess.Popen(
+        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "client")],
+        env=net.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, "the fetch finished (or failed) before Ctrl-C: " + stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"p2pmega: interrupted; the partial file {str(part)!r} is kept: "
+        "run the same command again to resume"
+    )
+    assert part.exists()
+    assert not out.exists()
