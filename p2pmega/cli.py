@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+# typer 0.28 (pinned) vendors click as typer._click and re-exports no UsageError; main() catches it.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperCommand
+
 from p2pmega import __version__
 from p2pmega.errors import NotFoundError, P2PMegaError, PlacementImpossible
 
@@ -40,6 +44,18 @@ DEFAULT_PORT = 7847
 DEFAULT_LEASE_S = 30 * 24 * 3600.0  # api.share.DEFAULT_LEASE_S
 DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")  # api.testnet.DEFAULT_COUNTRIES
 DEFAULT_QUOTA_BYTES = 10 * 1000**3  # storage.DEFAULT_QUOTA_BYTES
+
+
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments plainly: `share [OPTIONS] FILE`.
+
+    typer 0.28 writes a required argument as `{FILE}`, which reads like a literal brace placeholder.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
 
 app = typer.Typer(
     name="p2pmega",
@@ -220,9 +236,11 @@ def _main(
     _state["verbose"] = verbose
 
 
-@app.command("share")
+@app.command(cls=_Command, name="share")
 def share_cmd(
-    file: Annotated[Path, typer.Argument(help="The file to share.", show_default=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The file to share.", metavar="FILE", show_default=False)
+    ],
     replicas: Annotated[int, typer.Option("--replicas", help="Copies of every chunk.")] = 2,
     min_countries: Annotated[
         int, typer.Option("--min-countries", help="Distinct countries per chunk.")
@@ -285,15 +303,22 @@ def share_cmd(
 
         _echo(json.dumps(_share_json(result), indent=2))
     else:
+        from p2pmega.core.words import counted
+
         countries = sorted({h.country or "??" for c in result.chunks for h in c.holders})
+        manifest = len(result.chunks) - result.chunk_count
+        # chunk_count is the data chunks, as --json's "chunk_count"; the manifest's are named apart.
         _err(
-            f"shared {result.size:,} bytes as {len(result.chunks)} chunks on holders in "
-            f"{len(countries)} countries ({', '.join(countries)})"
+            f"shared {result.size:,} bytes as {counted(result.chunk_count, 'data chunk')} and "
+            f"{counted(manifest, 'manifest chunk')} on holders in "
+            f"{counted(len(countries), 'country', 'countries')} ({', '.join(countries)})"
         )
         _echo(result.read_link)
 
 
 def _share_json(result: "ShareResult") -> dict[str, Any]:
+    from p2pmega.core.chunking import format_id
+
     return {
         "read_link": result.read_link,
         "keep_link": result.keep_link,
@@ -301,7 +326,7 @@ def _share_json(result: "ShareResult") -> dict[str, Any]:
         "chunk_count": result.chunk_count,
         "chunks": [
             {
-                "id": c.chunk_id.hex(),
+                "id": format_id(c.chunk_id),
                 "kind": c.kind,
                 "index": c.index,
                 "holders": [{"address": h.label(), "country": h.country} for h in c.holders],
@@ -311,10 +336,13 @@ def _share_json(result: "ShareResult") -> dict[str, Any]:
     }
 
 
-@app.command("fetch")
+@app.command(cls=_Command, name="fetch")
 def fetch_cmd(
     link: Annotated[
-        str, typer.Argument(help="The read link (magnet:?xt=urn:p2pmega:...).", show_default=False)
+        str,
+        typer.Argument(
+            help="The read link (magnet:?xt=urn:p2pmega:...).", metavar="LINK", show_default=False
+        ),
     ],
     output: Annotated[
         Path | None,
@@ -360,10 +388,13 @@ def fetch_cmd(
     _echo(str(result.path))
 
 
-@app.command("check")
+@app.command(cls=_Command, name="check")
 def check_cmd(
     link: Annotated[
-        str, typer.Argument(help="A read link or a keep-alive link.", show_default=False)
+        str,
+        typer.Argument(
+            help="A read link or a keep-alive link.", metavar="LINK", show_default=False
+        ),
     ],
     replicas: Annotated[
         int, typer.Option("--replicas", help="Copies every chunk should have.")
@@ -404,8 +435,11 @@ def check_cmd(
     else:
         _print_check(result)
     if result.missing:
+        from p2pmega.core.words import counted
+
         _err(
-            f"p2pmega: error: {result.missing} chunks have no live holder; the file cannot be fetched whole"
+            f"p2pmega: error: {counted(result.missing, 'chunk')} {'has' if result.missing == 1 else 'have'} no live holder; "
+            "the file cannot be fetched whole"
         )
         raise typer.Exit(NotFoundError.exit_code)
     if not result.healthy:
@@ -415,6 +449,8 @@ def check_cmd(
 
 def _below_rule(result: "CheckResult") -> str:
     """Why check fails the rule: chunks short of holders, and chunks whose holders' countries are unknown."""
+    from p2pmega.core.words import counted
+
     total = len(result.chunks)
     unknown = result.countries_unknown
     # Unknown never counts as a country: without a table, loopback and private addresses have none.
@@ -429,8 +465,8 @@ def _below_rule(result: "CheckResult") -> str:
             f"of known country to confirm {result.min_countries} countries; {hint}"
         )
     line = (
-        f"{result.below} of {total} chunks are below {result.replicas} holders "
-        f"in {result.min_countries} countries"
+        f"{result.below} of {counted(total, 'chunk')} {'is' if result.below == 1 else 'are'} below "
+        f"{counted(result.replicas, 'holder')} in {counted(result.min_countries, 'country', 'countries')}"
     )
     if unknown:
         line += f"; {unknown} more have enough holders, but too few of known country: {hint}"
@@ -438,13 +474,15 @@ def _below_rule(result: "CheckResult") -> str:
 
 
 def _check_json(result: "CheckResult") -> dict[str, Any]:
+    from p2pmega.core.chunking import format_id
+
     return {
-        "root": result.root.hex(),
+        "root": format_id(result.root),
         "healthy": result.healthy,
         "survives_loss_of_any_country": result.survives_country_loss,
         "chunks": [
             {
-                "id": c.chunk_id.hex(),
+                "id": format_id(c.chunk_id),
                 "kind": c.kind,
                 "index": c.index,
                 "meets_rule": c.meets_rule,
@@ -460,14 +498,16 @@ def _print_check(result: "CheckResult") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"file {result.root.hex()[:16]}…", show_lines=False)
+    from p2pmega.core.chunking import short_id
+
+    table = Table(title=f"file {short_id(result.root)}", show_lines=False)
     table.add_column("chunk")
     table.add_column("holders")
     table.add_column("countries")
     table.add_column("ok")
     for c in result.chunks:
         table.add_row(
-            f"{c.kind} {c.index} {c.chunk_id.hex()[:12]}",
+            f"{c.kind} {c.index} {short_id(c.chunk_id)}",
             " ".join(h.label() for h in c.holders) or "-",
             ",".join(sorted({h.country or "??" for h in c.holders})) or "-",
             "yes" if c.meets_rule else "unknown" if c.countries_unknown else "NO",
@@ -525,7 +565,7 @@ def _long_running(
     _err(f"stopped: {last}")
 
 
-@app.command("seed")
+@app.command(cls=_Command, name="seed")
 def seed_cmd(
     host: Annotated[
         str, typer.Option("--host", help="Address to bind (UDP for the DHT, TCP for chunks).")
@@ -537,7 +577,10 @@ def seed_cmd(
         str | None,
         typer.Option(
             "--quota",
-            help=f"Disk space for others' chunks, e.g. 10GB (default {DEFAULT_QUOTA_BYTES:,} bytes).",
+            help=(
+                "Disk space for others' chunks, e.g. 10GB or 512MiB "
+                f"(default {DEFAULT_QUOTA_BYTES // 1000**3} GB)."
+            ),
         ),
     ] = None,
     lan: Annotated[
@@ -571,7 +614,7 @@ def seed_cmd(
     )
 
 
-@app.command("bootstrap")
+@app.command(cls=_Command, name="bootstrap")
 def bootstrap_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to bind (UDP).")],
     port: Annotated[int, typer.Option("--port", help="UDP port of the DHT.")] = DEFAULT_PORT,
@@ -596,7 +639,7 @@ def bootstrap_cmd(
     )
 
 
-@app.command("testnet")
+@app.command(cls=_Command, name="testnet")
 def run_testnet_cmd(
     countries: Annotated[
         str,
@@ -649,7 +692,7 @@ def run_testnet_cmd(
             shutil.rmtree(base, ignore_errors=True)
 
 
-@app.command("demo")
+@app.command(cls=_Command, name="demo")
 def demo_cmd() -> None:
     """Show the whole idea in under a minute on a local 4-country network, then clean up.
 
@@ -712,9 +755,22 @@ def main() -> None:
     to stderr; stdout and stderr are flushed here. A bug's traceback still takes the normal way.
     """
     gc.disable()  # as entry.main does, for callers that come here directly; _run turns it back on
+    code: object
     try:
-        app()
-        code: object = 0
+        # Not standalone: usage errors come back as exceptions, so they are worded like every other
+        # error (one `p2pmega: error:` line, then where to look), not in click's own style.
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # plain `p2pmega`: its help, as `p2pmega --help` gives
+        _echo(exc.format_message())
+        code = 0
+    except UsageError as exc:
+        _err(f"p2pmega: error: {exc.format_message()}")
+        if exc.ctx is not None:
+            _err(f"Try '{exc.ctx.command_path} --help'.")
+        code = exc.exit_code
+    except typer.Abort:  # Ctrl-C outside a use case (click turns KeyboardInterrupt into Abort)
+        _err("p2pmega: interrupted")
+        code = 130
     except SystemExit as exc:
         code = exc.code
     if code is None:

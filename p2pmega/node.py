@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
 from p2pmega.core.geo import GeoTable, country_of
+from p2pmega.core.words import counted
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
@@ -23,6 +24,7 @@ from p2pmega.net.service import Service
 from p2pmega.net.supervise import supervise
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import DEFAULT_QUOTA_BYTES
+from p2pmega.storage.sizes import format_size
 
 if TYPE_CHECKING:
     # A holder's parts load when a holder starts: share, fetch and check never need them.
@@ -302,12 +304,12 @@ class Node(Service):
         """One line about this node's state, for the per-minute log of long-running commands."""
         peers = self.dht.contacts() if self.dht is not None else []
         countries = {country_of(p.host, self.settings.geo) for p in peers} - {None}
-        contacts = f"{len(peers)} contacts in {len(countries)} known countries"
+        contacts = f"{counted(len(peers), 'contact')} in {counted(len(countries), 'known country', 'known countries')}"
         if self.store is None:
             return contacts
-        used_mib = self.store.used_bytes / (1 << 20)
-        quota_mib = self.store.quota_bytes / (1 << 20)
+        used = format_size(self.store.used_bytes)
+        quota = format_size(self.store.quota_bytes)
         return (
-            f"holding {self.store.chunk_count} chunks ({used_mib:.1f} of {quota_mib:.0f} MiB), "
-            f"{contacts}, {self.announced} announcements"
+            f"holding {counted(self.store.chunk_count, 'chunk')} ({used} of {quota}), "
+            f"{contacts}, {counted(self.announced, 'announcement')}"
         )

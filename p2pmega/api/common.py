@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from p2pmega.config import local_address_towards
-from p2pmega.core.chunking import ChunkId, dht_key_of
+from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable, country_of
 from p2pmega.core.placement import Candidate
+from p2pmega.core.words import counted
 from p2pmega.errors import (
     BootstrapFailed,
     ChunkHashMismatch,
@@ -293,7 +294,7 @@ class HolderLocator:
                 else:
                     return result
         raise ChunkUnavailable(
-            f"no reachable holder has chunk {chunk_id.hex()[:16]}… (asked {len(self.peers)} peers); "
+            f"no reachable holder has chunk {short_id(chunk_id)} (asked {counted(len(self.peers), 'peer')}); "
             "retry later or check --bootstrap"
         )
 

@@ -15,6 +15,7 @@ from p2pmega.api.fetch import fetch
 from p2pmega.api.share import ShareResult, share
 from p2pmega.api.testnet import TestNet
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
+from p2pmega.core.words import counted
 from p2pmega.errors import IntegrityError
 
 DEMO_FILE_BYTES = 6 * DEFAULT_CHUNK_SIZE + 12345  # a few chunks and a ragged end
@@ -68,7 +69,7 @@ async def run_demo(work_dir: Path, hooks: DemoHooks) -> DemoReport:
         victims = net.peers_in(seized)
         await net.kill(victims)
         hooks.step(
-            f"seizure: every peer in {seized} ({len(victims)} peers, holding copies of "
+            f"seizure: every peer in {seized} ({counted(len(victims), 'peer')}, holding copies of "
             f"{sum(1 for c in shared.chunks if any(h.country == seized for h in c.holders))} of "
             f"{len(shared.chunks)} chunks) was killed"
         )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from p2pmega.api.common import HolderLocator, NetSettings, client_node
-from p2pmega.core.chunking import ChunkId
+from p2pmega.core.chunking import ChunkId, format_id, short_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk_into
 from p2pmega.errors import (
@@ -85,7 +85,7 @@ async def walk_manifest(locator: HolderLocator, cap: ReadCap | KeepCap) -> Manif
             blobs = await asyncio.gather(*(locator.fetch(c) for c in wanted))
         except NotFoundError as exc:
             raise ManifestNotFound(
-                f"no reachable holder has the manifest of {cap.root.hex()[:16]}…; "
+                f"no reachable holder has the manifest of {short_id(cap.root)}; "
                 "the file may have expired, or check --bootstrap"
             ) from exc
         for chunk_id, data in zip(wanted, blobs, strict=True):
@@ -134,7 +134,7 @@ def _is_existing_file(path: Path) -> bool:
 
 
 def _target(output: Path | None, cwd: Path, manifest: Manifest, cap: ReadCap) -> Path:
-    name = safe_name(manifest.name, fallback=f"p2pmega-{cap.root.hex()[:16]}")
+    name = safe_name(manifest.name, fallback=f"p2pmega-{format_id(cap.root)[:16]}")
     if output is None:
         return cwd / name
     if output.is_dir():

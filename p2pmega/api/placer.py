@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 from p2pmega.api.common import SMALL_NETWORK_NODES, candidate_of
 from p2pmega.api.share_peers import shortfall
-from p2pmega.core.chunking import ChunkId, dht_key_of
+from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.placement import Candidate, meets_rule, plan_repair, summarize
+from p2pmega.core.words import counted
 from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
@@ -90,8 +91,8 @@ class Placer:
             if meets_rule(stored, replicas=self.replicas, min_countries=self.min_countries):
                 return stored
         raise PlacementImpossible(
-            f"chunk {chunk_id.hex()[:16]}… could not be placed after {MAX_PLACEMENT_ROUNDS} rounds; "
-            f"{len(self.dead)} peers failed; {RERUN_HINT}"
+            f"chunk {short_id(chunk_id)} could not be placed after {MAX_PLACEMENT_ROUNDS} rounds; "
+            f"{counted(len(self.dead), 'peer')} failed; {RERUN_HINT}"
         )
 
     def _plan(
@@ -121,7 +122,7 @@ class Placer:
 
     def _ran_out(self, chunk_id: ChunkId, left: list[Candidate]) -> PlacementImpossible:
         return PlacementImpossible(
-            f"cannot store chunk {chunk_id.hex()[:16]}…: storage peers stopped answering ({len(self.dead)}) "
+            f"cannot store chunk {short_id(chunk_id)}: storage peers stopped answering ({len(self.dead)}) "
             f"or are full ({len(self.full)}); "
             + shortfall(
                 summarize(left), self.replicas, self.min_countries, geo_table=self.geo is not None

@@ -6,6 +6,7 @@ The byte-level specification is docs/FORMAT.md.
 
 from __future__ import annotations
 
+import base64
 import hmac
 from dataclasses import dataclass
 from typing import NewType, Protocol
@@ -112,16 +113,24 @@ def dht_key_of(chunk_id: ChunkId) -> bytes:
     return bytes(chunk_id[:DHT_KEY_BYTES])
 
 
+def format_id(any_id: bytes) -> str:
+    """An id as people see it everywhere: unpadded lower-case base32, the alphabet of a link's ``xt``.
+
+    So the root a user reads in ``check`` or an error is the one in their link.
+    """
+    return base64.b32encode(any_id).decode("ascii").rstrip("=").lower()
+
+
 def short_id(chunk_id: bytes) -> str:
-    """A chunk id abbreviated for messages, e.g. ``3f9a1c…e1b2``.
+    """A chunk id abbreviated for messages, e.g. ``3kvq7mbx2fpa…e4xq``.
 
     Args:
         chunk_id: Any id.
 
     Returns:
-        The first 6 and last 2 bytes in hex.
+        The first 12 and last 4 characters of ``format_id``.
     """
-    text = chunk_id.hex()
+    text = format_id(chunk_id)
     return f"{text[:12]}…{text[-4:]}" if len(text) > 16 else text
 
 

@@ -15,6 +15,8 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from p2pmega.core.chunking import short_id
+from p2pmega.core.words import counted
 from p2pmega.errors import BadOption, PlacementImpossible
 
 # New holders considered by the exhaustive part of plan_repair. Repairs are small (usually one or two
@@ -254,10 +256,10 @@ def _impossible(
     networks = len({_network_of(c.host) for c in pool})
     listed = ", ".join(countries) if countries else "none"
     return PlacementImpossible(
-        f"cannot {what} chunk {chunk_id[:4].hex()}…: need {replicas} holders on distinct /24 or /48"
-        f" networks in {min_countries} countries, but the {len(pool)} peers span countries"
-        f" {listed} ({unknown} unknown) on {networks} networks; add peers in other countries"
-        " or lower --min-countries"
+        f"cannot {what} chunk {short_id(chunk_id)}: need {counted(replicas, 'holder')} on distinct /24 or"
+        f" /48 networks in {counted(min_countries, 'country', 'countries')}, but"
+        f" {counted(len(pool), 'peer')} span countries {listed} ({unknown} unknown) on"
+        f" {counted(networks, 'network')}; add peers in other countries or lower --min-countries"
     )
 
 

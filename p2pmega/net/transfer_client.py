@@ -37,6 +37,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.core.words import counted
 from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.net.progress import unacknowledged_bytes
 from p2pmega.net.service import Service
@@ -515,7 +516,7 @@ class TransferClient(Service):
             )
         why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
         raise errors.ChunkUnavailable(
-            f"no holder served chunk {short_id(chunk_id)} (tried {len(addrs)} holders"
+            f"no holder served chunk {short_id(chunk_id)} (tried {counted(len(addrs), 'holder')}"
             f"{': ' + why if why else ''}); retry later or ask more peers"
         )
 

@@ -46,3 +46,20 @@ def parse_size(text: str) -> int:
             f"size {text!r} is not a byte count; write e.g. 10GB, 512MiB, 1.5G or 100000"
         )
     return int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(count: int) -> str:
+    """A byte count as people read it, in the decimal units --quota takes by default: ``1.5 GB``, ``640 kB``.
+
+    Args:
+        count: bytes, >= 0.
+
+    Returns:
+        At most three significant digits and a unit (B, kB, MB, GB, TB).
+    """
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{count} B" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{value:.3g} TB"

@@ -317,3 +317,35 @@ def test_ctrl_c_during_fetch_names_the_partial_file(net: RunningTestnet, tmp_pat
     )
     assert part.exists()
     assert not out.exists()
+
+
+def test_usage_errors_read_like_every_other_error(tmp_path: Path) -> None:
+    """One error style for every command, and plain FILE/LINK in usage lines (issue 21, bug 8)."""
+    env = clean_env()
+    missing = run("share", env=env, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [
+        "p2pmega: error: Missing argument 'FILE'.",
+        "Try 'python -m p2pmega share --help'.",
+    ]
+    bad_port = run("seed", "--host", "127.0.0.1", "--port", "abc", env=env, cwd=tmp_path)
+    assert bad_port.returncode == 2
+    assert bad_port.stderr.splitlines()[0] == (
+        "p2pmega: error: Invalid value for '--port': 'abc' is not a valid int."
+    )
+    usage = run("fetch", "--help", env=env, cwd=tmp_path)
+    assert usage.returncode == 0
+    assert usage.stdout.splitlines()[0] == "Usage: python -m p2pmega fetch [OPTIONS] LINK"
+    bare = run(env=env, cwd=tmp_path)
+    assert bare.returncode == 0
+    assert bare.stdout.startswith("Usage: ")
+
+
+def test_share_text_counts_chunks_as_json_does(net: RunningTestnet, tmp_path: Path) -> None:
+    src = tmp_path / "counted.bin"
+    src.write_bytes(os.urandom(2 * CHUNK + 1))
+    doc = json.loads(_share(net, src, "--json", "--new").stdout)
+    text = _share(net, src, "--new").stderr.strip().splitlines()[-1]
+    assert text.startswith(
+        f"shared {2 * CHUNK + 1:,} bytes as {doc['chunk_count']} data chunks and 1 "
+    )

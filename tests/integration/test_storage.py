@@ -23,7 +23,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of, short_id
 from p2pmega.errors import (
     BadOption,
     ChunkHashMismatch,
@@ -342,7 +342,7 @@ def test_bad_lease_is_refused(store: ChunkStore, lease_s: float) -> None:
 
 def test_get_of_unknown_chunk_raises_not_stored(store: ChunkStore) -> None:
     chunk_id, _ = make_chunk(10)
-    with pytest.raises(ChunkNotStored, match=chunk_id.hex()[:12]):
+    with pytest.raises(ChunkNotStored, match=short_id(chunk_id)[:12]):
         store.get(chunk_id)
     assert store.lease_expiry(chunk_id) is None
     assert store.has_many([chunk_id]) == [False]
@@ -530,8 +530,8 @@ def test_rotted_chunk_is_detected_deleted_reported_and_not_served(
         pytest.raises(ChunkHashMismatch, match="deleted") as info,
     ):
         store.get(chunk_id)
-    assert chunk_id.hex()[:12] in str(info.value)
-    assert any(chunk_id.hex()[:12] in record.getMessage() for record in caplog.records)
+    assert short_id(chunk_id)[:12] in str(info.value)
+    assert any(short_id(chunk_id)[:12] in record.getMessage() for record in caplog.records)
     assert not any(data[:16].hex() in record.getMessage() for record in caplog.records)
     assert not path.exists()
     assert store.has_many([chunk_id, other_id]) == [False, True]

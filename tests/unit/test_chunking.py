@@ -24,6 +24,7 @@ from p2pmega.core.chunking import (
     padded_final_length,
     padme,
     seal_chunk,
+    short_id,
     verify_chunk,
 )
 from p2pmega.core.manifest import FileEncoder
@@ -39,7 +40,7 @@ def test_chunk_id_is_sha256_of_stored_bytes():
 
 def test_verify_chunk_rejects_other_bytes_and_names_the_id():
     chunk_id = chunk_id_of(b"one")
-    with pytest.raises(ChunkHashMismatch, match=chunk_id.hex()[:12]):
+    with pytest.raises(ChunkHashMismatch, match=short_id(chunk_id)[:12]):
         verify_chunk(chunk_id, b"two")
 
 
@@ -166,3 +167,14 @@ def test_max_sealed_bound_holds_for_a_full_root(chunk_size):
         MAX_SEALED_CHUNK_BYTES
         == MAX_CHUNK_SIZE + chunking.ROOT_EXTRA_MAX_BYTES + CHUNK_OVERHEAD_BYTES
     )
+
+
+def test_ids_are_shown_in_the_links_base32() -> None:
+    """check, errors and --json show ids as the link's xt does (issue 21, bug 8)."""
+    from p2pmega.core.chunking import format_id
+    from p2pmega.core.magnet import ReadCap, format_link
+
+    root = ChunkId(bytes(range(32)))
+    link = format_link(ReadCap(root=root, key=bytes(32)))
+    assert f"urn:p2pmega:{format_id(root)}&" in link
+    assert short_id(root) == f"{format_id(root)[:12]}…{format_id(root)[-4:]}"

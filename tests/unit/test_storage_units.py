@@ -82,3 +82,15 @@ def test_parse_size_rejects_and_names_text(text: str) -> None:
 
 def test_default_quota_is_ten_gigabytes() -> None:
     assert parse_size("10GB") == DEFAULT_QUOTA_BYTES
+
+
+def test_format_size_uses_the_units_quota_takes() -> None:
+    """Sizes read in one unit family: the quota's decimal units (issue 21, bug 8)."""
+    from p2pmega.storage.sizes import format_size, parse_size
+
+    assert format_size(0) == "0 B"
+    assert format_size(999) == "999 B"
+    assert format_size(1500) == "1.5 kB"
+    assert format_size(10 * 1000**3) == "10 GB"
+    assert format_size(2 * 1024**2) == "2.1 MB"
+    assert parse_size(format_size(10 * 1000**3).replace(" ", "")) == 10 * 1000**3
