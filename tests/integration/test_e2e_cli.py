@@ -46,6 +46,22 @@ def _fetch(
     )
 
 
+def _fetch_until(net: RunningTestnet, link: str, out: Path, marker: Path) -> subprocess.Popen[str]:
+    """Start `fetch LINK -o OUT` and return once ``marker`` exists (or the fetch ended, or 60 s passed)."""
+    proc = subprocess.Popen(
+        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(out.parent / "client")],
+        env=net.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return proc
+
+
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -150,18 +166,9 @@ def test_fetch_killed_half_way_resumes(net: RunningTestnet, tmp_path: Path) -> N
     link = _share(net, src).stdout.strip()
     out = tmp_path / "out.bin"
     state = tmp_path / ".out.bin.p2pmega-state"
-    proc = subprocess.Popen(
-        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "client")],
-        env=net.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _fetch_until(net, link, out, state)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)
     assert state.exists(), "the fetch finished (or never started) before it could be killed"
     assert not out.exists()
 
@@ -297,17 +304,7 @@ def test_ctrl_c_during_fetch_names_the_partial_file(net: RunningTestnet, tmp_pat
     link = _share(net, src).stdout.strip()
     out = tmp_path / "interrupted.out"
     part = tmp_path / ".interrupted.out.p2pmega-part"
-    proc = subprocess.Popen(
-        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "client")],
-        env=net.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _fetch_until(net, link, out, part)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, "the fetch finished (or failed) before Ctrl-C: " + stderr
