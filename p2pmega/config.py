@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from p2pmega.core.geo import GeoTable, parse_geo_table
+from p2pmega.core.ids import Address
 from p2pmega.errors import BadGeoTable, BadOption
 
 ENV_DATA_DIR = "P2PMEGA_DATA_DIR"
@@ -21,8 +22,6 @@ ENV_GEO_TABLE = "P2PMEGA_GEO_TABLE"
 
 # A geo table is a short text file of CIDR lines; 4 MiB is far beyond any sane table and bounds what we read.
 MAX_GEO_TABLE_BYTES = 4 << 20
-
-Address = tuple[str, int]
 
 
 def default_data_dir() -> Path:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
 from p2pmega.core.geo import GeoTable, country_of
+from p2pmega.core.ids import Address
 from p2pmega.core.words import counted
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 # Chunk ids announced in one announce_many call at most (it splits them into datagrams itself).
 ANNOUNCE_BATCH = 1024

@@ -16,6 +16,7 @@ from typing import TypeVar
 from p2pmega.config import local_address_towards
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable, country_of
+from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate
 from p2pmega.core.words import counted
 from p2pmega.errors import (
@@ -31,7 +32,6 @@ from p2pmega.node import Node, NodeSettings
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 _T = TypeVar("_T")
 
 # A network with fewer DHT nodes than this is small enough that every chunk is placed among all of them; above it,

@@ -8,10 +8,11 @@ import logging
 import random
 from collections.abc import Callable
 
-from p2pmega.api.common import Address, Holder, candidate_of, holder_of, synthetic_node_id
+from p2pmega.api.common import Holder, candidate_of, holder_of, synthetic_node_id
 from p2pmega.api.share_state import PlacedChunk, ShareState
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import GeoTable
+from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate, PoolSummary, meets_rule
 from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node

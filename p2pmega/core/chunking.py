@@ -6,19 +6,20 @@ The byte-level specification is docs/FORMAT.md.
 
 from __future__ import annotations
 
-import base64
 import hmac
 from dataclasses import dataclass
-from typing import NewType, Protocol
+from typing import Protocol
 
 from p2pmega.core import crypto
+
+# Ids live in core.ids; these names stay importable from here, where the chunk format defines them.
+from p2pmega.core.ids import CHUNK_ID_BYTES as CHUNK_ID_BYTES
+from p2pmega.core.ids import DHT_KEY_BYTES as DHT_KEY_BYTES
+from p2pmega.core.ids import ChunkId as ChunkId
+from p2pmega.core.ids import dht_key_of as dht_key_of
+from p2pmega.core.ids import format_id as format_id
+from p2pmega.core.ids import short_id as short_id
 from p2pmega.errors import ChunkHashMismatch, DecryptionFailed
-
-ChunkId = NewType("ChunkId", bytes)
-"""SHA-256 of the exact stored bytes of a chunk (32 bytes); anyone can check it without a key."""
-
-CHUNK_ID_BYTES = crypto.HASH_BYTES
-DHT_KEY_BYTES = 20  # Kademlia's 160-bit key space: the DHT key is the first 20 bytes of the id.
 
 FORMAT_VERSION = 2  # AEGIS-256; what every new chunk is sealed with
 LEGACY_VERSION = 1  # XChaCha20-Poly1305; still opened, never written (docs/FORMAT.md section 8)
@@ -99,39 +100,6 @@ def verify_chunk(chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> Non
             f"chunk {short_id(chunk_id)} ({len(data)} bytes) does not match its id; "
             "discard it and fetch from another holder"
         )
-
-
-def dht_key_of(chunk_id: ChunkId) -> bytes:
-    """The 160-bit Kademlia key under which holders of a chunk announce themselves.
-
-    Args:
-        chunk_id: A chunk id.
-
-    Returns:
-        Its first ``DHT_KEY_BYTES`` bytes (SHA-256 prefixes are uniform, as Kademlia needs).
-    """
-    return bytes(chunk_id[:DHT_KEY_BYTES])
-
-
-def format_id(any_id: bytes) -> str:
-    """An id as people see it everywhere: unpadded lower-case base32, the alphabet of a link's ``xt``.
-
-    So the root a user reads in ``check`` or an error is the one in their link.
-    """
-    return base64.b32encode(any_id).decode("ascii").rstrip("=").lower()
-
-
-def short_id(chunk_id: bytes) -> str:
-    """A chunk id abbreviated for messages, e.g. ``3kvq7mbx2fpa…e4xq``.
-
-    Args:
-        chunk_id: Any id.
-
-    Returns:
-        The first 12 and last 4 characters of ``format_id``.
-    """
-    text = format_id(chunk_id)
-    return f"{text[:12]}…{text[-4:]}" if len(text) > 16 else text
 
 
 @dataclass(frozen=True, repr=False)

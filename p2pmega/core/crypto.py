@@ -18,6 +18,7 @@ import nacl.utils
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
 
+from p2pmega.core.ids import NODE_ID_BYTES
 from p2pmega.errors import BadSignature, DecryptionFailed
 
 KEY_BYTES = 32
@@ -36,7 +37,6 @@ HASH_BYTES = 32
 SEED_BYTES = 32
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
-NODE_ID_BYTES = 20  # Kademlia's 160-bit id space (kademlia 2.2.3 uses 20-byte ids).
 
 # BLAKE2b's personalisation field holds at most 16 bytes; this one keeps node ids apart from
 # every other BLAKE2b use in p2pmega.

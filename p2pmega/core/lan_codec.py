@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from p2pmega.core.ids import NODE_ID_BYTES
 from p2pmega.errors import RemoteProtocolError
 
 # Byte layout, version 1 (docs/LAN.md has the table):
@@ -22,7 +23,6 @@ from p2pmega.errors import RemoteProtocolError
 #   34..41 cookie                  8 random bytes per LANDiscovery, so a node ignores its own echo
 LSD_MAGIC = b"P2PMEGA-LSD"
 LSD_VERSION = 1
-NODE_ID_BYTES = 20
 COOKIE_BYTES = 8
 _BODY = struct.Struct(f">{NODE_ID_BYTES}sH{COOKIE_BYTES}s")
 ANNOUNCEMENT_BYTES = len(LSD_MAGIC) + 1 + _BODY.size

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from p2pmega.core.chunking import short_id
+from p2pmega.core.ids import CHUNK_ID_BYTES, NODE_ID_BYTES, dht_key_of, short_id
 from p2pmega.core.words import counted
 from p2pmega.errors import BadOption, PlacementImpossible
 
@@ -23,8 +23,6 @@ from p2pmega.errors import BadOption, PlacementImpossible
 # copies), and 16 candidates keep the search to a few hundred placement walks.
 REPAIR_SEARCH_CANDIDATES = 16
 
-NODE_ID_BYTES = 20  # Kademlia node ids are 160-bit (section 2 of the paper; kademlia's default).
-CHUNK_ID_BYTES = 32  # core.chunking: a chunk id is a 32-byte hash of the sealed chunk.
 DEFAULT_REPLICAS = 2
 DEFAULT_MIN_COUNTRIES = 2
 # Prefix lengths that approximate "one operator": /24 (IPv4) and /48 (IPv6) are the longest prefixes
@@ -110,16 +108,6 @@ def _check_rule(replicas: int, min_countries: int) -> None:
         )
 
 
-def _dht_key(chunk_id: bytes) -> bytes:
-    """The chunk's DHT key: its first 20 bytes, as core.chunking.dht_key_of defines it.
-
-    Sliced here rather than imported so placement does not depend on the chunk format module.
-    """
-    if len(chunk_id) != CHUNK_ID_BYTES:
-        raise ValueError(f"chunk id has {len(chunk_id)} bytes, expected {CHUNK_ID_BYTES}")
-    return chunk_id[:NODE_ID_BYTES]
-
-
 def _by_distance(chunk_id: bytes, candidates: Iterable[Candidate]) -> list[Candidate]:
     """Candidates closest first by XOR distance, duplicates collapsed, in an order that is total.
 
@@ -127,7 +115,7 @@ def _by_distance(chunk_id: bytes, candidates: Iterable[Candidate]) -> list[Candi
     depend on the input order. A candidate whose node id or host:port was already seen closer is
     dropped: one peer is one holder however many times the DHT reported it.
     """
-    key = int.from_bytes(_dht_key(chunk_id), "big")
+    key = int.from_bytes(dht_key_of(chunk_id), "big")
 
     def sort_key(c: Candidate) -> tuple[int, str, int, str]:
         return int.from_bytes(c.node_id, "big") ^ key, _endpoint(c)[0], c.port, c.country or ""

@@ -13,10 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TypeGuard
 
+from p2pmega.core.ids import NODE_ID_BYTES as NODE_ID_BYTES
 from p2pmega.errors import RemoteProtocolError
-
-NODE_ID_BYTES = 20
-"""Kademlia ids are 160 bits (SHA-1 width, paper section 2); ours come from the node's key."""
 
 PROVIDER_RECORD_VERSION = 1
 """First element of every provider record on the wire: [1, node_id, ip, port, expires_in]."""
@@ -32,17 +30,6 @@ MAX_RECORD_TTL_S = 7 * 86400
 
 MAX_CONTACTS_FILE_ENTRIES = 1000
 """A routing table holds a few hundred live contacts; more in the file means the file is bad."""
-
-
-def dht_key(chunk_id: bytes) -> bytes:
-    """The 20-byte DHT key of a chunk: its first 20 bytes (as core.chunking.dht_key_of).
-
-    Raises:
-        ValueError: ``chunk_id`` is shorter than 20 bytes.
-    """
-    if not isinstance(chunk_id, bytes) or len(chunk_id) < NODE_ID_BYTES:
-        raise ValueError(f"a chunk id has at least {NODE_ID_BYTES} bytes")
-    return chunk_id[:NODE_ID_BYTES]
 
 
 def is_node_id(value: object) -> TypeGuard[bytes]:

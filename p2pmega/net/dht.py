@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kademlia.node import Node
 
-from p2pmega.core.record import dht_key, is_node_id, is_peer_ip, is_port
+from p2pmega.core.ids import dht_key_of
+from p2pmega.core.record import is_node_id, is_peer_ip, is_port
 from p2pmega.errors import BootstrapFailed, NetworkError
 from p2pmega.net.announce import AnnouncePlan, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
@@ -237,7 +238,7 @@ class DHTNode(Service):
             NetworkError: no contact is known.
             ValueError: a bad port or chunk id, or this node is read-only.
         """
-        keys = [dht_key(c) for c in chunk_ids]
+        keys = [dht_key_of(c) for c in chunk_ids]
         if not is_port(transfer_port):
             raise ValueError("transfer_port must be 1-65535")
         if self.read_only:
@@ -279,7 +280,7 @@ class DHTNode(Service):
         Raises:
             NetworkError: no contact is known and no record is held locally.
         """
-        key = dht_key(chunk_id)
+        key = dht_key_of(chunk_id)
         now, wall = time.monotonic(), time.time()
         local = [
             Provider(r.node_id, r.host, r.port, wall + r.expires_in)

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 import asyncio_dgram
 from asyncio_dgram.aio import DatagramServer
 
+from p2pmega.core.ids import NODE_ID_BYTES
 from p2pmega.core.lan_codec import (
     COOKIE_BYTES,
-    NODE_ID_BYTES,
     Announcement,
     AnnouncementLimiter,
     Verdict,

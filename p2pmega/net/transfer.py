@@ -5,7 +5,8 @@ from here. This layer only moves bytes and maps errors; the protocol rules live 
 p2pmega.core.wire.
 """
 
-from p2pmega.net.transfer_client import Address, TransferClient
+from p2pmega.core.ids import Address
+from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 
 __all__ = ["Address", "ServerLimits", "TransferClient", "TransferServer"]

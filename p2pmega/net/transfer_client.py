@@ -16,6 +16,7 @@ from typing import Final, TypeVar
 
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
+from p2pmega.core.ids import Address
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     MAX_BATCH_IDS,
@@ -45,7 +46,6 @@ from p2pmega.net.service import Service
 # Both sides log as p2pmega.net.transfer, as they did when they were one module.
 log = logging.getLogger("p2pmega.net.transfer")
 
-Address = tuple[str, int]
 _T = TypeVar("_T")
 ChunkBytes = bytes | memoryview
 

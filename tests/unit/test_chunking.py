@@ -178,3 +178,10 @@ def test_ids_are_shown_in_the_links_base32() -> None:
     link = format_link(ReadCap(root=root, key=bytes(32)))
     assert f"urn:p2pmega:{format_id(root)}&" in link
     assert short_id(root) == f"{format_id(root)[:12]}…{format_id(root)[-4:]}"
+
+
+def test_a_chunk_id_is_the_whole_chunk_hash() -> None:
+    from p2pmega.core import crypto
+    from p2pmega.core.ids import CHUNK_ID_BYTES
+
+    assert CHUNK_ID_BYTES == crypto.HASH_BYTES == len(chunk_id_of(b"x"))

@@ -285,7 +285,7 @@ def test_candidate_rejects_malformed_fields(kwargs: dict[str, object], fragment:
 
 
 def test_chunk_id_must_be_32_bytes() -> None:
-    with pytest.raises(ValueError, match="chunk id has 20 bytes, expected 32"):
+    with pytest.raises(ValueError, match="a chunk id is 32 bytes"):
         choose_holders(CHUNK[:20], [peer(1, "10.1.0.1", "DE")], min_countries=1, replicas=1)
 
 

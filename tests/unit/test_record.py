@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pmega.core.ids import dht_key_of
 from p2pmega.core.record import (
     MAX_RECORD_TTL_S,
     ProviderLimits,
@@ -16,7 +17,6 @@ from p2pmega.core.record import (
     decode_contacts,
     decode_find_providers_reply,
     decode_provider_record,
-    dht_key,
     encode_provider_record,
     format_contacts_file,
     is_peer_ip,
@@ -92,9 +92,9 @@ def test_find_providers_reply_decodes_and_refuses_too_many_records() -> None:
 
 def test_dht_key_is_the_first_20_bytes() -> None:
     chunk_id = bytes(range(32))
-    assert dht_key(chunk_id) == chunk_id[:20]
-    with pytest.raises(ValueError, match="20 bytes"):
-        dht_key(b"short")
+    assert dht_key_of(chunk_id) == chunk_id[:20]
+    with pytest.raises(ValueError, match="32 bytes"):
+        dht_key_of(b"short")
 
 
 @pytest.mark.parametrize("value", [1, 65535])
