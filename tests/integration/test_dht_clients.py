@@ -165,7 +165,7 @@ async def test_add_providers_is_checked_and_capped_per_source_and_old_nodes_stil
         keys = [os.urandom(20) for _ in range(8)]
         # A node from before protocol 2 drops add_providers; the sender falls back to add_provider.
         old.server._proto().rpc_add_providers = lambda *args: None  # type: ignore[method-assign]
-        assert await sender.announce_many([k + b"chunk-tail" for k in keys], 9300) == 5 + 5
+        assert await sender.announce_many([k + b"chunk-tail-1" for k in keys], 9300) == 5 + 5
         assert len(receiver.server.providers) == 5
         assert len(old.server.providers) == 5
         assert receiver.stats.dropped_datagrams == 0
