@@ -86,22 +86,19 @@ def client_host(net: NetSettings) -> str:
 async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> AsyncIterator[Node]:
     """A DHT-only node with a throwaway identity, joined to the network, stopped on exit.
 
-    With no bootstrap node and no saved contacts, it joins through ``hints`` (a link's peer hints: holders,
-    whose DHT port is their transfer port), so a link alone is enough to fetch or check a file.
+    With no bootstrap node given, it joins through ``hints`` (a link's peer hints: holders, whose DHT port is
+    their transfer port), then the saved contacts, so a link alone is enough to fetch or check a file even
+    when the data dir remembers another network.
 
     Raises:
-        BootstrapFailed: no bootstrap node, saved contact, hint or LAN peer answered.
+        BootstrapFailed: no bootstrap node, hint, saved contact or LAN peer answered (the join names them).
     """
-    saved = await asyncio.to_thread(load_contacts, net.data_dir / "contacts.json")
-    entry = tuple(net.bootstrap)
-    through_hints = not entry and not saved and bool(hints)
-    if through_hints:
-        entry = tuple(hints)
-        net = dataclasses.replace(net, bootstrap=entry)
-    elif not entry and not saved:
+    entry = tuple(net.bootstrap) or tuple(hints)
+    if not entry and not await asyncio.to_thread(load_contacts, net.data_dir / "contacts.json"):
         raise BootstrapFailed(
             "no bootstrap node given; pass --bootstrap HOST:PORT or set P2PMEGA_BOOTSTRAP"
         )
+    net = dataclasses.replace(net, bootstrap=entry)
     await asyncio.to_thread(net.data_dir.mkdir, parents=True, exist_ok=True)
     settings = NodeSettings(
         host=client_host(net),
@@ -113,22 +110,8 @@ async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> Asy
         rpc_timeout_s=net.rpc_timeout_s,
         transfer_timeout_s=net.transfer_timeout_s,
     )
-    node = Node(settings)
-    try:
-        await node.start()
-    except BaseException as exc:
-        await node.stop()
-        if not through_hints or not isinstance(exc, NetworkError):
-            raise
-        n = len(entry)
-        raise BootstrapFailed(
-            f"none of the link's {n} peer hint{'s' if n != 1 else ''} answered and no bootstrap node is set; "
-            "pass --bootstrap HOST:PORT or set P2PMEGA_BOOTSTRAP"
-        ) from exc
-    try:
+    async with Node(settings) as node:
         yield node
-    finally:
-        await node.stop()
 
 
 def synthetic_node_id(address: Address) -> bytes:

@@ -17,13 +17,13 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from p2pmega.api.common import HolderLocator, NetSettings, client_node
-from p2pmega.core.chunking import ChunkId, format_id, short_id
+from p2pmega.core.chunking import format_id, short_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk_into
 from p2pmega.errors import (
@@ -136,13 +136,13 @@ def _is_existing_file(path: Path) -> bool:
 def _target(output: Path | None, cwd: Path, manifest: Manifest, cap: ReadCap) -> Path:
     name = safe_name(manifest.name, fallback=f"p2pmega-{format_id(cap.root)[:16]}")
     if output is None:
-        return cwd / name
-    if output.is_dir():
-        return output / name
-    if output.is_symlink():
-        # `-o link --force` means the file the link names: write through it, and keep the link.
-        return output.resolve()
-    return output
+        target = cwd / name
+    elif output.is_dir():
+        target = output / name
+    else:
+        target = output
+    # A link (given with -o, or met at ./NAME) means the file it names: write through it, keep the link.
+    return target.resolve() if target.is_symlink() else target
 
 
 @dataclass
@@ -252,8 +252,11 @@ async def _download(
             queue.put_nowait(i)
 
         # The first failure stops every worker from taking a new chunk, but the chunks under way are
-        # finished and recorded (a rerun does not fetch them again), then the failure is raised.
+        # finished and recorded (a rerun does not fetch them again), then the failure is raised. A chunk
+        # no holder has is not such a failure: the others are still fetched (and kept for a rerun), and
+        # the missing ones are counted exactly.
         failures: list[Exception] = []
+        missing: list[tuple[int, ChunkUnavailable]] = []
 
         async def worker() -> None:
             try:
@@ -267,9 +270,13 @@ async def _download(
                 index = queue.get_nowait()
                 # The bytes are hash-checked against ids[index], then decrypted (which authenticates
                 # them again) and written, all in one worker-thread hop.
-                written = await locator.fetch_into(
-                    ids[index], functools.partial(write, index), spread=index
-                )
+                try:
+                    written = await locator.fetch_into(
+                        ids[index], functools.partial(write, index), spread=index
+                    )
+                except ChunkUnavailable as exc:
+                    missing.append((index, exc))
+                    continue
                 resume.done.add(index)
                 fetched += 1
                 unsaved += 1
@@ -288,10 +295,10 @@ async def _download(
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         if failures:
-            first = failures[0]
-            if isinstance(first, ChunkUnavailable):
-                raise _unavailable(locator, ids, resume, first) from first
-            raise first
+            raise failures[0]
+        if missing:
+            first = min(missing, key=lambda m: m[0])[1]
+            raise _unavailable(len(missing), len(ids), resume, first) from first
         await on_disk(_finish, fd, resume, target)
         finished = True
     finally:
@@ -303,17 +310,12 @@ async def _download(
 
 
 def _unavailable(
-    locator: HolderLocator, ids: Sequence[ChunkId], resume: _Resume, first: ChunkUnavailable
+    missing: int, total: int, resume: _Resume, first: ChunkUnavailable
 ) -> ChunkUnavailable:
     """The fetch's own word for chunks no holder has: how many, and that what was fetched is kept."""
-    left = [i for i in range(len(ids)) if i not in resume.done]
-    # Every known peer was asked about every chunk in one batch (HolderLocator.want): a chunk none of them
-    # has, and the DHT search found nowhere, is missing; the rest were only not reached before the stop.
-    missing = sum(1 for i in left if not locator.live_holders(ids[i])) or 1
-    verb = "has" if missing == 1 else "have"
     return ChunkUnavailable(
-        f"{missing} of {len(ids)} chunks {verb} no reachable holder "
-        f"({first}); {len(resume.done)} of {len(ids)} chunks are saved in {str(resume.part)!r}: "
+        f"{missing} of {total} chunks {'has' if missing == 1 else 'have'} no reachable holder "
+        f"({first}); {len(resume.done)} of {total} chunks are saved in {str(resume.part)!r}: "
         "run the same command again later to resume"
     )
 

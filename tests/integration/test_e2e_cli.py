@@ -239,6 +239,18 @@ def test_check_fails_after_every_holder_of_a_chunk_is_stopped(tmp_path: Path) ->
         lost = next(c for c in report["chunks"] if c["id"] == data_chunk["id"])
         assert lost["holders"] == []
 
+        # fetch says how many chunks no holder has and what it kept (issue 21, bug 7).
+        out = tmp_path / "fragile.out"
+        failed = run("fetch", doc["read_link"], "-o", str(out), "--data-dir", client, env=small.env)
+        assert failed.returncode == 4, failed.stderr
+        line = _one_error_line(failed)
+        assert line.startswith("p2pmega: error: 1 of 1 chunks has no reachable holder (")
+        assert line.endswith(
+            f"0 of 1 chunks are saved in {str(tmp_path / '.fragile.out.p2pmega-part')!r}: "
+            "run the same command again later to resume"
+        )
+        assert not out.exists()
+
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     proc = run("demo", env=clean_env(TMPDIR=str(tmp_path)), timeout=180)
@@ -266,6 +278,14 @@ def test_a_link_alone_is_enough_to_fetch_and_check(net: RunningTestnet, tmp_path
     checked = run("check", link, "--json", "--data-dir", str(tmp_path / "fresh2"), env=env)
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["healthy"] is True
+    # A data dir that remembers another (dead) network: the link's hints still get the fetch in.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "contacts.json").write_text(json.dumps({"version": 1, "contacts": [["127.0.0.1", 9]]}))
+    again = tmp_path / "alone.again"
+    fetched = run("fetch", link, "-o", str(again), "--data-dir", str(stale), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert again.read_bytes() == src.read_bytes()
 
 
 def test_fetch_writes_through_a_symlink_and_keeps_the_umask(
@@ -282,6 +302,17 @@ def test_fetch_writes_through_a_symlink_and_keeps_the_umask(
     forced = _fetch(net, link, alias, "--force")
     assert forced.returncode == 0, forced.stderr
     assert alias.is_symlink(), "the link itself was replaced"
+    assert real.read_bytes() == b"contents\n"
+    # The same without -o: ./NAME in the current directory is a link.
+    work = tmp_path / "work"
+    work.mkdir()
+    real.write_bytes(b"old")
+    (work / "modes.txt").symlink_to(real)
+    proc = run(
+        "fetch", link, "--force", "--data-dir", str(tmp_path / "client"), env=net.env, cwd=work
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "modes.txt").is_symlink()
     assert real.read_bytes() == b"contents\n"
     for umask, mode in [(0o022, 0o644), (0o077, 0o600)]:
         out = tmp_path / f"mode-{umask:o}.txt"
