@@ -7,6 +7,7 @@ problem (exit 8) whose log survives the demo's clean-up, not a network error (ex
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pmega.api.testnet import TestNet
 from tests.integration.cli_helpers import clean_env, run
 
 pytestmark = pytest.mark.integration
@@ -43,6 +45,26 @@ def test_demo_ignores_code_in_the_working_directory(tmp_path: Path) -> None:
     assert not marker.exists(), "a peer ran the p2pmega code of the working directory"
     assert done.returncode == 0, done.stderr[-2000:]
     assert "byte-identical" in done.stdout
+
+
+async def test_peers_run_in_their_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-P alone is not enough: an empty PYTHONPATH entry (``export PYTHONPATH=$PYTHONPATH:/x`` with it unset)
+    puts the working directory back on sys.path, so a peer must not run in the caller's directory either."""
+    marker = tmp_path / "hostile-code-ran"
+    cwd = tmp_path / "work"
+    (cwd / "p2pmega").mkdir(parents=True)
+    for name in ("p2pmega.py", "p2pmega/__init__.py", "p2pmega/__main__.py"):
+        (cwd / name).write_text(HOSTILE.format(marker=str(marker)))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep + os.environ.get("PYTHONPATH", ""))
+    async with (
+        asyncio.timeout(60),
+        TestNet(base_dir=tmp_path / "net", countries=("DE",), peers_per_country=1) as net,
+    ):
+        assert len(net.seeds) == 1
+    assert not marker.exists(), "a peer ran the p2pmega code of the working directory"
 
 
 # Loaded by every Python process started with this PYTHONPATH: the testnet's bootstrap peer stops at start-up, as
