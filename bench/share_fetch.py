@@ -34,6 +34,9 @@ from p2pmega.core import crypto
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 
 MIB = 1 << 20
+# -P: the commands import the p2pmega this interpreter has installed, as the testnet's peers do (api/testnet.py),
+# not a checkout in the directory the bench runs from.
+P2PMEGA = [sys.executable, "-P", "-m", "p2pmega"]
 
 
 def run_with_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -45,7 +48,7 @@ def run_with_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, st
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pmega", *args],
+            [*P2PMEGA, *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -72,7 +75,7 @@ def run_with_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, st
 def run_plain(args: list[str], env: dict[str, str]) -> str:
     """Run a p2pmega command and return its stdout (no RSS polling: timing only)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "p2pmega", *args],
+        [*P2PMEGA, *args],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,

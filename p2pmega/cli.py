@@ -639,6 +639,26 @@ def bootstrap_cmd(
     )
 
 
+def _remove_temp_dir(base: Path, *, keep_logs: bool) -> None:
+    """Remove a command's temporary folder; with ``keep_logs``, leave its ``*.log`` files.
+
+    A test network's error names a peer's log, and the log says why the peer failed: after a failure it must
+    outlive the folder the peers ran in.
+    """
+    import shutil
+
+    if not keep_logs:
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    # Children sort after their folder, so in reverse each folder (``base`` last) comes after its contents.
+    for path in sorted([base, *base.rglob("*")], reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # it holds a log
+                path.rmdir()
+        elif path.suffix != ".log":
+            path.unlink(missing_ok=True)
+
+
 @app.command(cls=_Command, name="testnet")
 def run_testnet_cmd(
     countries: Annotated[
@@ -660,7 +680,6 @@ def run_testnet_cmd(
     Prints the export lines to paste in another terminal, so share/fetch/check use it.
     """
     import shlex
-    import shutil
     import tempfile
 
     from p2pmega.api.service import wait_for_stop_signal
@@ -685,11 +704,16 @@ def run_testnet_cmd(
             await wait_for_stop_signal()
             _err("testnet: stopping every peer")
 
+    failed = True
     try:
         _run(go())
+        failed = False
+    except typer.Exit as exc:
+        failed = exc.exit_code != 130  # Ctrl-C is not a failure
+        raise
     finally:
         if data_dir is None:
-            shutil.rmtree(base, ignore_errors=True)
+            _remove_temp_dir(base, keep_logs=failed)
 
 
 @app.command(cls=_Command, name="demo")
@@ -699,7 +723,6 @@ def demo_cmd() -> None:
     Shares a generated file, shows which countries hold each chunk, seizes every peer of one country, fetches the
     file back and checks it is byte-identical.
     """
-    import shutil
     import tempfile
 
     from rich.console import Console
@@ -726,14 +749,18 @@ def demo_cmd() -> None:
             )
         Console(soft_wrap=True).print(table)
 
+    failed = True
     try:
         report = _run(run_demo(work, DemoHooks(step=step, shared=shown)))
+        failed = False
     except typer.Exit as exc:
+        failed = exc.exit_code != 130  # Ctrl-C is not a failure
         if exc.exit_code:
-            _err(f"p2pmega: demo failed at step: {current[0]}")
+            kept = f"; the peers' logs are kept in {work}" if failed else ""
+            _err(f"p2pmega: demo failed at step: {current[0]}{kept}")
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_temp_dir(work, keep_logs=failed)
     below = sum(1 for c in report.after.chunks if not c.meets_rule)
     _echo(
         f"What happened: the file was encrypted on this machine and every chunk stored on 2 peers in 2 "

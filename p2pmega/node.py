@@ -22,7 +22,7 @@ from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.identity import load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
 from p2pmega.net.service import Service
-from p2pmega.net.supervise import supervise
+from p2pmega.net.supervise import BASE_DELAY_S, supervise
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import DEFAULT_QUOTA_BYTES
 from p2pmega.storage.sizes import format_size
@@ -67,6 +67,8 @@ class NodeSettings:
     record_ttl_s: float = 24 * 3600.0
     reannounce_s: float = 12 * 3600.0
     gc_interval_s: float = 600.0
+    # The first wait before a failed duty starts again; it doubles with each failure in a row (net/supervise.py).
+    restart_delay_s: float = BASE_DELAY_S
     announce_quiet_s: float = ANNOUNCE_QUIET_S
     announce_delay_s: float = ANNOUNCE_DELAY_S
     transfer_timeout_s: float = 10.0
@@ -224,7 +226,9 @@ class Node(Service):
             self.store = None
 
     def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        task = asyncio.create_task(supervise(name, factory))
+        task = asyncio.create_task(
+            supervise(name, factory, base_delay_s=self.settings.restart_delay_s)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

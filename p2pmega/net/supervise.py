@@ -12,6 +12,8 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from p2pmega.errors import P2PMegaError
+
 log = logging.getLogger(__name__)
 
 # The first restart waits BASE_DELAY_S; each further failure in a row doubles it, up to MAX_DELAY_S. A duty that
@@ -36,8 +38,9 @@ async def supervise(
 ) -> None:
     """Run ``factory()`` until it returns; restart it after each exception, with backoff.
 
-    A failure is logged at WARNING the first time, and again only when its kind or message changes; the
-    same failure repeated is logged at DEBUG, so a persistent fault gives one line, not one per retry.
+    A failure is logged at WARNING the first time (with its traceback unless it is a P2PMegaError, whose
+    message says it all), and again only when its kind or message changes; the same failure repeated is
+    logged at DEBUG, so a persistent fault gives one warning, not one per retry.
     Cancellation is never caught: cancelling the supervising task stops the duty.
 
     Args:
@@ -58,13 +61,23 @@ async def supervise(
             await factory()
             return
         except Exception as exc:
+            if loop.time() - started >= stable_after_s:
+                delay_s = base_delay_s
+            wait_s = delay_s * (1.0 + rng.random() / 2)
             seen = (type(exc), str(exc))
             if seen != last:
-                log.warning("%s failed (%s: %s); restarting it", name, type(exc).__name__, exc)
+                # Our own errors carry a full one-line message; anything else is a bug, whose traceback is
+                # what a report needs.
+                log.warning(
+                    "%s failed (%s: %s); restarting it in %.3g s",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    wait_s,
+                    exc_info=not isinstance(exc, P2PMegaError),
+                )
                 last = seen
             else:
                 log.debug("%s failed again (%s: %s)", name, type(exc).__name__, exc)
-        if loop.time() - started >= stable_after_s:
-            delay_s = base_delay_s
-        await sleep(delay_s * (1.0 + rng.random() / 2))
+        await sleep(wait_s)
         delay_s = min(delay_s * 2, max_delay_s)

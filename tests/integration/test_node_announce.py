@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from p2pmega.core.chunking import ChunkId, chunk_id_of
+from p2pmega.errors import StorageError
 from p2pmega.net.dht import DHTNode
 from p2pmega.net.transfer import TransferClient
 from p2pmega.node import Node, NodeSettings
@@ -125,21 +127,15 @@ async def test_garbage_collection_survives_a_failed_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One StorageError in GC used to end the holder's maintenance loop for good (issue 21, bug 3)."""
-    import dataclasses
-
-    from p2pmega.errors import StorageError
-    from p2pmega.net import supervise as supervise_module
-
-    monkeypatch.setattr(supervise_module, "BASE_DELAY_S", 0.01)
     calls: list[int] = []
     collected_again = asyncio.Event()
-    async with recorder() as dht:
+    async with asyncio.timeout(STEP_S), recorder() as dht:
         settings = dataclasses.replace(
             holder_settings(tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05),
             gc_interval_s=0.05,
+            restart_delay_s=0.01,
         )
-        node = Node(settings)
-        async with node:
+        async with Node(settings) as node:
             assert node.store is not None
             real = node.store.collect_garbage
 
@@ -151,9 +147,56 @@ async def test_garbage_collection_survives_a_failed_round(
                 return real()
 
             monkeypatch.setattr(node.store, "collect_garbage", flaky)
-            with caplog.at_level(logging.WARNING, logger="p2pmega.net.supervise"):
-                async with asyncio.timeout(STEP_S):
-                    await collected_again.wait()
-    warnings = [r.getMessage() for r in caplog.records if "garbage collector" in r.getMessage()]
-    assert len(warnings) == 1
-    assert "StorageError: index locked" in warnings[0]
+            with caplog.at_level(logging.DEBUG, logger="p2pmega.net.supervise"):
+                await collected_again.wait()
+    assert len(calls) >= 3
+    warnings = _warnings_about("garbage collector", caplog)
+    assert len(warnings) == 1, "the same failure twice is one warning"
+    assert "StorageError: index locked" in warnings[0].getMessage()
+    assert not warnings[0].exc_info, "our own errors need no traceback"
+
+
+async def test_announcing_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in announcing used to end the announce worker: no stored chunk was announced again (bug 3)."""
+    failures = 2
+    calls: list[list[bytes]] = []
+    async with asyncio.timeout(STEP_S), recorder() as dht:
+        settings = dataclasses.replace(
+            holder_settings(tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05),
+            restart_delay_s=0.01,
+        )
+        async with Node(settings) as node:
+            announce_many = node.dht_node.announce_many
+
+            async def flaky(chunk_ids: Sequence[bytes], transfer_port: int) -> int:
+                nonlocal failures
+                calls.append(list(chunk_ids))
+                if failures:
+                    failures -= 1
+                    raise RuntimeError("unexpected")
+                return await announce_many(chunk_ids, transfer_port)
+
+            monkeypatch.setattr(node.dht_node, "announce_many", flaky)
+            with caplog.at_level(logging.DEBUG, logger="p2pmega.net.supervise"):
+                # Two batches fail (the worker dies twice and is restarted), the third is announced.
+                await store_chunks(node, 2)
+                await wait_for(lambda: len(calls) == 1)
+                await store_chunks(node, 2)
+                await wait_for(lambda: len(calls) == 2)
+                ids = await store_chunks(node, 2)
+                await wait_for(lambda: node.announced == len(ids))
+            assert await providers_of(dht, ids) == [{node.port}] * len(ids)
+    warnings = _warnings_about("announcer", caplog)
+    assert len(warnings) == 1, "the same failure twice is one warning"
+    assert "RuntimeError: unexpected" in warnings[0].getMessage()
+    assert warnings[0].exc_info, "a bug's warning carries its traceback"
+
+
+def _warnings_about(duty: str, caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith(f"{duty} failed")
+    ]
