@@ -84,6 +84,25 @@ async def network(tmp_path: Path, countries: Sequence[int]) -> AsyncIterator[Net
         yield Network(boot, seeds, net)
 
 
+async def interrupt_share(src: Path, net: NetSettings, *, after_bytes: int) -> None:
+    """Start sharing ``src`` and cancel it (what Ctrl-C does to the CLI's asyncio.run) once
+    ``after_bytes`` of it are placed."""
+    enough = asyncio.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= after_bytes:
+            enough.set()
+
+    first = asyncio.create_task(share(src, net=net, chunk_size=CHUNK, progress=progress))
+    waiter = asyncio.create_task(enough.wait())
+    await asyncio.wait([first, waiter], return_when=asyncio.FIRST_COMPLETED)
+    assert not first.done(), "the share finished before it could be interrupted"
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    waiter.cancel()
+
+
 @pytest.fixture
 def store_calls(monkeypatch: pytest.MonkeyPatch) -> list[ChunkId]:
     """Every chunk id the share client asks a holder to store."""
@@ -180,20 +199,7 @@ async def test_an_interrupted_share_resumes_and_a_finished_one_gives_the_same_li
     src = tmp_path / "resumable.bin"
     src.write_bytes(data)
     async with network(tmp_path, [91, 92, 93, 94]) as n, asyncio.timeout(STEP_S):
-        enough = asyncio.Event()
-
-        def progress(done: int, total: int) -> None:
-            if done >= 6 * CHUNK:
-                enough.set()
-
-        first = asyncio.create_task(share(src, net=n.net, chunk_size=CHUNK, progress=progress))
-        waiter = asyncio.create_task(enough.wait())
-        await asyncio.wait([first, waiter], return_when=asyncio.FIRST_COMPLETED)
-        assert not first.done(), "the share finished before it could be interrupted"
-        first.cancel()  # what Ctrl-C does to the CLI's asyncio.run
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        waiter.cancel()
+        await interrupt_share(src, n.net, after_bytes=6 * CHUNK)
 
         [state] = list((n.net.data_dir / "shares").iterdir())
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
@@ -237,20 +243,7 @@ async def test_a_resumed_share_places_again_what_a_lost_holder_had(tmp_path: Pat
     src = tmp_path / "lost.bin"
     src.write_bytes(data)
     async with network(tmp_path, [91, 92, 93, 94]) as n, asyncio.timeout(STEP_S):
-        enough = asyncio.Event()
-
-        def progress(done: int, total: int) -> None:
-            if done >= 8 * CHUNK:
-                enough.set()
-
-        first = asyncio.create_task(share(src, net=n.net, chunk_size=CHUNK, progress=progress))
-        waiter = asyncio.create_task(enough.wait())
-        await asyncio.wait([first, waiter], return_when=asyncio.FIRST_COMPLETED)
-        assert not first.done(), "the share finished before it could be interrupted"
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        waiter.cancel()
+        await interrupt_share(src, n.net, after_bytes=8 * CHUNK)
 
         [path] = list((n.net.data_dir / "shares").iterdir())
         recorded = load_state(path)
