@@ -23,17 +23,19 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand
 
-from p2pmega import __version__
+from p2pmega import __version__, defaults
 from p2pmega.errors import NotFoundError, P2PMegaError, PlacementImpossible
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Sequence
 
     from rich.progress import Progress
 
     from p2pmega.api.check import CheckResult
     from p2pmega.api.common import NetSettings
+    from p2pmega.api.seed import SeedOptions
     from p2pmega.api.share import ShareResult
+    from p2pmega.replicate.peers import Holder
 
 T = TypeVar("T")
 
@@ -41,9 +43,12 @@ DEFAULT_PORT = 7847
 # Defaults that --help shows. The modules that own them pull in the whole node (asyncio, the DHT, the store), which
 # no command needs before its arguments are parsed, so they are repeated here; tests/unit/test_startup.py checks
 # each one still equals its source.
-DEFAULT_LEASE_S = 30 * 24 * 3600.0  # api.share.DEFAULT_LEASE_S
 DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")  # api.testnet.DEFAULT_COUNTRIES
 DEFAULT_QUOTA_BYTES = 10 * 1000**3  # storage.DEFAULT_QUOTA_BYTES
+# The defaults.*_S durations as --help shows them (core.duration.format_duration).
+DEFAULT_REPAIR_INTERVAL = "10m"
+DEFAULT_REANNOUNCE_INTERVAL = "12h"
+DEFAULT_GC_INTERVAL = "10m"
 
 
 class _Command(TyperCommand):
@@ -247,7 +252,7 @@ def share_cmd(
     ] = 2,
     lease_days: Annotated[
         float, typer.Option("--lease-days", help="How long holders keep the chunks.")
-    ] = DEFAULT_LEASE_S / 86400,
+    ] = defaults.LEASE_DAYS,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print links, sizes and every chunk's holders as JSON.")
     ] = False,
@@ -527,39 +532,32 @@ def _print_check(result: "CheckResult") -> None:
 
 def _long_running(
     *,
-    holder: bool,
     host: str,
     port: int,
     bootstrap: list[str] | None,
     data_dir: Path | None,
-    geo_table: Path | None,
-    quota: str | None,
     lan: bool,
-    reannounce_s: float,
-    gc_interval_s: float,
+    seed: "SeedOptions | None",
 ) -> None:
     from p2pmega.api.service import run_node
-    from p2pmega.config import resolve_bootstrap, resolve_data_dir, resolve_geo_table
+    from p2pmega.config import resolve_bootstrap, resolve_data_dir
     from p2pmega.node import NodeSettings
-    from p2pmega.storage import parse_size
 
     def report(line: str) -> None:
         _err(line)
 
     async def go() -> str:
         settings = NodeSettings(
-            geo=resolve_geo_table(geo_table),
+            geo=seed.geo if seed else None,
             host=host,
             port=port,
             data_dir=resolve_data_dir(data_dir),
             bootstrap=tuple(resolve_bootstrap(bootstrap or [])),
-            holder=holder,
-            quota_bytes=parse_size(quota) if quota else DEFAULT_QUOTA_BYTES,
+            holder=seed is not None,
+            quota_bytes=seed.quota_bytes if seed else DEFAULT_QUOTA_BYTES,
             lan=lan,
-            reannounce_s=reannounce_s,
-            gc_interval_s=gc_interval_s,
         )
-        return await run_node(settings, report=report)
+        return await run_node(settings, report=report, duties=seed.duties if seed else None)
 
     last = _run(go())
     _err(f"stopped: {last}")
@@ -586,31 +584,85 @@ def seed_cmd(
     lan: Annotated[
         bool, typer.Option("--lan/--no-lan", help="Find peers on the local network by broadcast.")
     ] = True,
-    reannounce_s: Annotated[
-        float,
+    repair_interval: Annotated[
+        str,
         typer.Option(
-            "--reannounce-interval", help="Seconds between re-announcements of held chunks."
+            "--repair-interval",
+            metavar="DURATION",
+            help=(
+                "How often to check that every held chunk still has 2 live holders in 2 countries, and repair it "
+                "if not (and renew kept files); e.g. 2s, 10m, 1h. Jittered by 20%."
+            ),
         ),
-    ] = 12 * 3600.0,
-    gc_interval_s: Annotated[
-        float, typer.Option("--gc-interval", help="Seconds between removals of expired chunks.")
-    ] = 600.0,
+    ] = DEFAULT_REPAIR_INTERVAL,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep",
+            metavar="LINK",
+            help=(
+                "Keep this file alive: renew its chunks' leases on every holder and repair them (repeatable). "
+                "A read or keep-alive link; only the keep-alive part is kept, so this seed never reads the file."
+            ),
+        ),
+    ] = None,
+    keep_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep-file",
+            metavar="F",
+            help="Keep alive every link in F, one per line (# comments).",
+        ),
+    ] = None,
+    keep_mine: Annotated[
+        bool,
+        typer.Option(
+            "--keep-mine", help="Keep alive every file shared from this data dir (its links.json)."
+        ),
+    ] = False,
+    lease_days: Annotated[
+        float, typer.Option("--lease-days", help="Lease to renew kept files' chunks to, in days.")
+    ] = defaults.LEASE_DAYS,
+    reannounce: Annotated[
+        str,
+        typer.Option(
+            "--reannounce-interval",
+            metavar="DURATION",
+            help="How often held chunks are announced again.",
+        ),
+    ] = DEFAULT_REANNOUNCE_INTERVAL,
+    gc_interval: Annotated[
+        str,
+        typer.Option(
+            "--gc-interval", metavar="DURATION", help="How often expired chunks are removed."
+        ),
+    ] = DEFAULT_GC_INTERVAL,
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
 ) -> None:
-    """Run a storage peer until Ctrl-C/SIGTERM: hold others' encrypted chunks, serve them, announce them."""
+    """Run a storage peer until Ctrl-C/SIGTERM: hold others' encrypted chunks, serve them, announce them, and
+    repair them back to two countries when holders vanish. With --keep/--keep-file/--keep-mine it also keeps
+    those files alive past their lease."""
+    from p2pmega.api.seed import seed_options
+
+    try:
+        options = seed_options(
+            geo_table=geo_table,
+            quota=quota,
+            repair_interval=repair_interval,
+            reannounce=reannounce,
+            gc_interval=gc_interval,
+            keep=keep or [],
+            keep_file=keep_file,
+            keep_mine=keep_mine,
+            lease_days=lease_days,
+            data_dir=data_dir,
+        )
+    except P2PMegaError as exc:
+        _fail(exc)
     _long_running(
-        holder=True,
-        host=host,
-        port=port,
-        bootstrap=bootstrap,
-        data_dir=data_dir,
-        geo_table=geo_table,
-        quota=quota,
-        lan=lan,
-        reannounce_s=reannounce_s,
-        gc_interval_s=gc_interval_s,
+        host=host, port=port, bootstrap=bootstrap, data_dir=data_dir, lan=lan, seed=options
     )
 
 
@@ -625,18 +677,7 @@ def bootstrap_cmd(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run a DHT-only entry node until Ctrl-C/SIGTERM; it holds no chunks."""
-    _long_running(
-        holder=False,
-        host=host,
-        port=port,
-        bootstrap=bootstrap,
-        data_dir=data_dir,
-        geo_table=None,
-        quota=None,
-        lan=lan,
-        reannounce_s=12 * 3600.0,
-        gc_interval_s=600.0,
-    )
+    _long_running(host=host, port=port, bootstrap=bootstrap, data_dir=data_dir, lan=lan, seed=None)
 
 
 def _remove_temp_dir(base: Path, *, keep_logs: bool) -> None:
@@ -721,7 +762,8 @@ def demo_cmd() -> None:
     """Show the whole idea in under a minute on a local 4-country network, then clean up.
 
     Shares a generated file, shows which countries hold each chunk, seizes every peer of one country, fetches the
-    file back and checks it is byte-identical.
+    file back byte-identical, waits for the holders to repair every chunk back to two countries, seizes a second
+    country and fetches the file byte-identical again.
     """
     import tempfile
 
@@ -737,21 +779,33 @@ def demo_cmd() -> None:
         current[0] = text
         _echo(f"* {text}")
 
+    def table(title: str, rows: list[tuple[str, str]]) -> None:
+        grid = Table(title=title)
+        grid.add_column("chunk")
+        grid.add_column("holders (country)")
+        for row in rows:
+            grid.add_row(*row)
+        Console(soft_wrap=True).print(grid)
+
+    def holders(found: "Sequence[Holder]") -> str:
+        return ", ".join(f"{h.label()} ({h.country or '??'})" for h in found)
+
     def shown(result: "ShareResult") -> None:
         current[0] = "after sharing"
-        table = Table(title="where each chunk lives")
-        table.add_column("chunk")
-        table.add_column("holders (country)")
-        for c in result.chunks:
-            table.add_row(
-                f"{c.kind} {c.index}",
-                ", ".join(f"{h.label()} ({h.country or '??'})" for h in c.holders),
-            )
-        Console(soft_wrap=True).print(table)
+        table(
+            "where each chunk lives",
+            [(f"{c.kind} {c.index}", holders(c.holders)) for c in result.chunks],
+        )
+
+    def checked(title: str, result: "CheckResult") -> None:
+        table(
+            f"where each chunk lives {title}",
+            [(f"{c.kind} {c.index}", holders(c.holders)) for c in result.chunks],
+        )
 
     failed = True
     try:
-        report = _run(run_demo(work, DemoHooks(step=step, shared=shown)))
+        report = _run(run_demo(work, DemoHooks(step=step, shared=shown, checked=checked)))
         failed = False
     except typer.Exit as exc:
         failed = exc.exit_code != 130  # Ctrl-C is not a failure
@@ -761,15 +815,13 @@ def demo_cmd() -> None:
         raise
     finally:
         _remove_temp_dir(work, keep_logs=failed)
-    below = sum(1 for c in report.after.chunks if not c.meets_rule)
+    first, second = report.seized
     _echo(
         f"What happened: the file was encrypted on this machine and every chunk stored on 2 peers in 2 "
-        f"different countries. Every peer in {report.seized} was seized, yet all {report.fetched_bytes:,} "
-        f"bytes came back intact from the other countries."
-    )
-    _echo(
-        f"Now {below} of {len(report.after.chunks)} chunks have copies in only one country; the next p2pmega "
-        "milestone makes holders repair them back to two on their own."
+        f"different countries. Every peer in {first} was seized, yet all {report.fetched_bytes:,} bytes came "
+        f"back intact from the other countries. With no sharer running, the holders copied every chunk that "
+        f"had lost its {first} copy to a peer in another country ({report.repair_s:.1f} s), so when {second} "
+        "was seized too, the file came back intact again."
     )
 
 

@@ -136,6 +136,10 @@ class PlacementImpossible(PlacementError):
     """Not enough holders, countries or distinct networks for the rule."""
 
 
+class RepairTimedOut(PlacementError):
+    """The holders did not bring a file back to the rule in the time given (the demo's wait)."""
+
+
 class StorageError(P2PMegaError):
     """The local chunk store or disk refused an operation (exit 7)."""
 

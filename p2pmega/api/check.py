@@ -5,15 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from p2pmega.api.common import (
-    Holder,
-    HolderLocator,
-    NetSettings,
-    client_node,
-    holder_of,
-    synthetic_node_id,
-)
-from p2pmega.api.fetch import walk_manifest
+from p2pmega.api.common import NetSettings, client_node, synthetic_node_id
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import parse_link
 from p2pmega.core.placement import (
@@ -22,6 +14,9 @@ from p2pmega.core.placement import (
     summarize,
     survives_loss_of_any_country,
 )
+from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.manifest import walk_manifest
+from p2pmega.replicate.peers import Holder, holder_of
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from p2pmega.api.common import HolderLocator, NetSettings, client_node
-from p2pmega.core.chunking import format_id, short_id
+from p2pmega.api.common import NetSettings, client_node
+from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
-from p2pmega.core.manifest import Manifest, ManifestWalker, decrypt_chunk_into
+from p2pmega.core.manifest import Manifest, decrypt_chunk_into
 from p2pmega.errors import (
     BadLink,
     ChunkUnavailable,
-    ManifestNotFound,
-    NotFoundError,
     OutputExists,
     OutputWriteFailed,
     UsageError,
 )
+from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.manifest import walk_manifest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -69,28 +69,6 @@ def safe_name(name: str | None, fallback: str) -> str:
     cleaned = "".join(ch for ch in (name or "") if ch.isprintable() and ch not in "/\\\x00")
     cleaned = cleaned.strip().lstrip(".").strip()
     return cleaned[:255] or fallback
-
-
-async def walk_manifest(locator: HolderLocator, cap: ReadCap | KeepCap) -> Manifest:
-    """Fetch and decode the manifest tree.
-
-    Raises:
-        ManifestNotFound: no holder has the root.
-        IntegrityError: a manifest chunk is corrupt and no holder has a good copy.
-    """
-    walker = ManifestWalker(cap)
-    while not walker.done:
-        wanted = walker.wanted()
-        try:
-            blobs = await asyncio.gather(*(locator.fetch(c) for c in wanted))
-        except NotFoundError as exc:
-            raise ManifestNotFound(
-                f"no reachable holder has the manifest of {short_id(cap.root)}; "
-                "the file may have expired, or check --bootstrap"
-            ) from exc
-        for chunk_id, data in zip(wanted, blobs, strict=True):
-            walker.feed(chunk_id, bytes(data))
-    return walker.result()
 
 
 async def fetch(

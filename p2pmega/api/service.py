@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 from p2pmega.node import Node, NodeSettings
+from p2pmega.replicate.holder import Duties, HolderDuties
 
 
 @contextlib.contextmanager
@@ -36,8 +37,13 @@ async def wait_for_stop_signal() -> None:
         await stop.wait()
 
 
-async def run_node(settings: NodeSettings, *, report: Callable[[str], None]) -> str:
+async def run_node(
+    settings: NodeSettings, *, report: Callable[[str], None], duties: HolderDuties | None = None
+) -> str:
     """Run a peer until SIGINT/SIGTERM; ``report`` gets ``listening on ADDR:PORT`` and the minute summaries.
+
+    A holder (``settings.holder``) runs ``duties`` (the production defaults when None); a bootstrap node only
+    reports its summary.
 
     Returns:
         The node's last summary line, for the caller to log at exit.
@@ -46,8 +52,9 @@ async def run_node(settings: NodeSettings, *, report: Callable[[str], None]) -> 
         NetworkError: the address cannot be bound, or the network cannot be joined.
     """
     with stop_signals() as stop:
-        async with Node(settings, report=report) as node:
+        made = Duties((duties or HolderDuties()) if settings.holder else None, report)
+        async with Node(settings, duties=made) as node:
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
             report(f"listening on {host}:{node.port}")
             await stop.wait()
-            return node.summary()
+            return made.line()

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from p2pmega.api.common import (
-    Holder,
-    NetSettings,
-    candidate_pool,
-    client_node,
-)
-from p2pmega.api.placer import Placer
-from p2pmega.api.share_peers import recheck, shortfall, storage_peers
+from p2pmega.api.common import NetSettings, client_node
+from p2pmega.api.share_peers import recheck, storage_peers
 from p2pmega.api.share_state import (
     Completed,
     FileIdentity,
@@ -36,12 +30,16 @@ from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
 from p2pmega.core.placement import Candidate, meets_rule, summarize
+from p2pmega.defaults import LEASE_S
 from p2pmega.errors import (
     BadOption,
     InputFileError,
     PlacementImpossible,
     StorageError,
 )
+from p2pmega.replicate.peers import Holder, candidate_pool
+from p2pmega.replicate.placer import Placer, shortfall
+from p2pmega.storage.links import LinkEntry, record_link
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ log = logging.getLogger(__name__)
 # memory stays at a few MiB per chunk whatever the file size. Measured with 256 MiB to 8 seeds, 2 MiB chunks:
 # 3 -> 1.65-2.02 s, 4 -> 1.26-1.32 s, 6 -> 1.23-1.52 s (with 1 MiB chunks 6 was best, 10 and 16 slower).
 SHARE_CONCURRENCY = 4
-DEFAULT_LEASE_S = 30 * 24 * 3600.0
+DEFAULT_LEASE_S = LEASE_S
 # The share's state is saved at most this often while chunks are placed (and always at the end), and never more
 # often than every STATE_SAVE_COST_FACTOR times the last save took: a huge file's state costs more to write, and
 # saving stays a small share of the work (a rerun then re-uploads at most the chunks of that interval).
@@ -220,6 +218,11 @@ async def _share(
                 log.warning("%s", exc)
             raise
         await keeper.save()
+    entry = LinkEntry(done.read_link, cap.root.hex(), name, size, time.time())
+    try:
+        await asyncio.to_thread(record_link, net.data_dir, entry)  # for `seed --keep-mine`
+    except StorageError as exc:
+        log.warning("the link was not added to the link list: %s", exc)
     return ShareResult(
         read_link=done.read_link,
         keep_link=done.keep_link,

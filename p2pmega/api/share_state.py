@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pmega.api.common import Holder
 from p2pmega.core.chunking import CHUNK_ID_BYTES, ChunkId
 from p2pmega.core.crypto import KEY_BYTES
 from p2pmega.errors import StorageError
+from p2pmega.replicate.peers import Holder
 
 log = logging.getLogger(__name__)
 

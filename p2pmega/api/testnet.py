@@ -77,6 +77,8 @@ class Peer:
     data_dir: Path
     log_path: Path
     process: asyncio.subprocess.Process | None = None
+    args: list[str] = field(default_factory=list)  # the command it was started with, for a restart
+    log_offset: int = 0  # where this run's lines start in its log (a restarted peer appends)
 
     @property
     def address(self) -> str:
@@ -185,6 +187,16 @@ class TestNet(Service):
             log_path=self.base_dir / "logs" / f"{name}.log",
         )
 
+    async def restart(self, peers: Sequence[Peer]) -> None:
+        """Start stopped (killed) peers again with their data dirs and commands, and wait until they listen.
+
+        Raises:
+            PeerStartFailed: a peer exited, or did not listen within START_TIMEOUT_S.
+        """
+        await asyncio.gather(*(self._spawn(p, p.args) for p in peers))
+        await self._wait_listening(peers)
+        await asyncio.to_thread(self._write_peer_list)
+
     async def _spawn(self, peer: Peer, args: list[str]) -> None:
         # -P: the caller's working directory is not put on sys.path, so a p2pmega.py or p2pmega/ folder where the
         # user runs `demo` is never imported in place of the installed package; the child also runs in its own
@@ -205,8 +217,10 @@ class TestNet(Service):
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2PMEGA_")}
         await asyncio.to_thread(peer.data_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        peer.args = args
         log = await asyncio.to_thread(peer.log_path.open, "ab")
         try:
+            peer.log_offset = log.tell()
             peer.process = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -225,7 +239,7 @@ class TestNet(Service):
         pending = list(peers)
         while pending:
             for peer in list(pending):
-                text = await asyncio.to_thread(_read_text, peer.log_path)
+                text = await asyncio.to_thread(_read_text, peer.log_path, peer.log_offset)
                 if f"listening on {peer.address}" in text:
                     pending.remove(peer)
                 elif peer.process is not None and peer.process.returncode is not None:
@@ -274,8 +288,10 @@ class TestNet(Service):
                 await process.wait()
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, offset: int = 0) -> str:
     try:
-        return path.read_text("utf-8", errors="replace")
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""

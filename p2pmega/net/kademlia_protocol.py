@@ -31,15 +31,17 @@ from p2pmega.core.record import (
     is_peer_ip,
     is_port,
 )
+from p2pmega.defaults import REANNOUNCE_INTERVAL_S as DEFAULT_REANNOUNCE_INTERVAL_S
+from p2pmega.defaults import RECORD_TTL_S, RPC_TIMEOUT_S
 from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.routing import BoundedStorage, HardenedRoutingTable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RPC_TIMEOUT_S = 2.0
-DEFAULT_RECORD_TTL_S = 86400.0
-REANNOUNCE_INTERVAL_S = 43200.0
-"""Holders re-announce at half the record TTL, so one lost announce never makes a record lapse."""
+DEFAULT_RPC_TIMEOUT_S = RPC_TIMEOUT_S
+DEFAULT_RECORD_TTL_S = RECORD_TTL_S
+# Holders re-announce at half the record TTL, so one lost announce never makes a record lapse.
+REANNOUNCE_INTERVAL_S = DEFAULT_REANNOUNCE_INTERVAL_S
 MAX_MISSES = 3
 """Consecutive unanswered RPCs before a contact is evicted; one lost datagram must not evict."""
 MAX_REQUEST_BYTES = 8192

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from p2pmega.api.common import HolderLocator
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.errors import ChunkUnavailable
 from p2pmega.node import Node, NodeSettings
-from tests.integration.test_node_announce import holder_settings, recorder, store_chunks
+from p2pmega.replicate.locator import HolderLocator
+from tests.integration.test_node_announce import holder, recorder, store_chunks
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +24,9 @@ async def test_hinted_holder_serves_without_a_dht_lookup(
 ) -> None:
     async with recorder() as dht, asyncio.timeout(STEP_S):
         # No announcement goes out during the test: the DHT has no provider record to find.
-        settings = holder_settings(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
-        async with Node(settings) as holder:
-            [chunk_id] = await store_chunks(holder, 1)
+        node, _duties = holder(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
+        async with node:
+            [chunk_id] = await store_chunks(node, 1)
             client_settings = NodeSettings(
                 host="127.71.4.1",
                 data_dir=tmp_path / "client",
@@ -43,7 +43,7 @@ async def test_hinted_holder_serves_without_a_dht_lookup(
                     return await real(key)
 
                 monkeypatch.setattr(client.dht_node, "find_providers", spy)
-                hinted = HolderLocator(client, hints=[holder.address])
+                hinted = HolderLocator(client, hints=[node.address])
                 data = bytes(await hinted.fetch(chunk_id))
                 assert chunk_id_of(data) == chunk_id
                 assert lookups == []

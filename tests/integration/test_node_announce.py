@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,6 +16,7 @@ from p2pmega.errors import StorageError
 from p2pmega.net.dht import DHTNode
 from p2pmega.net.transfer import TransferClient
 from p2pmega.node import Node, NodeSettings
+from p2pmega.replicate.holder import Duties, HolderDuties, holder_node
 from tests.conftest import peer_address
 
 pytestmark = pytest.mark.integration
@@ -35,18 +35,36 @@ async def recorder() -> AsyncIterator[DHTNode]:
         await node.stop()
 
 
-def holder_settings(
-    tmp_path: Path, dht: DHTNode, *, announce_delay_s: float, announce_quiet_s: float
-) -> NodeSettings:
-    return NodeSettings(
+def holder(
+    tmp_path: Path,
+    dht: DHTNode,
+    *,
+    announce_delay_s: float,
+    announce_quiet_s: float,
+    gc_interval_s: float = 600.0,
+    restart_delay_s: float = 1.0,
+) -> tuple[Node, Duties]:
+    """A holder with the production duties but these intervals (no repair: nothing here is short)."""
+    settings = NodeSettings(
         host=peer_address(71, 2),
         data_dir=tmp_path / "holder",
         bootstrap=[(dht.host, dht.port)],
         holder=True,
         rpc_timeout_s=1.0,
+        restart_delay_s=restart_delay_s,
+    )
+    config = HolderDuties(
+        repair=None,
+        gc_interval_s=gc_interval_s,
         announce_delay_s=announce_delay_s,
         announce_quiet_s=announce_quiet_s,
     )
+    return holder_node(settings, config)
+
+
+def announced(duties: Duties) -> int:
+    assert duties.announcer is not None, "the node has not started"
+    return duties.announcer.announced
 
 
 async def store_chunks(node: Node, count: int) -> list[ChunkId]:
@@ -69,9 +87,7 @@ async def test_chunks_stored_within_the_delay_share_one_announcement_flushed_at_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with asyncio.timeout(STEP_S), recorder() as dht:
-        node = Node(
-            holder_settings(tmp_path, dht, announce_delay_s=3600.0, announce_quiet_s=3600.0)
-        )
+        node, duties = holder(tmp_path, dht, announce_delay_s=3600.0, announce_quiet_s=3600.0)
         calls: list[list[bytes]] = []
         await node.start()
         try:
@@ -91,7 +107,7 @@ async def test_chunks_stored_within_the_delay_share_one_announcement_flushed_at_
             await node.stop()
         # ... and stop() announces all three in one batch.
         assert calls == [ids]
-        assert node.announced == 3
+        assert announced(duties) == 3
         assert await providers_of(dht, ids) == [{port}, {port}, {port}]
 
 
@@ -114,12 +130,10 @@ async def test_stored_chunks_are_announced_after(
 ) -> None:
     """Either rule alone closes a batch (the other set to an hour)."""
     async with asyncio.timeout(STEP_S), recorder() as dht:
-        settings = holder_settings(
-            tmp_path, dht, announce_delay_s=delay_s, announce_quiet_s=quiet_s
-        )
-        async with Node(settings) as node:
+        node, duties = holder(tmp_path, dht, announce_delay_s=delay_s, announce_quiet_s=quiet_s)
+        async with node:
             ids = await store_chunks(node, 4)
-            await wait_for(lambda: node.announced == len(ids))
+            await wait_for(lambda: announced(duties) == len(ids))
             assert await providers_of(dht, ids) == [{node.port}] * len(ids)
 
 
@@ -130,12 +144,15 @@ async def test_garbage_collection_survives_a_failed_round(
     calls: list[int] = []
     collected_again = asyncio.Event()
     async with asyncio.timeout(STEP_S), recorder() as dht:
-        settings = dataclasses.replace(
-            holder_settings(tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05),
+        node, _duties = holder(
+            tmp_path,
+            dht,
+            announce_delay_s=0.1,
+            announce_quiet_s=0.05,
             gc_interval_s=0.05,
             restart_delay_s=0.01,
         )
-        async with Node(settings) as node:
+        async with node:
             assert node.store is not None
             real = node.store.collect_garbage
 
@@ -163,11 +180,10 @@ async def test_announcing_survives_an_unexpected_error(
     failures = 2
     calls: list[list[bytes]] = []
     async with asyncio.timeout(STEP_S), recorder() as dht:
-        settings = dataclasses.replace(
-            holder_settings(tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05),
-            restart_delay_s=0.01,
+        node, duties = holder(
+            tmp_path, dht, announce_delay_s=0.1, announce_quiet_s=0.05, restart_delay_s=0.01
         )
-        async with Node(settings) as node:
+        async with node:
             announce_many = node.dht_node.announce_many
 
             async def flaky(chunk_ids: Sequence[bytes], transfer_port: int) -> int:
@@ -186,7 +202,7 @@ async def test_announcing_survives_an_unexpected_error(
                 await store_chunks(node, 2)
                 await wait_for(lambda: len(calls) == 2)
                 ids = await store_chunks(node, 2)
-                await wait_for(lambda: node.announced == len(ids))
+                await wait_for(lambda: announced(duties) == len(ids))
             assert await providers_of(dht, ids) == [{node.port}] * len(ids)
     warnings = _warnings_about("announcer", caplog)
     assert len(warnings) == 1, "the same failure twice is one warning"

@@ -21,7 +21,7 @@ import pytest
 from p2pmega import cli
 from p2pmega.api import share_peers
 from p2pmega.api.check import check
-from p2pmega.api.common import NetSettings, candidate_pool, client_node
+from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
 from p2pmega.api.share_state import load_state
@@ -31,6 +31,8 @@ from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.errors import InputFileError, PlacementImpossible
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
+from p2pmega.replicate.holder import holder_node
+from p2pmega.replicate.peers import candidate_pool
 from tests.conftest import peer_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -61,7 +63,7 @@ async def network(tmp_path: Path, countries: Sequence[int]) -> AsyncIterator[Net
         async with asyncio.timeout(STEP_S):
             await stack.enter_async_context(boot)
             seeds = [
-                Node(
+                holder_node(
                     NodeSettings(
                         host=peer_address(c, 1),
                         data_dir=tmp_path / f"seed-{c}",
@@ -69,7 +71,7 @@ async def network(tmp_path: Path, countries: Sequence[int]) -> AsyncIterator[Net
                         holder=True,
                         rpc_timeout_s=1.0,
                     )
-                )
+                )[0]
                 for c in countries
             ]
             for seed in seeds:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from p2pmega.api.common import Holder
-from p2pmega.api.share_peers import shortfall
 from p2pmega.api.share_state import (
     Completed,
     FileIdentity,
@@ -23,6 +21,8 @@ from p2pmega.api.share_state import (
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.placement import PoolSummary
 from p2pmega.errors import StorageError
+from p2pmega.replicate.peers import Holder
+from p2pmega.replicate.placer import shortfall
 
 KEY = bytes(range(32))
 

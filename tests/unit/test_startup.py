@@ -193,12 +193,15 @@ def test_share_and_fetch_load_nothing_they_do_not_use() -> None:
 
 
 def test_the_cli_defaults_equal_the_ones_of_the_modules_that_own_them() -> None:
-    from p2pmega.api.share import DEFAULT_LEASE_S
+    from p2pmega import defaults
     from p2pmega.api.testnet import DEFAULT_COUNTRIES
+    from p2pmega.core.duration import format_duration
     from p2pmega.storage import DEFAULT_QUOTA_BYTES
 
-    assert cli.DEFAULT_LEASE_S == DEFAULT_LEASE_S
     assert cli.DEFAULT_COUNTRIES == DEFAULT_COUNTRIES
+    assert format_duration(defaults.REPAIR_INTERVAL_S) == cli.DEFAULT_REPAIR_INTERVAL
+    assert format_duration(defaults.REANNOUNCE_INTERVAL_S) == cli.DEFAULT_REANNOUNCE_INTERVAL
+    assert format_duration(defaults.GC_INTERVAL_S) == cli.DEFAULT_GC_INTERVAL
     assert cli.DEFAULT_QUOTA_BYTES == DEFAULT_QUOTA_BYTES
 
 

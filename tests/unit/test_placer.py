@@ -9,8 +9,6 @@ from typing import cast
 
 import pytest
 
-from p2pmega.api import placer as placer_module
-from p2pmega.api.placer import MAX_HOLDER_FAILURES, STORE_ATTEMPTS, Placer
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.core.placement import Candidate
 from p2pmega.errors import (
@@ -22,6 +20,8 @@ from p2pmega.errors import (
     TransferTimeout,
 )
 from p2pmega.node import Node
+from p2pmega.replicate import placer as placer_module
+from p2pmega.replicate.placer import MAX_HOLDER_FAILURES, STORE_ATTEMPTS, Placer
 
 Address = tuple[str, int]
 DE = Candidate(node_id=b"\x01" * 20, host="127.1.1.1", port=4001, country="DE")

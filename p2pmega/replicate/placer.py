@@ -1,18 +1,17 @@
-"""share's Placer: stores a chunk on holders chosen by the placement rule, retrying what may pass and replacing
-holders that fail. Used by api/share.py; the replication layer's repair will reuse it."""
+"""Placer: stores a chunk on holders chosen by the placement rule, retrying what may pass and replacing holders
+that fail. A share places every chunk with it; repair places the copies a chunk lost (replicate/repair.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from p2pmega.api.common import SMALL_NETWORK_NODES, candidate_of
-from p2pmega.api.share_peers import shortfall
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable
-from p2pmega.core.placement import Candidate, meets_rule, plan_repair, summarize
+from p2pmega.core.placement import Candidate, PoolSummary, meets_rule, plan_repair, summarize
 from p2pmega.core.words import counted
 from p2pmega.errors import (
     NetworkError,
@@ -22,6 +21,7 @@ from p2pmega.errors import (
     QuotaExceeded,
 )
 from p2pmega.node import Node
+from p2pmega.replicate.peers import SMALL_NETWORK_NODES, candidate_of
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,23 @@ class Placer:
         skip = self.dead | self.full | self.silent
         return [c for c in found if (c.host, c.port) not in skip]
 
-    async def place(self, chunk_id: ChunkId, data: bytes) -> list[Candidate]:
+    async def place(
+        self, chunk_id: ChunkId, data: bytes, holding: Sequence[Candidate] = ()
+    ) -> list[Candidate]:
         """Store ``data`` until holders meeting the rule have confirmed it.
+
+        Args:
+            chunk_id: the chunk.
+            data: its stored bytes.
+            holding: live holders that already have it (a repair); only the copies the rule still lacks are made.
+
+        Returns:
+            Every holder, ``holding`` first.
 
         Raises:
             PlacementImpossible: the live peers can no longer meet the rule.
         """
-        stored: list[Candidate] = []
+        stored: list[Candidate] = list(holding)
         # Holders that failed this chunk: the next round replaces them where the rule allows.
         failed: set[tuple[str, int]] = set()
         for _round in range(MAX_PLACEMENT_ROUNDS):
@@ -160,3 +170,59 @@ class Placer:
         if self.failures[addr] >= MAX_HOLDER_FAILURES:
             self.dead.add(addr)
         return False
+
+
+def shortfall(summary: PoolSummary, replicas: int, min_countries: int, *, geo_table: bool) -> str:
+    """What the storage peers found lack for the rule, and which option (or peers) would help.
+
+    Args:
+        summary: what the storage peers offer (core.placement.summarize).
+        replicas: the rule's holders per chunk.
+        min_countries: the rule's countries per chunk.
+        geo_table: whether a geo table was given (unknown countries then need lines in it, not the option).
+
+    Returns:
+        One clause for a share error: "need ..., but found ...; <what to do>".
+    """
+    need = (
+        f"need {replicas} holders on distinct /24 (IPv6 /48) networks in {min_countries} countries"
+    )
+    found = _found(summary)
+    if summary.short_of_holders(replicas):
+        if summary.networks == 0:
+            hint = "start storage peers (p2pmega seed) or check --bootstrap"
+        else:
+            hint = f"lower --replicas to {summary.networks} or add storage peers"
+    elif summary.short_of_countries(min_countries):
+        lower = (
+            f" or lower --min-countries to {summary.max_countries}"
+            if summary.max_countries >= 1
+            else ""
+        )
+        if summary.unknown and not geo_table:
+            hint = (
+                "unknown never counts as a country: pass --geo-table FILE (or set P2PMEGA_GEO_TABLE) "
+                f"mapping their addresses to countries{lower}"
+            )
+        elif summary.unknown:
+            hint = f"unknown never counts as a country: add their networks to the geo table{lower}"
+        else:
+            hint = f"lower --min-countries to {summary.max_countries} or add storage peers in other countries"
+    else:
+        # Enough networks and enough countries, but not both at once (the countries sit on shared networks).
+        hint = "lower --replicas or --min-countries, or add storage peers in other countries"
+    return f"{need}, but {found}; {hint}"
+
+
+def _found(summary: PoolSummary) -> str:
+    if summary.peers == 0:
+        return "found no storage peer"
+    peers = f"{summary.peers} storage peer{'s' if summary.peers != 1 else ''}"
+    if summary.networks < summary.peers:
+        peers += f" on {summary.networks} distinct networks"
+    if not summary.countries:
+        return f"found {peers}, all of unknown country"
+    where = f"found {peers} in {', '.join(summary.countries)}"
+    if summary.unknown:
+        where += f" and {summary.unknown} of unknown country"
+    return where

@@ -1,0 +1,173 @@
+"""HolderLocator: which peers hold which chunks (link hints, DHT provider records, batched ``has``), and
+fetching a chunk from them with failover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
+from p2pmega.core.ids import Address
+from p2pmega.core.words import counted
+from p2pmega.errors import (
+    ChunkHashMismatch,
+    ChunkNotStored,
+    ChunkUnavailable,
+    NetworkError,
+    P2PMegaError,
+)
+from p2pmega.node import Node
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Parallel DHT lookups while locating holders; each is a crawl of a few round trips.
+LOOKUP_CONCURRENCY = 16
+# Peers asked up front about every chunk of a file (one batched `has` each); more would cost more than lookups.
+EXPAND_PEERS = 32
+
+
+@dataclass
+class HolderLocator:
+    """Finds which peers hold which chunks: link hints, DHT provider records, and batched ``has`` queries.
+
+    Every answer is confirmed with the holder itself before it is trusted: a provider record only says where to
+    ask, and a stale one (a seized or departed holder) costs one failed request, after which that peer is skipped.
+    """
+
+    node: Node
+    hints: Sequence[Address] = ()
+    holders: dict[ChunkId, list[Address]] = field(default_factory=dict)
+    peers: set[Address] = field(default_factory=set)
+    dead: set[Address] = field(default_factory=set)
+    queried: dict[Address, set[ChunkId]] = field(default_factory=dict)
+    wanted: list[ChunkId] = field(default_factory=list)
+    # The node id of each peer the DHT told us about (hints have none until the DHT names them).
+    node_ids: dict[Address, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.peers.update(self.hints)
+        self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+    async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
+        """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
+
+        Those peers are the known ones plus the nodes closest to ``near`` (in a small network, nearly everyone);
+        peers found later by :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted
+        about once per holder rather than once per chunk.
+        """
+        self.wanted = list(ids)
+        if near is not None:
+            try:
+                closest = await self.node.dht_node.find_peers(dht_key_of(near))
+            except NetworkError:
+                closest = []
+            self.peers.update((p.host, p.port) for p in closest[:EXPAND_PEERS])
+            self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+        await self.confirm(self.wanted)
+
+    async def confirm(self, ids: Sequence[ChunkId], peers: Iterable[Address] | None = None) -> None:
+        """Ask each peer (default: every known live peer) which of ``ids`` it holds, in one batch per peer."""
+        targets = [p for p in (self.peers if peers is None else peers) if p not in self.dead]
+
+        async def ask(peer: Address) -> None:
+            asked = self.queried.setdefault(peer, set())
+            todo = [c for c in ids if c not in asked]
+            if not todo:
+                return
+            try:
+                flags = await self.node.client.has(peer, todo)
+            except P2PMegaError as exc:
+                log.debug("holder %s did not answer has(): %s", peer, exc)
+                self.dead.add(peer)
+                return
+            asked.update(todo)
+            for chunk_id, held in zip(todo, flags, strict=True):
+                if held:
+                    where = self.holders.setdefault(chunk_id, [])
+                    if peer not in where:
+                        where.append(peer)
+
+        await asyncio.gather(*(ask(p) for p in targets))
+
+    async def discover(self, chunk_id: ChunkId) -> None:
+        """Look the chunk up in the DHT (provider records, then the closest nodes) and confirm with them."""
+        dht = self.node.dht_node
+        async with self._lookups:
+            try:
+                providers = await dht.find_providers(chunk_id)
+            except NetworkError as exc:
+                log.debug("provider lookup failed: %s", exc)
+                providers = []
+            found = {(p.host, p.port) for p in providers}
+            self.node_ids.update(((p.host, p.port), p.node_id) for p in providers)
+            if not found - self.dead:
+                # No record yet (holders announce right after storing) or only stale ones: by the placement rule
+                # the holders are among the nodes closest to the chunk's key, so ask those directly.
+                try:
+                    closest = await dht.find_peers(dht_key_of(chunk_id))
+                except NetworkError:
+                    closest = []
+                found |= {(p.host, p.port) for p in closest}
+                self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+        new = found - self.peers
+        self.peers.update(found)
+        await self.confirm([chunk_id], found | set(self.hints))
+        if new and self.wanted:
+            await self.confirm(self.wanted, new)
+
+    def live_holders(self, chunk_id: ChunkId) -> list[Address]:
+        return [a for a in self.holders.get(chunk_id, []) if a not in self.dead]
+
+    async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes | memoryview:
+        """Fetch and hash-check one chunk, failing over between holders; ``spread`` rotates the holder order.
+
+        Raises:
+            ChunkUnavailable: no reachable holder returned the chunk.
+        """
+        return await self.fetch_into(chunk_id, _as_is, spread=spread)
+
+    async def fetch_into(
+        self, chunk_id: ChunkId, consume: Callable[[bytes | memoryview], _T], *, spread: int = 0
+    ) -> _T:
+        """`fetch`, handing the verified bytes to ``consume`` in the thread that hash-checked them.
+
+        Raises:
+            ChunkUnavailable: no reachable holder returned the chunk.
+            Whatever ``consume`` raises (TransferClient.fetch_any_into).
+        """
+        for attempt in range(2):
+            addrs = self.live_holders(chunk_id)
+            if not addrs and attempt == 0 and self.hints:
+                # The link names the root's holders: ask them before searching the DHT.
+                await self.confirm([chunk_id], self.hints)
+                addrs = self.live_holders(chunk_id)
+            if not addrs:
+                await self.discover(chunk_id)
+                addrs = self.live_holders(chunk_id)
+            if addrs:
+                k = spread % len(addrs)
+                order = addrs[k:] + addrs[:k]
+                try:
+                    result, _addr = await self.node.client.fetch_any_into(order, chunk_id, consume)
+                except (ChunkUnavailable, ChunkNotStored, ChunkHashMismatch, NetworkError):
+                    # Everyone we knew failed: forget them for this chunk and look again once.
+                    self.holders.pop(chunk_id, None)
+                    for addr in order:
+                        self.queried.get(addr, set()).discard(chunk_id)
+                    if attempt == 0:
+                        continue
+                else:
+                    return result
+        raise ChunkUnavailable(
+            f"no reachable holder has chunk {short_id(chunk_id)} (asked {counted(len(self.peers), 'peer')}); "
+            "retry later or check --bootstrap"
+        )
+
+
+def _as_is(data: bytes | memoryview) -> bytes | memoryview:
+    return data

@@ -1,0 +1,286 @@
+"""The repairer: a holder's duty of bringing the chunks it holds back to the placement rule after peers vanish.
+
+Every ``interval_s`` (jittered) a holder asks who else holds each of its chunks (one batched ``has`` per peer, the
+DHT for chunks that look short), and for each chunk below the rule (fewer than ``replicas`` live holders on
+distinct networks, or fewer than ``min_countries`` countries) exactly one live holder acts: the one whose node id
+is closest (XOR) to the chunk's DHT key. It copies the chunk to the holders ``core.placement.plan_repair`` picks,
+through the same Placer a share uses, with the lease the chunk has left; the new holders announce what they
+stored. Holders that see the same peers pick the same new holders, so two that both believe they are responsible
+(after a partition heals) store on the same peers and the second copy is a no-op. docs/REPAIR.md has the
+protocol and the reasoning.
+
+Repair is bounded, so that a seizure of half the network does not melt the other half: at most
+``max_repairs_per_round`` chunks a round, ``concurrency`` at a time, at most ``rate_bytes_s`` pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from p2pmega.core.geo import GeoTable
+from p2pmega.core.ids import Address, ChunkId, dht_key_of, short_id
+from p2pmega.core.placement import (
+    DEFAULT_MIN_COUNTRIES,
+    DEFAULT_REPLICAS,
+    Candidate,
+    meets_rule,
+)
+from p2pmega.core.words import counted
+from p2pmega.defaults import REPAIR_INTERVAL_S
+from p2pmega.errors import P2PMegaError, PlacementImpossible
+from p2pmega.node import Node
+from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.peers import candidate_of, candidate_pool
+from p2pmega.replicate.placer import Placer
+
+log = logging.getLogger(__name__)
+
+# A chunk with less lease than this left is not worth copying: it expires before anyone could need the copy.
+MIN_REPAIR_LEASE_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepairPolicy:
+    """How often and how hard a holder repairs; the defaults are for the internet, tests shorten the interval."""
+
+    interval_s: float = REPAIR_INTERVAL_S
+    # Each wait is interval_s x [1 - jitter, 1 + jitter]: seeds started together do not probe in step.
+    jitter: float = 0.2
+    replicas: int = DEFAULT_REPLICAS
+    min_countries: int = DEFAULT_MIN_COUNTRIES
+    # Chunks examined per round (a large store is walked over several rounds) and repaired per round at most.
+    max_chunks_per_round: int = 20_000
+    max_repairs_per_round: int = 512
+    concurrency: int = 4
+    rate_bytes_s: float = 32 * 1024 * 1024
+    # A peer that does not answer its probe is asked once more after this long; twice silent is gone.
+    probe_retry_delay_s: float = 0.5
+
+    def wait_s(self, rng: random.Random) -> float:
+        return self.interval_s * (1 + self.jitter * (2 * rng.random() - 1))
+
+
+@dataclass
+class RoundReport:
+    """What one repair round saw and did."""
+
+    examined: int = 0
+    healthy: int = 0
+    short: int = 0
+    left_to_others: int = 0  # short, but another live holder is responsible
+    repaired: int = 0
+    copies: int = 0
+    bytes_pushed: int = 0
+    unrepairable: int = 0  # short, and the live peers cannot meet the rule (or the copy failed)
+    gone: list[Address] = field(default_factory=list)  # peers that failed their probes twice
+
+
+class RateLimit:
+    """Spaces out pushes so that, over time, at most ``rate_bytes_s`` leave (a token bucket without burst)."""
+
+    def __init__(self, rate_bytes_s: float, clock: Callable[[], float]) -> None:
+        self.rate_bytes_s = rate_bytes_s
+        self._clock = clock
+        self._free_at = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        now = self._clock()
+        start = max(now, self._free_at)
+        self._free_at = start + nbytes / self.rate_bytes_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+def responsible(chunk_id: ChunkId, holders: Iterable[Candidate]) -> Candidate:
+    """The one live holder that repairs ``chunk_id``: node id closest (XOR) to the chunk's DHT key.
+
+    Ties cannot happen between distinct node ids; the address breaks them for one id seen at two addresses.
+    """
+    key = int.from_bytes(dht_key_of(chunk_id), "big")
+    return min(holders, key=lambda c: (int.from_bytes(c.node_id, "big") ^ key, c.host, c.port))
+
+
+async def locate(
+    node: Node,
+    ids: Sequence[ChunkId],
+    pool: Sequence[Candidate],
+    *,
+    hints: Sequence[Address] = (),
+    enough: Callable[[ChunkId, list[Address]], bool],
+    retry_delay_s: float,
+) -> tuple[HolderLocator, list[Address]]:
+    """Ask the pool (and the DHT for chunks not ``enough``) who holds ``ids``; a silent peer is asked twice.
+
+    Returns:
+        The locator (live holders per chunk, node ids seen), and the peers that failed both probes.
+    """
+    me = node.address
+    locator = HolderLocator(node, hints=hints)
+    locator.peers.update((c.host, c.port) for c in pool)
+    locator.peers.discard(me)
+    locator.node_ids.update(((c.host, c.port), c.node_id) for c in pool)
+    await locator.want(ids)
+    short = [c for c in ids if not enough(c, locator.live_holders(c))]
+    await asyncio.gather(*(locator.discover(c) for c in short))
+    locator.peers.discard(me)
+    if locator.dead:
+        # One missed answer is not a seizure: ask again once before a peer counts as gone.
+        await asyncio.sleep(retry_delay_s)
+        again = set(locator.dead)
+        locator.dead.clear()
+        for peer in again:
+            locator.queried.pop(peer, None)
+        await locator.confirm(ids, again)
+    return locator, sorted(locator.dead)
+
+
+@dataclass(eq=False)
+class Repairer:
+    """A holder's repair duty (see the module docstring)."""
+
+    node: Node
+    geo: GeoTable | None
+    policy: RepairPolicy = field(default_factory=RepairPolicy)
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.time
+    name: str = "repairer"
+    rounds: int = 0
+    repaired: int = 0
+    bytes_pushed: int = 0
+    last: RoundReport | None = None
+    _cursor: int = 0
+
+    def __post_init__(self) -> None:
+        self._rate = RateLimit(self.policy.rate_bytes_s, time.monotonic)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.wait_s(self.rng))
+            await self.round()
+
+    async def close(self) -> None:
+        return None
+
+    def summary(self) -> str:
+        return f"{counted(self.repaired, 'chunk')} repaired"
+
+    async def round(self) -> RoundReport:
+        """Check the held chunks (a slice of them in a large store) and repair those this holder is responsible for."""
+        report = RoundReport()
+        store = self.node.store
+        if store is None:
+            return report
+        ids = self._slice(await asyncio.to_thread(store.ids))
+        if not ids:
+            return report
+        report.examined = len(ids)
+        pool = await candidate_pool(self.node, self.geo, self.rng)
+        p = self.policy
+        me = candidate_of(self.node.dht_node.node_id, self.node.address, self.geo)
+
+        def enough(chunk_id: ChunkId, others: list[Address]) -> bool:
+            return meets_rule(
+                self._holders(me, others, {}), replicas=p.replicas, min_countries=p.min_countries
+            )
+
+        locator, report.gone = await locate(
+            self.node, ids, pool, enough=enough, retry_delay_s=p.probe_retry_delay_s
+        )
+        live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
+        work: list[tuple[ChunkId, list[Candidate]]] = []
+        for chunk_id in ids:
+            holders = self._holders(me, locator.live_holders(chunk_id), locator.node_ids)
+            if meets_rule(holders, replicas=p.replicas, min_countries=p.min_countries):
+                report.healthy += 1
+                continue
+            report.short += 1
+            if responsible(chunk_id, holders) != me:
+                report.left_to_others += 1
+            elif len(work) < p.max_repairs_per_round:
+                work.append((chunk_id, holders))
+        if work:
+            # One Placer per chunk (each carries its chunk's lease), sharing what they learn about peers.
+            shared = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, 0.0)
+            shared.silent.update(locator.dead)
+            gate = asyncio.Semaphore(p.concurrency)
+            await asyncio.gather(*(self._repair(shared, gate, c, h, report) for c, h in work))
+        self.rounds += 1
+        self.repaired += report.repaired
+        self.bytes_pushed += report.bytes_pushed
+        self._log(report)
+        self.last = report
+        return report
+
+    def _slice(self, ids: list[ChunkId]) -> list[ChunkId]:
+        limit = self.policy.max_chunks_per_round
+        if len(ids) <= limit:
+            return ids
+        start = self._cursor % len(ids)
+        self._cursor = start + limit
+        return (ids[start:] + ids[:start])[:limit]
+
+    def _holders(
+        self, me: Candidate, others: Iterable[Address], node_ids: dict[Address, bytes]
+    ) -> list[Candidate]:
+        """This holder plus the others whose node id is known (the DHT named every peer the locator asked)."""
+        holders = [me]
+        for addr in others:
+            node_id = node_ids.get(addr)
+            if node_id is not None and addr != (me.host, me.port):
+                holders.append(candidate_of(node_id, addr, self.geo))
+        return holders
+
+    async def _repair(
+        self,
+        shared: Placer,
+        gate: asyncio.Semaphore,
+        chunk_id: ChunkId,
+        holders: list[Candidate],
+        report: RoundReport,
+    ) -> None:
+        store = self.node.store
+        if store is None:
+            return
+        expiry = await asyncio.to_thread(store.lease_expiry, chunk_id)
+        lease_s = (expiry or 0.0) - self.clock()
+        if lease_s < MIN_REPAIR_LEASE_S:
+            return  # about to expire: garbage, not something to keep
+        async with gate:
+            try:
+                data = await asyncio.to_thread(store.get, chunk_id)
+            except P2PMegaError as exc:
+                log.debug("cannot read chunk %s to repair it: %s", short_id(chunk_id), exc)
+                return
+            missing = max(1, self.policy.replicas - len(holders))
+            await self._rate.take(len(data) * missing)
+            # replace() hands the same dead/full/silent sets to the copy: what one chunk learns, all skip.
+            placer = dataclasses.replace(shared, lease_s=lease_s)
+            try:
+                after = await placer.place(chunk_id, data, holding=holders)
+            except PlacementImpossible as exc:
+                report.unrepairable += 1
+                log.debug("cannot repair chunk %s: %s", short_id(chunk_id), exc)
+                return
+        new = [c for c in after if c not in holders]
+        report.repaired += 1
+        report.copies += len(new)
+        report.bytes_pushed += len(data) * len(new)
+        log.debug("repaired chunk %s onto %s", short_id(chunk_id), [c.host for c in new])
+
+    def _log(self, report: RoundReport) -> None:
+        if report.repaired or report.unrepairable:
+            log.info(
+                "repair: %d of %s short of the rule; copied %s to new holders%s",
+                report.short,
+                counted(report.examined, "chunk"),
+                counted(report.repaired, "chunk"),
+                f"; {report.unrepairable} cannot be repaired with the peers in reach"
+                if report.unrepairable
+                else "",
+            )
