@@ -143,14 +143,30 @@ class TestNet(Service):
             for n in range(1, self.peers_per_country + 1):
                 peer = self._peer(f"{code.lower()}{n}", code, f"127.{c}.{n}.1")
                 self.seeds.append(peer)
-        extra = ["--bootstrap", self.bootstrap_address, "--geo-table", str(self.geo_table)]
-        if self.quota:
-            extra += ["--quota", self.quota]
-        await asyncio.gather(
-            *(self._spawn(p, ["seed", *extra, *self.seed_args]) for p in self.seeds)
-        )
+        await asyncio.gather(*(self._spawn(p, self._seed_command()) for p in self.seeds))
         await self._wait_listening(self.seeds)
         await asyncio.to_thread(self._write_peer_list)
+
+    def _seed_command(self, *extra: str) -> list[str]:
+        args = ["seed", "--bootstrap", self.bootstrap_address, "--geo-table", str(self.geo_table)]
+        if self.quota:
+            args += ["--quota", self.quota]
+        return [*args, *self.seed_args, *extra]
+
+    async def add_seed(self, country: str, *extra: str) -> Peer:
+        """Start one more seed in ``country`` (one of the network's), with extra ``seed`` options.
+
+        Raises:
+            PeerStartFailed: it exited, or did not listen within START_TIMEOUT_S.
+        """
+        c = self.countries.index(country) + 1
+        n = 1 + max((int(p.host.split(".")[2]) for p in self.peers_in(country)), default=0)
+        peer = self._peer(f"{country.lower()}{n}", country, f"127.{c}.{n}.1")
+        self.seeds.append(peer)
+        await self._spawn(peer, self._seed_command(*extra))
+        await self._wait_listening([peer])
+        await asyncio.to_thread(self._write_peer_list)
+        return peer
 
     def _write_peer_list(self) -> None:
         """``peers.json``: every process of the network, so scripts and tests can stop single peers."""

@@ -38,6 +38,7 @@ from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.peers import candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
+from p2pmega.storage.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,9 @@ class Repairer:
         return None
 
     def summary(self) -> str:
-        return f"{counted(self.repaired, 'chunk')} repaired"
+        return (
+            f"{counted(self.repaired, 'chunk')} repaired ({format_size(self.bytes_pushed)} copied)"
+        )
 
     async def round(self) -> RoundReport:
         """Check the held chunks (a slice of them in a large store) and repair those this holder is responsible for."""
@@ -200,7 +203,7 @@ class Repairer:
                 report.healthy += 1
                 continue
             report.short += 1
-            if responsible(chunk_id, holders) != me:
+            if not self.acts_for(chunk_id, holders, me):
                 report.left_to_others += 1
             elif len(work) < p.max_repairs_per_round:
                 work.append((chunk_id, holders))
@@ -216,6 +219,10 @@ class Repairer:
         self._log(report)
         self.last = report
         return report
+
+    def acts_for(self, chunk_id: ChunkId, holders: list[Candidate], me: Candidate) -> bool:
+        """Whether this holder is the one to repair ``chunk_id`` (``holders``: the live ones, itself included)."""
+        return responsible(chunk_id, holders) == me
 
     def _slice(self, ids: list[ChunkId]) -> list[ChunkId]:
         limit = self.policy.max_chunks_per_round
@@ -276,10 +283,11 @@ class Repairer:
     def _log(self, report: RoundReport) -> None:
         if report.repaired or report.unrepairable:
             log.info(
-                "repair: %d of %s short of the rule; copied %s to new holders%s",
+                "repair: %d of %s short of the rule; copied %s to new holders (%d bytes)%s",
                 report.short,
                 counted(report.examined, "chunk"),
                 counted(report.repaired, "chunk"),
+                report.bytes_pushed,
                 f"; {report.unrepairable} cannot be repaired with the peers in reach"
                 if report.unrepairable
                 else "",
