@@ -96,6 +96,7 @@ class TestNet(Service):
     peers_per_country: int = 2
     quota: str | None = None
     seed_args: Sequence[str] = ()
+    verbose: bool = False  # seeds log at INFO (repair rounds, GC) instead of WARNING
     bootstrap: Peer | None = None
     seeds: list[Peer] = field(default_factory=list)
 
@@ -222,6 +223,7 @@ class TestNet(Service):
             "-P",
             "-m",
             "p2pmega",
+            *(["-v"] if self.verbose else []),
             *args,
             "--host",
             peer.host,
