@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from p2pmega.api.common import NetSettings
     from p2pmega.api.seed import SeedOptions
     from p2pmega.api.share import ShareResult
-    from p2pmega.replicate.peers import Holder
+    from p2pmega.core.placement import Candidate
 
 T = TypeVar("T")
 
@@ -787,7 +787,7 @@ def demo_cmd() -> None:
             grid.add_row(*row)
         Console(soft_wrap=True).print(grid)
 
-    def holders(found: "Sequence[Holder]") -> str:
+    def holders(found: "Sequence[Candidate]") -> str:
         return ", ".join(f"{h.label()} ({h.country or '??'})" for h in found)
 
     def shown(result: "ShareResult") -> None:

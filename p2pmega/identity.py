@@ -11,13 +11,13 @@ import binascii
 import json
 import logging
 import os
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pmega.core import crypto
 from p2pmega.errors import BadOption
+from p2pmega.storage.atomic import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -162,36 +162,9 @@ def _make_data_dir(data_dir: Path) -> None:
 
 def _create(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` atomically with mode 0600; False if ``path`` already exists."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        # O_EXCL with mode 0600: the secret is never in a file others could open, even briefly.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            try:
-                # link() never replaces an existing file, unlike rename(): one creator wins.
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        return write_atomically(path, data, exclusive=True)
     except OSError as exc:
         raise BadOption(
             f"cannot write identity file {path}: {exc.strerror}; check --data-dir"
         ) from exc
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the new directory entry durable (POSIX only; Windows cannot open directories)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from p2pmega.api.common import NetSettings, client_node, synthetic_node_id
+from p2pmega.api.common import NetSettings, client_node
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import parse_link
 from p2pmega.core.placement import (
@@ -16,7 +16,6 @@ from p2pmega.core.placement import (
 )
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
-from p2pmega.replicate.peers import Holder, holder_of
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class ChunkHealth:
     chunk_id: ChunkId
     kind: str  # "data" or "manifest"
     index: int
-    holders: tuple[Holder, ...]
+    holders: tuple[Candidate, ...]
     meets_rule: bool
     countries_unknown: bool = False
 
@@ -61,19 +60,12 @@ class CheckResult:
     @property
     def survives_country_loss(self) -> bool:
         """The file stays whole if every peer of any one country disappears."""
-        return all(survives_loss_of_any_country(_candidates(c.holders)) for c in self.chunks)
+        return all(survives_loss_of_any_country(c.holders) for c in self.chunks)
 
     @property
     def missing(self) -> int:
         """How many chunks have no live holder at all."""
         return sum(1 for c in self.chunks if not c.holders)
-
-
-def _candidates(holders: tuple[Holder, ...]) -> list[Candidate]:
-    return [
-        Candidate(node_id=synthetic_node_id(h.address), host=h.host, port=h.port, country=h.country)
-        for h in holders
-    ]
 
 
 async def check(
@@ -99,8 +91,8 @@ async def check(
         def health() -> list[ChunkHealth]:
             out = []
             for chunk_id, kind, index in entries:
-                holders = tuple(holder_of(a, net.geo) for a in locator.live_holders(chunk_id))
-                cands = _candidates(holders)
+                cands = locator.candidates(chunk_id, net.geo)
+                holders = tuple(cands)
                 ok = meets_rule(cands, replicas=replicas, min_countries=min_countries)
                 summary = summarize(cands)
                 unknown = (
@@ -115,8 +107,10 @@ async def check(
         # One batched question to every peer known so far; then the DHT only for chunks still short of the
         # rule, and one more batched question to the peers that turned up.
         await locator.want(ids, near=cap.root)
+        await locator.identify(a for c in ids for a in locator.live_holders(c))
         short = [c.chunk_id for c in health() if not c.meets_rule]
         await asyncio.gather(*(locator.discover(c) for c in short))
         await locator.confirm(ids)
+        await locator.identify(a for c in ids for a in locator.live_holders(c))
         chunks = health()
     return CheckResult(cap.root, tuple(chunks), replicas, min_countries, net.geo is not None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +72,3 @@ async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> Asy
     )
     async with Node(settings) as node:
         yield node
-
-
-def synthetic_node_id(address: Address) -> bytes:
-    """A stable stand-in node id for a peer known only by address (a link's peer hint)."""
-    return hashlib.blake2b(f"{address[0]}:{address[1]}".encode(), digest_size=20).digest()

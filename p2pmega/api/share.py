@@ -16,15 +16,6 @@ from typing import BinaryIO
 
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.share_peers import recheck, storage_peers
-from p2pmega.api.share_state import (
-    Completed,
-    FileIdentity,
-    PlacedChunk,
-    ShareState,
-    StateWriter,
-    load_state,
-    state_path,
-)
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
@@ -37,9 +28,18 @@ from p2pmega.errors import (
     PlacementImpossible,
     StorageError,
 )
-from p2pmega.replicate.peers import Holder, candidate_pool
+from p2pmega.replicate.peers import candidate_pool
 from p2pmega.replicate.placer import Placer, shortfall
 from p2pmega.storage.links import LinkEntry, record_link
+from p2pmega.storage.share_state import (
+    Completed,
+    FileIdentity,
+    PlacedChunk,
+    ShareState,
+    StateWriter,
+    load_state,
+    state_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ChunkPlacement:
     chunk_id: ChunkId
     kind: str  # "data" or "manifest"
     index: int
-    holders: tuple[Holder, ...]
+    holders: tuple[Candidate, ...]
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,8 @@ class ShareResult:
     chunks_resumed: int = 0
 
 
-def _holders(cands: list[Candidate]) -> tuple[Holder, ...]:
-    return tuple(Holder(c.host, c.port, c.country) for c in cands)
+def _holders(cands: list[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(cands)
 
 
 async def share(

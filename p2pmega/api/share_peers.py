@@ -8,15 +8,14 @@ import logging
 import random
 from collections.abc import Callable
 
-from p2pmega.api.common import synthetic_node_id
-from p2pmega.api.share_state import PlacedChunk, ShareState
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node
-from p2pmega.replicate.peers import Holder, candidate_of, holder_of
+from p2pmega.replicate.peers import candidate_of
+from p2pmega.storage.share_state import PlacedChunk, ShareState
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +110,14 @@ async def recheck(
         return addr, [i for i, held in zip(indexes, flags, strict=True) if held]
 
     answers = await asyncio.gather(*(renew(a, ix) for a, ix in by_holder.items()))
-    confirmed: dict[int, list[Holder]] = {}
+    recorded = {h.address: h for placed in state.chunks.values() for h in placed.holders}
+    confirmed: dict[int, list[Candidate]] = {}
     for addr, held in answers:
         for index in held:
-            confirmed.setdefault(index, []).append(holder_of(addr, geo))
+            # The country again from today's geo table; the node id as recorded when the chunk was stored.
+            confirmed.setdefault(index, []).append(candidate_of(recorded[addr].node_id, addr, geo))
     kept: dict[int, PlacedChunk] = {}
     for index, holders in confirmed.items():
-        cands = [candidate_of(synthetic_node_id(h.address), h.address, geo) for h in holders]
-        if meets_rule(cands, replicas=replicas, min_countries=min_countries):
+        if meets_rule(holders, replicas=replicas, min_countries=min_countries):
             kept[index] = PlacedChunk(state.chunks[index].chunk_id, tuple(holders))
     state.chunks = kept

@@ -62,6 +62,15 @@ class Candidate:
         ):
             raise ValueError(f"country {country!r} of {self.host} is not an upper-case ISO code")
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def label(self) -> str:
+        """``host:port`` as people read it (``[v6]:port`` for IPv6)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
 
 # Cached: share places every chunk, and parsing the same few hosts again for each one was a fifth of the
 # share command's CPU (py-spy, 256 MiB to 8 seeds).

@@ -183,9 +183,17 @@ class DHTNode(Service):
 
     async def add_contact(self, host: str, port: int) -> bool:
         """Ping ``host``:``port`` and add it to the routing table if it answers (LAN discovery)."""
+        return await self.node_id_at(host, port) is not None
+
+    async def node_id_at(self, host: str, port: int) -> bytes | None:
+        """The node id of the DHT node answering a ping at ``host``:``port`` (added to the routing table), or None.
+
+        The reply is taken only from the address asked, so the id is that of whoever answers there.
+        """
         if not (is_peer_ip(host) and is_port(port)) or (host, port) == (self.host, self.port):
-            return False
-        return await self.server._proto().ping_address((host, port)) is not None
+            return None
+        node = await self.server._proto().ping_address((host, port))
+        return None if node is None else bytes(node.id)
 
     def contacts(self) -> list[Peer]:
         """A snapshot of the routing table."""

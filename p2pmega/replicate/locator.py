@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
+from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
+from p2pmega.core.placement import Candidate
 from p2pmega.core.words import counted
 from p2pmega.errors import (
     ChunkHashMismatch,
@@ -20,6 +22,7 @@ from p2pmega.errors import (
     P2PMegaError,
 )
 from p2pmega.node import Node
+from p2pmega.replicate.peers import candidate_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class HolderLocator:
     def __post_init__(self) -> None:
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+        self.node_ids.update(((p.host, p.port), p.node_id) for p in self.node.dht_node.contacts())
 
     async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
         """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
@@ -122,6 +126,33 @@ class HolderLocator:
 
     def live_holders(self, chunk_id: ChunkId) -> list[Address]:
         return [a for a in self.holders.get(chunk_id, []) if a not in self.dead]
+
+    async def identify(self, addrs: Iterable[Address]) -> None:
+        """Learn the node id of each address not seen in the DHT yet (a link's hint): a DHT ping, in parallel.
+
+        A holder's DHT port is its transfer port. One that does not answer stays unidentified; it still holds
+        what it said it holds, but the placement rule, which counts peers by node id, cannot count it.
+        """
+        unknown = sorted({a for a in addrs if a not in self.node_ids})
+        dht = self.node.dht_node
+
+        async def ping(addr: Address) -> None:
+            try:
+                node_id = await dht.node_id_at(*addr)
+            except NetworkError:
+                return
+            if node_id is not None:
+                self.node_ids[addr] = node_id
+
+        await asyncio.gather(*(ping(a) for a in unknown))
+
+    def candidates(self, chunk_id: ChunkId, geo: GeoTable | None) -> list[Candidate]:
+        """The identified live holders of ``chunk_id``, as placement candidates (call :meth:`identify` first)."""
+        return [
+            candidate_of(self.node_ids[a], a, geo)
+            for a in self.live_holders(chunk_id)
+            if a in self.node_ids
+        ]
 
     async def fetch(self, chunk_id: ChunkId, *, spread: int = 0) -> bytes | memoryview:
         """Fetch and hash-check one chunk, failing over between holders; ``spread`` rotates the holder order.

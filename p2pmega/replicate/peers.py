@@ -1,11 +1,10 @@
-"""Peers as replication sees them: holders and placement candidates with the country of the address we connect to,
-and the pool of peers a chunk may be placed on."""
+"""Peers as replication sees them: placement candidates (``core.placement.Candidate``, the one peer type: real node
+id, the address we connect to, its country), and the pool of peers a chunk may be placed on."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
 
 from p2pmega.core.geo import GeoTable, country_of
 from p2pmega.core.ids import Address, NodeId
@@ -17,27 +16,6 @@ from p2pmega.node import Node
 # A network with fewer DHT nodes than this is small enough that every chunk is placed among all of them; above it,
 # each chunk's candidates are the k closest nodes to its key, found by a crawl (twice kademlia's k of 20).
 SMALL_NETWORK_NODES = 40
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A peer that holds (or is asked to hold) a chunk, with the country of the address we connect to."""
-
-    host: str
-    port: int
-    country: str | None
-
-    @property
-    def address(self) -> Address:
-        return (self.host, self.port)
-
-    def label(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def holder_of(address: Address, geo: GeoTable | None) -> Holder:
-    return Holder(address[0], address[1], country_of(address[0], geo))
 
 
 def candidate_of(node_id: NodeId | bytes, address: Address, geo: GeoTable | None) -> Candidate:

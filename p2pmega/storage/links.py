@@ -9,14 +9,13 @@ an older one.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from p2pmega.errors import StorageError
-from p2pmega.storage.files import fsync_dir
+from p2pmega.storage.atomic import write_atomically
 
 LINKS_FILE = "links.json"
 LINKS_VERSION = 1
@@ -72,32 +71,11 @@ def record_link(data_dir: Path, entry: LinkEntry) -> None:
         entries = [e for e in load_links(data_dir) if e.root != entry.root]
         entries.append(entry)
         doc = {"version": LINKS_VERSION, "links": [_doc(e) for e in entries[-MAX_LINKS:]]}
-        write_private(links_path(data_dir), json.dumps(doc, indent=1) + "\n")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (tmp + fsync + rename + fsync dir), mode 0600, dir 0700.
-
-    Raises:
-        StorageError: the file cannot be written (named).
-    """
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path = links_path(data_dir)
         try:
-            data = text.encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {exc.strerror}; check the disk") from exc
+            write_atomically(path, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}; check the disk") from exc
 
 
 def _entry(doc: Any) -> LinkEntry:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from p2pmega.api.fetch import _download, _PartWriter
+from p2pmega.api.fetch import _download
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import FileEncoder, Manifest, ManifestWalker
 from p2pmega.errors import OutputWriteFailed
+from p2pmega.storage.part_file import PartWriter
 
 CHUNK = 8192
 
@@ -40,7 +41,7 @@ def _encoded(size: int) -> tuple[bytes, ReadCap, Manifest, dict[ChunkId, bytes]]
 
 
 def _write_all(
-    writer: _PartWriter, cap: ReadCap, manifest: Manifest, store: dict[ChunkId, bytes]
+    writer: PartWriter, cap: ReadCap, manifest: Manifest, store: dict[ChunkId, bytes]
 ) -> int:
     order = list(range(len(manifest.chunk_ids)))
     random.Random(1).shuffle(order)
@@ -56,7 +57,7 @@ def _write_all(
 def test_part_writer_writes_the_file_exactly(tmp_path: Path, size: int):
     plaintext, cap, manifest, store = _encoded(size)
     part = tmp_path / "part"
-    writer = _PartWriter.open(part, size, CHUNK, resuming=False)
+    writer = PartWriter.open(part, size, CHUNK, resuming=False)
     try:
         assert _write_all(writer, cap, manifest, store) == size
     finally:
@@ -68,7 +69,7 @@ def test_part_writer_writes_the_file_exactly(tmp_path: Path, size: int):
 def test_close_waits_for_writes_under_way_and_later_writes_fail(tmp_path: Path):
     size = CHUNK * 3
     plaintext, cap, manifest, store = _encoded(size)
-    writer = _PartWriter.open(tmp_path / "part", size, CHUNK, resuming=False)
+    writer = PartWriter.open(tmp_path / "part", size, CHUNK, resuming=False)
     first = manifest.chunk_ids[0]
     with ThreadPoolExecutor(1) as pool:
         # Hold the writer busy from a worker thread while close() runs on this one.

@@ -24,7 +24,6 @@ from p2pmega.api.check import check
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
-from p2pmega.api.share_state import load_state
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import parse_geo_table
 from p2pmega.core.placement import Candidate, meets_rule
@@ -33,6 +32,7 @@ from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import holder_node
 from p2pmega.replicate.peers import candidate_pool
+from p2pmega.storage.share_state import load_state
 from tests.conftest import peer_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

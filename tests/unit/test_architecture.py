@@ -343,13 +343,13 @@ def test_sibling_layers_are_independent_and_pickle_is_banned(tmp_path: Path) -> 
     net = fake(
         tmp_path,
         "p2pmega/net/t.py",
-        "import pickle\nfrom p2pmega.storage import ChunkStore\nimport bootstrap.run\n",
+        "import pickle\nfrom p2pmega.identity import Identity\nimport bootstrap.run\n",
     )
     assert wrapped_library_problems(net, tmp_path) == [
         "p2pmega/net/t.py:1 imports pickle; only no module may"
     ]
     problems = layer_problems(net, tmp_path)
-    assert problems[0].startswith("p2pmega/net/t.py:2 (p2pmega.net) imports p2pmega.storage (")
+    assert problems[0].startswith("p2pmega/net/t.py:2 (p2pmega.net) imports p2pmega.identity (")
     assert "p2pmega/net/t.py:3 imports bootstrap.run; nothing imports bootstrap/" in problems
     cli = fake(tmp_path, "p2pmega/cli.py", "import typer\nprint('ok')\n")
     assert wrapped_library_problems(cli, tmp_path) == []
@@ -366,6 +366,6 @@ def test_layer_lookup() -> None:
     assert storage is not None
     assert cli is not None
     assert cli[0] < net[0] < core[0]
-    assert net[0] == storage[0]
+    assert net[0] < storage[0] < core[0], "storage sits below net, identity and config"
     assert layer_of("p2pmega") is None
     assert layer_of("p2pmegax.core") is None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pmega.api.fetch import _Resume, _unavailable
+from p2pmega.api.fetch import _unavailable
 from p2pmega.errors import ChunkUnavailable
+from p2pmega.storage.part_file import ResumeState
 
 
 def test_counts_missing_chunks_and_names_the_part_file(tmp_path: Path) -> None:
     part = tmp_path / ".f.p2pmega-part"
-    resume = _Resume(part=part, state=tmp_path / "s", root="r", size=10, done={0, 1, 2, 3, 4, 5})
+    resume = ResumeState(
+        part=part, state=tmp_path / "s", root="r", size=10, done={0, 1, 2, 3, 4, 5}
+    )
     err = _unavailable(4, 10, resume, ChunkUnavailable("no reachable holder has chunk 06"))
     assert str(err) == (
         "4 of 10 chunks have no reachable holder (no reachable holder has chunk 06); "

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from p2pmega.api.share_state import (
+from p2pmega.core.chunking import ChunkId
+from p2pmega.core.placement import Candidate, PoolSummary
+from p2pmega.errors import StorageError
+from p2pmega.replicate.placer import shortfall
+from p2pmega.storage.share_state import (
     Completed,
     FileIdentity,
     PlacedChunk,
@@ -18,11 +22,6 @@ from p2pmega.api.share_state import (
     load_state,
     state_path,
 )
-from p2pmega.core.chunking import ChunkId
-from p2pmega.core.placement import PoolSummary
-from p2pmega.errors import StorageError
-from p2pmega.replicate.peers import Holder
-from p2pmega.replicate.placer import shortfall
 
 KEY = bytes(range(32))
 
@@ -31,7 +30,10 @@ def a_state(tmp_path: Path, *, completed: bool) -> ShareState:
     src = tmp_path / "f.bin"
     src.write_bytes(b"x" * 100)
     identity = FileIdentity.of(src.resolve(), src.stat())
-    holders = (Holder("127.1.1.1", 4001, "DE"), Holder("::1", 4002, None))
+    holders = (
+        Candidate(node_id=b"\x01" * 20, host="127.1.1.1", port=4001, country="DE"),
+        Candidate(node_id=b"\x02" * 20, host="::1", port=4002, country=None),
+    )
     chunks = {
         0: PlacedChunk(ChunkId(bytes(32)), holders),
         2: PlacedChunk(ChunkId(b"\x01" * 32), ()),
@@ -68,15 +70,17 @@ def test_one_state_per_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spoil",
     [
-        lambda doc: doc.update(version=2),
+        lambda doc: doc.update(version=1),
         lambda doc: doc.update(key="00" * 31),
         lambda doc: doc["chunks"].append([3, "zz", []]),
-        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 0, None]]]),
-        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 1, "de"]]]),
+        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 0, None, "01" * 20]]]),
+        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 1, "de", "01" * 20]]]),
+        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 1, None, "01" * 19]]]),
+        lambda doc: doc["chunks"].append([3, "00" * 32, [["127.0.0.1", 1, None]]]),
         lambda doc: doc["file"].pop("inode"),
         lambda doc: doc.update(completed={"read_link": 1}),
     ],
-    ids=["version", "key", "id", "port", "country", "field", "completed"],
+    ids=["version", "key", "id", "port", "country", "node-id", "v1-holder", "field", "completed"],
 )
 def test_a_state_it_cannot_use_is_ignored(tmp_path: Path, spoil: object) -> None:
     state = a_state(tmp_path, completed=False)

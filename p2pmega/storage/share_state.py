@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,14 @@ from typing import Any
 
 from p2pmega.core.chunking import CHUNK_ID_BYTES, ChunkId
 from p2pmega.core.crypto import KEY_BYTES
+from p2pmega.core.placement import Candidate
 from p2pmega.errors import StorageError
-from p2pmega.replicate.peers import Holder
+from p2pmega.storage.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+# 2: each holder records its node id (version 1 states are ignored: the share starts afresh).
+STATE_VERSION = 2
 SHARES_DIR = "shares"
 
 
@@ -64,7 +65,7 @@ class PlacedChunk:
     """A chunk confirmed stored, and the holders that confirmed it."""
 
     chunk_id: ChunkId
-    holders: tuple[Holder, ...]
+    holders: tuple[Candidate, ...]
 
 
 @dataclass(frozen=True)
@@ -133,17 +134,7 @@ class StateWriter:
         doc = json.dumps(_encode(state, chunks), separators=(",", ":")).encode()
         with self._lock:
             try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    with os.fdopen(fd, "wb") as file:
-                        file.write(doc)
-                        file.flush()
-                        os.fsync(file.fileno())
-                    os.replace(tmp, self.path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                write_atomically(self.path, doc)
             except OSError as exc:
                 raise StorageError(
                     f"cannot save the share's state in {self.path.parent} ({exc.strerror}); "
@@ -151,8 +142,8 @@ class StateWriter:
                 ) from exc
 
 
-def _holders_doc(holders: tuple[Holder, ...]) -> list[list[Any]]:
-    return [[h.host, h.port, h.country] for h in holders]
+def _holders_doc(holders: tuple[Candidate, ...]) -> list[list[Any]]:
+    return [[h.host, h.port, h.country, h.node_id.hex()] for h in holders]
 
 
 def _encode(state: ShareState, chunks: dict[int, PlacedChunk]) -> dict[str, Any]:
@@ -211,15 +202,14 @@ def _chunk_id(value: Any) -> ChunkId:
     return ChunkId(raw)
 
 
-def _holder(value: Any) -> Holder:
-    host, port, country = value
-    if not 0 < _int(port) < 65536:
-        raise ValueError("port out of range")
-    if country is not None and not (
-        len(_str(country)) == 2 and country.isascii() and country.isalpha() and country.isupper()
-    ):
-        raise ValueError("not a country code")
-    return Holder(_str(host), port, country)
+def _holder(value: Any) -> Candidate:
+    host, port, country, node_id = value
+    if country is not None:
+        _str(country)
+    # Candidate checks the rest (raising ValueError): node id length, address, port range, country code.
+    return Candidate(
+        node_id=bytes.fromhex(_str(node_id)), host=_str(host), port=_int(port), country=country
+    )
 
 
 def _placed(chunk_id: Any, holders: Any) -> PlacedChunk:
