@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from p2pmega import cli
 from p2pmega.api import share_peers
 from p2pmega.api.check import check
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
+from p2pmega.cli import files as cli_files
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import parse_geo_table
 from p2pmega.core.placement import Candidate, meets_rule
@@ -166,7 +166,7 @@ async def test_check_without_a_geo_table_says_the_countries_are_unknown(tmp_path
         assert not result.healthy  # unknown never counts as a country
         assert result.below == 0
         assert result.countries_unknown == len(result.chunks) == len(shared.chunks)
-        line = cli._below_rule(result)
+        line = cli_files._below_rule(result)
         assert line.startswith("countries unknown: ")
         assert "--geo-table" in line
         assert "below" not in line
@@ -174,7 +174,9 @@ async def test_check_without_a_geo_table_says_the_countries_are_unknown(tmp_path
         # A real shortage still reads as one, with the unknown-country chunks counted apart.
         strict = await check(shared.read_link, net=replace(n.net, geo=None), replicas=3)
         assert strict.below == len(strict.chunks)
-        assert cli._below_rule(strict).startswith(f"{len(strict.chunks)} of {len(strict.chunks)}")
+        assert cli_files._below_rule(strict).startswith(
+            f"{len(strict.chunks)} of {len(strict.chunks)}"
+        )
 
 
 async def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:

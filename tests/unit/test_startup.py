@@ -209,7 +209,7 @@ def test_the_entry_point_collects_no_cycles_until_the_command_runs() -> None:
     """entry.main turns the cycle collector off while the CLI loads; cli._run turns it back on."""
     code = (
         "import gc, sys\n"
-        "from p2pmega import cli\n"
+        "from p2pmega.cli import base as cli\n"
         "seen = []\n"
         "async def command():\n"
         "    seen.append(gc.isenabled())\n"
