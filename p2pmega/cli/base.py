@@ -238,7 +238,7 @@ def main() -> None:
     """Console-script entry point: run the command, then leave without tearing the interpreter down.
 
     Tearing down (clearing every module, freeing what is left) took ~55 ms here, a sixth of a short
-    share or fetch (issue 5's round trip). Skipping it loses nothing: a command returns only once
+    share or fetch's round trip. Skipping it loses nothing: a command returns only once
     its sockets are closed, its threads joined and what it wrote fsynced; logging writes straight
     to stderr; stdout and stderr are flushed here. A bug's traceback still takes the normal way.
     """

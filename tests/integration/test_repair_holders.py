@@ -169,3 +169,36 @@ async def test_a_kept_file_no_holder_has_is_logged_once(
     said = [r for r in caplog.records if "kept file" in r.getMessage()]
     assert len(said) == 3
     assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+async def test_a_restarted_holder_keeps_its_identity_chunks_and_leases_and_announces_at_once(
+    tmp_path: Path,
+) -> None:
+    async with network(tmp_path) as net, asyncio.timeout(STEP_S):
+        old = net.holders["de1"]
+        chunk_id = await net.store(os.urandom(4000), "de1", "nz1")
+        assert old.store is not None
+        assert old.dht is not None
+        node_id, expiry = old.dht.node_id, old.store.lease_expiry(chunk_id)
+        settings = old.settings
+        await old.stop()
+        # The record the first run announced lapses: only announcing again at start can bring it back.
+        boot_providers = net.boot.dht_node
+        for peer in (net.boot, *net.holders.values()):
+            if peer.dht is not None:
+                peer.dht.server.providers.expire(now=float("inf"))
+        again, _ = holder_node(settings, HolderDuties(geo=net.geo, repair=None))
+        async with again:
+            assert again.dht_node.node_id == node_id
+            assert again.store is not None
+            assert again.store.lease_expiry(chunk_id) == expiry
+            for _ in range(int(STEP_S / 0.1)):
+                if again.port in {p.port for p in await boot_providers.find_providers(chunk_id)}:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the restarted holder did not announce its chunk")
+            # And it takes part in repair: nz1 is seized, the restarted de1 is the only holder left.
+            await net.holders["nz1"].stop()
+            report = await Repairer(again, net.geo, RepairPolicy(probe_retry_delay_s=0.05)).round()
+            assert report.repaired == 1
