@@ -8,14 +8,14 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pmega.api.check import CheckResult, check
+from p2pmega.api.check import CheckResult, ChunkHealth, check
 from p2pmega.api.common import NetSettings
 from p2pmega.api.fetch import fetch
-from p2pmega.api.share import ShareResult, share
+from p2pmega.api.share import ChunkPlacement, ShareResult, share
 from p2pmega.api.testnet import TestNet
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE
 from p2pmega.core.words import counted
@@ -78,8 +78,7 @@ async def run_demo(work_dir: Path, hooks: DemoHooks) -> DemoReport:
         shared = await share(source, net=settings)
         hooks.shared(shared)
 
-        counts = Counter(h.country for c in shared.chunks for h in c.holders if h.country)
-        first = counts.most_common(1)[0][0]
+        first = _most_held(shared.chunks)
         victims = net.peers_in(first)
         await net.kill(victims)
         hooks.step(
@@ -102,8 +101,7 @@ async def run_demo(work_dir: Path, hooks: DemoHooks) -> DemoReport:
         repair_s = time.monotonic() - started
         hooks.checked(f"after the repair ({repair_s:.1f} s)", repaired)
 
-        counts = Counter(h.country for c in repaired.chunks for h in c.holders if h.country)
-        second = counts.most_common(1)[0][0]
+        second = _most_held(repaired.chunks)
         more = net.peers_in(second)
         await net.kill(more)
         hooks.step(
@@ -118,6 +116,12 @@ async def run_demo(work_dir: Path, hooks: DemoHooks) -> DemoReport:
     return DemoReport(
         shared, (first, second), len(victims) + len(more), repaired, after, fetched, repair_s
     )
+
+
+def _most_held(chunks: Iterable[ChunkPlacement | ChunkHealth]) -> str:
+    """The country holding the most copies: the seizure that hurts most."""
+    counts = Counter(h.country for c in chunks for h in c.holders if h.country)
+    return counts.most_common(1)[0][0]
 
 
 async def _fetch_same(shared: ShareResult, settings: NetSettings, out: Path, data: bytes) -> int:

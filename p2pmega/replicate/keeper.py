@@ -23,7 +23,7 @@ from p2pmega.core.manifest import Manifest
 from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.core.words import counted
 from p2pmega.defaults import LEASE_S
-from p2pmega.errors import P2PMegaError, PlacementImpossible
+from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
@@ -185,15 +185,7 @@ class Keeper:
         placer.silent.update(locator.dead)
         try:
             data = await locator.fetch(chunk_id)
-            after = await placer.place(chunk_id, bytes(data), holding=holders)
-        except PlacementImpossible as exc:
-            report.unrepairable += 1
-            log.debug("cannot repair kept chunk %s: %s", short_id(chunk_id), exc)
-            return
         except P2PMegaError as exc:
             log.debug("cannot fetch kept chunk %s to repair it: %s", short_id(chunk_id), exc)
             return
-        new = [c for c in after if c not in holders]
-        report.repaired += 1
-        report.copies += len(new)
-        report.bytes_pushed += len(data) * len(new)
+        await report.repair(placer, chunk_id, bytes(data), holders)

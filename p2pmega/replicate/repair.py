@@ -81,6 +81,22 @@ class RoundReport:
     unrepairable: int = 0  # short, and the live peers cannot meet the rule (or the copy failed)
     gone: list[Address] = field(default_factory=list)  # peers that failed their probes twice
 
+    async def repair(
+        self, placer: Placer, chunk_id: ChunkId, data: bytes, holders: list[Candidate]
+    ) -> None:
+        """Place ``data`` until the rule holds again, counting the copies made (or the chunk as unrepairable)."""
+        try:
+            after = await placer.place(chunk_id, data, holding=holders)
+        except PlacementImpossible as exc:
+            self.unrepairable += 1
+            log.debug("cannot repair chunk %s: %s", short_id(chunk_id), exc)
+            return
+        new = [c for c in after if c not in holders]
+        self.repaired += 1
+        self.copies += len(new)
+        self.bytes_pushed += len(data) * len(new)
+        log.debug("repaired chunk %s onto %s", short_id(chunk_id), [c.label() for c in new])
+
 
 class RateLimit:
     """Spaces out pushes so that, over time, at most ``rate_bytes_s`` leave (a token bucket without burst)."""
@@ -267,18 +283,9 @@ class Repairer:
             missing = max(1, self.policy.replicas - len(holders))
             await self._rate.take(len(data) * missing)
             # replace() hands the same dead/full/silent sets to the copy: what one chunk learns, all skip.
-            placer = dataclasses.replace(shared, lease_s=lease_s)
-            try:
-                after = await placer.place(chunk_id, data, holding=holders)
-            except PlacementImpossible as exc:
-                report.unrepairable += 1
-                log.debug("cannot repair chunk %s: %s", short_id(chunk_id), exc)
-                return
-        new = [c for c in after if c not in holders]
-        report.repaired += 1
-        report.copies += len(new)
-        report.bytes_pushed += len(data) * len(new)
-        log.debug("repaired chunk %s onto %s", short_id(chunk_id), [c.host for c in new])
+            await report.repair(
+                dataclasses.replace(shared, lease_s=lease_s), chunk_id, data, holders
+            )
 
     def _log(self, report: RoundReport) -> None:
         if report.repaired or report.unrepairable:
