@@ -1,10 +1,12 @@
-"""The local chunk store: content-addressed files plus a small SQLite index of leases and quota.
+"""The disk: the local chunk store (content-addressed files plus a small SQLite index of leases and quota), and the
+small state files of share, fetch and the node, each written the one atomic way.
 
-Synchronous and thread-safe; async callers use ``asyncio.to_thread``. It keeps opaque sealed
-chunks and knows nothing of keys, manifests or the network. On-disk layout: docs/STORAGE.md.
+Synchronous and thread-safe; async callers use ``asyncio.to_thread``. The chunk store keeps opaque sealed
+chunks and knows nothing of keys, manifests or the network. On-disk layout: docs/STORAGE.md, docs/FORMAT.md.
 
-Modules: ``store`` (ChunkStore), ``files`` (the chunk files, directory lock, atomic writes),
-``index`` (the SQLite index and repair after a crash), ``sizes`` (parse_size for the quota option).
+Modules: ``store`` (ChunkStore), ``files`` (the chunk files, directory lock), ``index`` (the SQLite index and
+repair after a crash), ``sizes`` (parse_size for the quota option), ``atomic`` (write_atomically), ``share_state``
+(a share's resume state), ``part_file`` (fetch's part file and resume state), ``links`` (the sharer's link list).
 """
 
 from __future__ import annotations
