@@ -168,6 +168,11 @@ async def main() -> None:
     parser.add_argument(
         "--out-dir", type=Path, help="where fetch writes (default: the work directory)"
     )
+    parser.add_argument(
+        "--dead-country",
+        action="store_true",
+        help="then SIGKILL one country's seeds and measure the 1 KiB round trip and a fetch again (issue 15)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="p2pmega-bench-"))
@@ -210,21 +215,10 @@ async def main() -> None:
             small.write_bytes(os.urandom(1024))
             # First, on a network at rest: after the large files the seeds spend seconds writing back
             # and announcing gigabytes, and a 1 KiB round trip then measured 0.7-0.9 s instead of ~0.6.
-            rounds = []
-            for i in range(7):
-                t = time.perf_counter()
-                # --new: the same unchanged file would otherwise give back its first link, uploading nothing.
-                link = await asyncio.to_thread(
-                    run_plain, ["share", str(small), "--new", *client], env
-                )
-                await asyncio.to_thread(
-                    run_plain, ["fetch", link, "-o", str(work / f"small-{i}.bin"), *client], env
-                )
-                rounds.append(time.perf_counter() - t)
-            rounds.sort()
+            healthy_rt = await round_trips(small, work, client, env)
             print(
-                f"1 KiB share start -> fetched, two commands: median {rounds[3]:.3f} s, "
-                f"best {rounds[0]:.3f} s (each command includes Python start-up and imports)"
+                f"1 KiB share start -> fetched, two commands: median {healthy_rt:.3f} s "
+                "(each command includes Python start-up and imports)"
             )
             net_settings = net.client_settings(work / "client-api")
             rounds = []
@@ -256,10 +250,69 @@ async def main() -> None:
                 )
                 out.unlink()
                 src.unlink()
+            if args.dead_country:
+                await dead_country(net, work, out_dir, client, env, healthy_rt, max(sizes))
     finally:
         if args.keep is None:
             for directory in (work, *extra_dirs):
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+async def round_trips(
+    small: Path, work: Path, client: list[str], env: dict[str, str], *, fresh: bool = False
+) -> float:
+    """Median of 7 1 KiB round trips (share then fetch, two commands); ``fresh``: a new data dir each time."""
+    rounds = []
+    for i in range(7):
+        args = ["--data-dir", str(work / f"fresh-{os.urandom(4).hex()}")] if fresh else client
+        t = time.perf_counter()
+        # --new: the same unchanged file would otherwise give back its first link, uploading nothing.
+        link = await asyncio.to_thread(run_plain, ["share", str(small), "--new", *args], env)
+        await asyncio.to_thread(
+            run_plain, ["fetch", link, "-o", str(work / f"small-{i}.bin"), "--force", *args], env
+        )
+        rounds.append(time.perf_counter() - t)
+    return sorted(rounds)[3]
+
+
+async def dead_country(
+    net: TestNet,
+    work: Path,
+    out_dir: Path,
+    client: list[str],
+    env: dict[str, str],
+    healthy_rt: float,
+    mib: int,
+) -> None:
+    """The same file fetched before and after one country's seeds are SIGKILLed; 1 KiB round trips after."""
+    src = work / "dead-country.bin"
+    await asyncio.to_thread(write_random, src, mib * MIB)
+    _wall, _rss, link = await asyncio.to_thread(run_with_rss, ["share", str(src), *client], env)
+    out = out_dir / "dead-country-out.bin"
+    before, _rss, _ = await asyncio.to_thread(
+        run_with_rss, ["fetch", link, "-o", str(out), *client], env
+    )
+    out.unlink()
+    victims = net.peers_in(net.countries[0])
+    await net.kill(victims)
+    after, _rss, _ = await asyncio.to_thread(
+        run_with_rss, ["fetch", link, "-o", str(out), *client], env
+    )
+    out.unlink()
+    src.unlink()
+    small = work / "small.bin"
+    dead_rt = await round_trips(small, work, client, env)
+    fresh_rt = await round_trips(small, work, client, env, fresh=True)
+    print(f"after SIGKILL of {net.countries[0]}'s {len(victims)} seeds:")
+    print(
+        f"  {mib} MiB fetch {mib / after:7.1f} MiB/s, healthy {mib / before:7.1f} MiB/s: {before / after:.2f}x the rate"
+    )
+    print(
+        f"  1 KiB round trip median {dead_rt:.3f} s ({dead_rt / healthy_rt:.2f}x healthy {healthy_rt:.3f} s)"
+    )
+    print(
+        f"  1 KiB round trip, fresh client data dir each time: median {fresh_rt:.3f} s ({fresh_rt / healthy_rt:.2f}x)"
+    )
 
 
 def _compile_package() -> None:

@@ -67,6 +67,8 @@ class NodeSettings:
     restart_delay_s: float = BASE_DELAY_S
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S
     geo: GeoTable | None = None
+    # A client that can start without the DHT (a fetch whose link names holders) joins while it works.
+    join_in_background: bool = False
 
 
 @dataclass(eq=False)
@@ -141,7 +143,9 @@ class Node(Service):
                 node_id=node_id, host=s.host, dht_port=self.port, on_peer=self.dht.add_contact
             )
             await self._lan.start()
-        if s.bootstrap or await asyncio.to_thread(load_contacts, self._contacts_path()):
+        if s.join_in_background:
+            self.dht.join_in_background(list(s.bootstrap))
+        elif s.bootstrap or await asyncio.to_thread(load_contacts, self._contacts_path()):
             try:
                 await self.dht.join(list(s.bootstrap))
             except NetworkError as exc:

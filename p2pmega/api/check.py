@@ -107,6 +107,7 @@ async def check(
         # One batched question to every peer known so far; then the DHT only for chunks still short of the
         # rule, and one more batched question to the peers that turned up.
         await locator.want(ids, near=cap.root)
+        await locator.settle()
         await locator.identify(a for c in ids for a in locator.live_holders(c))
         short = [c.chunk_id for c in health() if not c.meets_rule]
         await asyncio.gather(*(locator.discover(c) for c in short))

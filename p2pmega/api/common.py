@@ -43,8 +43,13 @@ def client_host(net: NetSettings) -> str:
 
 
 @contextlib.asynccontextmanager
-async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> AsyncIterator[Node]:
+async def client_node(
+    net: NetSettings, *, hints: Sequence[Address] = (), join_in_background: bool = False
+) -> AsyncIterator[Node]:
     """A DHT-only node with a throwaway identity, joined to the network, stopped on exit.
+
+    With ``join_in_background`` it is returned at once, joining while the caller starts on what needs no DHT
+    (a link's hinted holders); every DHT lookup waits for the join.
 
     With no bootstrap node given, it joins through ``hints`` (a link's peer hints: holders, whose DHT port is
     their transfer port), then the saved contacts, so a link alone is enough to fetch or check a file even
@@ -69,6 +74,7 @@ async def client_node(net: NetSettings, *, hints: Sequence[Address] = ()) -> Asy
         lan=net.lan,
         rpc_timeout_s=net.rpc_timeout_s,
         transfer_timeout_s=net.transfer_timeout_s,
+        join_in_background=join_in_background,
     )
     async with Node(settings) as node:
         yield node

@@ -93,7 +93,8 @@ async def fetch(
         raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
     if output is not None and not force and await asyncio.to_thread(_is_existing_file, output):
         raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
-    async with client_node(net, hints=cap.peers) as node:
+    # With hints, the hinted holders are asked while the node joins: a file they hold needs no DHT at all.
+    async with client_node(net, hints=cap.peers, join_in_background=bool(cap.peers)) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
         target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)

@@ -57,12 +57,15 @@ class Crawl:
     """One iterative lookup (section 2.3 of the paper) that never waits on a dead node in series.
 
     kademlia's SpiderCrawl sends alpha queries and waits for all of them, so each round with a dead
-    node costs a full timeout. Here alpha queries are kept in flight; a query unanswered after a
-    quarter of the timeout is "stalled": it stops counting against alpha and its node stops counting
-    among the k closest (so the next candidate is asked at once), though a late answer is still used
-    while the crawl runs. The crawl ends when the k closest nodes neither failed nor stalled have
-    answered, or after 1.75 timeouts. Unfinished queries run out in the background, so a dead node
-    still gets its miss recorded and is evicted after MAX_MISSES.
+    node costs a full timeout. Here alpha queries are kept in flight; a query unanswered after its
+    node's stall time (the measured round-trip timeout, ``HardenedProtocol.rtt``: a node that answered
+    before by its own history, others by everyone's) is "stalled": it stops counting against alpha and
+    its node stops counting among the k closest (so the next candidate is asked at once), though a late
+    answer is still used while the crawl runs. A node the protocol already suspects (another lookup's
+    query to it stalled, or one timed out lately) is never waited on and not asked again: never wait on
+    the dead twice. The crawl ends when the k closest nodes neither failed nor stalled have answered,
+    or after 1.75 timeouts. Unfinished queries run out in the background, so a dead node still gets its
+    miss recorded and is evicted after MAX_MISSES.
     """
 
     def __init__(
@@ -72,7 +75,6 @@ class Crawl:
         self.target = Node(key)
         self.alpha = alpha
         self.mode = mode  # "node", "value" or "providers"
-        self.stall_s = protocol._wait_timeout / 4
         self.nodes: dict[bytes, Node] = {}
         self.depth: dict[bytes, int] = {}
         self.state: dict[bytes, str] = {}  # new, pending, done, failed
@@ -92,11 +94,20 @@ class Crawl:
                 self.depth[node.id] = depth
                 self.state[node.id] = "new"
 
+    def _stall_s(self, node_id: bytes) -> float:
+        node = self.nodes[node_id]
+        return float(self.protocol.rtt.stall_after((node.ip, node.port)))
+
     def _counts(self, node_id: bytes, now: float) -> bool:
         state = self.state[node_id]
-        return state in ("new", "done") or (
-            state == "pending" and now - self.started[node_id] < self.stall_s
-        )
+        if state == "done":
+            return True
+        if state == "new":
+            if self.protocol.suspect(self.nodes[node_id], now):
+                self.state[node_id] = "failed"  # never wait on the dead twice
+                return False
+            return True
+        return state == "pending" and now - self.started[node_id] < self._stall_s(node_id)
 
     def _closest(self, now: float) -> list[Node]:
         alive = (n for i, n in self.nodes.items() if self._counts(i, now))
@@ -136,7 +147,7 @@ class Crawl:
             closest = self._closest(now)
             if all(self.state[n.id] == "done" for n in closest):
                 break
-            active = [i for i in pending.values() if now - self.started[i] < self.stall_s]
+            active = [i for i in pending.values() if now - self.started[i] < self._stall_s(i)]
             for node in closest:
                 if len(active) >= self.alpha:
                     break
@@ -147,7 +158,7 @@ class Crawl:
                     active.append(node.id)
             if not pending:
                 break
-            wake = min([self.started[i] + self.stall_s for i in active] + [deadline])
+            wake = min([self.started[i] + self._stall_s(i) for i in active] + [deadline])
             done, _ = await asyncio.wait(
                 pending, timeout=max(wake - now, 0.001), return_when=asyncio.FIRST_COMPLETED
             )

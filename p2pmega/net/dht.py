@@ -85,6 +85,7 @@ class DHTNode(Service):
         self.contacts_path = contacts_path
         self.reannounce_interval_s = record_ttl_s / 2
         self._protocol_1: set[bytes] = set()  # node ids seen to drop add_providers
+        self._joining: asyncio.Task[int] | None = None
         self.server = HardenedServer(
             ksize,
             alpha,
@@ -174,6 +175,22 @@ class DHTNode(Service):
             )
         return len(self.contacts())
 
+    def join_in_background(self, bootstrap: Sequence[tuple[str, int]]) -> None:
+        """Start :meth:`join` without waiting for it; every lookup waits for it first (:meth:`joined`).
+
+        A fetch whose link names live holders can then be served by them while the join is still under way.
+        """
+        self._joining = self.server._proto().spawn(self.join(bootstrap))
+
+    async def joined(self) -> None:
+        """Wait for a join started in the background, if any.
+
+        Raises:
+            BootstrapFailed: that join found no node.
+        """
+        if self._joining is not None:
+            await asyncio.shield(self._joining)
+
     async def refresh(self) -> None:
         """Look up a random id in every bucket far from our own id (join does this once).
 
@@ -215,6 +232,7 @@ class DHTNode(Service):
         """
         if not is_node_id(key):
             raise ValueError("a DHT key is exactly 20 bytes")
+        await self.joined()
         result = await self.server.crawl(key, "node", self._seeds(key))
         return result.peers[:count]
 
@@ -262,6 +280,7 @@ class DHTNode(Service):
         return await send_plan(targets, send, batch_keys=MAX_KEYS_PER_BATCH)
 
     async def _crawl_nodes(self, key: bytes) -> LookupResult:
+        await self.joined()
         return await self.server.crawl(key, "node", self._seeds(key))
 
     async def _record_at(self, peer: Peer, keys: list[bytes], port: int) -> int:
@@ -297,6 +316,7 @@ class DHTNode(Service):
         seeds = self.server._proto().router.find_neighbors(Node(key))
         if not seeds and local:
             return LookupResult([], dedupe_providers(local), 0, 0)
+        await self.joined()
         result = await self.server.crawl(key, "providers", self._seeds(key))
         return LookupResult(
             result.peers,

@@ -55,24 +55,37 @@ class HolderLocator:
     def __post_init__(self) -> None:
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+        self._expanding: asyncio.Task[None] | None = None
         self.node_ids.update(((p.host, p.port), p.node_id) for p in self.node.dht_node.contacts())
 
     async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
         """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
 
-        Those peers are the known ones plus the nodes closest to ``near`` (in a small network, nearly everyone);
-        peers found later by :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted
-        about once per holder rather than once per chunk.
+        The known peers (a link's hints) are asked at once. The nodes closest to ``near`` (in a small network,
+        nearly everyone) are looked up meanwhile and asked too once found, so a fetch from hinted holders never
+        waits on the DHT; :meth:`discover` and :meth:`settle` wait for them. Peers found later by
+        :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted about once per
+        holder rather than once per chunk.
         """
         self.wanted = list(ids)
-        if near is not None:
-            try:
-                closest = await self.node.dht_node.find_peers(dht_key_of(near))
-            except NetworkError:
-                closest = []
-            self.peers.update((p.host, p.port) for p in closest[:EXPAND_PEERS])
-            self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+        if near is not None and self._expanding is None:
+            self._expanding = asyncio.create_task(self._expand(near))
         await self.confirm(self.wanted)
+
+    async def settle(self) -> None:
+        """Wait until the peers near the ``want`` key have been found and asked."""
+        if self._expanding is not None:
+            await self._expanding
+
+    async def _expand(self, near: ChunkId) -> None:
+        try:
+            closest = await self.node.dht_node.find_peers(dht_key_of(near))
+        except NetworkError:
+            return
+        self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+        found = {(p.host, p.port) for p in closest[:EXPAND_PEERS]}
+        self.peers.update(found)
+        await self.confirm(self.wanted, found)
 
     async def confirm(self, ids: Sequence[ChunkId], peers: Iterable[Address] | None = None) -> None:
         """Ask each peer (default: every known live peer) which of ``ids`` it holds, in one batch per peer."""
@@ -100,6 +113,7 @@ class HolderLocator:
 
     async def discover(self, chunk_id: ChunkId) -> None:
         """Look the chunk up in the DHT (provider records, then the closest nodes) and confirm with them."""
+        await self.settle()
         dht = self.node.dht_node
         async with self._lookups:
             try:

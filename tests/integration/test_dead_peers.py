@@ -1,0 +1,141 @@
+"""Fast when peers are dead (issue 15): lookups follow measured round trips, never wait on a dead node twice, and
+a fetch from hinted holders does not wait for the DHT join."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncio_dgram
+import pytest
+import umsgpack
+
+from p2pmega.api.common import NetSettings
+from p2pmega.api.fetch import fetch
+from p2pmega.api.share import share
+from p2pmega.core.geo import parse_geo_table
+from p2pmega.net.dht import DHTNode
+from p2pmega.node import Node, NodeSettings
+from p2pmega.replicate.holder import HolderDuties, holder_node
+from tests.conftest import peer_address
+
+pytestmark = pytest.mark.integration
+
+STEP_S = 20.0
+SLOW_S = 0.4
+
+
+@contextlib.asynccontextmanager
+async def slow_peer(host: str, delay_s: float) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
+    """A DHT peer that answers every request correctly, ``delay_s`` late (ping: its id; find_node: nobody)."""
+    sock = await asyncio_dgram.bind((host, 0))
+    node_id = os.urandom(20)
+
+    async def answer(data: bytes, addr: Any) -> None:
+        await asyncio.sleep(delay_s)
+        name, _args = umsgpack.unpackb(data[21:])
+        reply = node_id if name == "ping" else []
+        await sock.send(b"\x01" + data[1:21] + umsgpack.packb(reply), addr)
+
+    async def serve() -> None:
+        tasks = set()
+        while True:
+            data, addr = await sock.recv()
+            if data[:1] == b"\x00":
+                task = asyncio.create_task(answer(data, addr))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    server = asyncio.create_task(serve())
+    try:
+        yield sock.sockname[:2], node_id
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        sock.close()
+
+
+async def test_a_slow_but_alive_peer_is_waited_for_not_taken_for_dead() -> None:
+    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(STEP_S):
+        fast = DHTNode(host=peer_address(61, 1), node_id=os.urandom(20))
+        me = DHTNode(host=peer_address(61, 2), node_id=os.urandom(20))
+        for node in (fast, me):
+            await node.start()
+            stack.push_async_callback(node.stop)
+        slow_addr, slow_id = await stack.enter_async_context(slow_peer(peer_address(61, 3), SLOW_S))
+        await me.join([(fast.host, fast.port)])
+        for _ in range(30):  # everyone else answers in well under a millisecond
+            assert await me.node_id_at(fast.host, fast.port) == fast.node_id
+        assert await me.node_id_at(*slow_addr) == slow_id  # answered in 0.4 s: alive
+        for _ in range(30):
+            await me.node_id_at(fast.host, fast.port)
+        proto = me.server._proto()
+        assert proto.rtt.stall_after(("127.0.0.9", 1)) < SLOW_S, "the network at large is fast"
+        assert proto.rtt.stall_after(slow_addr) >= SLOW_S, "but this peer is known to be slow"
+        found = await me.find_peers(os.urandom(20))
+        assert slow_id in {p.node_id for p in found}, "a lookup waits for the slow peer's answer"
+        assert not proto.suspect(
+            next(n for n in proto.router.all_contacts() if n.id == slow_id), 0.0
+        )
+
+
+async def test_a_fetch_from_hinted_holders_does_not_wait_for_the_dht_join(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    geo = parse_geo_table("127.62.0.0/16 DE\n127.63.0.0/16 NZ\n")
+    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(STEP_S):
+        boot = Node(NodeSettings(host=peer_address(64, 1), data_dir=tmp_path / "boot"))
+        await stack.enter_async_context(boot)
+        for c in (62, 63):  # two holders: every chunk of the file is on both, the link names them
+            node, _ = holder_node(
+                NodeSettings(
+                    host=peer_address(c, 1),
+                    data_dir=tmp_path / f"h{c}",
+                    bootstrap=[boot.address],
+                    holder=True,
+                    geo=geo,
+                ),
+                HolderDuties(geo=geo, repair=None),
+            )
+            await stack.enter_async_context(node)
+        source = tmp_path / "one.bin"
+        source.write_bytes(os.urandom(3000))
+        net = NetSettings(bootstrap=[boot.address], data_dir=tmp_path / "sharer", geo=geo)
+        shared = await share(source, net=net)
+
+        # The fetcher's only entry node never answers: a join would wait for its (long) timeout.
+        hole = await asyncio_dgram.bind((peer_address(64, 9), 0))
+        stack.callback(hole.close)
+        joins: list[str] = []
+        real_join = DHTNode.join
+
+        async def watched(self: DHTNode, bootstrap: list[tuple[str, int]]) -> int:
+            try:
+                result = await real_join(self, bootstrap)
+            except asyncio.CancelledError:
+                joins.append("cancelled")
+                raise
+            except Exception:
+                joins.append("failed")
+                raise
+            joins.append("joined")
+            return result
+
+        monkeypatch.setattr(DHTNode, "join", watched)
+        fetcher = NetSettings(
+            bootstrap=[hole.sockname[:2]],
+            data_dir=tmp_path / "fetcher",
+            geo=geo,
+            host=peer_address(64, 2),
+            rpc_timeout_s=15.0,
+        )
+        result = await fetch(shared.read_link, net=fetcher, output=tmp_path / "out.bin")
+        assert result.path.read_bytes() == source.read_bytes()
+        assert joins == ["cancelled"], (
+            "the fetch finished from the hinted holders while the join still waited"
+        )
