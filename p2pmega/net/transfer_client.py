@@ -23,6 +23,7 @@ from p2pmega.core.wire import (
     MAX_LEASE_S,
     NEED_DATA,
     ChunkData,
+    ClientDeadlines,
     ConnectionClosed,
     Error,
     ErrorCode,
@@ -80,8 +81,16 @@ class _PeerConnection(asyncio.BufferedProtocol):
 
     def __init__(self, addr: Address, buffers: BufferPool, idle_timeout_s: float) -> None:
         self.addr = addr
+        # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
+        # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
+        self.deadlines = ClientDeadlines(
+            idle_timeout_s, checks_per_timeout=_PROGRESS_CHECKS_PER_TIMEOUT
+        )
         self.conn = TransferConnection(
-            role=Role.CLIENT, keep_buffer_bytes=_KEEP_BUFFER_BYTES, allocate=buffers.take
+            role=Role.CLIENT,
+            keep_buffer_bytes=_KEEP_BUFFER_BYTES,
+            allocate=buffers.take,
+            deadlines=self.deadlines,
         )
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.closed = False
@@ -91,13 +100,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
-        # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
-        self.idle_timeout_s = idle_timeout_s
         self._written = 0
-        self._received = 0
-        self._moved_at_check = 0
-        self._progress_at = self.last_used
         self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,8 +111,8 @@ class _PeerConnection(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._received += nbytes
         if not self.closed:
+            self.deadlines.received(nbytes, self._loop.time())
             self.conn.buffer_updated(nbytes)
             self._drain_events()
 
@@ -155,37 +158,34 @@ class _PeerConnection(asyncio.BufferedProtocol):
                 )
             )
 
-    def _moved(self) -> int:
-        """Bytes received plus bytes written that the holder has acknowledged, so far."""
+    def _acked(self) -> int:
+        """Bytes written that the holder has acknowledged, so far."""
         if self._transport is None:
-            return self._received
-        return self._received + self._written - unacknowledged_bytes(self._transport)
+            return 0
+        return self._written - unacknowledged_bytes(self._transport)
+
+    def _rearm(self) -> None:
+        deadline = self.conn.next_deadline()
+        if deadline is not None and self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._check_progress)
 
     def _check_progress(self) -> None:
-        """Fail every pending request if nothing moved for idle_timeout_s; else check again later.
-
-        Progress is sampled, so the connection fails only after a whole idle_timeout_s between two
-        samples with no byte moved in either direction: a slow link is slow, not dead.
-        """
+        """Fail every pending request if nothing moved for idle_timeout_s (ClientDeadlines)."""
         self._watchdog = None
-        if self.closed or not self.pending:
-            return  # re-armed by the next request
+        if self.closed:
+            return
         now = self._loop.time()
-        moved = self._moved()
-        if moved != self._moved_at_check:
-            self._moved_at_check = moved
-            self._progress_at = now
-        elif now - self._progress_at >= self.idle_timeout_s:
+        self.deadlines.acknowledged(self._acked(), now)
+        verdict = self.conn.handle_timer(now)
+        if verdict is not None:
             self._fail(
                 errors.TransferTimeout(
-                    f"peer {_where(self.addr)} did not answer: no data moved for "
-                    f"{self.idle_timeout_s:g}s; try another holder"
+                    f"peer {_where(self.addr)} did not answer: {verdict.message}; "
+                    "try another holder"
                 )
             )
             return
-        self._watchdog = self._loop.call_at(
-            now + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT, self._check_progress
-        )
+        self._rearm()
 
     def _fail(self, failure: errors.NetworkError) -> None:
         self.closed = True
@@ -204,7 +204,7 @@ class _PeerConnection(asyncio.BufferedProtocol):
         """Send one request built for a fresh request id and wait for its reply.
 
         No deadline for the whole request: it fails only when the connection moves no data for
-        ``idle_timeout_s`` (see _check_progress), so a 2 MiB store may take minutes on a slow uplink.
+        ``idle_timeout_s`` (see ClientDeadlines), so a 2 MiB store may take minutes on a slow uplink.
 
         Raises:
             errors.PeerUnreachable: the connection is or becomes unusable.
@@ -216,17 +216,14 @@ class _PeerConnection(asyncio.BufferedProtocol):
         buffers = self.conn.send(event(request_id))
         loop = self._loop
         future: asyncio.Future[Reply] = loop.create_future()
-        self.last_used = loop.time()
-        if not self.pending:
+        self.last_used = now = loop.time()
+        first = not self.pending
+        if first:
             # Time spent idle in the pool is not a stall.
-            self._progress_at = self.last_used
-            self._moved_at_check = self._moved()
+            self.deadlines.acknowledged(self._acked(), now)
+        self.deadlines.request_sent(now, first=first)
         self.pending[request_id] = future
-        if self._watchdog is None:
-            self._watchdog = loop.call_at(
-                self.last_used + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT,
-                self._check_progress,
-            )
+        self._rearm()
         try:
             # Separate writes: the transport sends the chunk body straight from our buffer
             # instead of first joining it to the header.

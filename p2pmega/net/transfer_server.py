@@ -29,6 +29,7 @@ from p2pmega.core.wire import (
     ConnectionClosed,
     Error,
     ErrorCode,
+    Expiry,
     FetchRequest,
     HasReply,
     HasRequest,
@@ -38,8 +39,10 @@ from p2pmega.core.wire import (
     Reply,
     Request,
     Role,
+    ServerDeadlines,
     StoreOK,
     StoreRequest,
+    Timeouts,
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool, recycle
@@ -380,53 +383,44 @@ class TransferServer:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: frames in, requests to the workers, replies out, limits enforced.
 
-    Timers measure progress, not size, so a peer on a slow link is served and a slowloris is not:
-
-    - a started frame must receive bytes at least every ``stall_timeout_s``, and from its first
-      byte on at an average of ``min_rate_bytes_s`` after a grace of ``stall_timeout_s``;
-    - a request must be answered within ``stall_timeout_s`` of its arrival, and while replies wait
-      for the socket, the peer must acknowledge bytes at least every ``stall_timeout_s`` and at
-      ``min_rate_bytes_s`` on average (same grace) since the socket stopped taking them;
-    - with no frame and no request in flight, the connection is closed after ``idle_timeout_s``.
-
-    Any miss aborts the connection. Time the server itself stopped reading (no free slot) does not
-    count against the sender. One TimerHandle serves all of them: it is re-armed only when a
-    deadline earlier than the armed one appears, and re-checks on firing.
+    Timers measure progress, not size, so a peer on a slow link is served and a slowloris is not;
+    the rules are core.wire's ServerDeadlines, which this pump tells what happened and when. Any
+    miss aborts the connection (an idle one is closed). One TimerHandle serves all of them: it is
+    re-armed only when a deadline earlier than the armed one appears, and re-checks on firing.
     """
 
     def __init__(self, server: TransferServer) -> None:
         self.server = server
-        self.limits = server.limits
+        self.limits = limits = server.limits
+        self._loop = asyncio.get_running_loop()
+        self.deadlines = ServerDeadlines(
+            Timeouts(
+                stall_s=limits.stall_timeout_s,
+                min_rate_bytes_s=limits.min_rate_bytes_s,
+                idle_s=limits.idle_timeout_s,
+            ),
+            now=self._loop.time(),
+        )
         self.conn = TransferConnection(
             role=Role.SERVER,
-            max_frame_bytes=server.limits.max_frame_bytes,
+            max_frame_bytes=limits.max_frame_bytes,
             allocate=server.buffers.take,
+            deadlines=self.deadlines,
         )
         self.ip = "?"
-        self.inflight = 0
-        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._closing = False  # no more requests are read; replies still go out unless aborted
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
-        self._write_paused = False
-        self._started: dict[int, float] = {}  # request id -> arrival, until its reply is taken
-        self._untaken: list[int] = []  # replies written while the socket was paused
-        self._last_activity = self._loop.time()
+        self._inflight: set[int] = set()  # request ids holding a slot, until their reply is taken
         self._timer: asyncio.TimerHandle | None = None
-        # Receiving: bytes so far, and when the current frame started and how many had come then.
-        self._received = 0
-        self._frame_started: float | None = None
-        self._frame_base = 0
-        self._blocked_at = 0.0
-        # Sending while the socket is paused: bytes written, bytes acknowledged when last polled,
-        # when that count last grew, and when the pause started and how many were acknowledged then.
-        self._written = 0
-        self._acked = 0
-        self._acked_at = 0.0
-        self._paused_at = 0.0
-        self._paused_base = 0
+        self._written = 0  # bytes of replies written, to tell how many the peer acknowledged
+
+    @property
+    def inflight(self) -> int:
+        """Requests of this connection holding an in-flight slot."""
+        return len(self._inflight)
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
 
@@ -445,7 +439,7 @@ class _Connection(asyncio.BufferedProtocol):
             # cannot hold more than this one frame of ours.
             transport.close()
             return
-        self._arm(self._last_activity + self.limits.idle_timeout_s)
+        self._rearm()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.get_buffer(sizehint)
@@ -453,10 +447,9 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
         conn.buffer_updated(nbytes)
-        self._received += nbytes
         if self._closing:
             return
-        self._last_activity = self._loop.time()
+        self.deadlines.received(nbytes, self._loop.time())
         if not conn.frame_pending:  # a large frame arrives in several reads: parse once, at the end
             self._pump()
 
@@ -474,20 +467,15 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer = None
         # Replies written but never taken free their slots now; requests still in the workers
         # free theirs when they finish.
-        untaken, self._untaken = self._untaken, []
-        for request_id in untaken:
+        for request_id in self.deadlines.abandon_untaken():
             self.release(request_id)
         self.server.forget(self)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
-        self._paused_at = self._acked_at = self._loop.time()
-        self._paused_base = self._acked = self._acked_bytes()
+        self.deadlines.writing_paused(self._acked_bytes(), self._loop.time())
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        untaken, self._untaken = self._untaken, []
-        for request_id in untaken:
+        for request_id in self.deadlines.writing_resumed(self._loop.time()):
             self._done(request_id)
 
     # -- requests ------------------------------------------------------------------------------------
@@ -506,7 +494,7 @@ class _Connection(asyncio.BufferedProtocol):
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
                     # window fills up instead of our memory.
                     self._blocked = True
-                    self._blocked_at = self._loop.time()
+                    self.deadlines.reading_paused(self._loop.time())
                     server.block(self)
                     self._pause_reading()
                 return
@@ -525,30 +513,21 @@ class _Connection(asyncio.BufferedProtocol):
             if not isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
                 raise AssertionError("a server connection yields only requests")
             server.take_slot(self)
-            self._frame_started = None
-            self.inflight += 1
-            now = self._loop.time()
-            self._started[event.request_id] = now
-            self._arm(now + self.limits.stall_timeout_s)
+            self._inflight.add(event.request_id)
+            self.deadlines.request_arrived(event.request_id, self._loop.time())
+            self._rearm()
             server.submit(self, event)
 
     def _need_data(self) -> None:
+        now = self._loop.time()
         if self._blocked:
             self._blocked = False
             self.server.unblocked(self)
             self._resume_reading()
             # The sender could not send while we did not read: that time is not its stall.
-            now = self._loop.time()
-            self._last_activity = now
-            if self._frame_started is not None:
-                self._frame_started += now - self._blocked_at
-        if self.conn.receiving_frame:
-            if self._frame_started is None:
-                self._frame_started = self._loop.time()
-                self._frame_base = self._received
-                self._arm(self._frame_deadline())
-        else:
-            self._frame_started = None
+            self.deadlines.reading_resumed(now)
+        self.deadlines.waiting_for_data(self.conn.receiving_frame, now)
+        self._rearm()
 
     def unblock(self) -> None:
         """A slot was freed somewhere: parse on if this connection can now take one."""
@@ -582,26 +561,27 @@ class _Connection(asyncio.BufferedProtocol):
             for buffer in self.conn.send(reply):
                 self._written += len(buffer)
                 transport.write(buffer)
-        if self._write_paused:
-            self._untaken.append(request_id)  # taken when the socket drains (resume_writing)
-        else:
+        # A reply the paused socket did not take is taken when it drains (resume_writing).
+        if self.deadlines.reply_written(request_id, self._loop.time()):
             self._done(request_id)
+        else:
+            self._rearm()
 
     def _done(self, request_id: int) -> None:
-        self._last_activity = self._loop.time()
         self.release(request_id)
         if self._peer_done:
             self._close_when_answered()
 
     def release(self, request_id: int) -> None:
         """Free the in-flight slot of ``request_id`` (once; later calls do nothing)."""
-        if self._started.pop(request_id, None) is None:
+        if request_id not in self._inflight:
             return
-        self.inflight -= 1
+        self._inflight.discard(request_id)
+        self.deadlines.forget(request_id)
         self.server.release_slot(self)
 
     def _close_when_answered(self) -> None:
-        if not self._started and self._transport is not None:
+        if not self._inflight and self._transport is not None:
             self._closing = True
             self._transport.close()
 
@@ -644,87 +624,32 @@ class _Connection(asyncio.BufferedProtocol):
             timer.cancel()
         self._timer = self._loop.call_at(deadline, self._on_timer)
 
+    def _rearm(self) -> None:
+        deadline = self.conn.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)
+
     def _acked_bytes(self) -> int:
         """Bytes of our replies the peer has acknowledged so far."""
         if self._transport is None:
             return 0
         return self._written - unacknowledged_bytes(self._transport)
 
-    def _frame_deadline(self) -> float:
-        """When the frame being received fails its stall or rate rule if no more bytes come."""
-        assert self._frame_started is not None  # noqa: S101 - only while a frame is started
-        limits = self.limits
-        got = self._received - self._frame_base
-        return min(
-            self._last_activity + limits.stall_timeout_s,
-            self._frame_started + limits.stall_timeout_s + got / limits.min_rate_bytes_s,
-        )
-
-    def _send_deadline(self, now: float) -> float:
-        """When the paused socket fails its stall or rate rule, polling the peer's progress."""
-        limits = self.limits
-        acked = self._acked_bytes()
-        if acked > self._acked:
-            self._acked, self._acked_at = acked, now
-        return min(
-            self._acked_at + limits.stall_timeout_s,
-            self._paused_at
-            + limits.stall_timeout_s
-            + (self._acked - self._paused_base) / limits.min_rate_bytes_s,
-        )
-
     def _on_timer(self) -> None:
         self._timer = None
         if self._closing:
             return
         now = self._loop.time()
-        limits = self.limits
-        deadlines = []
-        if self._frame_started is not None and not self._blocked:
-            deadline = self._frame_deadline()
-            if now >= deadline:
-                log.debug(
-                    "closing %s: a frame stalled or came slower than %d bytes/s",
-                    self.ip,
-                    limits.min_rate_bytes_s,
-                )
-                self.abort()
-                return
-            deadlines.append(deadline)
-        if self._untaken:
-            deadline = self._send_deadline(now)
-            if now >= deadline:
-                log.debug(
-                    "closing %s: replies not read, or slower than %d bytes/s",
-                    self.ip,
-                    limits.min_rate_bytes_s,
-                )
-                self.abort()
-                return
-            deadlines.append(deadline)  # progress is polled then
-        waiting = [(rid, t) for rid, t in self._started.items() if rid not in self._untaken]
-        if waiting:
-            oldest_id, arrived = waiting[0]
-            if now >= arrived + limits.stall_timeout_s:
-                log.debug(
-                    "closing %s: request %d not answered in %.1fs",
-                    self.ip,
-                    oldest_id,
-                    limits.stall_timeout_s,
-                )
-                self.abort()
-                return
-            deadlines.append(arrived + limits.stall_timeout_s)
-        elif not self._started and not self.conn.receiving_frame:
-            idle_until = self._last_activity + limits.idle_timeout_s
-            if now >= idle_until:
-                log.debug("closing %s: idle for %.1fs", self.ip, limits.idle_timeout_s)
-                self._closing = True
-                if self._transport is not None:
-                    self._transport.close()
-                return
-            deadlines.append(idle_until)
-        if not deadlines:
-            # Blocked with a frame in the buffer: the requests that block it will re-arm us.
-            deadlines.append(now + limits.stall_timeout_s)
-        self._arm(min(deadlines))
+        if self.deadlines.write_paused:
+            self.deadlines.acknowledged(self._acked_bytes(), now)  # progress is polled now
+        verdict = self.conn.handle_timer(now)
+        if verdict is None:
+            self._rearm()
+            return
+        log.debug("closing %s: %s", self.ip, verdict.message)
+        if verdict.rule is Expiry.IDLE:
+            self._closing = True
+            if self._transport is not None:
+                self._transport.close()
+        else:
+            self.abort()

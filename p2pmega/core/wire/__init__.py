@@ -2,11 +2,19 @@
 
 It contains no networking code at all: no socket, clock or task (h11 style). Split as h11 splits
 itself: events.py (the vocabulary), codec.py (paired encode/decode of each frame body), buffer.py
-(the receive buffer), connection.py (TransferConnection). Import everything from here. The asyncio
-pump around it lives in p2pmega.net; the byte layout is documented in docs/PROTOCOL.md.
+(the receive buffer), connection.py (TransferConnection), deadline.py (its timeouts, with `now` a
+parameter). Import everything from here. The asyncio pump around it lives in p2pmega.net; the byte
+layout is documented in docs/PROTOCOL.md.
 """
 
 from p2pmega.core.wire.connection import TransferConnection
+from p2pmega.core.wire.deadline import (
+    ClientDeadlines,
+    Expiry,
+    ServerDeadlines,
+    TimedOut,
+    Timeouts,
+)
 from p2pmega.core.wire.events import (
     CHUNK_DATA_HEAD_BYTES,
     CHUNK_ID_BYTES,
@@ -54,10 +62,12 @@ __all__ = [
     "PREFIX_BYTES",
     "PROTOCOL_VERSION",
     "ChunkData",
+    "ClientDeadlines",
     "ConnectionClosed",
     "Error",
     "ErrorCode",
     "Event",
+    "Expiry",
     "FetchRequest",
     "HasReply",
     "HasRequest",
@@ -69,7 +79,10 @@ __all__ = [
     "Request",
     "Role",
     "Sentinel",
+    "ServerDeadlines",
     "StoreOK",
     "StoreRequest",
+    "TimedOut",
+    "Timeouts",
     "TransferConnection",
 ]

@@ -12,6 +12,7 @@ from typing import Final, Literal
 
 from p2pmega.core.wire.buffer import SERVER_KEEP_BYTES, ReceiveBuffer
 from p2pmega.core.wire.codec import DATA_OFFSET, DECODERS, ENCODERS, HEADER, bad
+from p2pmega.core.wire.deadline import ClientDeadlines, ServerDeadlines, TimedOut
 from p2pmega.core.wire.events import (
     CHUNK_DATA_HEAD_BYTES,
     CONNECTION_REQUEST_ID,
@@ -78,6 +79,7 @@ class TransferConnection:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         keep_buffer_bytes: int | None = None,
         allocate: Callable[[int], bytearray] = bytearray,
+        deadlines: ServerDeadlines | ClientDeadlines | None = None,
     ) -> None:
         """Create one side of a connection.
 
@@ -91,12 +93,19 @@ class TransferConnection:
                 given the bytes it must hold at least (it may hold more). A server recycles the
                 buffers its large StoreRequests hand over, so each chunk does not cost a fresh
                 megabyte.
+            deadlines: The timeouts of this side (ServerDeadlines for a server, ClientDeadlines
+                for a client), which its pump feeds; None: no timer ever runs.
 
         Raises:
-            ValueError: ``max_frame_bytes`` cannot hold a header.
+            ValueError: ``max_frame_bytes`` cannot hold a header, or ``deadlines`` are the other
+                side's.
         """
         if max_frame_bytes < PREFIX_BYTES + HEADER_BYTES:
             raise ValueError(f"max_frame_bytes must be at least {PREFIX_BYTES + HEADER_BYTES}")
+        wanted = ServerDeadlines if role is Role.SERVER else ClientDeadlines
+        if deadlines is not None and not isinstance(deadlines, wanted):
+            raise ValueError(f"a {role.value} connection takes {wanted.__name__}")
+        self.deadlines = deadlines
         self.role = role
         self.max_frame_bytes = max_frame_bytes
         if keep_buffer_bytes is None:
@@ -150,6 +159,34 @@ class TransferConnection:
             if request_id not in self._outstanding:
                 return request_id
         raise RuntimeError("every request id is in use on this connection")
+
+    # Timers: time is a parameter, never read (aioquic style).
+
+    def next_deadline(self) -> float | None:
+        """When the pump must call handle_timer() next, in its loop's seconds; None: no timer."""
+        deadlines = self.deadlines
+        if isinstance(deadlines, ServerDeadlines):
+            return deadlines.next_deadline(self.receiving_frame)
+        if deadlines is None:
+            return None
+        return deadlines.next_deadline()
+
+    def handle_timer(self, now: float) -> TimedOut | None:
+        """Check the deadlines at ``now``; a verdict means the connection must go (once).
+
+        Call it when next_deadline() has come (earlier is harmless). A client's pump first reports
+        the acknowledged bytes (``deadlines.acknowledged``), and so does a server's while its
+        writing is paused, since the pump alone can ask the kernel.
+
+        Returns:
+            None while every rule holds, else the rule broken.
+        """
+        deadlines = self.deadlines
+        if isinstance(deadlines, ServerDeadlines):
+            return deadlines.handle_timer(now, self.receiving_frame)
+        if deadlines is None:
+            return None
+        return deadlines.handle_timer(now, pending=bool(self._outstanding))
 
     # Sending.
 
