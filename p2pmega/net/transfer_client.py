@@ -26,6 +26,8 @@ from p2pmega.core.wire import (
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     RenewReply,
     RenewRequest,
     Reply,
@@ -366,6 +368,27 @@ class TransferClient(Service):
             if not isinstance(reply, RenewReply):
                 raise AssertionError("core.wire matches RENEW with RENEW_REPLY")
             return reply.flags
+
+        return await _batched(ids, ask)
+
+    async def leases(self, addr: Address, ids: Sequence[ChunkId]) -> list[int]:
+        """Whole seconds left on each of ``ids``' leases at ``addr`` (0: not held there).
+
+        Batches larger than MAX_BATCH_IDS are split. A holder older than the LEASES message
+        refuses it with BAD_REQUEST and closes the connection (docs/PROTOCOL.md, "Versioning").
+
+        Raises:
+            errors.PeerUnreachable: the peer cannot be reached or refused the request (an old
+                holder that does not know LEASES).
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
+        """
+
+        async def ask(batch: tuple[ChunkId, ...]) -> tuple[int, ...]:
+            reply = await self._request(addr, functools.partial(LeasesRequest, ids=batch))
+            if not isinstance(reply, LeasesReply):
+                raise AssertionError("core.wire matches LEASES with LEASES_REPLY")
+            return reply.remaining_s
 
         return await _batched(ids, ask)
 

@@ -16,16 +16,13 @@ from p2pmega.core.ids import Address
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     NEED_DATA,
+    REQUEST_TYPES,
     ClientDeadlines,
     ConnectionClosed,
     Error,
-    FetchRequest,
-    HasRequest,
-    RenewRequest,
     Reply,
     Request,
     Role,
-    StoreRequest,
     TimedOut,
     TransferConnection,
 )
@@ -118,7 +115,7 @@ class PeerConnection(Pump):
                         f"peer {where(self.addr)} dropped the connection: "
                         f"{event.code.name} {event.message}"
                     )
-                if isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
+                if isinstance(event, REQUEST_TYPES):
                     raise AssertionError("a client connection yields only replies")
                 self.answered += 1
                 future = self.pending.pop(event.request_id, None)

@@ -22,14 +22,12 @@ from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     MAX_FRAME_BYTES,
     NEED_DATA,
+    REQUEST_TYPES,
     ConnectionClosed,
     Error,
     ErrorCode,
     Expiry,
-    FetchRequest,
-    HasRequest,
     ProtocolViolation,
-    RenewRequest,
     Reply,
     Request,
     Role,
@@ -356,7 +354,7 @@ class _Connection(Pump):
                 self._peer_done = True
                 self._close_when_answered()
                 return
-            if not isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
+            if not isinstance(event, REQUEST_TYPES):
                 raise AssertionError("a server connection yields only requests")
             server.take_slot(self)
             self._inflight.add(event.request_id)

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from p2pmega.core.wire import (
     CHUNK_DATA_HEAD_BYTES,
+    MAX_LEASE_S,
     Error,
     ErrorCode,
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     RenewReply,
     Reply,
     Request,
@@ -87,6 +90,10 @@ def answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | Ch
             return Chunk(taken[0], starts[0], size)
         if isinstance(event, HasRequest):
             return HasReply(event.request_id, tuple(store.has_many(event.ids)))
+        if isinstance(event, LeasesRequest):
+            # The wire carries a u32 of seconds: a longer lease (136 years) reads as the largest.
+            remaining = (min(s, MAX_LEASE_S) for s in store.leases(event.ids))
+            return LeasesReply(event.request_id, tuple(remaining))
         return RenewReply(event.request_id, tuple(store.renew(event.ids, lease_s=event.lease_s)))
     except Exception as exc:
         refusal = error_reply(event, exc)

@@ -25,6 +25,8 @@ from p2pmega.core.wire.events import (
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     MessageType,
     ProtocolViolation,
     RenewReply,
@@ -40,6 +42,7 @@ HEADER: Final = struct.Struct(">IBBI")
 STORE_FIXED: Final = struct.Struct(">32sI")  # chunk id, lease seconds
 _RENEW_FIXED: Final = struct.Struct(">IH")  # lease seconds, id count
 _COUNT: Final = struct.Struct(">H")
+_SECONDS: Final = struct.Struct(">I")
 _ERROR_FIXED: Final = struct.Struct(">B")
 assert HEADER.size == HEADER_BYTES  # noqa: S101 - events.py states the size without struct
 assert PREFIX_BYTES == 4  # noqa: S101 - the u32 that opens HEADER
@@ -189,6 +192,17 @@ def decode_renew_request(request_id: int, body: memoryview, data: bool = True) -
     return RenewRequest(request_id, ids, lease_s)
 
 
+def encode_leases_request(event: LeasesRequest) -> Body:
+    check_ids(event.ids)
+    return _encode_ids(event.ids), b""
+
+
+def decode_leases_request(request_id: int, body: memoryview, data: bool = True) -> LeasesRequest:
+    if len(body) < _COUNT.size:
+        raise bad("LEASES frame is too short", request_id)
+    return LeasesRequest(request_id, _decode_ids(MessageType.LEASES, request_id, body, 0))
+
+
 # Replies.
 
 
@@ -230,6 +244,22 @@ def decode_renew_reply(request_id: int, body: memoryview, data: bool = True) -> 
     return RenewReply(request_id, _decode_flags(MessageType.RENEW_REPLY, request_id, body))
 
 
+def encode_leases_reply(event: LeasesReply) -> Body:
+    if not all(0 <= s <= MAX_LEASE_S for s in event.remaining_s):
+        raise ValueError(f"remaining seconds must be 0..{MAX_LEASE_S}")
+    count = len(event.remaining_s)
+    return _COUNT.pack(count) + struct.pack(f">{count}I", *event.remaining_s), b""
+
+
+def decode_leases_reply(request_id: int, body: memoryview, data: bool = True) -> LeasesReply:
+    if len(body) < _COUNT.size:
+        raise bad("LEASES_REPLY frame is too short", request_id)
+    (count,) = _COUNT.unpack_from(body)
+    if len(body) != _COUNT.size + count * _SECONDS.size:
+        raise bad(f"LEASES_REPLY must hold {count} u32 seconds", request_id)
+    return LeasesReply(request_id, struct.unpack_from(f">{count}I", body, _COUNT.size))
+
+
 def encode_error(event: Error) -> Body:
     message = event.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
     return _ERROR_FIXED.pack(event.code) + message, b""
@@ -253,10 +283,12 @@ ENCODERS: Final[dict[type[Request | Reply], tuple[MessageType, Callable[[Any], B
     FetchRequest: (MessageType.FETCH, encode_fetch_request),
     HasRequest: (MessageType.HAS, encode_has_request),
     RenewRequest: (MessageType.RENEW, encode_renew_request),
+    LeasesRequest: (MessageType.LEASES, encode_leases_request),
     StoreOK: (MessageType.STORE_OK, encode_store_ok),
     ChunkData: (MessageType.CHUNK_DATA, encode_chunk_data),
     HasReply: (MessageType.HAS_REPLY, encode_has_reply),
     RenewReply: (MessageType.RENEW_REPLY, encode_renew_reply),
+    LeasesReply: (MessageType.LEASES_REPLY, encode_leases_reply),
     Error: (MessageType.ERROR, encode_error),
 }
 DECODERS: Final[dict[MessageType, Decoder]] = {
@@ -264,10 +296,12 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
     MessageType.FETCH: decode_fetch_request,
     MessageType.HAS: decode_has_request,
     MessageType.RENEW: decode_renew_request,
+    MessageType.LEASES: decode_leases_request,
     MessageType.STORE_OK: decode_store_ok,
     MessageType.CHUNK_DATA: decode_chunk_data,
     MessageType.HAS_REPLY: decode_has_reply,
     MessageType.RENEW_REPLY: decode_renew_reply,
+    MessageType.LEASES_REPLY: decode_leases_reply,
     MessageType.ERROR: decode_error,
 }
 # How many bytes of a hand-over frame's body precede its data (see buffer.py).

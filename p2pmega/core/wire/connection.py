@@ -23,6 +23,7 @@ from p2pmega.core.wire.events import (
     PREFIX_BYTES,
     PROTOCOL_VERSION,
     REPLY_FOR,
+    REQUEST_TYPES,
     ChunkData,
     ConnectionClosed,
     Error,
@@ -31,6 +32,8 @@ from p2pmega.core.wire.events import (
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     MessageType,
     ProtocolViolation,
     RenewReply,
@@ -42,7 +45,6 @@ from p2pmega.core.wire.events import (
     StoreRequest,
 )
 
-_REQUESTS: Final = (StoreRequest, FetchRequest, HasRequest, RenewRequest)
 # Which large frames each role receives with their data handed over (no copy of the chunk).
 _HANDED_OVER: Final = {Role.SERVER: MessageType.STORE, Role.CLIENT: MessageType.CHUNK_DATA}
 
@@ -59,9 +61,18 @@ class _Outstanding:
 def _outstanding(kind: MessageType, event: Request) -> _Outstanding:
     if isinstance(event, FetchRequest):
         return _Outstanding(kind, chunk_id=event.chunk_id)
-    if isinstance(event, HasRequest | RenewRequest):
+    if isinstance(event, HasRequest | RenewRequest | LeasesRequest):
         return _Outstanding(kind, count=len(event.ids))
     return _Outstanding(kind)
+
+
+def _answer_count(event: Event) -> int | None:
+    """How many answers a batch reply holds (one per id of its request); None if no batch."""
+    if isinstance(event, HasReply | RenewReply):
+        return len(event.flags)
+    if isinstance(event, LeasesReply):
+        return len(event.remaining_s)
+    return None
 
 
 class TransferConnection:
@@ -206,7 +217,7 @@ class TransferConnection:
         if self.role is Role.CLIENT:
             if not 0 < request_id <= MAX_REQUEST_ID or request_id in self._outstanding:
                 raise ValueError(f"request id {request_id} is invalid or in use")
-            if not isinstance(event, _REQUESTS):
+            if not isinstance(event, REQUEST_TYPES):
                 raise ValueError(f"a client cannot send {type(event).__name__}")
             frames = self._frame(kind, request_id, *encode(event))
             self._outstanding[request_id] = _outstanding(kind, event)
@@ -228,8 +239,9 @@ class TransferConnection:
             )
         if isinstance(event, ChunkData) and event.chunk_id != pending.chunk_id:
             raise ValueError("ChunkData must carry the requested chunk id")
-        if isinstance(event, HasReply | RenewReply) and len(event.flags) != pending.count:
-            raise ValueError(f"reply needs {pending.count} flags, got {len(event.flags)}")
+        count = _answer_count(event)
+        if count is not None and count != pending.count:
+            raise ValueError(f"reply needs {pending.count} answers, got {count}")
         frames = self._frame(kind, request_id, *encode(event))
         del self._outstanding[request_id]
         return frames
@@ -357,7 +369,7 @@ class TransferConnection:
         else:
             event = receive.decode(frame, decode)
         if self.role is Role.SERVER:
-            assert isinstance(event, _REQUESTS)  # noqa: S101 - _check_turn let only requests by
+            assert isinstance(event, REQUEST_TYPES)  # noqa: S101 - _check_turn let only requests by
             self._outstanding[request_id] = _outstanding(kind, event)
         else:
             self._check_reply(kind, request_id, event, pending)
@@ -389,6 +401,8 @@ class TransferConnection:
         if pending is not None:
             if isinstance(event, ChunkData) and event.chunk_id != pending.chunk_id:
                 raise bad("CHUNK_DATA carries a chunk id that was not asked for", request_id)
-            if isinstance(event, HasReply | RenewReply) and len(event.flags) != pending.count:
-                raise bad(f"{kind.name} must hold {pending.count} 0/1 flags", request_id)
+            count = _answer_count(event)
+            if count is not None and count != pending.count:
+                unit = "u32 seconds" if isinstance(event, LeasesReply) else "0/1 flags"
+                raise bad(f"{kind.name} must hold {pending.count} {unit}", request_id)
             del self._outstanding[request_id]

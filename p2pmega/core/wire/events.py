@@ -51,10 +51,12 @@ class MessageType(enum.IntEnum):
     FETCH = 0x02
     HAS = 0x03
     RENEW = 0x04
+    LEASES = 0x05  # new in version 1 (docs/PROTOCOL.md, "Versioning")
     STORE_OK = 0x81
     CHUNK_DATA = 0x82
     HAS_REPLY = 0x83
     RENEW_REPLY = 0x84
+    LEASES_REPLY = 0x85
     ERROR = 0xFF
 
 
@@ -121,6 +123,14 @@ class RenewRequest:
 
 
 @dataclass(frozen=True)
+class LeasesRequest:
+    """How long is each of ``ids`` still held? At most MAX_BATCH_IDS ids."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True)
 class StoreOK:
     """The chunk is durably stored; ``newly_stored`` is False if it was already held."""
 
@@ -158,6 +168,14 @@ class RenewReply:
 
 
 @dataclass(frozen=True)
+class LeasesReply:
+    """Per id of the LeasesRequest, in order: whole seconds left on its lease, 0 if not held."""
+
+    request_id: int
+    remaining_s: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Error:
     """A typed refusal of one request (or of the connection when request_id is 0)."""
 
@@ -171,8 +189,8 @@ class ConnectionClosed:
     """The peer closed its sending side at a frame boundary."""
 
 
-Request = StoreRequest | FetchRequest | HasRequest | RenewRequest
-Reply = StoreOK | ChunkData | HasReply | RenewReply | Error
+Request = StoreRequest | FetchRequest | HasRequest | RenewRequest | LeasesRequest
+Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | Error
 Event = Request | Reply | ConnectionClosed
 
 # The reply type that answers each request type (besides ERROR, which answers any).
@@ -181,7 +199,10 @@ REPLY_FOR: Final[dict[MessageType, MessageType]] = {
     MessageType.FETCH: MessageType.CHUNK_DATA,
     MessageType.HAS: MessageType.HAS_REPLY,
     MessageType.RENEW: MessageType.RENEW_REPLY,
+    MessageType.LEASES: MessageType.LEASES_REPLY,
 }
+# The request types, for isinstance checks.
+REQUEST_TYPES: Final = (StoreRequest, FetchRequest, HasRequest, RenewRequest, LeasesRequest)
 
 
 class ProtocolViolation(RemoteProtocolError):
