@@ -37,6 +37,7 @@ from p2pmega.core.wire import (
 )
 from p2pmega.core.words import counted
 from p2pmega.net.buffers import BufferPool, recycle
+from p2pmega.net.pump import LayerStack, PlainLayer
 from p2pmega.net.service import Service
 from p2pmega.net.transfer_peer import PeerConnection
 from p2pmega.net.transfer_peer import where as _where
@@ -76,6 +77,7 @@ class TransferClient(Service):
         timeout_s: float = 10.0,
         connect_timeout_s: float | None = None,
         max_connections_per_peer: int = 4,
+        layers: LayerStack = PlainLayer,
     ) -> None:
         if connect_timeout_s is None:
             connect_timeout_s = timeout_s
@@ -85,6 +87,7 @@ class TransferClient(Service):
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections_per_peer = max_connections_per_peer
+        self._layers = layers  # between each socket and its wire (net.pump)
         self._pool: dict[Address, list[PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
@@ -165,7 +168,9 @@ class TransferClient(Service):
         loop = asyncio.get_running_loop()
         try:
             _, peer_conn = await loop.create_connection(
-                functools.partial(PeerConnection, addr, self._buffers, self.timeout_s),
+                functools.partial(
+                    PeerConnection, addr, self._buffers, self.timeout_s, layers=self._layers
+                ),
                 addr[0],
                 addr[1],
                 local_addr=local,

@@ -27,7 +27,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool
-from p2pmega.net.pump import Pump
+from p2pmega.net.pump import LayerStack, PlainLayer, Pump
 
 log = logging.getLogger("p2pmega.net.transfer")
 
@@ -51,7 +51,14 @@ class PeerConnection(Pump):
     core.wire's buffer, which saves three copies of every chunk (measured with bench/transfer.py).
     """
 
-    def __init__(self, addr: Address, buffers: BufferPool, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        addr: Address,
+        buffers: BufferPool,
+        idle_timeout_s: float,
+        *,
+        layers: LayerStack = PlainLayer,
+    ) -> None:
         self.addr = addr
         # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
         # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
@@ -64,7 +71,8 @@ class PeerConnection(Pump):
                 keep_buffer_bytes=_KEEP_BUFFER_BYTES,
                 allocate=buffers.take,
                 deadlines=self.deadlines,
-            )
+            ),
+            layers=layers,
         )
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.answered = 0  # replies received so far; a reused connection may have gone stale

@@ -39,7 +39,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.pump import Pump
+from p2pmega.net.pump import LayerStack, PlainLayer, Pump
 from p2pmega.net.transfer_workers import Chunk, Workers
 
 if TYPE_CHECKING:
@@ -94,12 +94,14 @@ class TransferServer:
         port: int,
         on_stored: Callable[[ChunkId], None] | None = None,
         limits: ServerLimits = ServerLimits(),
+        layers: LayerStack = PlainLayer,
     ) -> None:
         self._store = store
         self._host = host
         self._requested_port = port
         self._on_stored = on_stored
         self.limits = limits
+        self.layers = layers  # between each socket and its wire (net.pump)
         self.port = port
         self._server: asyncio.Server | None = None
         self._workers: Workers | None = None
@@ -253,7 +255,8 @@ class _Connection(Pump):
                 max_frame_bytes=limits.max_frame_bytes,
                 allocate=server.buffers.take,
                 deadlines=self.deadlines,
-            )
+            ),
+            layers=server.layers,
         )
         self.ip = "?"
         self._blocked = False
