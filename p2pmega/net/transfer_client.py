@@ -43,7 +43,7 @@ from p2pmega.net.transfer_peer import PeerConnection
 from p2pmega.net.transfer_peer import where as _where
 from p2pmega.net.wire_errors import raise_for
 
-# Both sides log as p2pmega.net.transfer, as they did when they were one module.
+# Every transfer module logs as p2pmega.net.transfer, so one logger setting covers the transfer.
 log = logging.getLogger("p2pmega.net.transfer")
 
 _T = TypeVar("_T")
