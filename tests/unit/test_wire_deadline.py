@@ -69,17 +69,16 @@ def test_unanswered_request_expires_after_stall_timeout() -> None:
     assert "request 7" in verdict.message
 
 
-def partial_store(conn: TransferConnection, size: int) -> bytes:
-    """The first bytes of a StoreRequest of ``size`` data bytes, handed to ``conn``."""
+def store_frame(size: int) -> bytes:
+    """A whole StoreRequest frame of ``size`` data bytes (tests hand its bytes over bit by bit)."""
     client = TransferConnection(role=Role.CLIENT)
     data = bytes(size)
-    frame = b"".join(bytes(b) for b in client.send(StoreRequest(1, chunk_id_of(data), 60, data)))
-    return frame
+    return b"".join(bytes(b) for b in client.send(StoreRequest(1, chunk_id_of(data), 60, data)))
 
 
 def test_stalled_frame_expires_stall_timeout_after_its_last_byte() -> None:
     conn, deadlines = server()
-    frame = partial_store(conn, 100_000)
+    frame = store_frame(100_000)
     conn.receive_data(frame[:1000])
     deadlines.received(1000, 2.0)
     deadlines.waiting_for_data(conn.receiving_frame, 2.0)
@@ -94,7 +93,7 @@ def test_stalled_frame_expires_stall_timeout_after_its_last_byte() -> None:
 
 def test_trickling_frame_fails_the_rate_floor_after_the_grace() -> None:
     conn, deadlines = server()
-    frame = partial_store(conn, 1_000_000)
+    frame = store_frame(1_000_000)
     got, now = 0, 0.0
     verdict = None
     # 100 bytes every 10 s never stall (bytes keep coming) but average 10 bytes/s.
@@ -112,7 +111,7 @@ def test_trickling_frame_fails_the_rate_floor_after_the_grace() -> None:
 
 def test_slow_but_steady_frame_passes() -> None:
     conn, deadlines = server()
-    frame = partial_store(conn, 1_000_000)
+    frame = store_frame(1_000_000)
     got = 0
     for second in range(120):  # 8 KiB/s: twice the floor, for two minutes
         conn.receive_data(frame[got : got + 8192])
@@ -125,7 +124,7 @@ def test_slow_but_steady_frame_passes() -> None:
 def test_time_spent_not_reading_is_not_the_senders_stall() -> None:
     conn, deadlines = server()
     deadlines.request_arrived(9, 0.0)  # the request whose slot we wait for
-    frame = partial_store(conn, 100_000)
+    frame = store_frame(100_000)
     conn.receive_data(frame[:1000])
     deadlines.received(1000, 0.0)
     deadlines.waiting_for_data(conn.receiving_frame, 0.0)
