@@ -1,7 +1,8 @@
 """TransferClient: talks to holders' TransferServers over a pool of pipelined connections.
 
-This module only moves bytes and maps typed Error replies to exceptions; the protocol rules live
-in p2pmega.core.wire.
+This module keeps the pool and turns requests into calls; each connection is a
+net.transfer_peer.PeerConnection on the shared pump, typed Error replies become exceptions in
+net.wire_errors, and the protocol rules live in p2pmega.core.wire.
 """
 
 from __future__ import annotations
@@ -11,39 +12,38 @@ import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
 from p2pmega.core.ids import Address
 from p2pmega.core.wire import (
-    CONNECTION_REQUEST_ID,
     MAX_BATCH_IDS,
     MAX_LEASE_S,
-    NEED_DATA,
     ChunkData,
-    ConnectionClosed,
     Error,
-    ErrorCode,
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     RenewReply,
     RenewRequest,
     Reply,
     Request,
-    Role,
     StoreOK,
     StoreRequest,
-    TransferConnection,
 )
 from p2pmega.core.words import counted
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.progress import unacknowledged_bytes
+from p2pmega.net.pump import LayerStack, PlainLayer
 from p2pmega.net.service import Service
+from p2pmega.net.transfer_peer import PeerConnection
+from p2pmega.net.transfer_peer import where as _where
+from p2pmega.net.wire_errors import raise_for
 
-# Both sides log as p2pmega.net.transfer, as they did when they were one module.
+# Every transfer module logs as p2pmega.net.transfer, so one logger setting covers the transfer.
 log = logging.getLogger("p2pmega.net.transfer")
 
 _T = TypeVar("_T")
@@ -53,198 +53,12 @@ ChunkBytes = bytes | memoryview
 # so that a client that talked to many holders does not keep a receive buffer for each of them.
 _POOL_IDLE_S: Final = 20.0
 _POOL_SWEEP_INTERVAL_S: Final = 5.0
-# Receive buffer a connection keeps between frames; a chunk arrives in a buffer of the client's
-# BufferPool, which fetch_into takes back once its consumer is done with the chunk.
-_KEEP_BUFFER_BYTES: Final = 64 << 10
-# A connection with requests pending checks its progress this many times per idle timeout, so a
-# stalled one fails between 1 and 1.25 idle timeouts after its last byte moved.
-_PROGRESS_CHECKS_PER_TIMEOUT: Final = 4
 
 
 def _lease_seconds(lease_s: float) -> int:
     if not lease_s > 0:
         raise ValueError(f"lease_s must be positive, got {lease_s}")
     return min(math.ceil(lease_s), MAX_LEASE_S)
-
-
-def _where(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
-
-
-class _PeerConnection(asyncio.BufferedProtocol):
-    """One pooled client connection: pipelined requests, replies matched by request id.
-
-    A BufferedProtocol rather than a StreamReader: the socket receives straight into core.wire's
-    buffer, which saves three copies of every chunk (measured with bench/transfer.py).
-    """
-
-    def __init__(self, addr: Address, buffers: BufferPool, idle_timeout_s: float) -> None:
-        self.addr = addr
-        self.conn = TransferConnection(
-            role=Role.CLIENT, keep_buffer_bytes=_KEEP_BUFFER_BYTES, allocate=buffers.take
-        )
-        self.pending: dict[int, asyncio.Future[Reply]] = {}
-        self.closed = False
-        self.answered = 0  # replies received so far; a reused connection may have gone stale
-        self._loop = asyncio.get_running_loop()
-        self.last_used = self._loop.time()
-        self._transport: asyncio.Transport | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-        # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
-        # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
-        self.idle_timeout_s = idle_timeout_s
-        self._written = 0
-        self._received = 0
-        self._moved_at_check = 0
-        self._progress_at = self.last_used
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
-        self._transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._received += nbytes
-        if not self.closed:
-            self.conn.buffer_updated(nbytes)
-            self._drain_events()
-
-    def eof_received(self) -> bool:
-        if not self.closed:
-            self.conn.receive_data(b"")
-            self._drain_events()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = f" ({exc})" if exc else ""
-        self._fail(errors.PeerUnreachable(f"connection to {_where(self.addr)} was lost{reason}"))
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def _drain_events(self) -> None:
-        try:
-            while (event := self.conn.next_event()) is not NEED_DATA:
-                if isinstance(event, ConnectionClosed):
-                    raise errors.PeerUnreachable(f"peer {_where(self.addr)} closed the connection")
-                if isinstance(event, Error) and event.request_id == CONNECTION_REQUEST_ID:
-                    raise errors.PeerUnreachable(
-                        f"peer {_where(self.addr)} dropped the connection: "
-                        f"{event.code.name} {event.message}"
-                    )
-                if isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
-                    raise AssertionError("a client connection yields only replies")
-                self.answered += 1
-                future = self.pending.pop(event.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(event)
-        except errors.PeerUnreachable as exc:
-            self._fail(exc)
-        except errors.RemoteProtocolError as exc:
-            log.debug("dropping %s: %s", _where(self.addr), exc)
-            self._fail(
-                errors.PeerUnreachable(
-                    f"peer {_where(self.addr)} broke the transfer protocol; try another holder"
-                )
-            )
-
-    def _moved(self) -> int:
-        """Bytes received plus bytes written that the holder has acknowledged, so far."""
-        if self._transport is None:
-            return self._received
-        return self._received + self._written - unacknowledged_bytes(self._transport)
-
-    def _check_progress(self) -> None:
-        """Fail every pending request if nothing moved for idle_timeout_s; else check again later.
-
-        Progress is sampled, so the connection fails only after a whole idle_timeout_s between two
-        samples with no byte moved in either direction: a slow link is slow, not dead.
-        """
-        self._watchdog = None
-        if self.closed or not self.pending:
-            return  # re-armed by the next request
-        now = self._loop.time()
-        moved = self._moved()
-        if moved != self._moved_at_check:
-            self._moved_at_check = moved
-            self._progress_at = now
-        elif now - self._progress_at >= self.idle_timeout_s:
-            self._fail(
-                errors.TransferTimeout(
-                    f"peer {_where(self.addr)} did not answer: no data moved for "
-                    f"{self.idle_timeout_s:g}s; try another holder"
-                )
-            )
-            return
-        self._watchdog = self._loop.call_at(
-            now + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT, self._check_progress
-        )
-
-    def _fail(self, failure: errors.NetworkError) -> None:
-        self.closed = True
-        self._writable.set()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._transport is not None:
-            self._transport.abort()
-        pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(failure)
-
-    async def request(self, event: Callable[[int], Request]) -> Reply:
-        """Send one request built for a fresh request id and wait for its reply.
-
-        No deadline for the whole request: it fails only when the connection moves no data for
-        ``idle_timeout_s`` (see _check_progress), so a 2 MiB store may take minutes on a slow uplink.
-
-        Raises:
-            errors.PeerUnreachable: the connection is or becomes unusable.
-            errors.TransferTimeout: the connection moved no data for ``idle_timeout_s``.
-        """
-        if self.closed or self._transport is None:
-            raise errors.PeerUnreachable(f"connection to {_where(self.addr)} is closed")
-        request_id = self.conn.new_request_id()
-        buffers = self.conn.send(event(request_id))
-        loop = self._loop
-        future: asyncio.Future[Reply] = loop.create_future()
-        self.last_used = loop.time()
-        if not self.pending:
-            # Time spent idle in the pool is not a stall.
-            self._progress_at = self.last_used
-            self._moved_at_check = self._moved()
-        self.pending[request_id] = future
-        if self._watchdog is None:
-            self._watchdog = loop.call_at(
-                self.last_used + self.idle_timeout_s / _PROGRESS_CHECKS_PER_TIMEOUT,
-                self._check_progress,
-            )
-        try:
-            # Separate writes: the transport sends the chunk body straight from our buffer
-            # instead of first joining it to the header.
-            for buffer in buffers:
-                self._written += len(buffer)
-                self._transport.write(buffer)
-            await self._writable.wait()
-            return await future
-        finally:
-            self.pending.pop(request_id, None)
-            self.last_used = loop.time()
-
-    def drop(self) -> None:
-        """Close now; requests still waiting fail with PeerUnreachable."""
-        self._fail(errors.PeerUnreachable(f"connection to {_where(self.addr)} was closed locally"))
-
-    async def close(self) -> None:
-        self.drop()
 
 
 class TransferClient(Service):
@@ -263,6 +77,7 @@ class TransferClient(Service):
         timeout_s: float = 10.0,
         connect_timeout_s: float | None = None,
         max_connections_per_peer: int = 4,
+        layers: LayerStack = PlainLayer,
     ) -> None:
         if connect_timeout_s is None:
             connect_timeout_s = timeout_s
@@ -272,7 +87,8 @@ class TransferClient(Service):
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections_per_peer = max_connections_per_peer
-        self._pool: dict[Address, list[_PeerConnection]] = {}
+        self._layers = layers  # between each socket and its wire (net.pump)
+        self._pool: dict[Address, list[PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
         self._next_sweep = 0.0
@@ -315,7 +131,7 @@ class TransferClient(Service):
             if lock is not None and not lock.locked():
                 del self._opening[addr]
 
-    def _idle_or_none(self, addr: Address) -> _PeerConnection | None:
+    def _idle_or_none(self, addr: Address) -> PeerConnection | None:
         conns = [c for c in self._pool.get(addr, []) if not c.closed]
         self._pool[addr] = conns
         best = min(conns, key=lambda c: len(c.pending), default=None)
@@ -323,7 +139,7 @@ class TransferClient(Service):
             return best
         return None
 
-    async def _connection(self, addr: Address, *, fresh: bool = False) -> _PeerConnection:
+    async def _connection(self, addr: Address, *, fresh: bool = False) -> PeerConnection:
         if self._closed:
             raise errors.PeerUnreachable("the transfer client is closed")
         self._sweep()
@@ -347,12 +163,14 @@ class TransferClient(Service):
         self._pool.setdefault(addr, []).append(peer_conn)
         return peer_conn
 
-    async def _open(self, addr: Address) -> _PeerConnection:
+    async def _open(self, addr: Address) -> PeerConnection:
         local = (self.local_host, 0) if self.local_host else None
         loop = asyncio.get_running_loop()
         try:
             _, peer_conn = await loop.create_connection(
-                functools.partial(_PeerConnection, addr, self._buffers, self.timeout_s),
+                functools.partial(
+                    PeerConnection, addr, self._buffers, self.timeout_s, layers=self._layers
+                ),
                 addr[0],
                 addr[1],
                 local_addr=local,
@@ -371,7 +189,7 @@ class TransferClient(Service):
         self, addr: Address, event: Callable[[int], Request], chunk_id: bytes = b""
     ) -> Reply:
         # No deadline around the request: its connection fails it (and every other request on
-        # it, and is not reused) once no data moved for timeout_s (_PeerConnection.request).
+        # it, and is not reused) once no data moved for timeout_s (PeerConnection.request).
         peer_conn = await self._connection(addr)
         reused = peer_conn.answered > 0
         try:
@@ -385,7 +203,7 @@ class TransferClient(Service):
             peer_conn = await self._connection(addr, fresh=True)
             reply = await peer_conn.request(event)
         if isinstance(reply, Error):
-            _raise_for(reply, addr, chunk_id)
+            raise_for(reply, addr, chunk_id)
         return reply
 
     async def store(self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float) -> bool:
@@ -528,14 +346,14 @@ class TransferClient(Service):
             errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
                 ``connect_timeout_s``.
         """
-        flags: list[bool] = []
-        for start in range(0, len(ids), MAX_BATCH_IDS):
-            batch = tuple(ids[start : start + MAX_BATCH_IDS])
+
+        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
             reply = await self._request(addr, functools.partial(HasRequest, ids=batch))
             if not isinstance(reply, HasReply):
                 raise AssertionError("core.wire matches HAS with HAS_REPLY")
-            flags.extend(reply.flags)
-        return flags
+            return reply.flags
+
+        return await _batched(ids, ask)
 
     async def renew(self, addr: Address, ids: Sequence[ChunkId], lease_s: float) -> list[bool]:
         """Extend the leases of ``ids`` at ``addr``; True for each id the peer holds and renewed.
@@ -547,16 +365,50 @@ class TransferClient(Service):
             ValueError: ``lease_s`` is not positive.
         """
         lease = _lease_seconds(lease_s)
-        flags: list[bool] = []
-        for start in range(0, len(ids), MAX_BATCH_IDS):
-            batch = tuple(ids[start : start + MAX_BATCH_IDS])
+
+        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
             reply = await self._request(
                 addr, functools.partial(RenewRequest, ids=batch, lease_s=lease)
             )
             if not isinstance(reply, RenewReply):
                 raise AssertionError("core.wire matches RENEW with RENEW_REPLY")
-            flags.extend(reply.flags)
-        return flags
+            return reply.flags
+
+        return await _batched(ids, ask)
+
+    async def leases(self, addr: Address, ids: Sequence[ChunkId]) -> list[int]:
+        """Whole seconds left on each of ``ids``' leases at ``addr`` (0: not held there).
+
+        Batches larger than MAX_BATCH_IDS are split. A holder older than the LEASES message
+        refuses it with BAD_REQUEST and closes the connection (docs/PROTOCOL.md, "Versioning").
+
+        Raises:
+            errors.PeerUnreachable: the peer cannot be reached or refused the request (an old
+                holder that does not know LEASES).
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
+        """
+
+        async def ask(batch: tuple[ChunkId, ...]) -> tuple[int, ...]:
+            reply = await self._request(addr, functools.partial(LeasesRequest, ids=batch))
+            if not isinstance(reply, LeasesReply):
+                raise AssertionError("core.wire matches LEASES with LEASES_REPLY")
+            return reply.remaining_s
+
+        return await _batched(ids, ask)
+
+
+async def _batched(
+    ids: Sequence[ChunkId], ask: Callable[[tuple[ChunkId, ...]], Awaitable[Sequence[_T]]]
+) -> list[_T]:
+    """Ask ``ask`` about each slice of at most MAX_BATCH_IDS ``ids``; join the answers in order.
+
+    The slices go one after another, so a long list holds one pooled connection, not all of them.
+    """
+    answers: list[_T] = []
+    for start in range(0, len(ids), MAX_BATCH_IDS):
+        answers.extend(await ask(tuple(ids[start : start + MAX_BATCH_IDS])))
+    return answers
 
 
 def _as_is(data: ChunkBytes) -> ChunkBytes:
@@ -576,18 +428,3 @@ def _verified(
     finally:
         if buffers is not None:
             recycle(data, buffers)
-
-
-def _raise_for(reply: Error, addr: Address, chunk_id: bytes) -> None:
-    """Turn a typed Error reply into the matching exception."""
-    what = f"chunk {short_id(chunk_id)}" if chunk_id else "request"
-    where = _where(addr)
-    if reply.code is ErrorCode.NOT_FOUND:
-        raise errors.ChunkNotStored(f"peer {where} does not hold {what}; try another holder")
-    if reply.code is ErrorCode.QUOTA_FULL:
-        raise errors.QuotaExceeded(
-            f"peer {where} refused {what}: its quota is full; pick another holder"
-        )
-    if reply.code is ErrorCode.BAD_HASH:
-        raise errors.ChunkHashMismatch(f"peer {where} says the bytes of {what} do not match its id")
-    raise errors.PeerUnreachable(f"peer {where} refused {what}: {reply.code.name} {reply.message}")

@@ -1,72 +1,54 @@
-"""TransferServer: serves a ChunkStore over TCP, one BufferedProtocol per connection around core.wire.
+"""TransferServer: serves a ChunkStore over TCP, one pump (net.pump) per connection around core.wire.
 
-This module only moves bytes, enforces ServerLimits and maps store errors to typed Error replies;
-the protocol rules live in p2pmega.core.wire.
+This module enforces ServerLimits (connections, in-flight slots, back-pressure); the protocol
+rules and timeouts live in p2pmega.core.wire, the store calls in net.transfer_workers.
 
 The socket receives straight into core.wire's frame buffer (no StreamReader copies), requests run
 in the server's worker threads without a task each, and finished requests come back to the event
-loop in batches, with one wake-up for all that finished meanwhile (see _Workers).
+loop in batches, with one wake-up for all that finished meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id
 from p2pmega.core.wire import (
-    CHUNK_DATA_HEAD_BYTES,
     CONNECTION_REQUEST_ID,
     MAX_FRAME_BYTES,
     NEED_DATA,
+    REQUEST_TYPES,
     ConnectionClosed,
     Error,
     ErrorCode,
-    FetchRequest,
-    HasReply,
-    HasRequest,
+    Expiry,
     ProtocolViolation,
-    RenewReply,
-    RenewRequest,
     Reply,
     Request,
     Role,
+    ServerDeadlines,
     StoreOK,
     StoreRequest,
+    TimedOut,
+    Timeouts,
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.progress import unacknowledged_bytes
+from p2pmega.net.pump import LayerStack, PlainLayer, Pump
+from p2pmega.net.transfer_workers import Chunk, Workers
 
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
 
-# Both sides log as p2pmega.net.transfer, as they did when they were one module.
 log = logging.getLogger("p2pmega.net.transfer")
 
 # How long stop() and a protocol violation wait for a refused peer to take our final Error frame.
 _CLOSE_GRACE_S: Final = 1.0
-# Threads that run store calls: enough to overlap the fsyncs of concurrent stores.
-_WORKER_THREADS: Final = 8
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """A fetched chunk: its ChunkData frame at ``start`` in a buffer of BufferPool.
-
-    The frame's ``size`` data bytes follow CHUNK_DATA_HEAD_BYTES of room for its header.
-    """
-
-    buffer: bytearray
-    start: int
-    size: int
 
 
 @dataclass(frozen=True)
@@ -97,135 +79,6 @@ class ServerLimits:
             raise ValueError("ServerLimits timeouts and rates must be positive")
 
 
-def _answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | _Chunk:
-    """Run one request against the store (in a worker thread); every failure becomes an Error."""
-    try:
-        if isinstance(event, StoreRequest):
-            newly = store.put(event.chunk_id, event.data, lease_s=event.lease_s)
-            return StoreOK(event.request_id, newly)
-        if isinstance(event, FetchRequest):
-            taken: list[bytearray] = []
-            starts: list[int] = []
-
-            def room(size: int) -> memoryview:
-                # The chunk goes after room for its frame header (send_chunk_data_in_place), on a
-                # direct I/O boundary, so the disk reads it into place.
-                taken.append(buffers.take(CHUNK_DATA_HEAD_BYTES + size + store.ROOM_SPARE_BYTES))
-                starts.append(store.room_offset(taken[-1], CHUNK_DATA_HEAD_BYTES))
-                return memoryview(taken[-1])[starts[-1] + CHUNK_DATA_HEAD_BYTES :]
-
-            try:
-                size = store.read_into(event.chunk_id, room)
-            except BaseException:
-                for buffer in taken:
-                    buffers.give(buffer)
-                raise
-            return _Chunk(taken[0], starts[0], size)
-        if isinstance(event, HasRequest):
-            return HasReply(event.request_id, tuple(store.has_many(event.ids)))
-        return RenewReply(event.request_id, tuple(store.renew(event.ids, lease_s=event.lease_s)))
-    except errors.ChunkNotStored:
-        return Error(event.request_id, ErrorCode.NOT_FOUND, "chunk not stored here")
-    except errors.ChunkHashMismatch:
-        if isinstance(event, StoreRequest):
-            return Error(event.request_id, ErrorCode.BAD_HASH, "data does not hash to the chunk id")
-        # ChunkStore.get found the file rotten and dropped it: we no longer hold the chunk.
-        return Error(event.request_id, ErrorCode.NOT_FOUND, "chunk was corrupt on disk and dropped")
-    except errors.QuotaExceeded:
-        return Error(event.request_id, ErrorCode.QUOTA_FULL, "store quota is full")
-    except errors.UsageError as exc:
-        return Error(event.request_id, ErrorCode.BAD_REQUEST, f"refused: {type(exc).__name__}")
-    except errors.StorageError as exc:
-        return Error(event.request_id, ErrorCode.INTERNAL, f"store failed: {type(exc).__name__}")
-    except OSError as exc:
-        message = f"disk error: {exc.strerror or type(exc).__name__}"
-        return Error(event.request_id, ErrorCode.INTERNAL, message)
-    except Exception:
-        # A bug in the store must not leave the peer waiting for its timeout.
-        log.exception("store raised unexpectedly on request %d", event.request_id)
-        return Error(event.request_id, ErrorCode.INTERNAL, "internal error")
-
-
-_Done = tuple["_Connection", Request, Reply | _Chunk]
-
-
-class _Workers:
-    """Store calls in worker threads; results return to the loop in batches.
-
-    Plain threads on one queue (a ThreadPoolExecutor costs a Future, a work item and a semaphore
-    per request). A thread that finishes a request queues the reply and wakes the loop only if no
-    wake-up is pending already, so requests that finish close together cost one wake-up.
-    """
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, store: ChunkStore, buffers: BufferPool
-    ) -> None:
-        self._loop = loop
-        self._store = store
-        self.buffers = buffers
-        self._jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._done: deque[_Done] = deque()
-        self._wake_pending = False
-        self._running = 0
-        self._idle: asyncio.Future[None] | None = None
-        # Daemon threads: a process that exits without stop() loses at most writes that were
-        # never acknowledged, which the store's repair at open removes (as after kill -9).
-        self._threads = [
-            threading.Thread(target=self._work, name=f"p2pmega-transfer-{i}", daemon=True)
-            for i in range(_WORKER_THREADS)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, connection: _Connection, event: Request) -> None:
-        self._running += 1
-        self._jobs.put((connection, event))
-
-    def _work(self) -> None:
-        store, buffers, jobs = self._store, self.buffers, self._jobs
-        while (job := jobs.get()) is not None:
-            connection, event = job
-            reply = _answer(store, event, buffers)
-            with self._lock:
-                self._done.append((connection, event, reply))
-                wake = not self._wake_pending
-                self._wake_pending = True
-            if wake:
-                try:
-                    self._loop.call_soon_threadsafe(self._deliver)
-                except RuntimeError:
-                    return  # the loop is closed: the server was never stopped, nobody waits
-
-    def _deliver(self) -> None:
-        with self._lock:
-            done, self._done = self._done, deque()
-            self._wake_pending = False
-        self._running -= len(done)
-        for connection, event, reply in done:
-            try:
-                connection.finished(event, reply, self.buffers)
-            except Exception:
-                log.exception("sending the reply to request %d failed", event.request_id)
-                connection.abort()
-                connection.release(event.request_id)  # its slot, which connection_lost cannot see
-                if isinstance(reply, _Chunk):
-                    self.buffers.give(reply.buffer)
-        if not self._running and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-
-    async def wait_idle(self) -> None:
-        """Until every submitted request has finished (store writes are never abandoned)."""
-        if self._running:
-            self._idle = self._loop.create_future()
-            await self._idle
-
-    def shutdown(self) -> None:
-        """Let the threads end (each takes one None off the queue once the jobs are done)."""
-        for _ in self._threads:
-            self._jobs.put(None)
-
-
 class TransferServer:
     """Serves a ChunkStore over TCP on ``host:port`` (the same number as the node's DHT UDP port).
 
@@ -241,15 +94,17 @@ class TransferServer:
         port: int,
         on_stored: Callable[[ChunkId], None] | None = None,
         limits: ServerLimits = ServerLimits(),
+        layers: LayerStack = PlainLayer,
     ) -> None:
         self._store = store
         self._host = host
         self._requested_port = port
         self._on_stored = on_stored
         self.limits = limits
+        self.layers = layers  # between each socket and its wire (net.pump)
         self.port = port
         self._server: asyncio.Server | None = None
-        self._workers: _Workers | None = None
+        self._workers: Workers | None = None
         self.buffers = BufferPool()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
@@ -282,7 +137,7 @@ class TransferServer:
         """
         loop = asyncio.get_running_loop()
         # Workers first: the server accepts connections as soon as it is bound.
-        self._workers = _Workers(loop, self._store, self.buffers)
+        self._workers = Workers(loop, self._store, self.buffers)
         try:
             self._server = await loop.create_server(
                 lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
@@ -377,118 +232,98 @@ class TransferServer:
             log.exception("on_stored callback failed for chunk %s", short_id(chunk_id))
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(Pump):
     """One client connection: frames in, requests to the workers, replies out, limits enforced.
 
-    Timers measure progress, not size, so a peer on a slow link is served and a slowloris is not:
-
-    - a started frame must receive bytes at least every ``stall_timeout_s``, and from its first
-      byte on at an average of ``min_rate_bytes_s`` after a grace of ``stall_timeout_s``;
-    - a request must be answered within ``stall_timeout_s`` of its arrival, and while replies wait
-      for the socket, the peer must acknowledge bytes at least every ``stall_timeout_s`` and at
-      ``min_rate_bytes_s`` on average (same grace) since the socket stopped taking them;
-    - with no frame and no request in flight, the connection is closed after ``idle_timeout_s``.
-
-    Any miss aborts the connection. Time the server itself stopped reading (no free slot) does not
-    count against the sender. One TimerHandle serves all of them: it is re-armed only when a
-    deadline earlier than the armed one appears, and re-checks on firing.
+    Timers measure progress, not size, so a peer on a slow link is served and a slowloris is not;
+    the rules are core.wire's ServerDeadlines, which this pump tells what happened and when. Any
+    miss aborts the connection; an idle one is closed.
     """
 
     def __init__(self, server: TransferServer) -> None:
         self.server = server
-        self.limits = server.limits
-        self.conn = TransferConnection(
-            role=Role.SERVER,
-            max_frame_bytes=server.limits.max_frame_bytes,
-            allocate=server.buffers.take,
+        self.limits = limits = server.limits
+        timeouts = Timeouts(
+            stall_s=limits.stall_timeout_s,
+            min_rate_bytes_s=limits.min_rate_bytes_s,
+            idle_s=limits.idle_timeout_s,
+        )
+        self.deadlines = ServerDeadlines(timeouts, now=asyncio.get_running_loop().time())
+        super().__init__(
+            TransferConnection(
+                role=Role.SERVER,
+                max_frame_bytes=limits.max_frame_bytes,
+                allocate=server.buffers.take,
+                deadlines=self.deadlines,
+            ),
+            layers=server.layers,
         )
         self.ip = "?"
-        self.inflight = 0
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._closing = False  # no more requests are read; replies still go out unless aborted
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
-        self._write_paused = False
-        self._started: dict[int, float] = {}  # request id -> arrival, until its reply is taken
-        self._untaken: list[int] = []  # replies written while the socket was paused
-        self._last_activity = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = None
-        # Receiving: bytes so far, and when the current frame started and how many had come then.
-        self._received = 0
-        self._frame_started: float | None = None
-        self._frame_base = 0
-        self._blocked_at = 0.0
-        # Sending while the socket is paused: bytes written, bytes acknowledged when last polled,
-        # when that count last grew, and when the pause started and how many were acknowledged then.
-        self._written = 0
-        self._acked = 0
-        self._acked_at = 0.0
-        self._paused_at = 0.0
-        self._paused_base = 0
+        self._inflight: set[int] = set()  # request ids holding a slot, until their reply is taken
 
-    # -- asyncio callbacks ---------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        """Requests of this connection holding an in-flight slot."""
+        return len(self._inflight)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
-        self._transport = transport
+    # -- the pump's hooks ----------------------------------------------------------------------------
+
+    def opened(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
         if not self.server.admit(self):
             log.debug("refused BUSY connection from %s: %d open", self.ip, self.server.connections)
-            self._closing = True
+            self.closing = True
             refusal = TransferConnection(role=Role.SERVER)
-            busy = Error(CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later")
-            transport.writelines(refusal.send(busy))
+            self.write(
+                refusal.send(
+                    Error(
+                        CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later"
+                    )
+                )
+            )
             # close() flushes the small Error frame in the background; a peer that never reads
             # cannot hold more than this one frame of ours.
             transport.close()
             return
-        self._arm(self._last_activity + self.limits.idle_timeout_s)
+        self.rearm()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        conn = self.conn
-        conn.buffer_updated(nbytes)
-        self._received += nbytes
-        if self._closing:
-            return
-        self._last_activity = self._loop.time()
-        if not conn.frame_pending:  # a large frame arrives in several reads: parse once, at the end
+    def data_received(self) -> None:
+        if (
+            not self.conn.frame_pending
+        ):  # a large frame arrives in several reads: parse once, at the end
             self._pump()
 
-    def eof_received(self) -> bool:
-        if not self._closing:
-            self._eof = True
-            self.conn.receive_data(b"")
-            self._pump()
+    def peer_closed(self) -> bool:
+        self._eof = True
+        self._pump()
         return True  # keep the socket open for the replies still owed; we close it ourselves
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def lost(self, exc: Exception | None) -> None:
+        self.closing = True
         # Replies written but never taken free their slots now; requests still in the workers
         # free theirs when they finish.
-        untaken, self._untaken = self._untaken, []
-        for request_id in untaken:
+        for request_id in self.deadlines.abandon_untaken():
             self.release(request_id)
         self.server.forget(self)
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._paused_at = self._acked_at = self._loop.time()
-        self._paused_base = self._acked = self._acked_bytes()
+    def writing_paused(self) -> None:
+        self.deadlines.writing_paused(self.acked_bytes(), self.loop.time())
 
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        untaken, self._untaken = self._untaken, []
-        for request_id in untaken:
+    def writing_resumed(self) -> None:
+        for request_id in self.deadlines.writing_resumed(self.loop.time()):
             self._done(request_id)
+
+    def timed_out(self, verdict: TimedOut) -> None:
+        log.debug("closing %s: %s", self.ip, verdict.message)
+        if verdict.rule is not Expiry.IDLE:
+            self.abort()
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -496,7 +331,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Parse and dispatch frames while in-flight slots allow; stop reading when they do not."""
         conn = self.conn
         server = self.server
-        while not self._closing:
+        while not self.closing:
             if not conn.receiving_frame and not self._eof:
                 # Nothing buffered (the usual case after a frame): no need to ask core.wire.
                 self._need_data()
@@ -506,9 +341,9 @@ class _Connection(asyncio.BufferedProtocol):
                     # Backpressure: with every slot taken we stop reading, so the peer's own TCP
                     # window fills up instead of our memory.
                     self._blocked = True
-                    self._blocked_at = self._loop.time()
+                    self.deadlines.reading_paused(self.loop.time())
                     server.block(self)
-                    self._pause_reading()
+                    self.pause_reading()
                 return
             try:
                 event = conn.next_event()
@@ -522,209 +357,84 @@ class _Connection(asyncio.BufferedProtocol):
                 self._peer_done = True
                 self._close_when_answered()
                 return
-            if not isinstance(event, StoreRequest | FetchRequest | HasRequest | RenewRequest):
+            if not isinstance(event, REQUEST_TYPES):
                 raise AssertionError("a server connection yields only requests")
             server.take_slot(self)
-            self._frame_started = None
-            self.inflight += 1
-            now = self._loop.time()
-            self._started[event.request_id] = now
-            self._arm(now + self.limits.stall_timeout_s)
+            self._inflight.add(event.request_id)
+            self.deadlines.request_arrived(event.request_id, self.loop.time())
+            self.rearm()
             server.submit(self, event)
 
     def _need_data(self) -> None:
+        now = self.loop.time()
         if self._blocked:
             self._blocked = False
             self.server.unblocked(self)
-            self._resume_reading()
+            self.resume_reading()
             # The sender could not send while we did not read: that time is not its stall.
-            now = self._loop.time()
-            self._last_activity = now
-            if self._frame_started is not None:
-                self._frame_started += now - self._blocked_at
-        if self.conn.receiving_frame:
-            if self._frame_started is None:
-                self._frame_started = self._loop.time()
-                self._frame_base = self._received
-                self._arm(self._frame_deadline())
-        else:
-            self._frame_started = None
+            self.deadlines.reading_resumed(now)
+        self.deadlines.waiting_for_data(self.conn.receiving_frame, now)
+        self.rearm()
 
     def unblock(self) -> None:
         """A slot was freed somewhere: parse on if this connection can now take one."""
-        if self._blocked and not self._closing:
+        if self._blocked and not self.closing:
             self._pump()
 
-    def finished(self, event: Request, reply: Reply | _Chunk, buffers: BufferPool) -> None:
+    def finished(self, event: Request, reply: Reply | Chunk, buffers: BufferPool) -> None:
         """A worker answered ``event``: send the reply (unless the connection is gone)."""
         request_id = event.request_id
         if isinstance(event, StoreRequest):
             recycle(event.data, buffers)
             if isinstance(reply, StoreOK) and reply.newly_stored:
                 self.server.stored(event.chunk_id)
-        transport = self._transport
+        transport = self.transport
         if transport is None or transport.is_closing() or self.conn.failed:
-            if isinstance(reply, _Chunk):
+            if isinstance(reply, Chunk):
                 buffers.give(reply.buffer)
             self.release(request_id)
             return
-        if isinstance(reply, _Chunk):
+        if isinstance(reply, Chunk):
             # Header, chunk id and data leave in one write from the buffer they were read into.
             frame = memoryview(reply.buffer)[reply.start :]
-            out = self.conn.send_chunk_data_in_place(request_id, frame, reply.size)
-            self._written += len(out)  # before the write, which may call pause_writing
-            transport.write(out)
-            del frame, out  # a view left alive would keep the pool from taking the buffer back
+            self.write([self.conn.send_chunk_data_in_place(request_id, frame, reply.size)])
+            del frame  # a view left alive would keep the pool from taking the buffer back
             if not transport.get_write_buffer_size():
                 # The socket took it all, so the transport holds no reference to the buffer.
                 buffers.give(reply.buffer)
         else:
-            for buffer in self.conn.send(reply):
-                self._written += len(buffer)
-                transport.write(buffer)
-        if self._write_paused:
-            self._untaken.append(request_id)  # taken when the socket drains (resume_writing)
-        else:
+            self.write(self.conn.send(reply))
+        # A reply the paused socket did not take is taken when it drains (writing_resumed).
+        if self.deadlines.reply_written(request_id, self.loop.time()):
             self._done(request_id)
+        else:
+            self.rearm()
 
     def _done(self, request_id: int) -> None:
-        self._last_activity = self._loop.time()
         self.release(request_id)
         if self._peer_done:
             self._close_when_answered()
 
     def release(self, request_id: int) -> None:
         """Free the in-flight slot of ``request_id`` (once; later calls do nothing)."""
-        if self._started.pop(request_id, None) is None:
+        if request_id not in self._inflight:
             return
-        self.inflight -= 1
+        self._inflight.discard(request_id)
+        self.deadlines.forget(request_id)
         self.server.release_slot(self)
 
     def _close_when_answered(self) -> None:
-        if not self._started and self._transport is not None:
-            self._closing = True
-            self._transport.close()
-
-    # -- closing -------------------------------------------------------------------------------------
+        if not self._inflight and self.transport is not None:
+            self.closing = True
+            self.transport.close()
 
     def _refuse(self, exc: ProtocolViolation) -> None:
         """Send the one Error a protocol violation earns, then close (abort if not taken soon)."""
         log.debug("refused %s from %s: %s", exc.code.name, self.ip, exc)
-        self._closing = True
-        transport = self._transport
+        self.closing = True
+        transport = self.transport
         if transport is None or transport.is_closing():
             return
-        for buffer in self.conn.send(Error(exc.request_id, exc.code, str(exc))):
-            transport.write(buffer)
+        self.write(self.conn.send(Error(exc.request_id, exc.code, str(exc))))
         transport.close()
-        self._loop.call_later(_CLOSE_GRACE_S, transport.abort)
-
-    def abort(self) -> None:
-        """Drop the connection now, discarding unsent bytes (the peer is not reading, or we stop)."""
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-
-    # -- timers --------------------------------------------------------------------------------------
-
-    def _arm(self, deadline: float) -> None:
-        """Make sure the timer fires no later than ``deadline``."""
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return
-            timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _acked_bytes(self) -> int:
-        """Bytes of our replies the peer has acknowledged so far."""
-        if self._transport is None:
-            return 0
-        return self._written - unacknowledged_bytes(self._transport)
-
-    def _frame_deadline(self) -> float:
-        """When the frame being received fails its stall or rate rule if no more bytes come."""
-        assert self._frame_started is not None  # noqa: S101 - only while a frame is started
-        limits = self.limits
-        got = self._received - self._frame_base
-        return min(
-            self._last_activity + limits.stall_timeout_s,
-            self._frame_started + limits.stall_timeout_s + got / limits.min_rate_bytes_s,
-        )
-
-    def _send_deadline(self, now: float) -> float:
-        """When the paused socket fails its stall or rate rule, polling the peer's progress."""
-        limits = self.limits
-        acked = self._acked_bytes()
-        if acked > self._acked:
-            self._acked, self._acked_at = acked, now
-        return min(
-            self._acked_at + limits.stall_timeout_s,
-            self._paused_at
-            + limits.stall_timeout_s
-            + (self._acked - self._paused_base) / limits.min_rate_bytes_s,
-        )
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._closing:
-            return
-        now = self._loop.time()
-        limits = self.limits
-        deadlines = []
-        if self._frame_started is not None and not self._blocked:
-            deadline = self._frame_deadline()
-            if now >= deadline:
-                log.debug(
-                    "closing %s: a frame stalled or came slower than %d bytes/s",
-                    self.ip,
-                    limits.min_rate_bytes_s,
-                )
-                self.abort()
-                return
-            deadlines.append(deadline)
-        if self._untaken:
-            deadline = self._send_deadline(now)
-            if now >= deadline:
-                log.debug(
-                    "closing %s: replies not read, or slower than %d bytes/s",
-                    self.ip,
-                    limits.min_rate_bytes_s,
-                )
-                self.abort()
-                return
-            deadlines.append(deadline)  # progress is polled then
-        waiting = [(rid, t) for rid, t in self._started.items() if rid not in self._untaken]
-        if waiting:
-            oldest_id, arrived = waiting[0]
-            if now >= arrived + limits.stall_timeout_s:
-                log.debug(
-                    "closing %s: request %d not answered in %.1fs",
-                    self.ip,
-                    oldest_id,
-                    limits.stall_timeout_s,
-                )
-                self.abort()
-                return
-            deadlines.append(arrived + limits.stall_timeout_s)
-        elif not self._started and not self.conn.receiving_frame:
-            idle_until = self._last_activity + limits.idle_timeout_s
-            if now >= idle_until:
-                log.debug("closing %s: idle for %.1fs", self.ip, limits.idle_timeout_s)
-                self._closing = True
-                if self._transport is not None:
-                    self._transport.close()
-                return
-            deadlines.append(idle_until)
-        if not deadlines:
-            # Blocked with a frame in the buffer: the requests that block it will re-arm us.
-            deadlines.append(now + limits.stall_timeout_s)
-        self._arm(min(deadlines))
+        self.loop.call_later(_CLOSE_GRACE_S, transport.abort)

@@ -397,6 +397,23 @@ class ChunkStore:
             )
         return [ChunkId(row[0]) for row in rows]
 
+    def leases(self, ids: Sequence[ChunkId]) -> list[int]:
+        """Whole seconds left on the lease of each of ``ids``, rounded up; 0 if not live here.
+
+        Rounding up keeps 0 for "not held": a chunk with half a second left reads 1.
+
+        Args:
+            ids: Chunk ids, in any order, repeats allowed.
+
+        Returns:
+            One count per id, in order.
+        """
+        with self._cond:
+            self._check_open()
+            now = self._clock()
+            expiries = [self._index.query(_LIVE_ROW_SQL, (bytes(cid), now)) for cid in ids]
+        return [math.ceil(float(rows[0][0]) - now) if rows else 0 for rows in expiries]
+
     def lease_expiry(self, chunk_id: ChunkId) -> float | None:
         """When a live chunk's lease ends (a ``clock`` time), or None if it is not live here."""
         with self._cond:

@@ -26,10 +26,12 @@ def test_vectors_cover_every_message_type() -> None:
         "FetchRequest",
         "HasRequest",
         "RenewRequest",
+        "LeasesRequest",
         "StoreOK",
         "ChunkData",
         "HasReply",
         "RenewReply",
+        "LeasesReply",
         "Error",
     }
     assert STORED["protocol_version"] == PROTOCOL_VERSION

@@ -20,6 +20,8 @@ from p2pmega.core.wire import (
     FetchRequest,
     HasReply,
     HasRequest,
+    LeasesReply,
+    LeasesRequest,
     RenewReply,
     RenewRequest,
     Role,
@@ -58,6 +60,10 @@ def exchanges() -> list[tuple[str, Any, Any]]:
             FetchRequest(0x7FFFFFFF, CID),
             Error(0x7FFFFFFF, ErrorCode.NOT_FOUND, "no"),
         )
+    )
+    # Added after the first release of version 1: appended, so every earlier frame stays as it was.
+    cases.append(
+        ("leases", LeasesRequest(9, _ids(3)), LeasesReply(9, (0, 3600, MAX_LEASE_S))),
     )
     return cases
 

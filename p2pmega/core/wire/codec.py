@@ -1,0 +1,311 @@
+"""Paired encode/decode of every frame body of the chunk-transfer protocol, with no state.
+
+A decoder checks what one frame says on its own (lengths, counts, flag bytes); whether a reply fits
+its request is the connection's business (connection.py). The layout is in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, Final
+
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId
+from p2pmega.core.wire.events import (
+    CHUNK_ID_BYTES,
+    HEADER_BYTES,
+    MAX_BATCH_IDS,
+    MAX_ERROR_MESSAGE_BYTES,
+    MAX_LEASE_S,
+    PREFIX_BYTES,
+    ChunkData,
+    Error,
+    ErrorCode,
+    Event,
+    FetchRequest,
+    HasReply,
+    HasRequest,
+    LeasesReply,
+    LeasesRequest,
+    MessageType,
+    ProtocolViolation,
+    RenewReply,
+    RenewRequest,
+    Reply,
+    Request,
+    StoreOK,
+    StoreRequest,
+)
+
+# Frame header: u32 length of everything after the prefix, u8 version, u8 type, u32 request id.
+HEADER: Final = struct.Struct(">IBBI")
+STORE_FIXED: Final = struct.Struct(">32sI")  # chunk id, lease seconds
+_RENEW_FIXED: Final = struct.Struct(">IH")  # lease seconds, id count
+_COUNT: Final = struct.Struct(">H")
+_SECONDS: Final = struct.Struct(">I")
+_ERROR_FIXED: Final = struct.Struct(">B")
+assert HEADER.size == HEADER_BYTES  # noqa: S101 - events.py states the size without struct
+assert PREFIX_BYTES == 4  # noqa: S101 - the u32 that opens HEADER
+
+Body = tuple[bytes, bytes | memoryview]  # the fixed part, then any chunk data written apart
+
+
+def bad(
+    message: str, request_id: int, code: ErrorCode = ErrorCode.BAD_REQUEST
+) -> ProtocolViolation:
+    """The violation a malformed frame of ``request_id`` earns (raise it)."""
+    return ProtocolViolation(message, code=code, request_id=request_id)
+
+
+def check_chunk_id(chunk_id: bytes) -> None:
+    """Refuse to send a chunk id of the wrong size.
+
+    Raises:
+        ValueError: ``chunk_id`` is not CHUNK_ID_BYTES long.
+    """
+    if len(chunk_id) != CHUNK_ID_BYTES:
+        raise ValueError(f"chunk ids are {CHUNK_ID_BYTES} bytes, got {len(chunk_id)}")
+
+
+def check_ids(ids: tuple[ChunkId, ...]) -> None:
+    """Refuse to send a batch that is empty, too large or holds a malformed id.
+
+    Raises:
+        ValueError: the batch breaks one of these rules.
+    """
+    if not 1 <= len(ids) <= MAX_BATCH_IDS:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH_IDS} ids, got {len(ids)}")
+    for chunk_id in ids:
+        check_chunk_id(chunk_id)
+
+
+def check_lease(lease_s: int) -> None:
+    """Refuse to send a lease a u32 of whole seconds cannot carry.
+
+    Raises:
+        ValueError: ``lease_s`` is not 1..MAX_LEASE_S.
+    """
+    if not 0 < lease_s <= MAX_LEASE_S:
+        raise ValueError(f"lease_s must be 1..{MAX_LEASE_S} whole seconds, got {lease_s}")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _encode_ids(ids: tuple[ChunkId, ...]) -> bytes:
+    return _COUNT.pack(len(ids)) + b"".join(ids)
+
+
+def _decode_ids(
+    kind: MessageType, request_id: int, body: memoryview, offset: int
+) -> tuple[ChunkId, ...]:
+    (count,) = _COUNT.unpack_from(body, offset)
+    offset += _COUNT.size
+    if not 1 <= count <= MAX_BATCH_IDS or len(body) != offset + count * CHUNK_ID_BYTES:
+        raise bad(
+            f"{kind.name} batch of {count} ids mismatches its frame or exceeds {MAX_BATCH_IDS}",
+            request_id,
+        )
+    return tuple(
+        ChunkId(bytes(body[i : i + CHUNK_ID_BYTES]))
+        for i in range(offset, offset + count * CHUNK_ID_BYTES, CHUNK_ID_BYTES)
+    )
+
+
+def _encode_flags(flags: tuple[bool, ...]) -> bytes:
+    return _COUNT.pack(len(flags)) + bytes(flags)
+
+
+def _decode_flags(kind: MessageType, request_id: int, body: memoryview) -> tuple[bool, ...]:
+    if len(body) < _COUNT.size:
+        raise bad(f"{kind.name} frame is too short", request_id)
+    (count,) = _COUNT.unpack_from(body)
+    flags = body[_COUNT.size :]
+    if len(flags) != count or any(b > 1 for b in flags):
+        raise bad(f"{kind.name} must hold {count} 0/1 flags", request_id)
+    return tuple(b == 1 for b in flags)
+
+
+# Requests. A decoder with ``data=False`` leaves a chunk's data out (the caller hands it over).
+
+
+def encode_store_request(event: StoreRequest) -> Body:
+    check_chunk_id(event.chunk_id)
+    check_lease(event.lease_s)
+    if len(event.data) > MAX_SEALED_CHUNK_BYTES:
+        raise ValueError(f"chunk of {len(event.data)} bytes exceeds {MAX_SEALED_CHUNK_BYTES} bytes")
+    return STORE_FIXED.pack(event.chunk_id, event.lease_s), event.data
+
+
+def decode_store_request(request_id: int, body: memoryview, data: bool = True) -> StoreRequest:
+    if len(body) < STORE_FIXED.size:
+        raise bad("STORE frame is too short", request_id)
+    chunk_id, lease_s = STORE_FIXED.unpack_from(body)
+    if lease_s == 0:
+        raise bad("STORE lease must be at least 1 second", request_id)
+    if len(body) - STORE_FIXED.size > MAX_SEALED_CHUNK_BYTES:
+        raise bad(
+            f"chunk of {len(body) - STORE_FIXED.size} bytes exceeds the maximum",
+            request_id,
+            ErrorCode.TOO_LARGE,
+        )
+    chunk = bytes(body[STORE_FIXED.size :]) if data else b""
+    return StoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk)
+
+
+def encode_fetch_request(event: FetchRequest) -> Body:
+    check_chunk_id(event.chunk_id)
+    return bytes(event.chunk_id), b""
+
+
+def decode_fetch_request(request_id: int, body: memoryview, data: bool = True) -> FetchRequest:
+    if len(body) != CHUNK_ID_BYTES:
+        raise bad("FETCH frame must hold exactly one chunk id", request_id)
+    return FetchRequest(request_id, ChunkId(bytes(body)))
+
+
+def encode_has_request(event: HasRequest) -> Body:
+    check_ids(event.ids)
+    return _encode_ids(event.ids), b""
+
+
+def decode_has_request(request_id: int, body: memoryview, data: bool = True) -> HasRequest:
+    if len(body) < _COUNT.size:
+        raise bad("HAS frame is too short", request_id)
+    return HasRequest(request_id, _decode_ids(MessageType.HAS, request_id, body, 0))
+
+
+def encode_renew_request(event: RenewRequest) -> Body:
+    check_ids(event.ids)
+    check_lease(event.lease_s)
+    return _RENEW_FIXED.pack(event.lease_s, len(event.ids)) + b"".join(event.ids), b""
+
+
+def decode_renew_request(request_id: int, body: memoryview, data: bool = True) -> RenewRequest:
+    if len(body) < _RENEW_FIXED.size:
+        raise bad("RENEW frame is too short", request_id)
+    lease_s, _ = _RENEW_FIXED.unpack_from(body)
+    if lease_s == 0:
+        raise bad("RENEW lease must be at least 1 second", request_id)
+    ids = _decode_ids(MessageType.RENEW, request_id, body, _RENEW_FIXED.size - _COUNT.size)
+    return RenewRequest(request_id, ids, lease_s)
+
+
+def encode_leases_request(event: LeasesRequest) -> Body:
+    check_ids(event.ids)
+    return _encode_ids(event.ids), b""
+
+
+def decode_leases_request(request_id: int, body: memoryview, data: bool = True) -> LeasesRequest:
+    if len(body) < _COUNT.size:
+        raise bad("LEASES frame is too short", request_id)
+    return LeasesRequest(request_id, _decode_ids(MessageType.LEASES, request_id, body, 0))
+
+
+# Replies.
+
+
+def encode_store_ok(event: StoreOK) -> Body:
+    return (b"\x01" if event.newly_stored else b"\x00"), b""
+
+
+def decode_store_ok(request_id: int, body: memoryview, data: bool = True) -> StoreOK:
+    if len(body) != 1 or body[0] > 1:
+        raise bad("STORE_OK must hold one 0/1 byte", request_id)
+    return StoreOK(request_id, body[0] == 1)
+
+
+def encode_chunk_data(event: ChunkData) -> Body:
+    check_chunk_id(event.chunk_id)
+    return bytes(event.chunk_id), event.data
+
+
+def decode_chunk_data(request_id: int, body: memoryview, data: bool = True) -> ChunkData:
+    if len(body) < CHUNK_ID_BYTES:
+        raise bad("CHUNK_DATA carries a chunk id that was not asked for", request_id)
+    chunk = bytes(body[CHUNK_ID_BYTES:]) if data else b""
+    return ChunkData(request_id, ChunkId(bytes(body[:CHUNK_ID_BYTES])), chunk)
+
+
+def encode_has_reply(event: HasReply) -> Body:
+    return _encode_flags(event.flags), b""
+
+
+def decode_has_reply(request_id: int, body: memoryview, data: bool = True) -> HasReply:
+    return HasReply(request_id, _decode_flags(MessageType.HAS_REPLY, request_id, body))
+
+
+def encode_renew_reply(event: RenewReply) -> Body:
+    return _encode_flags(event.flags), b""
+
+
+def decode_renew_reply(request_id: int, body: memoryview, data: bool = True) -> RenewReply:
+    return RenewReply(request_id, _decode_flags(MessageType.RENEW_REPLY, request_id, body))
+
+
+def encode_leases_reply(event: LeasesReply) -> Body:
+    if not all(0 <= s <= MAX_LEASE_S for s in event.remaining_s):
+        raise ValueError(f"remaining seconds must be 0..{MAX_LEASE_S}")
+    count = len(event.remaining_s)
+    return _COUNT.pack(count) + struct.pack(f">{count}I", *event.remaining_s), b""
+
+
+def decode_leases_reply(request_id: int, body: memoryview, data: bool = True) -> LeasesReply:
+    if len(body) < _COUNT.size:
+        raise bad("LEASES_REPLY frame is too short", request_id)
+    (count,) = _COUNT.unpack_from(body)
+    if len(body) != _COUNT.size + count * _SECONDS.size:
+        raise bad(f"LEASES_REPLY must hold {count} u32 seconds", request_id)
+    return LeasesReply(request_id, struct.unpack_from(f">{count}I", body, _COUNT.size))
+
+
+def encode_error(event: Error) -> Body:
+    message = event.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
+    return _ERROR_FIXED.pack(event.code) + message, b""
+
+
+def decode_error(request_id: int, body: memoryview, data: bool = True) -> Error:
+    if not _ERROR_FIXED.size <= len(body) <= _ERROR_FIXED.size + MAX_ERROR_MESSAGE_BYTES:
+        raise bad("ERROR frame has a bad length", request_id)
+    try:
+        code = ErrorCode(body[0])
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    return Error(request_id, code, _printable(bytes(body[1:]).decode("utf-8", "replace")))
+
+
+Decoder = Callable[[int, memoryview, bool], Event]
+
+# Each event type, its message type and its encoder; each message type, its decoder.
+ENCODERS: Final[dict[type[Request | Reply], tuple[MessageType, Callable[[Any], Body]]]] = {
+    StoreRequest: (MessageType.STORE, encode_store_request),
+    FetchRequest: (MessageType.FETCH, encode_fetch_request),
+    HasRequest: (MessageType.HAS, encode_has_request),
+    RenewRequest: (MessageType.RENEW, encode_renew_request),
+    LeasesRequest: (MessageType.LEASES, encode_leases_request),
+    StoreOK: (MessageType.STORE_OK, encode_store_ok),
+    ChunkData: (MessageType.CHUNK_DATA, encode_chunk_data),
+    HasReply: (MessageType.HAS_REPLY, encode_has_reply),
+    RenewReply: (MessageType.RENEW_REPLY, encode_renew_reply),
+    LeasesReply: (MessageType.LEASES_REPLY, encode_leases_reply),
+    Error: (MessageType.ERROR, encode_error),
+}
+DECODERS: Final[dict[MessageType, Decoder]] = {
+    MessageType.STORE: decode_store_request,
+    MessageType.FETCH: decode_fetch_request,
+    MessageType.HAS: decode_has_request,
+    MessageType.RENEW: decode_renew_request,
+    MessageType.LEASES: decode_leases_request,
+    MessageType.STORE_OK: decode_store_ok,
+    MessageType.CHUNK_DATA: decode_chunk_data,
+    MessageType.HAS_REPLY: decode_has_reply,
+    MessageType.RENEW_REPLY: decode_renew_reply,
+    MessageType.LEASES_REPLY: decode_leases_reply,
+    MessageType.ERROR: decode_error,
+}
+# How many bytes of a hand-over frame's body precede its data (see buffer.py).
+DATA_OFFSET: Final[dict[MessageType, int]] = {
+    MessageType.STORE: STORE_FIXED.size,
+    MessageType.CHUNK_DATA: CHUNK_ID_BYTES,
+}

@@ -1,0 +1,217 @@
+"""The chunk-transfer protocol's vocabulary: message types, error codes, limits and event dataclasses.
+
+Values only, no encoding (codec.py) and no state (connection.py); the layout is in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId
+from p2pmega.errors import RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+
+# Frame prefix: u32 length of everything after it. The header it starts is in codec.py.
+PREFIX_BYTES: Final = 4
+HEADER_BYTES: Final = 10  # prefix, u8 version, u8 type, u32 request id
+CHUNK_ID_BYTES: Final = 32
+
+# 4096 ids are 128 KiB of request and 4 KiB of reply: large enough that a holder with 100 GiB of
+# 1 MiB chunks renews everything in 25 round trips, small enough to stay far below one chunk frame.
+MAX_BATCH_IDS: Final = 4096
+# Leases travel as whole seconds in a u32 (136 years), so the largest lease is 2**32 - 1 seconds.
+MAX_LEASE_S: Final = 2**32 - 1
+# Error text is for logs only; 256 bytes fit one line and keep a hostile peer from sending novels.
+MAX_ERROR_MESSAGE_BYTES: Final = 256
+# The biggest frame is a StoreRequest with a maximum chunk: header (10) + chunk id (32) + lease (4).
+# 4 KiB of slack covers that and leaves room for a future field without a version bump of the limit.
+FRAME_SLACK_BYTES: Final = 4096
+MAX_FRAME_BYTES: Final = MAX_SEALED_CHUNK_BYTES + FRAME_SLACK_BYTES
+# What precedes the data in a ChunkData frame: header and chunk id (see send_chunk_data_in_place).
+CHUNK_DATA_HEAD_BYTES: Final = HEADER_BYTES + CHUNK_ID_BYTES
+# Request id 0 is reserved for errors about the whole connection (BUSY, TOO_LARGE before a header).
+CONNECTION_REQUEST_ID: Final = 0
+MAX_REQUEST_ID: Final = 2**32 - 1
+
+
+class Role(enum.Enum):
+    """Which side of a connection this state machine plays."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class MessageType(enum.IntEnum):
+    """The type byte of a frame. Requests have the top bit clear, replies have it set."""
+
+    STORE = 0x01
+    FETCH = 0x02
+    HAS = 0x03
+    RENEW = 0x04
+    LEASES = 0x05  # new in version 1 (docs/PROTOCOL.md, "Versioning")
+    STORE_OK = 0x81
+    CHUNK_DATA = 0x82
+    HAS_REPLY = 0x83
+    RENEW_REPLY = 0x84
+    LEASES_REPLY = 0x85
+    ERROR = 0xFF
+
+
+class ErrorCode(enum.IntEnum):
+    """The code of an Error reply. Unknown codes received from a peer decode as INTERNAL."""
+
+    NOT_FOUND = 1
+    QUOTA_FULL = 2
+    BAD_HASH = 3
+    TOO_LARGE = 4
+    UNSUPPORTED_VERSION = 5
+    BAD_REQUEST = 6
+    BUSY = 7
+    INTERNAL = 8
+
+
+class Sentinel(enum.Enum):
+    """Singleton values returned by next_event()."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """Store ``data`` under ``chunk_id`` and keep it for at least ``lease_s`` seconds.
+
+    A server receives a large chunk as a view of the buffer it was received into (no copy); the
+    connection lets go of that buffer, so the view stays valid until the receiver lets go of it
+    (the transfer server recycles it once the store call is done).
+    """
+
+    request_id: int
+    chunk_id: ChunkId
+    lease_s: int
+    data: bytes | memoryview = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Send the bytes stored under ``chunk_id``."""
+
+    request_id: int
+    chunk_id: ChunkId
+
+
+@dataclass(frozen=True)
+class HasRequest:
+    """Which of ``ids`` are held? At most MAX_BATCH_IDS ids."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """Extend the lease of each held id in ``ids`` to at least ``lease_s`` seconds from now."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+    lease_s: int
+
+
+@dataclass(frozen=True)
+class LeasesRequest:
+    """How long is each of ``ids`` still held? At most MAX_BATCH_IDS ids."""
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True)
+class StoreOK:
+    """The chunk is durably stored; ``newly_stored`` is False if it was already held."""
+
+    request_id: int
+    newly_stored: bool
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """The bytes of a chunk, unverified: the receiver must hash-check them before use.
+
+    A client receives a large chunk as a view of the buffer it was received into (no copy), as a
+    server receives a large StoreRequest.
+    """
+
+    request_id: int
+    chunk_id: ChunkId
+    data: bytes | memoryview = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HasReply:
+    """One flag per id of the HasRequest, in order."""
+
+    request_id: int
+    flags: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class RenewReply:
+    """One flag per id of the RenewRequest, in order: True if the lease was renewed."""
+
+    request_id: int
+    flags: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class LeasesReply:
+    """Per id of the LeasesRequest, in order: whole seconds left on its lease, 0 if not held."""
+
+    request_id: int
+    remaining_s: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Error:
+    """A typed refusal of one request (or of the connection when request_id is 0)."""
+
+    request_id: int
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed its sending side at a frame boundary."""
+
+
+Request = StoreRequest | FetchRequest | HasRequest | RenewRequest | LeasesRequest
+Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | Error
+Event = Request | Reply | ConnectionClosed
+
+# The reply type that answers each request type (besides ERROR, which answers any).
+REPLY_FOR: Final[dict[MessageType, MessageType]] = {
+    MessageType.STORE: MessageType.STORE_OK,
+    MessageType.FETCH: MessageType.CHUNK_DATA,
+    MessageType.HAS: MessageType.HAS_REPLY,
+    MessageType.RENEW: MessageType.RENEW_REPLY,
+    MessageType.LEASES: MessageType.LEASES_REPLY,
+}
+# The request types, for isinstance checks.
+REQUEST_TYPES: Final = (StoreRequest, FetchRequest, HasRequest, RenewRequest, LeasesRequest)
+
+
+class ProtocolViolation(RemoteProtocolError):
+    """The peer broke the protocol; the connection is dead.
+
+    ``code`` and ``request_id`` say what a server should answer (one Error frame) before closing.
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id

@@ -1,0 +1,210 @@
+"""Pump: the asyncio glue between a TCP socket and core.wire, written once for client and server.
+
+It moves bytes through a stack of layers into a TransferConnection, writes what the connection
+encodes, counts what the peer acknowledged, and runs the connection's one timer; it decides
+nothing. What a side does with events, slots and failures is its own subclass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from p2pmega.core.wire import TimedOut, TransferConnection
+from p2pmega.net.progress import unacknowledged_bytes
+
+
+class Layer(Protocol):
+    """One stage between the socket and the wire: bytes from below, bytes to above.
+
+    The stack is plain today (`PlainLayer`: the socket receives straight into the wire's buffer).
+    An authenticated channel will be a layer that receives records into its own buffer, hands the
+    plaintext to the layer above it and turns outgoing plaintext into records.
+    """
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Room for the socket to receive into (asyncio.BufferedProtocol.get_buffer)."""
+        ...
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were received into the room from get_buffer()."""
+        ...
+
+    def eof_received(self) -> None:
+        """The peer closed its sending side."""
+        ...
+
+    def outgoing(self, buffers: list[bytes | memoryview]) -> Sequence[bytes | memoryview]:
+        """What to write to the socket for ``buffers`` of the wire (in order)."""
+        ...
+
+
+class PlainLayer:
+    """No transformation: bytes go to the wire as they come, and out as the wire wrote them."""
+
+    def __init__(self, conn: TransferConnection) -> None:
+        # Bound methods, so that a received read costs no extra call (bench/transfer.py).
+        self.get_buffer = conn.get_buffer
+        self.buffer_updated = conn.buffer_updated
+        self._conn = conn
+
+    def eof_received(self) -> None:
+        self._conn.receive_data(b"")
+
+    def outgoing(self, buffers: list[bytes | memoryview]) -> Sequence[bytes | memoryview]:
+        return buffers
+
+
+LayerStack = Callable[[TransferConnection], Layer]
+
+
+class Pump(asyncio.BufferedProtocol):
+    """A BufferedProtocol around one TransferConnection; subclasses react to what arrives.
+
+    Hooks (each a no-op or a default here): `data_received` after bytes reached the wire,
+    `peer_closed` at EOF, `lost` when the socket is gone, `writing_paused`/`writing_resumed` for
+    back-pressure from the socket, `timed_out` when the connection's deadlines give a verdict.
+    """
+
+    def __init__(self, conn: TransferConnection, *, layers: LayerStack = PlainLayer) -> None:
+        self.conn = conn
+        self.layer = layers(conn)
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closing = False  # set by subclasses and abort(): nothing more is read
+        self._written = 0  # bytes handed to the transport, to tell how many were acknowledged
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
+        self.transport = transport
+        self.opened(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.layer.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.layer.buffer_updated(nbytes)
+        if self.closing:
+            return
+        deadlines = self.conn.deadlines
+        if deadlines is not None:
+            deadlines.received(nbytes, self.loop.time())
+        self.data_received()
+
+    def eof_received(self) -> bool:
+        if self.closing:
+            return False  # the transport is closing already
+        self.layer.eof_received()
+        return self.peer_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_timer()
+        self.lost(exc)
+
+    def pause_writing(self) -> None:
+        self.writing_paused()
+
+    def resume_writing(self) -> None:
+        self.writing_resumed()
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def opened(self, transport: asyncio.Transport) -> None:
+        """The socket is connected."""
+
+    def data_received(self) -> None:
+        """Bytes reached the wire (not called once closing)."""
+
+    def peer_closed(self) -> bool:
+        """The peer closed its side. Returns True to keep our side open (asyncio's convention)."""
+        return False
+
+    def lost(self, exc: Exception | None) -> None:
+        """The socket is gone."""
+
+    def writing_paused(self) -> None:
+        """The transport's buffer is above its high-water mark: stop producing."""
+
+    def writing_resumed(self) -> None:
+        """The transport's buffer drained below its low-water mark."""
+
+    def timed_out(self, verdict: TimedOut) -> None:
+        """The connection broke a deadline rule: by default it is aborted."""
+        self.abort()
+
+    # -- writing and closing -------------------------------------------------------------------------
+
+    def write(self, buffers: list[bytes | memoryview]) -> None:
+        """Write the wire's ``buffers`` through the layers, each as its own write (no joining).
+
+        Separate writes let the transport send a chunk straight from its buffer instead of first
+        joining it to its header.
+        """
+        transport = self.transport
+        assert transport is not None  # noqa: S101 - only called once connected
+        for buffer in self.layer.outgoing(buffers):
+            self._written += len(buffer)  # before the write, which may call pause_writing
+            transport.write(buffer)
+
+    def acked_bytes(self) -> int:
+        """Bytes written so far that the peer's TCP has acknowledged."""
+        if self.transport is None:
+            return 0
+        return self._written - unacknowledged_bytes(self.transport)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent bytes."""
+        self.closing = True
+        self.cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- the timer -----------------------------------------------------------------------------------
+
+    def rearm(self) -> None:
+        """Make sure the timer fires no later than the connection's next deadline.
+
+        One TimerHandle serves every rule: it is moved only when an earlier deadline appears, and
+        re-checks (and re-arms) when it fires.
+        """
+        deadline = self.conn.next_deadline()
+        if deadline is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closing:
+            return
+        now = self.loop.time()
+        deadlines = self.conn.deadlines
+        if deadlines is not None:
+            # Only we can ask the kernel how far our bytes got; the deadlines judge the answer.
+            deadlines.acknowledged(self.acked_bytes(), now)
+        verdict = self.conn.handle_timer(now)
+        if verdict is None:
+            self.rearm()
+        else:
+            self.timed_out(verdict)
