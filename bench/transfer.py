@@ -27,7 +27,8 @@ from pathlib import Path
 
 from p2pmega.allocator import tune_allocator
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, chunk_id_of
-from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.net.transfer_server import TransferServer
 from p2pmega.storage import ChunkStore
 
 MiB = 1 << 20

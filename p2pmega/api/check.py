@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.core.chunking import ChunkId
+from p2pmega.core.ids import Address
 from p2pmega.core.magnet import parse_link
 from p2pmega.core.placement import (
     Candidate,
@@ -14,6 +16,8 @@ from p2pmega.core.placement import (
     summarize,
     survives_loss_of_any_country,
 )
+from p2pmega.errors import P2PMegaError
+from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
 
@@ -32,6 +36,9 @@ class ChunkHealth:
     holders: tuple[Candidate, ...]
     meets_rule: bool
     countries_unknown: bool = False
+    # Seconds left on the chunk's lease at each holder, in ``holders`` order; None where the holder did not say
+    # (a holder older than the LEASES request).
+    leases_s: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,24 @@ class CheckResult:
     def missing(self) -> int:
         """How many chunks have no live holder at all."""
         return sum(1 for c in self.chunks if not c.holders)
+
+
+async def _leases(node: Node, chunks: list[ChunkHealth]) -> dict[tuple[ChunkId, Address], int]:
+    """Seconds left on each (chunk, holder) lease: one batched LEASES request per holder, all at once."""
+    by_holder: dict[Address, list[ChunkId]] = {}
+    for c in chunks:
+        for h in c.holders:
+            by_holder.setdefault(h.address, []).append(c.chunk_id)
+
+    async def ask(addr: Address, ids: list[ChunkId]) -> list[tuple[tuple[ChunkId, Address], int]]:
+        try:
+            left = await node.client.leases(addr, ids)
+        except P2PMegaError:
+            return []  # an older holder, or one gone since it answered `has`: its leases stay unknown
+        return [((c, addr), s) for c, s in zip(ids, left, strict=True)]
+
+    answers = await asyncio.gather(*(ask(a, ids) for a, ids in by_holder.items()))
+    return dict(pair for answer in answers for pair in answer)
 
 
 async def check(
@@ -114,4 +139,11 @@ async def check(
         await locator.confirm(ids)
         await locator.identify(a for c in ids for a in locator.live_holders(c))
         chunks = health()
+        left = await _leases(node, chunks)
+        chunks = [
+            dataclasses.replace(
+                c, leases_s=tuple(left.get((c.chunk_id, h.address)) for h in c.holders)
+            )
+            for c in chunks
+        ]
     return CheckResult(cap.root, tuple(chunks), replicas, min_countries, net.geo is not None)

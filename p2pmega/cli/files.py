@@ -280,11 +280,26 @@ def _check_json(result: "CheckResult") -> dict[str, Any]:
                 "index": c.index,
                 "meets_rule": c.meets_rule,
                 "countries_unknown": c.countries_unknown,
-                "holders": [{"address": h.label(), "country": h.country} for h in c.holders],
+                "live_holders": len(c.holders),
+                "countries": sorted({h.country for h in c.holders if h.country}),
+                "holders": [
+                    {"address": h.label(), "country": h.country, "lease_remaining_s": left}
+                    for h, left in zip(
+                        c.holders, c.leases_s or [None] * len(c.holders), strict=True
+                    )
+                ],
             }
             for c in result.chunks
         ],
     }
+
+
+def _lease_left(leases_s: "tuple[int | None, ...]") -> str:
+    """The shortest lease left among a chunk's holders, as people read it (``29d``, ``3h``); ``?`` if none said."""
+    from p2pmega.core.duration import format_duration
+
+    known = [s for s in leases_s if s is not None]
+    return format_duration(min(known)) if known else "?"
 
 
 def _print_check(result: "CheckResult") -> None:
@@ -297,12 +312,14 @@ def _print_check(result: "CheckResult") -> None:
     table.add_column("chunk")
     table.add_column("holders")
     table.add_column("countries")
+    table.add_column("lease left")
     table.add_column("ok")
     for c in result.chunks:
         table.add_row(
             f"{c.kind} {c.index} {short_id(c.chunk_id)}",
             " ".join(h.label() for h in c.holders) or "-",
             ",".join(sorted({h.country or "??" for h in c.holders})) or "-",
+            _lease_left(c.leases_s),
             "yes" if c.meets_rule else "unknown" if c.countries_unknown else "NO",
         )
     Console(soft_wrap=True).print(table)

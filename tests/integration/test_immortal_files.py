@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
@@ -93,9 +94,15 @@ async def test_files_survive_two_seizures_with_repair_in_between(tmp_path: Path)
         env = clean_env(**net.environment())
         for s in shared.values():
             done = await asyncio.to_thread(
-                run, "check", s.keep_link, "--data-dir", str(tmp_path / "cli"), env=env
+                run, "check", s.keep_link, "--json", "--data-dir", str(tmp_path / "cli"), env=env
             )
             assert done.returncode == 0, done.stderr
+            for chunk in json.loads(done.stdout)["chunks"]:
+                assert chunk["live_holders"] >= 2
+                assert len(chunk["countries"]) >= 2
+                # Repaired copies carry the lease the chunk had left: under the 30 days it was shared with.
+                leases = [h["lease_remaining_s"] for h in chunk["holders"]]
+                assert all(0 < left <= 30 * 86400 for left in leases), leases
 
         second = most_held(repaired, left)
         await net.kill(net.peers_in(second))
@@ -164,6 +171,11 @@ async def test_a_file_nobody_keeps_expires_and_a_kept_one_outlives_its_lease(
             assert loop.time() < deadline, "expired chunks must be removed from every holder's disk"
             await asyncio.sleep(0.5)
         assert kept_ids <= on_disk(), "the kept file's chunks outlive their lease"
+        health = await check(kept.keep_link, net=settings)
+        leases = [left for c in health.chunks for left in c.leases_s]
+        assert leases
+        # Renewed to 120 s (+1: the holder rounds up), well past the 12 s the file was shared with.
+        assert all(left is not None and lease_s < left <= 121 for left in leases), leases
         with pytest.raises(NotFoundError):
             await fetched(dropped, settings, tmp_path / "gone")
         assert await fetched(kept, settings, tmp_path / "alive") == kept_data

@@ -14,7 +14,7 @@ import pytest
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.errors import StorageError
 from p2pmega.net.dht import DHTNode
-from p2pmega.net.transfer import TransferClient
+from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import Duties, HolderDuties, holder_node
 from tests.conftest import peer_address

@@ -19,7 +19,7 @@ from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.core.geo import GeoTable, parse_geo_table
 from p2pmega.core.magnet import KeepCap
 from p2pmega.core.placement import Candidate
-from p2pmega.net.transfer import TransferClient
+from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.keeper import Keeper

@@ -16,7 +16,7 @@ import pytest
 
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, chunk_id_of
 from p2pmega.core.wire import Role, StoreRequest, TransferConnection
-from p2pmega.net.transfer import TransferClient
+from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port
 from tests.integration.cli_helpers import P2PMEGA, clean_env

@@ -29,7 +29,8 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
-from p2pmega.net.transfer import ServerLimits, TransferClient, TransferServer
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
 

@@ -17,7 +17,8 @@ from p2pmega import errors
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.core.wire import TransferConnection
 from p2pmega.net.pump import Layer, LayerStack, PlainLayer
-from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.net.transfer_server import TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
 

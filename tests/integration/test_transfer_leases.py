@@ -21,7 +21,8 @@ from p2pmega.core.wire import (
     PROTOCOL_VERSION,
     ErrorCode,
 )
-from p2pmega.net.transfer import TransferClient, TransferServer
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.net.transfer_server import TransferServer
 from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
 

@@ -218,7 +218,7 @@ def layer_problems(path: Path, root: Path = ROOT) -> list[str]:
     """Mirrors the import-linter layers contract in pyproject.toml.
 
     Imports under ``if TYPE_CHECKING:`` are exempt: they exist for annotations only and create no
-    runtime dependency (net/transfer.py names storage.ChunkStore in a signature that way).
+    runtime dependency (net/transfer_server.py names storage.ChunkStore in a signature that way).
     """
     where = relative(path, root)
     source = layer_of(module_name(path, root))
