@@ -67,7 +67,7 @@ async def measure(n: int, rng: random.Random) -> dict[str, float]:
             holder = rng.choice(nodes)
             chunk_id = rng.randbytes(32)
             async with asyncio.timeout(30):
-                await holder.announce(chunk_id, 7000)
+                await holder.announce_many([chunk_id], 7000)
             for seeker in rng.sample([x for x in nodes if x is not holder], SEEKERS_PER_CHUNK):
                 before = seeker.stats.requests_sent
                 start = time.monotonic()

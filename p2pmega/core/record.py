@@ -9,7 +9,9 @@ import functools
 import heapq
 import ipaddress
 import json
+import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -128,10 +130,46 @@ def decode_find_providers_reply(
     return records, decode_contacts(raw[2], max_contacts=max_contacts)
 
 
-def format_contacts_file(contacts: list[tuple[str, int]]) -> str:
-    """The saved-contacts file text: {"version": 1, "contacts": [[host, port], ...]}."""
-    body = {"version": CONTACTS_FILE_VERSION, "contacts": [[h, p] for h, p in contacts]}
+def format_contacts_file(
+    contacts: list[tuple[str, int]], failed: Sequence[tuple[str, int, float]] = ()
+) -> str:
+    """The saved-contacts file text: {"version": 1, "contacts": [[host, port], ...], "failed": [[host, port,
+    when], ...]}; ``failed`` (optional, ignored by readers that predate it) lists contacts whose last call timed
+    out, with the Unix time it did."""
+    body: dict[str, object] = {
+        "version": CONTACTS_FILE_VERSION,
+        "contacts": [[h, p] for h, p in contacts],
+    }
+    if failed:
+        body["failed"] = [[h, p, round(at, 3)] for h, p, at in failed[:MAX_CONTACTS_FILE_ENTRIES]]
     return json.dumps(body, separators=(",", ":")) + "\n"
+
+
+def parse_failed_contacts(text: str) -> list[tuple[str, int, float]]:
+    """The ``failed`` entries of a saved-contacts file ([] if it has none); malformed entries are dropped.
+
+    Raises:
+        ValueError: not JSON or not version 1.
+    """
+    body = json.loads(text)
+    if not isinstance(body, dict) or body.get("version") != CONTACTS_FILE_VERSION:
+        raise ValueError("contacts file is not version 1")
+    raw = body.get("failed", [])
+    if not isinstance(raw, list):
+        return []
+    found = []
+    for item in raw[:MAX_CONTACTS_FILE_ENTRIES]:
+        if (
+            isinstance(item, list)
+            and len(item) == 3
+            and is_peer_ip(item[0])
+            and is_port(item[1])
+            and isinstance(item[2], int | float)
+            and not isinstance(item[2], bool)
+            and math.isfinite(item[2])
+        ):
+            found.append((item[0], item[1], float(item[2])))
+    return found
 
 
 def parse_contacts_file(text: str) -> list[tuple[str, int]]:

@@ -23,12 +23,18 @@ from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
 from p2pmega.net.kademlia_protocol import (
     DEFAULT_RECORD_TTL_S,
     DEFAULT_RPC_TIMEOUT_S,
+    FAILED_TTL_S,
     MAX_KEYS_PER_BATCH,
     REANNOUNCE_INTERVAL_S,
     DHTLimits,
     DHTStats,
 )
-from p2pmega.net.kademlia_server import HardenedServer, load_contacts, save_contacts
+from p2pmega.net.kademlia_server import (
+    HardenedServer,
+    load_contacts,
+    load_failed_contacts,
+    save_contacts,
+)
 from p2pmega.net.routing import HardenedRoutingTable
 from p2pmega.net.service import Service
 
@@ -124,13 +130,23 @@ class DHTNode(Service):
         sockname = self.server.transport.get_extra_info("sockname")
         self.port = int(sockname[1])
         if self.contacts_path is not None:
-            self.server._proto().spawn(self._save_regularly(self.server.limits.save_interval_s))
+            # Contacts that timed out in an earlier run are not waited on again for a while (issue 15): a
+            # bootstrap node keeps handing out dead nodes until its own calls to them miss.
+            proto, wall = self.server._proto(), time.time()
+            for host, port, failed_at in await asyncio.to_thread(
+                load_failed_contacts, self.contacts_path
+            ):
+                if 0 <= wall - failed_at < FAILED_TTL_S:
+                    proto.remember_failed((host, port), wall - failed_at)
+            proto.spawn(self._save_regularly(self.server.limits.save_interval_s))
 
     async def stop(self) -> None:
         """Save contacts (if a path is set), close the socket and end every task."""
         if self.server.protocol is None:
             return
-        if self.contacts_path is not None and self.contacts():
+        if self.contacts_path is not None and (
+            self.contacts() or self.server._proto().failed_contacts(time.time())
+        ):
             await self._save_in_thread(self.contacts_path)
         self.server.stop()
         await self.server.protocol.close()
@@ -145,8 +161,9 @@ class DHTNode(Service):
         # Snapshot on the loop's thread: the routing table must not be read while datagrams
         # change it; only the file write runs in a worker thread.
         snapshot = self.contacts()
+        failed = self.server._proto().failed_contacts(time.time())
         try:
-            await asyncio.to_thread(save_contacts, path, snapshot)
+            await asyncio.to_thread(save_contacts, path, snapshot, failed)
         except OSError:
             log.warning("could not save DHT contacts")
 
@@ -235,18 +252,6 @@ class DHTNode(Service):
         await self.joined()
         result = await self.server.crawl(key, "node", self._seeds(key))
         return result.peers[:count]
-
-    async def announce(self, chunk_id: bytes, transfer_port: int) -> int:
-        """Ask the k closest nodes to ``chunk_id[:20]`` to record that we hold the chunk.
-
-        Returns:
-            How many nodes confirmed storing the record (0 is possible, never an error).
-
-        Raises:
-            NetworkError: no contact is known.
-            ValueError: a bad port, or this node is read-only.
-        """
-        return await self.announce_many([chunk_id], transfer_port)
 
     async def announce_many(self, chunk_ids: Sequence[bytes], transfer_port: int) -> int:
         """Announce every chunk of ``chunk_ids`` with as few crawls and datagrams as is correct.

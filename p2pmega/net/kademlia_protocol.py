@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,8 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
+from p2pmega.core.liveness import Liveness
 from p2pmega.core.record import (
     FIND_PROVIDERS_REPLY_VERSION,
     ProviderLimits,
@@ -39,6 +40,7 @@ from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.routing import BoundedStorage, HardenedRoutingTable
 
 log = logging.getLogger(__name__)
+
 
 DEFAULT_RPC_TIMEOUT_S = RPC_TIMEOUT_S
 DEFAULT_RECORD_TTL_S = RECORD_TTL_S
@@ -112,10 +114,6 @@ class _Pending:
 # A query unanswered this long stops holding up a lookup at the least (on loopback a round trip is ~0.3 ms; on the
 # internet the measured RTO is far above this); at the most a quarter of the RPC timeout, as before measurements.
 STALL_FLOOR_S = 0.05
-# A node whose request timed out is skipped by lookups for this long ("never wait on the dead twice"); an answer
-# to anything clears it at once. Bounded: the oldest are forgotten first.
-FAILED_TTL_S = 60.0
-MAX_FAILED = 10_000
 
 
 class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
@@ -149,9 +147,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._misses: dict[bytes, int] = {}
         self.rtt = RttTable(floor_s=STALL_FLOOR_S, ceiling_s=max(STALL_FLOOR_S, rpc_timeout_s / 4))
-        # node id -> when the oldest request it has not answered yet was sent / when its last request timed out
-        self._unanswered: dict[bytes, float] = {}
-        self._failed: OrderedDict[bytes, float] = OrderedDict()
+        self.liveness = Liveness(self.rtt)
 
     def __getattr__(self, name: str) -> Any:
         # rpcudp makes every unknown attribute a remote call; a typo must stay an AttributeError.
@@ -263,7 +259,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self, node: Node, name: str, args: list[object], check: Callable[[object], Any]
     ) -> tuple[bool, Any]:
         """Call ``name`` on ``node``; a malformed reply counts as no reply (and as a miss)."""
-        self._unanswered.setdefault(node.id, asyncio.get_running_loop().time())
+        self.liveness.sent(node.id, (node.ip, node.port), asyncio.get_running_loop().time())
         ok, raw = await self.request((node.ip, node.port), *self._wire(name, args))
         if ok:
             try:
@@ -275,15 +271,8 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         return False, None
 
     def suspect(self, node: Node, now: float) -> bool:
-        """Whether a lookup should not wait on ``node``: it has left a request unanswered longer than its
-        measured stall time, or a request to it timed out less than FAILED_TTL_S ago."""
-        failed_at = self._failed.get(node.id)
-        if failed_at is not None:
-            if now - failed_at < FAILED_TTL_S:
-                return True
-            del self._failed[node.id]
-        sent = self._unanswered.get(node.id)
-        return sent is not None and now - sent >= self.rtt.stall_after((node.ip, node.port))
+        """Whether a lookup should not wait on ``node`` (core/liveness.py)."""
+        return self.liveness.suspect(node.id, (node.ip, node.port), now)
 
     def _wire(self, name: str, args: list[object]) -> tuple[str, list[object]]:
         """The request as sent: ``[node_id, *args]``, or for a read-only node ``ro_<name>`` ``args``.
@@ -299,17 +288,12 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _note_reply(self, node: Node, checked: object) -> object:
         self._misses.pop(node.id, None)
-        self._unanswered.pop(node.id, None)
-        self._failed.pop(node.id, None)
+        self.liveness.answered(node.id, (node.ip, node.port))
         self.welcome_if_new(node)
         return checked
 
     def _note_miss(self, node: Node) -> None:
-        self._unanswered.pop(node.id, None)
-        self._failed.pop(node.id, None)
-        self._failed[node.id] = asyncio.get_running_loop().time()
-        while len(self._failed) > MAX_FAILED:
-            self._failed.popitem(last=False)
+        self.liveness.missed(node.id, (node.ip, node.port), asyncio.get_running_loop().time())
         if self.router.is_new_node(node):
             return
         misses = self._misses.get(node.id, 0) + 1
@@ -318,6 +302,19 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             return
         self._misses.pop(node.id, None)
         self.router.remove_contact(node)
+
+    def remember_failed(self, address: tuple[str, int], age_s: float) -> None:
+        """Note that a call to ``address`` timed out ``age_s`` seconds ago (the saved-contacts file says so)."""
+        self.liveness.remember_failed(address, asyncio.get_running_loop().time() - age_s)
+
+    def failed_contacts(self, wall_now: float) -> list[tuple[str, int, float]]:
+        """What the saved-contacts file keeps: contacts failed or silent lately, with the Unix time of it."""
+        now = asyncio.get_running_loop().time()
+        found = self.liveness.failed_contacts(now)
+        return [
+            (h, p, wall_now - (now - at))
+            for (h, p), at in sorted(found.items(), key=lambda i: i[1])
+        ]
 
     def _contacts(self, raw: object) -> list[Node]:
         return [Node(*c) for c in decode_contacts(raw, max_contacts=self.ksize)]

@@ -24,6 +24,7 @@ from p2pmega.core.record import (
     format_contacts_file,
     is_node_id,
     parse_contacts_file,
+    parse_failed_contacts,
 )
 from p2pmega.errors import NetworkError
 from p2pmega.net.crawl import Crawl, LookupResult, Peer
@@ -240,6 +241,17 @@ def load_contacts(path: Path) -> list[tuple[str, int]]:
         return []
 
 
-def save_contacts(path: Path, contacts: Sequence[Peer]) -> None:
-    """Write ``contacts`` to ``path`` as the versioned JSON file (tmp + rename; a cache, no fsync)."""
-    _write_atomic(path, format_contacts_file([(p.host, p.port) for p in contacts]))
+def save_contacts(
+    path: Path, contacts: Sequence[Peer], failed: Sequence[tuple[str, int, float]] = ()
+) -> None:
+    """Write ``contacts`` (and the contacts that just ``failed``, with when) to ``path`` as the versioned JSON file
+    (tmp + rename; a cache, no fsync)."""
+    _write_atomic(path, format_contacts_file([(p.host, p.port) for p in contacts], failed))
+
+
+def load_failed_contacts(path: Path) -> list[tuple[str, int, float]]:
+    """The contacts whose calls timed out, with the Unix time they did; [] if none or unreadable."""
+    try:
+        return parse_failed_contacts(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []

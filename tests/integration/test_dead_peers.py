@@ -139,3 +139,65 @@ async def test_a_fetch_from_hinted_holders_does_not_wait_for_the_dht_join(
         assert joins == ["cancelled"], (
             "the fetch finished from the hinted holders while the join still waited"
         )
+
+
+@contextlib.asynccontextmanager
+async def answers_once(host: str) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
+    """A DHT peer that answers its first ping, then never anything again (seized after it joined)."""
+    sock = await asyncio_dgram.bind((host, 0))
+    node_id = os.urandom(20)
+
+    async def serve() -> None:
+        answered = False
+        while True:
+            data, addr = await sock.recv()
+            name, _args = umsgpack.unpackb(data[21:])
+            if data[:1] == b"\x00" and name == "ping" and not answered:
+                answered = True
+                await sock.send(b"\x01" + data[1:21] + umsgpack.packb(node_id), addr)
+
+    server = asyncio.create_task(serve())
+    try:
+        yield sock.sockname[:2], node_id
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        sock.close()
+
+
+async def test_a_contact_that_went_silent_is_not_asked_by_the_next_command(tmp_path: Path) -> None:
+    contacts = tmp_path / "contacts.json"
+    async with contextlib.AsyncExitStack() as stack, asyncio.timeout(STEP_S):
+        boot = DHTNode(host=peer_address(65, 1), node_id=os.urandom(20))
+        await boot.start()
+        stack.push_async_callback(boot.stop)
+        dead_addr, _dead_id = await stack.enter_async_context(answers_once(peer_address(65, 2)))
+        assert await boot.add_contact(*dead_addr), "the bootstrap node lists the peer, alive then"
+
+        async def one_command(n: int) -> set[tuple[str, int]]:
+            """A client that joins and looks up once, as share does; the addresses it sent requests to."""
+            client = DHTNode(
+                host=peer_address(65, 10 + n), node_id=os.urandom(20), contacts_path=contacts
+            )
+            await client.start()
+            asked: set[tuple[str, int]] = set()
+            proto = client.server._proto()
+            real_request = proto.request
+
+            def spy(address: tuple[str, int], name: str, args: list[object]) -> Any:
+                asked.add((address[0], address[1]))
+                return real_request(address, name, args)
+
+            proto.request = spy  # type: ignore[method-assign]
+            try:
+                await client.join([(boot.host, boot.port)])
+                await client.find_peers(os.urandom(20))
+            finally:
+                await client.stop()
+            return asked
+
+        assert dead_addr in await one_command(1), "the first command meets the silent peer"
+        assert dead_addr not in await one_command(2), (
+            "the next one, with the same data dir, skips it"
+        )

@@ -32,7 +32,7 @@ async def test_thirty_nodes_announce_and_find_then_survive_five_dead() -> None:
             for i in range(200):
                 holder, seeker = rng.sample(nodes, 2)
                 chunk_id = os.urandom(32)
-                confirmed = await holder.announce(chunk_id, 10_000 + i)
+                confirmed = await holder.announce_many([chunk_id], 10_000 + i)
                 assert confirmed >= 10
                 found = await seeker.find_providers(chunk_id)
                 assert [(p.node_id, p.host, p.port) for p in found] == [
@@ -59,7 +59,7 @@ async def test_thirty_nodes_announce_and_find_then_survive_five_dead() -> None:
                 holder, seeker = rng.sample(live, 2)
                 chunk_id = os.urandom(32)
                 start = time.monotonic()
-                assert await holder.announce(chunk_id, 20_000 + i) >= 5
+                assert await holder.announce_many([chunk_id], 20_000 + i) >= 5
                 walls.append(time.monotonic() - start)
                 start = time.monotonic()
                 found = await seeker.find_providers(chunk_id)
@@ -91,7 +91,7 @@ async def test_records_expire_and_hosts_are_the_observed_address() -> None:
         assert nodes[0].reannounce_interval_s == 0.5
         chunk_id = os.urandom(32)
         async with asyncio.timeout(10):
-            assert await nodes[1].announce(chunk_id, 4242) == 3
+            assert await nodes[1].announce_many([chunk_id], 4242) == 3
             found = await nodes[2].find_providers(chunk_id)
             assert found == [Provider(nodes[1].node_id, nodes[1].host, 4242, found[0].expires_at)]
             assert time.time() < found[0].expires_at <= time.time() + 1.5
@@ -144,7 +144,7 @@ async def test_restart_rejoins_from_saved_contacts_when_bootstrap_is_gone(tmp_pa
             async with asyncio.timeout(10):
                 assert await again.join([bootstrap]) == 3
                 chunk_id = os.urandom(32)
-                assert await again.announce(chunk_id, 5555) == 3
+                assert await again.announce_many([chunk_id], 5555) == 3
                 found = await nodes[2].find_providers(chunk_id)
             assert [(p.node_id, p.port) for p in found] == [(node_id, 5555)]
         finally:
@@ -163,7 +163,7 @@ async def test_join_names_what_it_tried_when_nothing_answers(tmp_path: Path) -> 
             with pytest.raises(BootstrapFailed, match=r"tried 2: 127\.16\.8\.1:9, 127\.16\.9\.1:9"):
                 await node.join([("127.16.8.1", 9)])
             with pytest.raises(NetworkError, match="no DHT contact"):
-                await node.announce(os.urandom(32), 80)
+                await node.announce_many([os.urandom(32)], 80)
             with pytest.raises(NetworkError, match="no DHT contact"):
                 await node.find_providers(os.urandom(32))
     finally:

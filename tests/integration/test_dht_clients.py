@@ -35,7 +35,7 @@ async def test_clients_that_left_never_slow_a_later_join_or_lookup(read_only: bo
     rng = random.Random(5)
     async with swarm(41 + read_only, 10, rpc_timeout_s=TIMEOUT_S) as nodes:
         chunk_id = os.urandom(32)
-        assert await nodes[3].announce(chunk_id, 9000) >= 9
+        assert await nodes[3].announce_many([chunk_id], 9000) >= 9
         clients = []
         async with asyncio.timeout(30):
             for i in range(4):
@@ -122,7 +122,7 @@ async def test_a_read_only_node_sends_no_node_id_serves_nothing_and_cannot_annou
             assert client.stats.requests_served == 0
             assert client.stats.dropped_datagrams == 1
         with pytest.raises(ValueError, match="read-only"):
-            await client.announce(os.urandom(32), 9000)
+            await client.announce_many([os.urandom(32)], 9000)
         with pytest.raises(ValueError, match="read-only"):
             await client.server.set(b"k", b"v")
     finally:

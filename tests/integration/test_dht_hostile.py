@@ -108,7 +108,7 @@ async def test_malformed_replies_never_break_join_announce_or_lookup(caplog) -> 
                     for i in range(20):
                         holder, seeker = nodes[i % 8], [newcomer, *nodes][(i * 3 + 1) % 9]
                         chunk_id = os.urandom(32)
-                        assert await holder.announce(chunk_id, 3000 + i) >= 1
+                        assert await holder.announce_many([chunk_id], 3000 + i) >= 1
                         found = await seeker.find_providers(chunk_id)
                         if seeker is holder:
                             continue
@@ -213,7 +213,7 @@ async def test_malformed_requests_and_a_flood_leave_the_node_answering_and_bound
 
                 assert await honest.add_contact(target.host, target.port)
                 chunk_id = os.urandom(32)
-                assert await honest.announce(chunk_id, 4444) == 1
+                assert await honest.announce_many([chunk_id], 4444) == 1
                 found = await honest.find_providers(chunk_id)
                 assert [(p.node_id, p.port) for p in found] == [(honest.node_id, 4444)]
             stats = target.stats

@@ -174,3 +174,15 @@ def test_table_heap_stays_bounded_under_refresh_storm() -> None:
         table.add(b"k" * 20, ID, "10.0.0.1", 1, now=i / 1000)
     assert len(table) == 1
     assert len(table._expiry) <= 2 * len(table) + 1024 + 1
+
+
+def test_the_contacts_file_remembers_failed_contacts_and_old_readers_ignore_them() -> None:
+    from p2pmega.core.record import format_contacts_file, parse_contacts_file, parse_failed_contacts
+
+    text = format_contacts_file([("10.0.0.1", 4000)], [("10.0.0.2", 4001, 1764806400.5)])
+    assert parse_contacts_file(text) == [("10.0.0.1", 4000)]
+    assert parse_failed_contacts(text) == [("10.0.0.2", 4001, 1764806400.5)]
+    assert parse_failed_contacts(format_contacts_file([("10.0.0.1", 4000)])) == []
+    spoiled = text.replace("1764806400.5", '"soon"')
+    assert parse_failed_contacts(spoiled) == []
+    assert parse_failed_contacts(text.replace('"10.0.0.2"', '"0.0.0.0"')) == []
