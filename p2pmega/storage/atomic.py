@@ -13,7 +13,14 @@ from pathlib import Path
 
 
 def write_atomically(
-    path: Path, data: bytes, *, mode: int = 0o600, dir_mode: int = 0o700, exclusive: bool = False
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    dir_mode: int = 0o700,
+    exclusive: bool = False,
+    fsync: bool = True,
+    fsync_dir: bool = True,
 ) -> bool:
     """Put ``data`` at ``path`` so a crash leaves the old file or the new one, never a mix.
 
@@ -24,6 +31,9 @@ def write_atomically(
         dir_mode: the mode of the parent directory if it has to be created.
         exclusive: create only: if ``path`` exists it is left alone and False returned (``link()`` never
             replaces a file, unlike ``rename()``: of two creators, one wins).
+        fsync: make the data durable before the rename (without it a crash may leave the old file or an
+            empty one: for a file whose loss costs only redone work, such as fetch's resume state).
+        fsync_dir: make the rename itself durable (without it a crash may bring the previous file back).
 
     Returns:
         True once written; False only with ``exclusive`` when the file already existed.
@@ -39,7 +49,8 @@ def write_atomically(
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -51,7 +62,8 @@ def write_atomically(
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    if fsync_dir:
+        _fsync_dir(path.parent)
     return True
 
 

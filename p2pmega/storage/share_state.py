@@ -134,7 +134,8 @@ class StateWriter:
         doc = json.dumps(_encode(state, chunks), separators=(",", ":")).encode()
         with self._lock:
             try:
-                write_atomically(self.path, doc)
+                # The rename need not be durable: after a crash the previous state is still a valid one.
+                write_atomically(self.path, doc, fsync_dir=False)
             except OSError as exc:
                 raise StorageError(
                     f"cannot save the share's state in {self.path.parent} ({exc.strerror}); "
