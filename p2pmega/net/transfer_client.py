@@ -51,6 +51,9 @@ ChunkBytes = bytes | memoryview
 
 # The client closes pooled connections idle this long: before the holder's 60 s idle timeout, and
 # so that a client that talked to many holders does not keep a receive buffer for each of them.
+# A holder that has not accepted a connection this long gets company: the next holder is tried at the same time
+# (_reachable_first). Far above a connect across the world (one round trip, <= 0.3 s), far below the connect timeout.
+CONNECT_RACE_S: Final = 0.5
 _POOL_IDLE_S: Final = 20.0
 _POOL_SWEEP_INTERVAL_S: Final = 5.0
 
@@ -316,7 +319,7 @@ class TransferClient(Service):
         reuse: bool,
     ) -> tuple[_T, Address]:
         reasons: Counter[str] = Counter()
-        for addr in addrs:
+        for addr in await self._reachable_first(addrs):
             try:
                 return await self._fetch(addr, chunk_id, consume, reuse=reuse), addr
             except errors.ChunkNotStored:
@@ -337,6 +340,53 @@ class TransferClient(Service):
             f"no holder served chunk {short_id(chunk_id)} (tried {counted(len(addrs), 'holder')}"
             f"{': ' + why if why else ''}); retry later or ask more peers"
         )
+
+    async def _reachable_first(self, addrs: Sequence[Address]) -> list[Address]:
+        """``addrs`` with the first holder to accept a connection moved to the front.
+
+        Connections are raced as Happy Eyeballs races addresses (RFC 8305): the first holder is tried, and every
+        CONNECT_RACE_S that passes without a connection the next one is tried too, so a holder that silently
+        drops connections (gone, firewalled) costs CONNECT_RACE_S, not the connect timeout. A pooled connection
+        wins at once, so a healthy holder costs nothing extra; the losers' connections stay in the pool.
+        """
+        if len(addrs) < 2:
+            return list(addrs)
+        racing: dict[asyncio.Task[PeerConnection], Address] = {}
+        winner: Address | None = None
+        try:
+            for addr in addrs:
+                racing[asyncio.create_task(self._connection(addr))] = addr
+                winner = await self._first_connected(racing, CONNECT_RACE_S)
+                if winner is not None:
+                    break
+            else:
+                winner = await self._first_connected(racing, self.connect_timeout_s)
+        finally:
+            for task in racing:
+                if not task.done():
+                    task.cancel()
+            # Retrieve every outcome: a refused or cancelled attempt is not an error here.
+            await asyncio.gather(*racing, return_exceptions=True)
+        if winner is None:
+            return list(addrs)
+        return [winner, *(a for a in addrs if a != winner)]
+
+    @staticmethod
+    async def _first_connected(
+        racing: dict[asyncio.Task[PeerConnection], Address], wait_s: float
+    ) -> Address | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        pending = [t for t in racing if not t.done()]
+        while True:
+            for task in racing:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return racing[task]
+            pending = [t for t in pending if not t.done()]
+            left = deadline - loop.time()
+            if not pending or left <= 0:
+                return None
+            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     async def has(self, addr: Address, ids: Sequence[ChunkId]) -> list[bool]:
         """Which of ``ids`` does ``addr`` hold? Batches larger than MAX_BATCH_IDS are split.

@@ -63,7 +63,7 @@ class HolderLocator:
 
         The known peers (a link's hints) are asked at once. The nodes closest to ``near`` (in a small network,
         nearly everyone) are looked up meanwhile and asked too once found, so a fetch from hinted holders never
-        waits on the DHT; :meth:`discover` and :meth:`settle` wait for them. Peers found later by
+        waits on the DHT; :meth:`settle` waits for them. Peers found later by
         :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted about once per
         holder rather than once per chunk.
         """
@@ -112,8 +112,11 @@ class HolderLocator:
         await asyncio.gather(*(ask(p) for p in targets))
 
     async def discover(self, chunk_id: ChunkId) -> None:
-        """Look the chunk up in the DHT (provider records, then the closest nodes) and confirm with them."""
-        await self.settle()
+        """Look the chunk up in the DHT (provider records, then the closest nodes) and confirm with them.
+
+        It does not wait for ``want``'s search near the root: a provider lookup ends in a few hops, the search
+        for the closest nodes takes many more (docs/DHT.md, "A simulated internet").
+        """
         dht = self.node.dht_node
         async with self._lookups:
             try:

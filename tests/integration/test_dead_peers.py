@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,14 @@ import umsgpack
 from p2pmega.api.common import NetSettings
 from p2pmega.api.fetch import fetch
 from p2pmega.api.share import share
+from p2pmega.core.chunking import chunk_id_of
 from p2pmega.core.geo import parse_geo_table
 from p2pmega.net.dht import DHTNode
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.net.transfer_server import TransferServer
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
+from p2pmega.storage.store import ChunkStore
 from tests.conftest import peer_address
 
 pytestmark = pytest.mark.integration
@@ -201,3 +206,56 @@ async def test_a_contact_that_went_silent_is_not_asked_by_the_next_command(tmp_p
         assert dead_addr not in await one_command(2), (
             "the next one, with the same data dir, skips it"
         )
+
+
+@contextlib.contextmanager
+def unanswered_listener(host: str) -> Any:
+    """A TCP address whose connects hang: a listener that never accepts, its one-slot backlog already full,
+    so the kernel drops further SYNs (as a seized host behind a firewall does)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers = []
+    try:
+        listener.bind((host, 0))
+        listener.listen(0)
+        for _ in range(3):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+            fillers.append(filler)
+        yield listener.getsockname()[:2]
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+async def test_a_holder_that_drops_connections_costs_the_race_delay_not_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    host = peer_address(66, 1)
+    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
+    server = TransferServer(store, host=host, port=0)
+    await server.start()
+    try:
+        data = os.urandom(5000)
+        chunk_id = chunk_id_of(data)
+        with unanswered_listener(peer_address(66, 2)) as hanging:
+            async with TransferClient(
+                local_host=peer_address(66, 3), connect_timeout_s=60.0
+            ) as client:
+                assert await client.store((host, server.port), chunk_id, data, 3600)
+                await client.close()
+            async with TransferClient(
+                local_host=peer_address(66, 3), connect_timeout_s=60.0
+            ) as client:
+                # The hanging holder comes first; without racing, its connect would take the 60 s timeout.
+                async with asyncio.timeout(STEP_S):
+                    got, served_by = await client.fetch_any_into(
+                        [hanging, (host, server.port)], chunk_id, bytes
+                    )
+        assert got == data
+        assert served_by == (host, server.port)
+    finally:
+        await server.stop()
+        store.close()
