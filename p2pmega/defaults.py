@@ -20,3 +20,7 @@ REPAIR_INTERVAL_S = 600.0
 # How long holders keep a shared file's chunks, unless someone renews them.
 LEASE_DAYS = 30.0
 LEASE_S = LEASE_DAYS * 86400
+# The longest lease a holder grants, whatever a store or renew asks: a stranger cannot pin data for a century,
+# and a file someone cares about is renewed well inside it (seed --keep).
+MAX_LEASE_DAYS = 90.0
+MAX_LEASE_S = MAX_LEASE_DAYS * 86400

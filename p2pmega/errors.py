@@ -60,6 +60,10 @@ class OutputExists(UsageError):
     """The output file exists and --force was not given."""
 
 
+class BadChunk(UsageError):
+    """Bytes offered for storage that cannot be a p2pmega chunk (a holder refuses them)."""
+
+
 class BadOption(UsageError):
     """An option value is out of range or malformed."""
 

@@ -59,11 +59,17 @@ class FetchResult:
     chunks_resumed: int
 
 
+# The longest file name Linux, macOS and Windows file systems all take, in UTF-8 bytes (NAME_MAX).
+MAX_NAME_BYTES = 255
+
+
 def safe_name(name: str | None, fallback: str) -> str:
-    """The manifest's name made safe as a single file name: no separators, no ``..``, no control characters."""
+    """The manifest's name made safe as a single file name: no separators, no ``..``, no control characters,
+    at most MAX_NAME_BYTES bytes of UTF-8 (cut between characters, never inside one)."""
     cleaned = "".join(ch for ch in (name or "") if ch.isprintable() and ch not in "/\\\x00")
     cleaned = cleaned.strip().lstrip(".").strip()
-    return cleaned[:255] or fallback
+    cut = cleaned.encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", errors="ignore").strip()
+    return cut or fallback
 
 
 async def fetch(
@@ -97,8 +103,15 @@ async def fetch(
     async with client_node(net, hints=cap.peers, join_in_background=bool(cap.peers)) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
-        target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
-        if not force and await asyncio.to_thread(target.exists):
+        try:
+            target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
+            exists = await asyncio.to_thread(target.exists)
+        except OSError as exc:  # a path too long for this file system, a folder we may not read
+            where = output if output is not None else cwd or Path.cwd()
+            raise OutputWriteFailed(
+                f"cannot write the file in {str(where)!r}: {exc.strerror or exc}; pass -o PATH"
+            ) from exc
+        if exists and not force:
             raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
         return await _download(locator, cap, manifest, target, progress, on_part)
 

@@ -9,6 +9,7 @@ from p2pmega.config import resolve_data_dir, resolve_geo_table
 from p2pmega.core.duration import parse_duration
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.magnet import KeepCap, parse_link
+from p2pmega.defaults import MAX_LEASE_DAYS
 from p2pmega.errors import BadLink, BadOption, InputFileError
 from p2pmega.replicate.holder import HolderDuties
 from p2pmega.replicate.repair import RepairPolicy
@@ -48,8 +49,11 @@ def seed_options(
         StorageError: ``--keep-mine`` and the data dir's link list is unreadable.
         BadGeoTable: the geo table is malformed.
     """
-    if not 0 < lease_days <= 366:
-        raise BadOption(f"--lease-days {lease_days:g}: give more than 0 and at most 366")
+    if not 0 < lease_days <= MAX_LEASE_DAYS:
+        raise BadOption(
+            f"--lease-days {lease_days:g}: give more than 0 and at most {MAX_LEASE_DAYS:g} (the longest lease "
+            "a holder grants)"
+        )
     geo = resolve_geo_table(geo_table)
     caps: dict[bytes, KeepCap] = {}
     for n, link in enumerate(keep, start=1):

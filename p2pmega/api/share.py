@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import random
 import stat
@@ -21,7 +22,7 @@ from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
 from p2pmega.core.placement import Candidate, meets_rule, summarize
-from p2pmega.defaults import LEASE_S
+from p2pmega.defaults import LEASE_S, MAX_LEASE_DAYS, MAX_LEASE_S
 from p2pmega.errors import (
     BadOption,
     InputFileError,
@@ -107,7 +108,7 @@ async def share(
 
     Raises:
         InputFileError: the file is missing, unreadable, or not a regular file.
-        BadOption: replicas / min_countries out of range.
+        BadOption: replicas / min_countries / the lease out of range.
         BootstrapFailed: no way into the network.
         PlacementImpossible: the storage peers found cannot meet the rule (then nothing is stored), or too many
             of them failed during the upload (what was stored is kept for a rerun).
@@ -117,6 +118,11 @@ async def share(
         raise BadOption(
             f"--replicas {replicas} --min-countries {min_countries}: need replicas >= 1 and "
             "1 <= min-countries <= replicas"
+        )
+    if not (math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S):
+        raise BadOption(
+            f"--lease-days {lease_s / 86400:g}: give more than 0 and at most {MAX_LEASE_DAYS:g} (holders keep a "
+            "chunk at most that long; `p2pmega seed --keep LINK` renews a file for longer)"
         )
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
     handle, info, resolved = await asyncio.to_thread(_open_regular, path)

@@ -3,6 +3,7 @@
 No ``from __future__ import annotations``: typer reads these annotations at run time (see base.py).
 """
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,11 +19,12 @@ from p2pmega.cli.base import (
     _Command,
     _echo,
     _err,
+    _fail,
     _net,
     _run,
     app,
 )
-from p2pmega.errors import NotFoundError, PlacementImpossible
+from p2pmega.errors import BadLink, NotFoundError, PlacementImpossible
 
 if TYPE_CHECKING:
     from p2pmega.api.check import CheckResult
@@ -129,12 +131,32 @@ def _share_json(result: "ShareResult") -> dict[str, Any]:
     }
 
 
+# A link read from stdin: one line, far longer than any link (a link with many peer hints is ~1 KiB).
+MAX_LINK_BYTES = 64 * 1024
+
+
+def _link_from(arg: str) -> str:
+    """``arg``, or with ``-`` the first non-blank line of stdin (so the key is never in the process list)."""
+    if arg != "-":
+        return arg
+    text = sys.stdin.read(MAX_LINK_BYTES)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    _fail(BadLink("LINK is -, but stdin held no link; pipe it in, e.g. p2pmega fetch - < link.txt"))
+
+
 @app.command(cls=_Command, name="fetch")
 def fetch_cmd(
     link: Annotated[
         str,
         typer.Argument(
-            help="The read link (magnet:?xt=urn:p2pmega:...).", metavar="LINK", show_default=False
+            help=(
+                "The read link (magnet:?xt=urn:p2pmega:...), or - to read it from stdin, which keeps the key out "
+                "of the process list (/proc/PID/cmdline)."
+            ),
+            metavar="LINK",
+            show_default=False,
         ),
     ],
     output: Annotated[
@@ -158,6 +180,7 @@ def fetch_cmd(
 
     from p2pmega.api.fetch import fetch
 
+    link = _link_from(link)
     part: list[Path] = []
 
     async def go() -> Any:
@@ -186,7 +209,9 @@ def check_cmd(
     link: Annotated[
         str,
         typer.Argument(
-            help="A read link or a keep-alive link.", metavar="LINK", show_default=False
+            help="A read link or a keep-alive link, or - to read it from stdin.",
+            metavar="LINK",
+            show_default=False,
         ),
     ],
     replicas: Annotated[
@@ -211,6 +236,8 @@ def check_cmd(
     """
 
     from p2pmega.api.check import check
+
+    link = _link_from(link)
 
     async def go() -> "CheckResult":
         return await check(

@@ -60,6 +60,10 @@ MAX_CHUNK_SIZE = 4 << 20
 MAX_NAME_BYTES = 1024
 ROOT_EXTRA_MAX_BYTES = 4096
 MAX_SEALED_CHUNK_BYTES = MAX_CHUNK_SIZE + ROOT_EXTRA_MAX_BYTES + CHUNK_OVERHEAD_BYTES
+# No stored chunk of any readable version is shorter than its header and seal (format v1's, the smaller).
+MIN_SEALED_CHUNK_BYTES = HEADER_BYTES + min(
+    crypto.XCHACHA_OVERHEAD_BYTES, crypto.SEAL_OVERHEAD_BYTES
+)
 
 # Every padded final chunk holds at least this many plaintext bytes (unless the chunk size is
 # smaller), so tiny files all look alike.

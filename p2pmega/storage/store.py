@@ -18,11 +18,14 @@ from typing import Final, Self
 
 from p2pmega.core.chunking import (
     MAX_SEALED_CHUNK_BYTES,
+    MIN_SEALED_CHUNK_BYTES,
     ChunkId,
     short_id,
     verify_chunk,
 )
+from p2pmega.defaults import MAX_LEASE_S
 from p2pmega.errors import (
+    BadChunk,
     BadOption,
     ChunkHashMismatch,
     ChunkNotStored,
@@ -185,7 +188,12 @@ class ChunkStore:
                 f"chunk {short_id(chunk_id)} is {size} bytes, over the "
                 f"{MAX_SEALED_CHUNK_BYTES}-byte limit of any valid chunk; refuse it"
             )
-        _check_lease(lease_s)
+        lease_s = _check_lease(lease_s)
+        if size < MIN_SEALED_CHUNK_BYTES:
+            raise BadChunk(
+                f"chunk {short_id(chunk_id)} is {size} bytes, under the {MIN_SEALED_CHUNK_BYTES}-byte "
+                "header and seal of any valid chunk; refuse it"
+            )
         verify_chunk(chunk_id, data)
         key = bytes(chunk_id)
         index = self._index
@@ -357,7 +365,7 @@ class ChunkStore:
             BadOption: ``lease_s`` is not a positive finite number.
             StorageError: The index could not be written.
         """
-        _check_lease(lease_s)
+        lease_s = _check_lease(lease_s)
         with self._cond:
             self._check_open()
             now = self._clock()
@@ -512,11 +520,13 @@ class ChunkStore:
         return deleted == 1
 
 
-def _check_lease(lease_s: float) -> None:
+def _check_lease(lease_s: float) -> float:
+    """``lease_s`` capped at MAX_LEASE_S: the longest lease this holder grants, whatever was asked."""
     if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
         raise BadOption(f"lease {lease_s!r} is not a number of seconds; pass e.g. lease_s=86400")
     if not (math.isfinite(lease_s) and lease_s > 0):
         raise BadOption(f"lease {lease_s!r} s is not positive and finite; pass e.g. lease_s=86400")
+    return min(float(lease_s), MAX_LEASE_S)
 
 
 def _not_stored(chunk_id: ChunkId) -> ChunkNotStored:

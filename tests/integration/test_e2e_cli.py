@@ -133,6 +133,41 @@ def test_fetch_into_cwd_uses_the_sanitised_manifest_name(
     assert (work / "report final.txt").read_bytes() == b"hello, world\n"
 
 
+def test_fetch_and_check_read_the_link_from_stdin(net: RunningTestnet, tmp_path: Path) -> None:
+    """With LINK = -, the key never appears in /proc/PID/cmdline (issue 16, item 7)."""
+    src = tmp_path / "secret.txt"
+    src.write_bytes(b"stdin link\n")
+    link = _share(net, src).stdout.strip()
+    out = tmp_path / "got.txt"
+    client = ["--data-dir", str(tmp_path / "client")]
+    fetched = subprocess.run(
+        [*P2PMEGA, "fetch", "-", "-o", str(out), *client],
+        env=net.env,
+        input=f"\n{link}\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert out.read_bytes() == b"stdin link\n"
+    checked = subprocess.run(
+        [*P2PMEGA, "check", "-", *client],
+        env=net.env,
+        input=link,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    empty = run("fetch", "-", *client, env=net.env)  # stdin is /dev/null
+    assert empty.returncode == 2
+    assert empty.stderr.strip().splitlines() == [
+        "p2pmega: error: LINK is -, but stdin held no link; pipe it in, e.g. p2pmega fetch - < link.txt"
+    ]
+
+
 def test_user_mistakes_give_one_line_and_their_exit_code(
     net: RunningTestnet, tmp_path: Path
 ) -> None:

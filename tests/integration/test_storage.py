@@ -23,8 +23,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of, short_id
+from p2pmega.core.chunking import (
+    MAX_SEALED_CHUNK_BYTES,
+    MIN_SEALED_CHUNK_BYTES,
+    ChunkId,
+    chunk_id_of,
+    short_id,
+)
+from p2pmega.defaults import MAX_LEASE_S
 from p2pmega.errors import (
+    BadChunk,
     BadOption,
     ChunkHashMismatch,
     ChunkNotStored,
@@ -48,6 +56,10 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+# The smallest chunk a holder takes: a header and a seal, nothing shorter is a chunk.
+MIN = MIN_SEALED_CHUNK_BYTES
 
 
 def make_chunk(size: int, seed: int = 0) -> tuple[ChunkId, bytes]:
@@ -166,7 +178,7 @@ def test_short_reads_do_not_make_a_good_chunk_look_rotten(
     assert store.chunk_count == 1
 
 
-@pytest.mark.parametrize("size", [1, 2, 255, 4096, 1 << 20, MAX_SEALED_CHUNK_BYTES])
+@pytest.mark.parametrize("size", [MIN, MIN + 1, 255, 4096, 1 << 20, MAX_SEALED_CHUNK_BYTES])
 def test_put_then_get_returns_exact_bytes(store: ChunkStore, size: int) -> None:
     chunk_id, data = make_chunk(size, seed=size)
     assert store.put(chunk_id, data, lease_s=60) is True
@@ -185,7 +197,7 @@ def test_direct_and_page_cache_writes_store_exact_bytes(
 ) -> None:
     """Sizes around the 4096-byte O_DIRECT alignment: the padding never reaches the file."""
     root = request.getfixturevalue("direct_dir") if direct_io else tmp_path
-    sizes = [0, 1, 4095, 4096, 4097, 8191, (1 << 20) + 41, MAX_SEALED_CHUNK_BYTES]
+    sizes = [MIN, MIN + 1, 4095, 4096, 4097, 8191, (1 << 20) + 41, MAX_SEALED_CHUNK_BYTES]
     chunks = [make_chunk(size, seed=size) for size in sizes]
     with ChunkStore(root, quota_bytes=64 << 20, direct_io=direct_io) as store:
         for chunk_id, data in chunks:
@@ -242,7 +254,7 @@ def test_direct_reads_fill_no_page_cache(direct_dir: Path) -> None:
             os.close(fd)
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, (1 << 20) + 41])
+@pytest.mark.parametrize("size", [MIN, 4095, 4096, 4097, (1 << 20) + 41])
 def test_a_room_placed_on_a_direct_io_boundary_is_read_into_without_a_bounce_buffer(
     direct_dir: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
@@ -276,7 +288,7 @@ def test_a_filesystem_refusing_direct_reads_gets_page_cache_reads(
     def refuse(fd: int, view: object, want: int) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    chunks = [make_chunk(size, seed=size) for size in (1, 5000, (1 << 20) + 3)]
+    chunks = [make_chunk(size, seed=size) for size in (MIN, 5000, (1 << 20) + 3)]
     with ChunkStore(direct_dir, quota_bytes=8 << 20, direct_io=True) as store:
         for chunk_id, data in chunks:
             store.put(chunk_id, data, lease_s=60)
@@ -333,7 +345,7 @@ def test_put_larger_than_any_chunk_is_refused_as_storage_error(store: ChunkStore
 
 @pytest.mark.parametrize("lease_s", [0, -1, float("nan"), float("inf"), True])
 def test_bad_lease_is_refused(store: ChunkStore, lease_s: float) -> None:
-    chunk_id, data = make_chunk(10)
+    chunk_id, data = make_chunk(MIN)
     with pytest.raises(BadOption, match="lease"):
         store.put(chunk_id, data, lease_s=lease_s)
     with pytest.raises(BadOption, match="lease"):
@@ -341,7 +353,7 @@ def test_bad_lease_is_refused(store: ChunkStore, lease_s: float) -> None:
 
 
 def test_get_of_unknown_chunk_raises_not_stored(store: ChunkStore) -> None:
-    chunk_id, _ = make_chunk(10)
+    chunk_id, _ = make_chunk(MIN)
     with pytest.raises(ChunkNotStored, match=short_id(chunk_id)[:12]):
         store.get(chunk_id)
     assert store.lease_expiry(chunk_id) is None
@@ -564,7 +576,7 @@ def test_read_into_reads_into_the_lent_room(store: ChunkStore) -> None:
     with pytest.raises(ValueError, match="room"):
         store.read_into(chunk_id, lend(bytearray(len(data)), 0, []))
     with pytest.raises(ChunkNotStored):
-        store.read_into(make_chunk(10, seed=9)[0], lend(buffer, 0, asked))
+        store.read_into(make_chunk(MIN, seed=9)[0], lend(buffer, 0, asked))
     assert_consistent(store)
 
 
@@ -607,13 +619,13 @@ def test_chunk_file_deleted_behind_the_store_is_forgotten(store: ChunkStore) -> 
 
 
 def test_reopen_keeps_chunks_and_leases(tmp_path: Path, clock: FakeClock) -> None:
-    chunks = [make_chunk(size, size) for size in (1, 1000, 70_000)]
+    chunks = [make_chunk(size, size) for size in (MIN, 1000, 70_000)]
     with ChunkStore(tmp_path, quota_bytes=1 << 20, clock=clock) as store:
         for lease_s, (chunk_id, data) in enumerate(chunks, start=1):
             store.put(chunk_id, data, lease_s=lease_s * 100)
     with ChunkStore(tmp_path, quota_bytes=1 << 20, clock=clock) as store:
         assert not store.repair_report.repaired
-        assert store.used_bytes == 71_001
+        assert store.used_bytes == MIN + 1000 + 70_000
         assert sorted(store.ids()) == sorted(cid for cid, _ in chunks)
         for lease_s, (chunk_id, data) in enumerate(chunks, start=1):
             assert store.get(chunk_id) == data
@@ -668,7 +680,7 @@ def test_closed_store_refuses_calls_and_close_is_idempotent(tmp_path: Path) -> N
     store = ChunkStore(tmp_path)
     store.close()
     store.close()
-    chunk_id, data = make_chunk(10)
+    chunk_id, data = make_chunk(MIN)
     with pytest.raises(StorageError, match="closed"):
         store.put(chunk_id, data, lease_s=1)
     with pytest.raises(StorageError, match="closed"):
@@ -693,7 +705,7 @@ out = threading.Lock()
 def writer(seed):
     rng = random.Random(seed)
     while True:
-        data = os.urandom(rng.randint(1, 1 << 20))
+        data = os.urandom(rng.randint(64, 1 << 20))
         chunk_id = chunk_id_of(data)
         store.put(chunk_id, data, lease_s=3600)
         with out:
@@ -785,7 +797,7 @@ def test_stray_files_in_shards_are_left_alone_and_not_served(tmp_path: Path) -> 
     assert stray.read_bytes() == b"not a chunk"
 
 
-POOL = [make_chunk(size, seed) for seed, size in enumerate((1, 300, 999, 1000, 1500, 2000))]
+POOL = [make_chunk(size, seed) for seed, size in enumerate((MIN, 300, 999, 1000, 1500, 2000))]
 
 
 class StoreAgainstModel(RuleBasedStateMachine):
@@ -882,3 +894,21 @@ StoreAgainstModel.TestCase.settings = settings(
     max_examples=15, stateful_step_count=20, deadline=None
 )
 test_store_against_model = StoreAgainstModel.TestCase
+
+
+@pytest.mark.parametrize("size", [0, 1, MIN_SEALED_CHUNK_BYTES - 1])
+def test_bytes_shorter_than_any_chunk_are_refused(store: ChunkStore, size: int) -> None:
+    """A 0-byte "chunk" was stored (issue 16): nothing shorter than a header and a seal is one."""
+    chunk_id, data = make_chunk(size)
+    with pytest.raises(BadChunk, match="under the 42-byte header and seal"):
+        store.put(chunk_id, data, lease_s=60)
+    assert store.chunk_count == 0
+
+
+def test_a_lease_is_capped_at_ninety_days(store: ChunkStore) -> None:
+    """A stranger pinned chunks until 2163 with a lease of 2**32 - 1 s (issue 16)."""
+    chunk_id, data = make_chunk(100)
+    store.put(chunk_id, data, lease_s=2**32 - 1)
+    assert store.leases([chunk_id]) == [int(MAX_LEASE_S)]
+    assert store.renew([chunk_id], lease_s=10**12) == [True]
+    assert store.leases([chunk_id]) == [int(MAX_LEASE_S)]

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from p2pmega import errors
-from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId, chunk_id_of
+from p2pmega.core.chunking import (
+    MAX_SEALED_CHUNK_BYTES,
+    MIN_SEALED_CHUNK_BYTES,
+    ChunkId,
+    chunk_id_of,
+)
 from p2pmega.core.wire import (
     MAX_BATCH_IDS,
     NEED_DATA,
@@ -81,7 +86,17 @@ def random_chunk(size: int) -> tuple[ChunkId, bytes]:
     return chunk_id_of(data), data
 
 
-@pytest.mark.parametrize("size", [1, 2, 4095, 65537, 1 << 20, MAX_SEALED_CHUNK_BYTES])
+@pytest.mark.parametrize(
+    "size",
+    [
+        MIN_SEALED_CHUNK_BYTES,
+        MIN_SEALED_CHUNK_BYTES + 1,
+        4095,
+        65537,
+        1 << 20,
+        MAX_SEALED_CHUNK_BYTES,
+    ],
+)
 async def test_store_and_fetch_every_size(tmp_path: Path, size: int) -> None:
     stored: list[ChunkId] = []
     host = peer_address(1, 1)
@@ -189,7 +204,7 @@ async def test_bad_hash_store_is_refused(tmp_path: Path) -> None:
         cid, _ = random_chunk(500)
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
             with pytest.raises(errors.ChunkHashMismatch, match="do not match"):
-                await client.store(addr, cid, b"not the chunk", 60)
+                await client.store(addr, cid, b"not the chunk" * 4, 60)
             with pytest.raises(errors.ChunkNotStored):
                 await client.fetch(addr, cid)
         assert store.ids() == []

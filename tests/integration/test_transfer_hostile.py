@@ -236,7 +236,7 @@ async def test_chunk_not_matching_its_id_gets_bad_hash_and_connection_lives(hold
     conn = TransferConnection(role=Role.CLIENT)
     forged_id = chunk_id_of(b"the real chunk")
     async with raw_connection(holder.server.port) as (reader, writer):
-        writer.writelines(conn.send(StoreRequest(1, forged_id, 60, b"something else")))
+        writer.writelines(conn.send(StoreRequest(1, forged_id, 60, b"something else" * 4)))
         writer.writelines(conn.send(FetchRequest(2, forged_id)))
         replies: list[Error] = []
         async with asyncio.timeout(STEP_S):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pmega.api.fetch import _unavailable
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pmega.api.fetch import _unavailable, safe_name
 from p2pmega.errors import ChunkUnavailable
 from p2pmega.storage.part_file import ResumeState
 
@@ -21,3 +25,21 @@ def test_counts_missing_chunks_and_names_the_part_file(tmp_path: Path) -> None:
     )
     one = _unavailable(1, 10, resume, ChunkUnavailable("x"))
     assert str(one).startswith("1 of 10 chunks has no reachable holder (x)")
+
+
+@pytest.mark.parametrize("name", ["é" * 255, "a" * 300, "x" * 254 + "€", "日本" * 100])
+def test_a_long_name_is_cut_to_255_bytes_between_characters(name: str) -> None:
+    """255 "é" are 510 bytes: the file system refused it with a traceback (issue 16, item 7)."""
+    safe = safe_name(name, "fallback")
+    assert 0 < len(safe.encode("utf-8")) <= 255
+    assert name.startswith(safe)
+
+
+@given(st.text())
+def test_a_safe_name_is_one_short_printable_name(name: str) -> None:
+    safe = safe_name(name, "fallback")
+    assert len(safe.encode("utf-8")) <= 255
+    assert "/" not in safe
+    assert "\x00" not in safe
+    assert safe not in ("", ".", "..")
+    assert all(ch.isprintable() for ch in safe)

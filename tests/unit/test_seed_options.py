@@ -149,3 +149,16 @@ def test_seed_refuses_bad_keep_input_before_starting(
     assert named in lines[0]
     assert "listening" not in done.stderr
     assert not (tmp_path / "d" / "store").exists(), "the seed must not start half-configured"
+
+
+def test_share_and_seed_refuse_a_lease_longer_than_holders_grant(tmp_path: Path) -> None:
+    import asyncio
+
+    from p2pmega.api.common import NetSettings
+    from p2pmega.api.share import share
+
+    net = NetSettings(data_dir=tmp_path / "d")
+    with pytest.raises(BadOption, match=r"--lease-days 91: give more than 0 and at most 90"):
+        asyncio.run(share(tmp_path / "never-read", net=net, lease_s=91 * 86400))
+    with pytest.raises(BadOption, match=r"--lease-days 120: give more than 0 and at most 90"):
+        options(tmp_path, lease_days=120.0)
