@@ -299,16 +299,24 @@ class TransferClient(Service):
         return await self._fetch_any(addrs, chunk_id, _as_is, reuse=False)
 
     async def fetch_any_into(
-        self, addrs: Sequence[Address], chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
+        self,
+        addrs: Sequence[Address],
+        chunk_id: ChunkId,
+        consume: Callable[[ChunkBytes], _T],
+        *,
+        failed: set[Address] | None = None,
     ) -> tuple[_T, Address]:
         """`fetch_any` with `fetch_into`'s ``consume``: its result and the address that served.
+
+        ``failed`` collects the holders that timed out, could not be reached or sent bad bytes (not those that
+        merely lack the chunk), so the caller can leave them out of its next requests.
 
         Raises:
             errors.ChunkUnavailable: every holder failed (names how many were tried and why).
             Whatever else ``consume`` raises (the next holder is not tried for it); it should
             raise none of the errors that mean a bad holder (hash mismatch, not stored, network).
         """
-        return await self._fetch_any(addrs, chunk_id, consume, reuse=True)
+        return await self._fetch_any(addrs, chunk_id, consume, reuse=True, failed=failed)
 
     async def _fetch_any(
         self,
@@ -317,19 +325,25 @@ class TransferClient(Service):
         consume: Callable[[ChunkBytes], _T],
         *,
         reuse: bool,
+        failed: set[Address] | None = None,
     ) -> tuple[_T, Address]:
         reasons: Counter[str] = Counter()
+        bad = failed if failed is not None else set()
         for addr in await self._reachable_first(addrs):
+            if addr in bad:
+                continue  # failed another request of the caller's meanwhile
             try:
                 return await self._fetch(addr, chunk_id, consume, reuse=reuse), addr
             except errors.ChunkNotStored:
                 reasons["not found"] += 1
+                continue
             except errors.ChunkHashMismatch:
                 reasons["bad hash"] += 1
             except errors.TransferTimeout:
                 reasons["timeout"] += 1
             except errors.NetworkError:
                 reasons["unreachable"] += 1
+            bad.add(addr)
             log.debug(
                 "chunk %s not served by %s; trying the next holder",
                 short_id(chunk_id),

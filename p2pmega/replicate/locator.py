@@ -201,7 +201,11 @@ class HolderLocator:
                 k = spread % len(addrs)
                 order = addrs[k:] + addrs[:k]
                 try:
-                    result, _addr = await self.node.client.fetch_any_into(order, chunk_id, consume)
+                    # A holder that times out, stalls or sends bad bytes is left out for the rest of this
+                    # fetch (self.dead): one staller must not cost every chunk a timeout.
+                    result, _addr = await self.node.client.fetch_any_into(
+                        order, chunk_id, consume, failed=self.dead
+                    )
                 except (ChunkUnavailable, ChunkNotStored, ChunkHashMismatch, NetworkError):
                     # Everyone we knew failed: forget them for this chunk and look again once.
                     self.holders.pop(chunk_id, None)
