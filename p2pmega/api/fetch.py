@@ -113,7 +113,10 @@ async def fetch(
             ) from exc
         if exists and not force:
             raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
-        return await _download(locator, cap, manifest, target, progress, on_part)
+        try:
+            return await _download(locator, cap, manifest, target, progress, on_part)
+        finally:
+            await locator.close()
 
 
 def _is_existing_file(path: Path) -> bool:

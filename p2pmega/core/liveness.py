@@ -44,6 +44,10 @@ class Liveness:
         self._failed.pop(node_id, None)
         self._failed_at.pop(address, None)
 
+    def forget(self, node_id: bytes) -> None:
+        """A request was withdrawn before its answer could come: it proves nothing either way."""
+        self._unanswered.pop(node_id, None)
+
     def missed(self, node_id: bytes, address: Address, now: float) -> None:
         """A request timed out (or its reply was malformed)."""
         self._unanswered.pop(node_id, None)

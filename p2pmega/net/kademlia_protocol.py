@@ -260,7 +260,12 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     ) -> tuple[bool, Any]:
         """Call ``name`` on ``node``; a malformed reply counts as no reply (and as a miss)."""
         self.liveness.sent(node.id, (node.ip, node.port), asyncio.get_running_loop().time())
-        ok, raw = await self.request((node.ip, node.port), *self._wire(name, args))
+        try:
+            ok, raw = await self.request((node.ip, node.port), *self._wire(name, args))
+        except asyncio.CancelledError:
+            # Our own caller gave up (a timeout, a stop): says nothing about the node.
+            self.liveness.forget(node.id)
+            raise
         if ok:
             try:
                 return True, self._note_reply(node, check(raw))

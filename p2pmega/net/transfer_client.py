@@ -329,7 +329,10 @@ class TransferClient(Service):
     ) -> tuple[_T, Address]:
         reasons: Counter[str] = Counter()
         bad = failed if failed is not None else set()
-        for addr in await self._reachable_first(addrs):
+        order, unreachable = await self._reachable_first([a for a in addrs if a not in bad])
+        reasons["unreachable"] += len(unreachable)
+        bad.update(unreachable)
+        for addr in order:
             if addr in bad:
                 continue  # failed another request of the caller's meanwhile
             try:
@@ -355,8 +358,11 @@ class TransferClient(Service):
             f"{': ' + why if why else ''}); retry later or ask more peers"
         )
 
-    async def _reachable_first(self, addrs: Sequence[Address]) -> list[Address]:
-        """``addrs`` with the first holder to accept a connection moved to the front.
+    async def _reachable_first(
+        self, addrs: Sequence[Address]
+    ) -> tuple[list[Address], set[Address]]:
+        """``addrs`` with the first holder to accept a connection moved to the front, and the holders whose
+        connection failed (or, when none connected, did not connect within the connect timeout).
 
         Connections are raced as Happy Eyeballs races addresses (RFC 8305): the first holder is tried, and every
         CONNECT_RACE_S that passes without a connection the next one is tried too, so a holder that silently
@@ -364,7 +370,7 @@ class TransferClient(Service):
         wins at once, so a healthy holder costs nothing extra; the losers' connections stay in the pool.
         """
         if len(addrs) < 2:
-            return list(addrs)
+            return list(addrs), set()
         racing: dict[asyncio.Task[PeerConnection], Address] = {}
         winner: Address | None = None
         try:
@@ -381,9 +387,15 @@ class TransferClient(Service):
                     task.cancel()
             # Retrieve every outcome: a refused or cancelled attempt is not an error here.
             await asyncio.gather(*racing, return_exceptions=True)
+        failed = {
+            addr
+            for task, addr in racing.items()
+            if winner is None
+            or (task.done() and not task.cancelled() and task.exception() is not None)
+        }
         if winner is None:
-            return list(addrs)
-        return [winner, *(a for a in addrs if a != winner)]
+            return [], failed
+        return [winner, *(a for a in addrs if a != winner and a not in failed)], failed
 
     @staticmethod
     async def _first_connected(

@@ -140,9 +140,18 @@ class Reannouncer:
         await every(self.interval_s, self.reannounce)
 
     async def reannounce(self) -> None:
-        if self.node.store is not None:
-            for chunk_id in await asyncio.to_thread(self.node.store.ids):
-                self.announcer.queue.put_nowait(chunk_id)
+        if self.node.store is None:
+            return
+        if not self.announcer.queue.empty():
+            # The last round is still being announced (a very large store on a slow network): queueing every
+            # id again would only grow the queue.
+            log.info(
+                "re-announcing skipped: %d chunks still wait to be announced",
+                self.announcer.queue.qsize(),
+            )
+            return
+        for chunk_id in await asyncio.to_thread(self.node.store.ids):
+            self.announcer.queue.put_nowait(chunk_id)
 
     async def close(self) -> None:
         return None

@@ -20,16 +20,16 @@ from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address, short_id
 from p2pmega.core.magnet import KeepCap
 from p2pmega.core.manifest import Manifest
-from p2pmega.core.placement import Candidate, meets_rule
+from p2pmega.core.placement import Candidate, meets_rule, plan_repair
 from p2pmega.core.words import counted
 from p2pmega.defaults import LEASE_S
-from p2pmega.errors import P2PMegaError
+from p2pmega.errors import P2PMegaError, PlacementImpossible
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
 from p2pmega.replicate.peers import candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
-from p2pmega.replicate.repair import RepairPolicy, RoundReport, locate
+from p2pmega.replicate.repair import RepairPolicy, RoundReport, bounded_round, locate
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Keeper:
     async def run(self) -> None:
         # At once: a seed started to keep files alive should not wait an interval to renew them.
         while True:
-            await self.round()
+            await bounded_round(self.round(), self.policy, "keep-alive")
             await asyncio.sleep(self.policy.wait_s(self.rng))
 
     async def close(self) -> None:
@@ -102,10 +102,9 @@ class Keeper:
         ids = [*manifest.manifest_ids, *manifest.chunk_ids]
         p = self.policy
 
-        def enough(chunk_id: ChunkId, holders: list[Address]) -> bool:
-            return meets_rule(
-                self._holders(holders, {}), replicas=p.replicas, min_countries=p.min_countries
-            )
+        def enough(chunk_id: ChunkId, holders: list[Address], ids: dict[Address, bytes]) -> bool:
+            found = self._holders(holders, ids)
+            return meets_rule(found, replicas=p.replicas, min_countries=p.min_countries)
 
         locator, report.gone = await locate(
             self.node, ids, pool, hints=hints, enough=enough, retry_delay_s=p.probe_retry_delay_s
@@ -115,7 +114,7 @@ class Keeper:
         mine = await self._renew_own(ids)
         me = candidate_of(self.node.dht_node.node_id, self.node.address, self.geo)
         short: set[ChunkId] = set()
-        missing = 0
+        missing = attempts = 0
         for chunk_id in ids:
             holders = self._holders(locator.live_holders(chunk_id), locator.node_ids)
             if chunk_id in mine:
@@ -127,7 +126,10 @@ class Keeper:
             short.add(chunk_id)
             if not holders:
                 missing += 1
-            elif chunk_id in kept.short and report.repaired < p.max_repairs_per_round:
+            elif chunk_id in kept.short and attempts < p.max_repairs_per_round:
+                attempts += (
+                    1  # tries, not successes: a file that cannot be repaired costs a bounded round
+                )
                 await self._repair(locator, pool, chunk_id, holders, report)
         if missing:
             level = logging.DEBUG if kept.warned else logging.WARNING
@@ -183,6 +185,19 @@ class Keeper:
         live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
         placer = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, self.lease_s)
         placer.silent.update(locator.dead)
+        try:
+            # Whether the live peers can meet the rule at all, before downloading the chunk to find out.
+            plan_repair(
+                chunk_id,
+                holders,
+                [c for c in await placer.candidates_for(chunk_id) if c not in holders],
+                replicas=p.replicas,
+                min_countries=p.min_countries,
+            )
+        except PlacementImpossible as exc:
+            report.unrepairable += 1
+            log.debug("cannot repair kept chunk %s: %s", short_id(chunk_id), exc)
+            return
         try:
             data = await locator.fetch(chunk_id)
         except P2PMegaError as exc:

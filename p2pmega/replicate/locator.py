@@ -4,6 +4,7 @@ fetching a chunk from them with failover."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class HolderLocator:
     wanted: list[ChunkId] = field(default_factory=list)
     # The node id of each peer the DHT told us about (hints have none until the DHT names them).
     node_ids: dict[Address, bytes] = field(default_factory=dict)
+    # Whether a peer found while discovering one chunk is asked about every wanted chunk (a fetch: its holders
+    # hold many of them) or only that one (repair: a store's chunks are spread over the whole network).
+    ask_new_peers_about_all: bool = True
 
     def __post_init__(self) -> None:
         self.peers.update(self.hints)
@@ -76,6 +80,13 @@ class HolderLocator:
         """Wait until the peers near the ``want`` key have been found and asked."""
         if self._expanding is not None:
             await self._expanding
+
+    async def close(self) -> None:
+        """Stop the search near the ``want`` key if it is still running (a fetch its hints served)."""
+        if self._expanding is not None and not self._expanding.done():
+            self._expanding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expanding
 
     async def _expand(self, near: ChunkId) -> None:
         try:
@@ -138,7 +149,7 @@ class HolderLocator:
         new = found - self.peers
         self.peers.update(found)
         await self.confirm([chunk_id], found | set(self.hints))
-        if new and self.wanted:
+        if new and self.wanted and self.ask_new_peers_about_all:
             await self.confirm(self.wanted, new)
 
     def live_holders(self, chunk_id: ChunkId) -> list[Address]:

@@ -54,6 +54,10 @@ class Placer:
     failures: Counter[tuple[str, int]] = field(default_factory=Counter)
     # Contacts that did not answer the storage-peer probe (DHT-only nodes, dead contacts): never asked to store.
     silent: set[tuple[str, int]] = field(default_factory=set)
+    # Repair asks a new holder whether it has the chunk already (another holder may have just copied it there,
+    # before the announcement) rather than send the whole chunk again.
+    ask_first: bool = False
+    bytes_sent: int = 0
 
     async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
         if len(self.pool) < SMALL_NETWORK_NODES:
@@ -147,6 +151,10 @@ class Placer:
             if addr in self.dead:
                 return False  # given up on by another chunk's store meanwhile
             try:
+                if self.ask_first and (await self.node.client.has(addr, [chunk_id]))[0]:
+                    self.failures.pop(addr, None)
+                    return True
+                self.bytes_sent += len(data)
                 await self.node.client.store(addr, chunk_id, data, self.lease_s)
             except QuotaExceeded:
                 self.full.add(addr)

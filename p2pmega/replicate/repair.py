@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from p2pmega.core.geo import GeoTable
@@ -30,6 +30,7 @@ from p2pmega.core.placement import (
     DEFAULT_REPLICAS,
     Candidate,
     meets_rule,
+    plan_repair,
 )
 from p2pmega.core.words import counted
 from p2pmega.defaults import REPAIR_INTERVAL_S
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # A chunk with less lease than this left is not worth copying: it expires before anyone could need the copy.
 MIN_REPAIR_LEASE_S = 60.0
+# A chunk short of the rule this many rounds in a row is repaired by any live holder, not only the responsible one.
+TAKEOVER_AFTER_ROUNDS = 3
+# A round (lookups, probes, copies) that takes longer than this many intervals, and at least ROUND_MIN_LIMIT_S, is
+# abandoned: one slow or hostile peer must not stop repair on this holder for good.
+ROUND_LIMIT_INTERVALS = 3
+ROUND_MIN_LIMIT_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,16 +92,18 @@ class RoundReport:
         self, placer: Placer, chunk_id: ChunkId, data: bytes, holders: list[Candidate]
     ) -> None:
         """Place ``data`` until the rule holds again, counting the copies made (or the chunk as unrepairable)."""
+        placer = dataclasses.replace(placer, ask_first=True, bytes_sent=0)  # shares the peer sets
         try:
             after = await placer.place(chunk_id, data, holding=holders)
         except PlacementImpossible as exc:
             self.unrepairable += 1
+            self.bytes_pushed += placer.bytes_sent
             log.debug("cannot repair chunk %s: %s", short_id(chunk_id), exc)
             return
         new = [c for c in after if c not in holders]
         self.repaired += 1
         self.copies += len(new)
-        self.bytes_pushed += len(data) * len(new)
+        self.bytes_pushed += placer.bytes_sent
         log.debug("repaired chunk %s onto %s", short_id(chunk_id), [c.label() for c in new])
 
 
@@ -129,7 +138,7 @@ async def locate(
     pool: Sequence[Candidate],
     *,
     hints: Sequence[Address] = (),
-    enough: Callable[[ChunkId, list[Address]], bool],
+    enough: Callable[[ChunkId, list[Address], dict[Address, bytes]], bool],
     retry_delay_s: float,
 ) -> tuple[HolderLocator, list[Address]]:
     """Ask the pool (and the DHT for chunks not ``enough``) who holds ``ids``; a silent peer is asked twice.
@@ -138,12 +147,14 @@ async def locate(
         The locator (live holders per chunk, node ids seen), and the peers that failed both probes.
     """
     me = node.address
-    locator = HolderLocator(node, hints=hints)
+    # New peers found by one chunk's lookup are asked about that chunk only: about every id of a large store,
+    # each round, it would be chunks x peers of `has` traffic.
+    locator = HolderLocator(node, hints=hints, ask_new_peers_about_all=False)
     locator.peers.update((c.host, c.port) for c in pool)
     locator.peers.discard(me)
     locator.node_ids.update(((c.host, c.port), c.node_id) for c in pool)
     await locator.want(ids)
-    short = [c for c in ids if not enough(c, locator.live_holders(c))]
+    short = [c for c in ids if not enough(c, locator.live_holders(c), locator.node_ids)]
     await asyncio.gather(*(locator.discover(c) for c in short))
     locator.peers.discard(me)
     if locator.dead:
@@ -155,6 +166,18 @@ async def locate(
             locator.queried.pop(peer, None)
         await locator.confirm(ids, again)
     return locator, sorted(locator.dead)
+
+
+async def bounded_round(work: Awaitable[object], policy: RepairPolicy, what: str) -> None:
+    """Await one round, abandoning it (with a warning) past its time limit."""
+    limit_s = max(ROUND_MIN_LIMIT_S, ROUND_LIMIT_INTERVALS * policy.interval_s)
+    try:
+        async with asyncio.timeout(limit_s):
+            await work
+    except TimeoutError:
+        log.warning(
+            "a %s round took over %.0f s and was abandoned; the next one starts over", what, limit_s
+        )
 
 
 @dataclass(eq=False)
@@ -172,6 +195,7 @@ class Repairer:
     bytes_pushed: int = 0
     last: RoundReport | None = None
     _cursor: int = 0
+    _short_rounds: dict[ChunkId, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rate = RateLimit(self.policy.rate_bytes_s, time.monotonic)
@@ -179,7 +203,7 @@ class Repairer:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.policy.wait_s(self.rng))
-            await self.round()
+            await bounded_round(self.round(), self.policy, "repair")
 
     async def close(self) -> None:
         return None
@@ -203,26 +227,31 @@ class Repairer:
         p = self.policy
         me = candidate_of(self.node.dht_node.node_id, self.node.address, self.geo)
 
-        def enough(chunk_id: ChunkId, others: list[Address]) -> bool:
-            return meets_rule(
-                self._holders(me, others, {}), replicas=p.replicas, min_countries=p.min_countries
-            )
+        def enough(chunk_id: ChunkId, others: list[Address], ids: dict[Address, bytes]) -> bool:
+            holders = self._holders(me, others, ids)
+            return meets_rule(holders, replicas=p.replicas, min_countries=p.min_countries)
 
         locator, report.gone = await locate(
             self.node, ids, pool, enough=enough, retry_delay_s=p.probe_retry_delay_s
         )
         live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
         work: list[tuple[ChunkId, list[Candidate]]] = []
+        short_rounds: dict[ChunkId, int] = {}
         for chunk_id in ids:
             holders = self._holders(me, locator.live_holders(chunk_id), locator.node_ids)
             if meets_rule(holders, replicas=p.replicas, min_countries=p.min_countries):
                 report.healthy += 1
                 continue
             report.short += 1
-            if not self.acts_for(chunk_id, holders, me):
+            short_rounds[chunk_id] = self._short_rounds.get(chunk_id, 0) + 1
+            # The responsible holder acts; if it has not managed to for a few rounds (its view of the pool, its
+            # outgoing stores blocked, its cap), any live holder steps in.
+            mine = self.acts_for(chunk_id, holders, me)
+            if not mine and short_rounds[chunk_id] < TAKEOVER_AFTER_ROUNDS:
                 report.left_to_others += 1
             elif len(work) < p.max_repairs_per_round:
                 work.append((chunk_id, holders))
+        self._short_rounds = short_rounds
         if work:
             # One Placer per chunk (each carries its chunk's lease), sharing what they learn about peers.
             shared = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, 0.0)
@@ -238,7 +267,8 @@ class Repairer:
 
     def acts_for(self, chunk_id: ChunkId, holders: list[Candidate], me: Candidate) -> bool:
         """Whether this holder is the one to repair ``chunk_id`` (``holders``: the live ones, itself included)."""
-        return responsible(chunk_id, holders) == me
+        # By node id: behind NAT the same holder may also be seen at its public address.
+        return responsible(chunk_id, holders).node_id == me.node_id
 
     def _slice(self, ids: list[ChunkId]) -> list[ChunkId]:
         limit = self.policy.max_chunks_per_round
@@ -280,8 +310,19 @@ class Repairer:
             except P2PMegaError as exc:
                 log.debug("cannot read chunk %s to repair it: %s", short_id(chunk_id), exc)
                 return
-            missing = max(1, self.policy.replicas - len(holders))
-            await self._rate.take(len(data) * missing)
+            try:
+                plan = plan_repair(
+                    chunk_id,
+                    holders,
+                    [c for c in await shared.candidates_for(chunk_id) if c not in holders],
+                    replicas=self.policy.replicas,
+                    min_countries=self.policy.min_countries,
+                )
+            except PlacementImpossible as exc:
+                report.unrepairable += 1  # nothing pushed, no budget spent
+                log.debug("cannot repair chunk %s: %s", short_id(chunk_id), exc)
+                return
+            await self._rate.take(len(data) * max(1, len(plan)))
             # replace() hands the same dead/full/silent sets to the copy: what one chunk learns, all skip.
             await report.repair(
                 dataclasses.replace(shared, lease_s=lease_s), chunk_id, data, holders

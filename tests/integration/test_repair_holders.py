@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,13 +139,26 @@ async def test_two_holders_that_both_think_they_are_responsible_add_one_copy_not
         )
 
 
-async def test_repair_rounds_on_a_healthy_network_move_nothing(tmp_path: Path) -> None:
+async def test_repair_rounds_on_a_healthy_network_move_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
         for _ in range(3):
             await net.store(os.urandom(2000), "de1", "nz1")
             await net.store(os.urandom(2000), "de2", "is1")
+        lookups: list[bytes] = []
+        for node in net.holders.values():
+            real = node.dht_node.find_providers
+
+            async def spy(chunk_id: bytes, real: Any = real) -> Any:
+                lookups.append(chunk_id)
+                return await real(chunk_id)
+
+            monkeypatch.setattr(node.dht_node, "find_providers", spy)
         for _ in range(2):
             assert await net.rounds(*PEERS) == dict.fromkeys(PEERS, 0)
+        # The batched `has` answers showed every chunk healthy: no chunk was looked up in the DHT.
+        assert lookups == []
         assert all(r.last is not None and r.last.short == 0 for r in net.repairers.values())
 
 
