@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,35 +46,73 @@ STEP_S = 20.0
 SLOW_S = 0.4
 
 
+# How a fake DHT peer answers one request: the reply payload, or None to stay silent.
+Answer = Callable[[str, int], Awaitable[object | None]]
+
+
 @contextlib.asynccontextmanager
-async def slow_peer(host: str, delay_s: float) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
-    """A DHT peer that answers every request correctly, ``delay_s`` late (ping: its id; find_node: nobody)."""
+async def fake_dht_peer(host: str, answer: Answer) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
+    """A raw UDP DHT peer: ``answer(rpc name, nth request so far)`` gives each reply (each in its own task, so a
+    slow answer holds up no other). Yields its address and node id."""
     sock = await asyncio_dgram.bind((host, 0))
     node_id = os.urandom(20)
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def answer(data: bytes, addr: Any) -> None:
-        await asyncio.sleep(delay_s)
+    async def reply(data: bytes, addr: Any, nth: int) -> None:
         name, _args = umsgpack.unpackb(data[21:])
-        reply = node_id if name == "ping" else []
-        await sock.send(b"\x01" + data[1:21] + umsgpack.packb(reply), addr)
+        payload = await answer(name, nth)
+        if payload is not None:
+            await sock.send(b"\x01" + data[1:21] + umsgpack.packb(payload), addr)
 
     async def serve() -> None:
-        tasks = set()
+        nth = 0
         while True:
             data, addr = await sock.recv()
             if data[:1] == b"\x00":
-                task = asyncio.create_task(answer(data, addr))
+                task = asyncio.create_task(reply(data, addr, nth))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                nth += 1
 
     server = asyncio.create_task(serve())
     try:
         yield sock.sockname[:2], node_id
     finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
+        for task in [server, *tasks]:
+            task.cancel()
+        await asyncio.gather(server, *tasks, return_exceptions=True)
         sock.close()
+
+
+def slow_peer(host: str, delay_s: float) -> Any:
+    """Answers every request correctly, ``delay_s`` late (ping: its id; find_node: nobody)."""
+    holder: dict[str, bytes] = {}
+
+    async def answer(name: str, _nth: int) -> object:
+        await asyncio.sleep(delay_s)
+        return holder["id"] if name == "ping" else []
+
+    return _with_id(fake_dht_peer(host, answer), holder)
+
+
+def answers_once(host: str) -> Any:
+    """Answers its first ping, then never anything again (seized after it joined)."""
+    holder: dict[str, bytes] = {}
+
+    async def answer(name: str, nth: int) -> object | None:
+        return holder["id"] if name == "ping" and nth == 0 else None
+
+    return _with_id(fake_dht_peer(host, answer), holder)
+
+
+@contextlib.asynccontextmanager
+async def _with_id(
+    peer: contextlib.AbstractAsyncContextManager[tuple[tuple[str, int], bytes]],
+    holder: dict[str, bytes],
+) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
+    async with peer as (addr, node_id):
+        holder["id"] = node_id
+        yield addr, node_id
 
 
 async def test_a_slow_but_alive_peer_is_waited_for_not_taken_for_dead() -> None:
@@ -156,31 +194,6 @@ async def test_a_fetch_from_hinted_holders_does_not_wait_for_the_dht_join(
         assert joins == ["cancelled"], (
             "the fetch finished from the hinted holders while the join still waited"
         )
-
-
-@contextlib.asynccontextmanager
-async def answers_once(host: str) -> AsyncIterator[tuple[tuple[str, int], bytes]]:
-    """A DHT peer that answers its first ping, then never anything again (seized after it joined)."""
-    sock = await asyncio_dgram.bind((host, 0))
-    node_id = os.urandom(20)
-
-    async def serve() -> None:
-        answered = False
-        while True:
-            data, addr = await sock.recv()
-            name, _args = umsgpack.unpackb(data[21:])
-            if data[:1] == b"\x00" and name == "ping" and not answered:
-                answered = True
-                await sock.send(b"\x01" + data[1:21] + umsgpack.packb(node_id), addr)
-
-    server = asyncio.create_task(serve())
-    try:
-        yield sock.sockname[:2], node_id
-    finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
-        sock.close()
 
 
 async def test_a_contact_that_went_silent_is_not_asked_by_the_next_command(tmp_path: Path) -> None:
