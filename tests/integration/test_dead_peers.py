@@ -32,13 +32,12 @@ from p2pmega.core.wire import (
 )
 from p2pmega.net.dht import DHTNode
 from p2pmega.net.transfer_client import TransferClient
-from p2pmega.net.transfer_server import TransferServer
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
-from p2pmega.storage.store import ChunkStore
 from tests.conftest import peer_address
+from tests.integration.test_transfer import holder
 
 pytestmark = pytest.mark.integration
 
@@ -259,10 +258,7 @@ async def test_a_holder_that_drops_connections_costs_the_race_delay_not_the_conn
     tmp_path: Path,
 ) -> None:
     host = peer_address(66, 1)
-    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
-    server = TransferServer(store, host=host, port=0)
-    await server.start()
-    try:
+    async with holder(tmp_path, host) as (server, _store):
         data = os.urandom(5000)
         chunk_id = chunk_id_of(data)
         with unanswered_listener(peer_address(66, 2)) as hanging:
@@ -281,9 +277,6 @@ async def test_a_holder_that_drops_connections_costs_the_race_delay_not_the_conn
                     )
         assert got == data
         assert served_by == (host, server.port)
-    finally:
-        await server.stop()
-        store.close()
 
 
 @contextlib.asynccontextmanager
@@ -329,10 +322,7 @@ async def test_a_stalling_holder_is_dropped_for_the_rest_of_a_fetch(tmp_path: Pa
     ]
     cap, manifest_chunks = encoder.finish()
     good_host = peer_address(67, 1)
-    store = ChunkStore(tmp_path / "store", quota_bytes=64 << 20)
-    server = TransferServer(store, host=good_host, port=0)
-    await server.start()
-    try:
+    async with holder(tmp_path, good_host) as (server, store):
         for chunk_id, data in [*stored, *manifest_chunks]:
             store.put(chunk_id, data, lease_s=3600)
         good = (good_host, server.port)
@@ -352,6 +342,3 @@ async def test_a_stalling_holder_is_dropped_for_the_rest_of_a_fetch(tmp_path: Pa
         # The staller is asked at most while its first request is still waiting for the timeout: then
         # never again. Without the drop it got about half of the 40 chunks' first requests.
         assert 1 <= len(fetches) <= 1 + FETCH_CONCURRENCY, len(fetches)
-    finally:
-        await server.stop()
-        store.close()

@@ -41,9 +41,14 @@ STEP_S = 10.0
 
 @contextlib.asynccontextmanager
 async def holder(
-    tmp_path: Path, host: str, *, quota_bytes: int = 64 << 20, on_stored=None
+    tmp_path: Path,
+    host: str,
+    *,
+    quota_bytes: int = 64 << 20,
+    on_stored=None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[tuple[TransferServer, ChunkStore]]:
-    store = ChunkStore(tmp_path / host, quota_bytes=quota_bytes)
+    store = ChunkStore(tmp_path / host, quota_bytes=quota_bytes, clock=clock)
     server = TransferServer(store, host=host, port=free_port(host), on_stored=on_stored)
     try:
         async with asyncio.timeout(STEP_S):

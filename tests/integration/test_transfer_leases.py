@@ -6,10 +6,8 @@ The holder's store runs on a clock the test sets, so the remaining seconds are e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,8 @@ from p2pmega.core.wire import (
     ErrorCode,
 )
 from p2pmega.net.transfer_client import TransferClient
-from p2pmega.net.transfer_server import TransferServer
-from p2pmega.storage import ChunkStore
 from tests.conftest import free_port, peer_address
+from tests.integration.test_transfer import holder
 
 pytestmark = pytest.mark.integration
 
@@ -42,22 +39,6 @@ class Clock:
         return self.now
 
 
-@contextlib.asynccontextmanager
-async def holder(
-    tmp_path: Path, host: str, clock: Clock
-) -> AsyncIterator[tuple[TransferServer, ChunkStore]]:
-    store = ChunkStore(tmp_path / host, quota_bytes=64 << 20, clock=clock)
-    server = TransferServer(store, host=host, port=free_port(host))
-    try:
-        async with asyncio.timeout(STEP_S):
-            await server.start()
-        yield server, store
-    finally:
-        async with asyncio.timeout(STEP_S):
-            await server.stop()
-        store.close()
-
-
 def chunk(size: int) -> tuple[ChunkId, bytes]:
     data = os.urandom(size)
     return chunk_id_of(data), data
@@ -66,7 +47,7 @@ def chunk(size: int) -> tuple[ChunkId, bytes]:
 async def test_leases_after_store_and_after_renew(tmp_path: Path) -> None:
     clock = Clock()
     host = peer_address(1, 1)
-    async with holder(tmp_path, host, clock) as (server, store):
+    async with holder(tmp_path, host, clock=clock) as (server, store):
         addr = (host, server.port)
         (kept, kept_data), (short, short_data) = chunk(100), chunk(200)
         unknown = ChunkId(os.urandom(32))
@@ -88,7 +69,7 @@ async def test_leases_after_store_and_after_renew(tmp_path: Path) -> None:
 async def test_leases_batches_larger_than_one_frame(tmp_path: Path) -> None:
     clock = Clock()
     host = peer_address(1, 2)
-    async with holder(tmp_path, host, clock) as (server, _):
+    async with holder(tmp_path, host, clock=clock) as (server, _):
         addr = (host, server.port)
         held = [chunk(64 + i) for i in range(3)]
         ids = [ChunkId(os.urandom(32)) for _ in range(MAX_BATCH_IDS + 100)]
@@ -114,7 +95,7 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
     answered with BAD_REQUEST under its own id, and the connection is closed.
     """
     host = peer_address(1, 3)
-    async with holder(tmp_path, host, Clock()) as (server, _):
+    async with holder(tmp_path, host, clock=Clock()) as (server, _):
         reader, writer = await asyncio.open_connection(
             host, server.port, local_addr=(peer_address(2, 3), 0)
         )
