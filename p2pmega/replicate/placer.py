@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +36,9 @@ STORE_RETRY_DELAY_S = 0.5
 # one that refuses connections (nothing listens) at once.
 MAX_HOLDER_FAILURES = 2
 
+# Chunks whose closest nodes a Placer remembers: a few per chunk placed at once, far fewer than a file's chunks.
+CLOSEST_REMEMBERED = 256
+
 RERUN_HINT = "the chunks stored so far are kept: rerun the same command to resume"
 
 
@@ -58,13 +61,25 @@ class Placer:
     # before the announcement) rather than send the whole chunk again.
     ask_first: bool = False
     bytes_sent: int = 0
+    # The closest nodes of the chunks placed lately (a copy made with dataclasses.replace shares it).
+    _closest: OrderedDict[ChunkId, list[Candidate]] = field(default_factory=OrderedDict)
 
     async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
+        """The peers ``chunk_id`` may go to, less those that failed, are full or never answered.
+
+        In a large network they are the nodes closest to the chunk's key: one crawl per chunk, remembered for
+        the next placement round of the same chunk (and a repair's feasibility check before it).
+        """
         if len(self.pool) < SMALL_NETWORK_NODES:
             found = self.pool
+        elif (known := self._closest.get(chunk_id)) is not None:
+            found = known
         else:
             peers = await self.node.dht_node.find_peers(dht_key_of(chunk_id))
             found = [candidate_of(p.node_id, (p.host, p.port), self.geo) for p in peers]
+            self._closest[chunk_id] = found
+            while len(self._closest) > CLOSEST_REMEMBERED:
+                self._closest.popitem(last=False)
         skip = self.dead | self.full | self.silent
         return [c for c in found if (c.host, c.port) not in skip]
 
