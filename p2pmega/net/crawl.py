@@ -63,8 +63,11 @@ class Crawl:
     its node stops counting among the k closest (so the next candidate is asked at once), though a late
     answer is still used while the crawl runs. A node the protocol already suspects (another lookup's
     query to it stalled, or one timed out lately) is never waited on and not asked again: never wait on
-    the dead twice. The crawl ends when the k closest nodes neither failed nor stalled have answered,
-    or after 1.75 timeouts. Unfinished queries run out in the background, so a dead node still gets its
+    the dead twice. While replies bring closer nodes, alpha queries are in flight; once one brings
+    nothing closer (section 2.3's last step) a find_node crawl asks all of the k closest not yet asked
+    at once, plus as many more as the share of failed or stalled nodes so far says will not answer.
+    The crawl ends when the k closest nodes neither failed nor stalled have answered, or after 1.75
+    timeouts. Unfinished queries run out in the background, so a dead node still gets its
     miss recorded and is evicted after MAX_MISSES.
     """
 
@@ -83,6 +86,9 @@ class Crawl:
         self.value: bytes | str | None = None
         self.messages = 0
         self.round_trips = 0
+        # Section 2.3's last step: once a reply brings no node closer than the closest known, the crawl
+        # has converged and asks all of the k closest it has not asked at once, not alpha at a time.
+        self.converged = False
         # Stays True while every contact list seen (our seeds, then each reply) is a whole table.
         self.exhaustive = len(seeds) < protocol.ksize
         self._learn(seeds, 0)
@@ -109,9 +115,17 @@ class Crawl:
             return True
         return state == "pending" and now - self.started[node_id] < self._stall_s(node_id)
 
-    def _closest(self, now: float) -> list[Node]:
+    def _closest(self, now: float, extra: int = 0) -> list[Node]:
         alive = (n for i, n in self.nodes.items() if self._counts(i, now))
-        return heapq.nsmallest(self.protocol.ksize, alive, key=self.target.distance_to)
+        return heapq.nsmallest(self.protocol.ksize + extra, alive, key=self.target.distance_to)
+
+    def _spare(self, now: float) -> int:
+        """How many nodes beyond the k closest a converged crawl asks too: as many as are likely dead."""
+        asked = [i for i, s in self.state.items() if s != "new"]
+        if not self.converged or not asked:
+            return 0
+        lost = sum(1 for i in asked if not self._counts(i, now))
+        return -(-self.protocol.ksize * lost // len(asked))
 
     def _query(self, node: Node) -> Coroutine[Any, Any, tuple[bool, Any]]:
         if self.mode == "providers":
@@ -136,7 +150,11 @@ class Crawl:
             contacts = reply
         if len(contacts) >= self.protocol.ksize:
             self.exhaustive = False
+        best = min((self.target.distance_to(n) for n in self.nodes.values()), default=None)
         self._learn(contacts, self.depth[node_id] + 1)
+        closer = any(best is None or self.target.distance_to(n) < best for n in contacts)
+        # Provider and value lookups end at the first record instead: widening them only costs messages.
+        self.converged = self.mode == "node" and not closer
 
     async def run(self) -> LookupResult:
         loop = asyncio.get_running_loop()
@@ -148,8 +166,10 @@ class Crawl:
             if all(self.state[n.id] == "done" for n in closest):
                 break
             active = [i for i in pending.values() if now - self.started[i] < self._stall_s(i)]
-            for node in closest:
-                if len(active) >= self.alpha:
+            in_flight = self.protocol.ksize if self.converged else self.alpha
+            spare = self._spare(now)
+            for node in self._closest(now, spare) if spare else closest:
+                if len(active) >= in_flight + spare:
                     break
                 if self.state[node.id] == "new":
                     self.state[node.id], self.started[node.id] = "pending", now
