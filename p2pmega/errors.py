@@ -52,6 +52,10 @@ class BadGeoTable(UsageError):
     """The country override table has a bad line."""
 
 
+class BadBlocTable(UsageError):
+    """The table of jurisdiction blocs has a bad line."""
+
+
 class InputFileError(UsageError):
     """The file to share is missing or unreadable."""
 

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable
-from p2pmega.core.placement import Candidate, PoolSummary, meets_rule, plan_repair, summarize
+from p2pmega.core.placement import (
+    Blocs,
+    Candidate,
+    PoolSummary,
+    meets_rule,
+    plan_repair,
+    summarize,
+)
 from p2pmega.core.words import counted
 from p2pmega.errors import (
     NetworkError,
@@ -52,6 +59,10 @@ class Placer:
     replicas: int
     min_countries: int
     lease_s: float
+    # Jurisdiction blocs (core.blocs): with them, holders in as many blocs as countries are preferred whenever
+    # the peers allow it, and ``min_blocs`` > 1 requires that many blocs (then at least min_countries).
+    blocs: Blocs | None = None
+    min_blocs: int = 1
     dead: set[tuple[str, int]] = field(default_factory=set)
     full: set[tuple[str, int]] = field(default_factory=set)
     failures: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -117,12 +128,38 @@ class Placer:
                     raise outcome
                 else:
                     failed.add((cand.host, cand.port))
-            if meets_rule(stored, replicas=self.replicas, min_countries=self.min_countries):
+            if self._done(stored, candidates):
                 return stored
         raise PlacementImpossible(
             f"chunk {short_id(chunk_id)} could not be placed after {MAX_PLACEMENT_ROUNDS} rounds; "
             f"{counted(len(self.dead), 'peer')} failed; {RERUN_HINT}"
         )
+
+    def rules(self) -> list[tuple[int, Blocs | None]]:
+        """The rules to meet, best first, as (how many countries or blocs, blocs or None for countries).
+
+        With blocs: as many blocs as the rule wants countries (or ``min_blocs`` if more), then, unless blocs
+        are required, the plain country rule. Distinct blocs are distinct countries, so the first implies it.
+        """
+        if not self.blocs:
+            return [(self.min_countries, None)]
+        rules: list[tuple[int, Blocs | None]] = [
+            (max(self.min_countries, self.min_blocs), self.blocs)
+        ]
+        if self.min_blocs <= 1:
+            rules.append((self.min_countries, None))
+        return rules
+
+    def _done(self, stored: list[Candidate], candidates: list[Candidate]) -> bool:
+        """``stored`` meets the best rule the peers can meet (a worse one only when the better is out of reach)."""
+        for count, blocs in self.rules():
+            if meets_rule(stored, replicas=self.replicas, min_countries=count, blocs=blocs):
+                return True
+            if meets_rule(
+                [*stored, *candidates], replicas=self.replicas, min_countries=count, blocs=blocs
+            ):
+                return False
+        return False
 
     def _plan(
         self,
@@ -137,15 +174,21 @@ class Placer:
             PlacementImpossible: even the holders that failed this chunk cannot complete the rule.
         """
         others = [c for c in candidates if (c.host, c.port) not in failed]
-        for pool in [others, candidates] if len(others) < len(candidates) else [candidates]:
-            try:
-                return plan_repair(
-                    chunk_id, stored, pool, replicas=self.replicas, min_countries=self.min_countries
-                )
-            except PlacementImpossible:
-                # Only holders that failed this chunk can complete it: try them again. One that keeps
-                # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
-                continue
+        for count, blocs in self.rules():
+            for pool in [others, candidates] if len(others) < len(candidates) else [candidates]:
+                try:
+                    return plan_repair(
+                        chunk_id,
+                        stored,
+                        pool,
+                        replicas=self.replicas,
+                        min_countries=count,
+                        blocs=blocs,
+                    )
+                except PlacementImpossible:
+                    # Only holders that failed this chunk can complete it: try them again. One that keeps
+                    # failing is dead after MAX_HOLDER_FAILURES chunks, and dead ones are no candidates.
+                    continue
         # plan_repair words its error for a repair; a share says what it ran out of.
         raise self._ran_out(chunk_id, [*stored, *candidates])
 

@@ -17,6 +17,7 @@ from p2pmega.core.placement import (
     choose_holders,
     meets_rule,
     plan_repair,
+    rendezvous_score,
     summarize,
     survives_loss_of_any_country,
 )
@@ -26,13 +27,22 @@ CHUNK = bytes(range(32))
 KEY = int.from_bytes(CHUNK[:20], "big")
 
 
-def node_id(distance: int) -> bytes:
-    """The node id at XOR ``distance`` from CHUNK's DHT key, so tests can say who is closest."""
-    return (KEY ^ distance).to_bytes(20, "big")
+MAX_RANK = 4096
+# Small XOR offsets from CHUNK's DHT key, highest rendezvous score first: RANKED[r] is the offset of a node id that
+# comes r-th in CHUNK's placement order, so tests can say who comes first.
+RANKED = sorted(
+    range(1, MAX_RANK + 1),
+    key=lambda d: -rendezvous_score(CHUNK, (KEY ^ d).to_bytes(20, "big")),
+)
 
 
-def peer(distance: int, host: str, country: str | None, port: int = 4000) -> Candidate:
-    return Candidate(node_id=node_id(distance), host=host, port=port, country=country)
+def node_id(rank: int) -> bytes:
+    """A node id that comes ``rank``-th (1-based, among ranks used) in CHUNK's placement order."""
+    return (KEY ^ RANKED[rank - 1]).to_bytes(20, "big")
+
+
+def peer(rank: int, host: str, country: str | None, port: int = 4000) -> Candidate:
+    return Candidate(node_id=node_id(rank), host=host, port=port, country=country)
 
 
 def network(c: Candidate) -> str:
@@ -71,7 +81,9 @@ _COUNTRIES = ["DE", "NZ", "IS", "CH", None]
 @st.composite
 def worlds(draw: st.DrawFn, max_peers: int = 7) -> tuple[list[Candidate], int, int]:
     count = draw(st.integers(0, max_peers))
-    distances = draw(st.lists(st.integers(1, 2**20), min_size=count, max_size=count, unique=True))
+    distances = draw(
+        st.lists(st.integers(1, MAX_RANK), min_size=count, max_size=count, unique=True)
+    )
     peers = []
     for index, distance in enumerate(distances):
         net = draw(st.integers(1, 6))
@@ -83,7 +95,8 @@ def worlds(draw: st.DrawFn, max_peers: int = 7) -> tuple[list[Candidate], int, i
 
 
 def by_distance(peers: Sequence[Candidate]) -> list[Candidate]:
-    return sorted(peers, key=lambda c: int.from_bytes(c.node_id, "big") ^ KEY)
+    """Placement order, the obvious way."""
+    return sorted(peers, key=lambda c: -rendezvous_score(CHUNK, c.node_id, c.weight))
 
 
 @settings(max_examples=300, deadline=None)
@@ -289,7 +302,7 @@ def test_chunk_id_must_be_32_bytes() -> None:
         choose_holders(CHUNK[:20], [peer(1, "10.1.0.1", "DE")], min_countries=1, replicas=1)
 
 
-def test_distance_uses_the_first_20_bytes_of_the_chunk_id() -> None:
+def test_order_uses_the_first_20_bytes_of_the_chunk_id() -> None:
     near, far = peer(1, "10.1.0.1", "DE"), peer(2, "10.2.0.1", "NZ")
     other_tail = CHUNK[:20] + bytes(12)  # same DHT key, different chunk id tail
     assert choose_holders(other_tail, [far, near], replicas=1, min_countries=1) == [near]
@@ -365,18 +378,13 @@ def test_chosen_holders_survive_a_country_loss_when_two_countries_are_required(
 def test_plan_repair_keeps_the_live_holder_a_crowded_network_would_hide():
     # Found by hypothesis: the live DE holders share 10.3.0.0/24 with the live NZ holder, so a walk
     # that takes the closest live DE holder first needs two new holders; one is enough.
-    def peer(last: int, host: str, country: str) -> Candidate:
-        return Candidate(
-            node_id=bytes(range(19)) + bytes([last]), host=host, port=4000, country=country
-        )
-
     live = [
-        peer(0x12, "10.3.0.1", "DE"),
-        peer(0x11, "10.3.0.2", "DE"),
-        peer(0x10, "10.4.0.3", "DE"),
-        peer(0x17, "10.3.0.4", "NZ"),
+        peer(1, "10.3.0.1", "DE"),
+        peer(2, "10.3.0.2", "DE"),
+        peer(3, "10.4.0.3", "DE"),
+        peer(4, "10.3.0.4", "NZ"),
     ]
-    fresh = [peer(0x16, "10.4.0.5", "NZ"), peer(0x15, "10.1.0.6", "DE")]
+    fresh = [peer(5, "10.4.0.5", "NZ"), peer(6, "10.1.0.6", "DE")]
     added = plan_repair(CHUNK, live, fresh, replicas=3, min_countries=2)
     assert added == [fresh[1]]
     assert meets_rule([*live, *added], replicas=3, min_countries=2)
@@ -423,3 +431,49 @@ def test_summarize_matches_brute_force(world: tuple[list[Candidate], int, int]) 
     assert summary.networks == len({network(c) for c in peers})
     if summary.short_of_holders(replicas) or summary.short_of_countries(min_countries):
         assert not meets_rule(peers, replicas=replicas, min_countries=min_countries)
+
+
+def _spread(peers: Sequence[Candidate], chunks: int) -> list[int]:
+    load = {c.node_id: 0 for c in peers}
+    for i in range(chunks):
+        chunk = i.to_bytes(4, "big") + bytes(28)
+        for holder in choose_holders(chunk, peers, replicas=2, min_countries=2):
+            load[holder.node_id] += 1
+    return [load[c.node_id] for c in peers]
+
+
+def test_rendezvous_spreads_chunks_evenly_and_by_weight() -> None:
+    # 20 peers in 4 countries, 3000 chunks: binomial noise alone gives max/mean about 1.15. XOR closeness gave the
+    # busiest of 40 peers 2.3-2.7x the mean (issue 18).
+    rng = random.Random(18)
+    peers = [
+        Candidate(rng.randbytes(20), f"10.{i}.0.1", 4000, ["DE", "NZ", "IS", "CH"][i % 4])
+        for i in range(20)
+    ]
+    load = _spread(peers, 3000)
+    mean = sum(load) / len(load)
+    assert max(load) / mean < 1.35
+    assert min(load) / mean > 0.65
+    heavy = Candidate(peers[0].node_id, peers[0].host, 4000, peers[0].country, weight=2.0)
+    weighted = _spread([heavy, *peers[1:]], 3000)
+    assert 1.7 < weighted[0] / (sum(weighted[1:]) / len(weighted[1:])) < 2.3
+
+
+@settings(max_examples=100, deadline=None)
+@given(world=worlds(max_peers=8), leaver=st.integers(0, 7))
+def test_only_the_chunks_a_leaver_held_move(
+    world: tuple[list[Candidate], int, int], leaver: int
+) -> None:
+    peers, replicas, min_countries = world
+    if not peers:
+        return
+    gone = peers[leaver % len(peers)]
+    before = outcome(peers, replicas, min_countries)
+    after = outcome([c for c in peers if c != gone], replicas, min_countries)
+    if isinstance(before, list) and gone not in before:
+        assert after == before
+
+
+def test_weight_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="weight"):
+        Candidate(node_id(1), "10.1.0.1", 4000, "DE", weight=0.0)

@@ -121,3 +121,34 @@ async def test_a_refusal_that_is_not_a_network_error_is_not_retried() -> None:
     stored = await p.place(CHUNK, b"data")
     assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
     assert client.calls[addr(NZ)] == 1
+
+
+CH = Candidate(node_id=b"\x04" * 20, host="127.3.1.1", port=4004, country="CH")
+ALLIES = {"DE": "ALLIES", "NZ": "ALLIES"}
+
+
+async def test_two_blocs_are_preferred_when_the_peers_allow() -> None:
+    client = FakeClient()
+    placing = Placer(cast(Node, FakeNode(client)), [DE, NZ, CH], None, 2, 2, 60.0, blocs=ALLIES)
+    holders = await placing.place(chunk_id_of(b"x"), b"x")
+    assert {h.country for h in holders} & {"CH"}
+    assert len(holders) == 2
+
+
+async def test_one_bloc_is_enough_unless_blocs_are_required() -> None:
+    client = FakeClient()
+    preferring = Placer(cast(Node, FakeNode(client)), [DE, NZ], None, 2, 2, 60.0, blocs=ALLIES)
+    assert {h.country for h in await preferring.place(chunk_id_of(b"x"), b"x")} == {"DE", "NZ"}
+    requiring = Placer(
+        cast(Node, FakeNode(client)), [DE, NZ], None, 2, 2, 60.0, blocs=ALLIES, min_blocs=2
+    )
+    with pytest.raises(PlacementImpossible):
+        await requiring.place(chunk_id_of(b"x"), b"x")
+
+
+async def test_a_chunk_on_one_bloc_gets_a_copy_in_another_when_repaired() -> None:
+    client = FakeClient()
+    placing = Placer(cast(Node, FakeNode(client)), [DE, NZ, CH], None, 2, 2, 60.0, blocs=ALLIES)
+    holders = await placing.place(chunk_id_of(b"x"), b"x", holding=[DE, NZ])
+    assert holders == [DE, NZ, CH]
+    assert client.calls == Counter({CH.address: 1})
