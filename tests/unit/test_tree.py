@@ -261,7 +261,7 @@ def test_listing_length_is_checked_against_the_size() -> None:
 def test_stream_encoder_matches_a_file_of_the_same_bytes(size: int) -> None:
     data = os.urandom(size)
     encoder = StreamEncoder(name="stdin", chunk_size=64)
-    stored = {}
+    stored: dict[bytes, bytes] = {}
     count = max(1, -(-size // 64))
     for index in range(count):
         piece = data[index * 64 : (index + 1) * 64]
