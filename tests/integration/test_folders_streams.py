@@ -6,8 +6,10 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +283,57 @@ def test_share_qr_draws_the_link(net: RunningTestnet, tmp_path: Path) -> None:
     expected += [[0] * size for _ in range(4)]
     assert shown[: len(expected)] == expected
     assert len(shown) - len(expected) in (0, 1)  # an odd height ends with a padding half row
+
+
+def test_folder_fetch_killed_half_way_resumes(net: RunningTestnet, tmp_path: Path) -> None:
+    src = tmp_path / "many"
+    (src / "sub").mkdir(parents=True)
+    files = {f"sub/f{i:02}.bin": os.urandom(3 * MIB + i) for i in range(16)}
+    files["top.bin"] = os.urandom(20 * MIB)
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    link = _share(net, src, tmp_path / "c").stdout.strip()
+    out = tmp_path / "out"
+    state = out / ".p2pmega-part" / "state"
+    proc = subprocess.Popen(
+        [*P2PMEGA, "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "c2")],
+        env=net.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert state.exists(), "the fetch finished (or never started) before it could be killed"
+    assert [p.name for p in out.iterdir()] == [".p2pmega-part"]  # nothing at a listed path yet
+
+    again = _fetch(net, link, out, tmp_path / "c2")
+    assert again.returncode == 0, again.stderr
+    assert _snapshot(out) == _snapshot(src)
+    words = again.stderr.strip().splitlines()[-1].split()
+    fetched, total, resumed = int(words[1]), int(words[3]), int(words[5].lstrip("("))
+    assert resumed >= 16 and fetched == total - resumed, words
+
+
+def test_empty_folder_and_unchanged_reshare(net: RunningTestnet, tmp_path: Path) -> None:
+    src = tmp_path / "nothing"
+    src.mkdir()
+    first = _share(net, src, tmp_path / "c")
+    assert first.returncode == 0, first.stderr
+    again = _share(net, src, tmp_path / "c")
+    assert again.stdout == first.stdout  # the same link: the folder is unchanged
+    assert "already shared and unchanged" in again.stderr
+    (src / "new.txt").write_text("now")
+    changed = _share(net, src, tmp_path / "c")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout != first.stdout
+    checked = run("check", first.stdout.strip(), "--data-dir", str(tmp_path / "c"), env=net.env)
+    assert checked.returncode == 0, checked.stderr
+    out = tmp_path / "restored"
+    fetched = _fetch(net, first.stdout.strip(), out, tmp_path / "c")
+    assert fetched.returncode == 0, fetched.stderr
+    assert out.is_dir()
+    assert not list(out.iterdir())
