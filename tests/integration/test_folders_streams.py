@@ -315,7 +315,8 @@ def test_folder_fetch_killed_half_way_resumes(net: RunningTestnet, tmp_path: Pat
     assert _snapshot(out) == _snapshot(src)
     words = again.stderr.strip().splitlines()[-1].split()
     fetched, total, resumed = int(words[1]), int(words[3]), int(words[5].lstrip("("))
-    assert resumed >= 16 and fetched == total - resumed, words
+    assert resumed >= 16, words
+    assert fetched == total - resumed, words
 
 
 def test_empty_folder_and_unchanged_reshare(net: RunningTestnet, tmp_path: Path) -> None:
