@@ -104,12 +104,16 @@ async def share(
 ) -> ShareResult:
     """Encrypt ``path``, store each chunk and the manifest on holders meeting the rule, return the links.
 
+    A folder is shared as one stream, its listing then its files (api.share_source, docs/FORMAT.md section 5a);
+    its symbolic links and special files are skipped and named in ``ShareResult.skipped``.
+
     The share's state (its key, the chunks placed so far, then its links) is kept in ``net.data_dir``: run again
     on the same unchanged file, an interrupted share resumes where it stopped, and a finished one returns the
     same links without storing anything. ``new`` starts a fresh share under a new key (a new link).
 
     Raises:
-        InputFileError: the file is missing, unreadable, or not a regular file.
+        InputFileError: the file is missing, unreadable, or not a regular file or folder; a folder's entry
+            has a name that cannot be stored.
         BadOption: replicas / min_countries / the lease out of range.
         BootstrapFailed: no way into the network.
         PlacementImpossible: the storage peers found cannot meet the rule (then nothing is stored), or too many

@@ -37,7 +37,7 @@ def share_cmd(
         Path,
         typer.Argument(
             help="The file or folder to share, or - to read stdin.",
-            metavar="FILE|DIR|-",
+            metavar="FILE",
             show_default=False,
         ),
     ],
