@@ -173,10 +173,14 @@ def qr_text(link: str) -> str:
 def _share_json(result: "ShareResult") -> dict[str, Any]:
     from p2pmega.core.chunking import format_id
 
+    folder = (
+        {} if result.files is None else {"files": result.files, "skipped": list(result.skipped)}
+    )
     return {
         "read_link": result.read_link,
         "keep_link": result.keep_link,
         "size": result.size,
+        **folder,
         "chunk_count": result.chunk_count,
         "chunks": [
             {
