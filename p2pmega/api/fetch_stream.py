@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import Manifest, decrypt_chunk
+from p2pmega.core.manifest import Manifest, decrypt_chunk_into
 from p2pmega.replicate.locator import HolderLocator
 
 
@@ -70,7 +70,7 @@ class _OrderedWriter:
         self.written = 0
         self.turn = asyncio.Condition()
 
-    async def write(self, index: int, plain: bytes) -> None:
+    async def write(self, index: int, plain: memoryview) -> None:
         async with self.turn:
             await self.turn.wait_for(lambda: self.next == index)
         await asyncio.to_thread(_write_all, self.out, plain)
@@ -85,10 +85,13 @@ class _OrderedWriter:
             self.progress(self.written, self.size)
 
 
-def _open(cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview) -> bytes:
-    return decrypt_chunk(cap, manifest, index, bytes(data), id_verified=True)
+def _open(cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview) -> memoryview:
+    # Opened straight out of the receive buffer into the chunk's own buffer: one copy of the plaintext.
+    out = bytearray(manifest.chunk_size or 0)
+    length = decrypt_chunk_into(cap, manifest, index, data, out, id_verified=True)
+    return memoryview(out)[:length]
 
 
-def _write_all(out: BinaryIO, data: bytes) -> None:
+def _write_all(out: BinaryIO, data: memoryview) -> None:
     out.write(data)
     out.flush()

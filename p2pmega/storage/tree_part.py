@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import Manifest, decrypt_chunk
+from p2pmega.core.manifest import Manifest, decrypt_chunk_into
 from p2pmega.core.tree import RESERVED_NAME, Layout, TreeEntry
 from p2pmega.errors import OutputExists, UnsafePath
 from p2pmega.storage.part_file import RESUME_VERSION, ResumeState, umask
@@ -147,17 +147,19 @@ class TreeWriter:
             IntegrityError: the chunk does not open at its place (as decrypt_chunk).
             OSError: a part file cannot be written.
         """
-        plain = decrypt_chunk(cap, manifest, index, bytes(data), id_verified=True)
-        self.write_plain(offset, plain)
-        return len(plain)
+        out = bytearray(self.chunk_size)
+        length = decrypt_chunk_into(cap, manifest, index, data, out, id_verified=True)
+        with memoryview(out) as view:
+            self.write_plain(offset, view[:length])
+        return length
 
-    def write_plain(self, offset: int, plain: bytes) -> None:
+    def write_plain(self, offset: int, plain: bytes | memoryview) -> None:
         """Write the file bytes among stream bytes ``plain`` starting at stream ``offset``.
 
         Raises:
             OSError: a part file cannot be written.
         """
-        view = memoryview(plain)
+        view = memoryview(plain) if isinstance(plain, bytes) else plain
         for file, at, start, length in self.layout.segments(offset, len(plain)):
             fd = os.open(self.staging / str(file), _OPEN_FLAGS)
             try:
