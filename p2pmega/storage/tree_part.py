@@ -38,7 +38,8 @@ def inside(root: Path, path: str) -> Path:
     Raises:
         UnsafePath: the normalised path leaves ``root``.
     """
-    base = os.path.normpath(root)
+    # Absolute first: a relative root such as "." normalises away, and no path would seem to be under it.
+    base = os.path.abspath(root)
     full = os.path.normpath(os.path.join(base, path))
     if full == base or os.path.commonpath([base, full]) != base:
         raise UnsafePath(f"folder entry {path[:80]!r} would land outside the output; refused")

@@ -116,8 +116,16 @@ def test_truncated_or_padded_listings_are_refused() -> None:
         decode_listing(_raw_listing([("a", None)])[:4] + b"\x07\x00\x01a")  # unknown type 7
 
 
-def test_inside_refuses_what_normalises_outside(tmp_path: Path) -> None:
+def test_inside_refuses_what_normalises_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert inside(tmp_path, "a/b") == tmp_path / "a" / "b"
+    # A relative output (-o ., -o out) is just as good as an absolute one.
+    monkeypatch.chdir(tmp_path)
+    assert inside(Path("."), "a/b") == tmp_path / "a" / "b"
+    assert inside(Path("out"), "a") == tmp_path / "out" / "a"
+    with pytest.raises(UnsafePath):
+        inside(Path("."), "../x")
     for path in ["../x", "a/../../x", "/etc/x", ".", "a/.."]:
         with pytest.raises(UnsafePath):
             inside(tmp_path, path)
