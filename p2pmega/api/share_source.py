@@ -185,39 +185,41 @@ def scan_tree(path: Path) -> TreeSource:
         raise InputFileError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
     newest = [top.st_mtime_ns, top.st_ctime_ns]
 
-    def walk(rel: str) -> None:
+    def listed(rel: str) -> list[tuple[str, os.DirEntry[str]]]:
         where = root / rel if rel else root
         try:
             with os.scandir(where) as it:
                 items = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             raise InputFileError(f"cannot list {str(where)!r}: {exc.strerror}") from exc
-        for item in items:
-            sub = f"{rel}/{item.name}" if rel else item.name
-            try:
-                info = item.stat(follow_symlinks=False)
-            except OSError as exc:
-                raise InputFileError(
-                    f"cannot read {str(where / item.name)!r}: {exc.strerror}"
-                ) from exc
-            if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
-                skipped.append(ascii(sub) if not sub.isprintable() else sub)
-                continue
-            try:
-                check_path(sub)
-            except ValueError as exc:
-                raise InputFileError(
-                    f"cannot share {os.fsdecode(where / item.name)!a}: {exc}; rename it"
-                ) from None
-            newest[0] = max(newest[0], info.st_mtime_ns)
-            newest[1] = max(newest[1], info.st_ctime_ns)
-            if stat.S_ISDIR(info.st_mode):
-                entries.append(TreeEntry(sub, None))
-                walk(sub)
-            else:
-                entries.append(TreeEntry(sub, info.st_size))
+        return [(f"{rel}/{item.name}" if rel else item.name, item) for item in items]
 
-    walk("")
+    # Depth first, each directory's entries sorted, a directory before its contents; a stack of pending
+    # entries rather than recursion, since a 4096-byte path can be 2048 levels deep.
+    pending = listed("")[::-1]
+    while pending:
+        sub, item = pending.pop()
+        try:
+            info = item.stat(follow_symlinks=False)
+        except OSError as exc:
+            raise InputFileError(f"cannot read {item.path!r}: {exc.strerror}") from exc
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            skipped.append(ascii(sub) if not sub.isprintable() else sub)
+            continue
+        try:
+            check_path(sub)
+        except ValueError as exc:
+            raise InputFileError(
+                f"cannot share {os.fsdecode(item.path)!a}: {exc}; rename it"
+            ) from None
+        newest[0] = max(newest[0], info.st_mtime_ns)
+        newest[1] = max(newest[1], info.st_ctime_ns)
+        if stat.S_ISDIR(info.st_mode):
+            entries.append(TreeEntry(sub, None))
+            pending.extend(listed(sub)[::-1])
+        else:
+            entries.append(TreeEntry(sub, info.st_size))
+
     try:
         listing = encode_listing(entries)
     except ValueError as exc:
