@@ -180,11 +180,6 @@ def _show(path: str) -> str:
     return shown + ("…" if len(path) > 80 else "")
 
 
-def files_bytes(entries: Sequence[TreeEntry]) -> int:
-    """The bytes of every file together: what follows the listing in the stream."""
-    return sum(entry.size for entry in entries if entry.size is not None)
-
-
 @dataclass(frozen=True)
 class Span:
     """Where one file's bytes lie in the stream: ``[start, start + size)``; ``file`` counts files only."""

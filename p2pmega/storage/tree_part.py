@@ -21,12 +21,10 @@ from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import Manifest, decrypt_chunk_into
 from p2pmega.core.tree import RESERVED_NAME, Layout, TreeEntry
 from p2pmega.errors import OutputExists, UnsafePath
-from p2pmega.storage.part_file import RESUME_VERSION, ResumeState, umask
+from p2pmega.storage.part_file import ResumeState, umask
 
 STATE_NAME = "state"
 _OPEN_FLAGS = os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-
-__all__ = ["RESUME_VERSION", "TreeResume", "TreeWriter", "check_targets", "inside"]
 
 
 def inside(root: Path, path: str) -> Path:
