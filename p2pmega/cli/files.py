@@ -84,7 +84,8 @@ def share_cmd(
     prints the same link without uploading (the state is kept in the data dir).
     """
 
-    from p2pmega.api.share import share, share_stream
+    from p2pmega.api.share import share
+    from p2pmega.api.share_pipe import share_stream
 
     from_stdin = str(file) == "-"
     if name is not None and not from_stdin:
