@@ -8,7 +8,7 @@
     ├─ NotFoundError    exit 4   no holder has a needed chunk
     │  ├─ ManifestNotFound, ChunkUnavailable, ChunkNotStored
     ├─ IntegrityError   exit 5   decryption or hash failure no other holder could fix
-    │  ├─ DecryptionFailed, ChunkHashMismatch, BadManifest, BadSignature
+    │  ├─ DecryptionFailed, ChunkHashMismatch, BadManifest (UnsafePath), BadSignature
     ├─ PlacementError   exit 6   not enough holders or countries for the rule
     │  └─ PlacementImpossible
     ├─ StorageError     exit 7   the local disk refused: chunk store quota full, output not writable
@@ -128,6 +128,10 @@ class ChunkHashMismatch(IntegrityError):
 
 class BadManifest(IntegrityError):
     """A manifest authenticated but does not decode to a valid manifest."""
+
+
+class UnsafePath(BadManifest):
+    """A shared folder's listing names a path that could land outside the output (absolute, ``..``) or is invalid."""
 
 
 class BadSignature(IntegrityError):

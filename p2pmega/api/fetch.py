@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.core.chunking import format_id
@@ -22,6 +22,7 @@ from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest
 from p2pmega.errors import (
     BadLink,
+    BadOption,
     ChunkUnavailable,
     OutputExists,
     OutputWriteFailed,
@@ -34,8 +35,8 @@ from p2pmega.storage.part_file import (
     STATE_SUFFIX,
     PartWriter,
     ResumeState,
-    finish_part,
 )
+from p2pmega.storage.tree_part import TreeWriter
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -57,6 +58,7 @@ class FetchResult:
     chunks_total: int
     chunks_fetched: int
     chunks_resumed: int
+    files: int | None = None  # a folder's files (None: a single file)
 
 
 # The longest file name Linux, macOS and Windows file systems all take, in UTF-8 bytes (NAME_MAX).
@@ -81,28 +83,54 @@ async def fetch(
     force: bool = False,
     progress: Progress | None = None,
     on_part: Callable[[Path], None] | None = None,
+    stream: BinaryIO | None = None,
 ) -> FetchResult:
     """Download the file of a read link, verified chunk by chunk, to ``output`` (or cwd/NAME).
 
     An ``output`` that is a symbolic link is written through: the file it names is replaced, never the link.
     The finished file gets the mode any new file gets (0666 less the umask). ``on_part`` is told the path of
-    the partial file once it exists (the CLI names it when interrupted).
+    the partial file once it exists (the CLI names it when interrupted). A shared folder is recreated under
+    ``output`` (or cwd/NAME) by api.fetch_tree. With ``stream`` the file's bytes are written there in order
+    as they arrive instead (api.fetch_stream); ``output`` is then ignored.
 
     Raises:
         BadLink: the link is malformed or is a keep-alive link.
+        BadOption: ``stream`` given for a folder.
         OutputExists: the output exists and ``force`` is false.
         ManifestNotFound, ChunkUnavailable: no reachable holder has what is needed.
-        IntegrityError: data that no holder can provide intact.
+        IntegrityError: data that no holder can provide intact; UnsafePath: a folder path that could
+            land outside the output (nothing is written).
     """
     cap = parse_link(link)
     if isinstance(cap, KeepCap):
         raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
-    if output is not None and not force and await asyncio.to_thread(_is_existing_file, output):
+    if (
+        stream is None
+        and output is not None
+        and not force
+        and await asyncio.to_thread(_is_existing_file, output)
+    ):
         raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
     # With hints, the hinted holders are asked while the node joins: a file they hold needs no DHT at all.
     async with client_node(net, hints=cap.peers, join_in_background=bool(cap.peers)) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
+        if manifest.is_tree and stream is not None:
+            raise BadOption(
+                f"the link is a folder ({len(manifest.chunk_ids)} chunks): -o - streams one file only; "
+                "pass -o DIR"
+            )
+        if stream is not None or manifest.is_tree:
+            from p2pmega.api import fetch_stream, fetch_tree  # they use this module's download
+
+            try:
+                if stream is not None:
+                    return await fetch_stream.stream(locator, cap, manifest, stream, progress)
+                return await fetch_tree.fetch_tree(
+                    locator, cap, manifest, output, cwd or Path.cwd(), force, progress, on_part
+                )
+            finally:
+                await locator.close()
         try:
             target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
             exists = await asyncio.to_thread(target.exists)
@@ -192,7 +220,7 @@ class _Download:
         target: Path,
         progress: Progress | None,
         resume: ResumeState,
-        writer: PartWriter,
+        writer: PartWriter | TreeWriter,
     ) -> None:
         self.locator, self.cap, self.manifest, self.target = locator, cap, manifest, target
         self.progress, self.resume, self.writer = progress, resume, writer
@@ -232,7 +260,7 @@ class _Download:
             if self.missing:
                 first = min(self.missing, key=lambda m: m[0])[1]
                 raise _unavailable(len(self.missing), len(ids), self.resume, first) from first
-            await self._on_disk(finish_part, self.writer.fd, self.resume, self.target)
+            await self._on_disk(self.writer.finish, self.resume, self.target)
             finished = True
         finally:
             if not finished:
@@ -278,7 +306,7 @@ class _Download:
             self.progress(self.done_bytes, self.resume.size)
 
     async def _save(self) -> None:
-        await self._on_disk(self.resume.save, self.writer.fd, frozenset(self.resume.done))
+        await self._on_disk(self.writer.save, self.resume, frozenset(self.resume.done))
 
     async def _on_disk(self, call: Callable[..., object], *args: object) -> None:
         try:

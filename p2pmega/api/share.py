@@ -6,17 +6,16 @@ import asyncio
 import dataclasses
 import logging
 import math
-import os
 import random
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.share_peers import recheck, storage_peers
+from p2pmega.api.share_source import CHANGED_SIZE, FileSource, TreeSource, open_source
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
@@ -29,12 +28,12 @@ from p2pmega.errors import (
     PlacementImpossible,
     StorageError,
 )
+from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_pool
 from p2pmega.replicate.placer import Placer, shortfall
 from p2pmega.storage.links import LinkEntry, record_link
 from p2pmega.storage.share_state import (
     Completed,
-    FileIdentity,
     PlacedChunk,
     ShareState,
     StateWriter,
@@ -82,6 +81,8 @@ class ShareResult:
     chunks: tuple[ChunkPlacement, ...]
     status: str = "new"
     chunks_resumed: int = 0
+    files: int | None = None  # a folder's files (None: a single file or a stream)
+    skipped: tuple[str, ...] = ()  # a folder's symbolic links and special files, not shared
 
 
 def _holders(cands: list[Candidate]) -> tuple[Candidate, ...]:
@@ -102,45 +103,40 @@ async def share(
 ) -> ShareResult:
     """Encrypt ``path``, store each chunk and the manifest on holders meeting the rule, return the links.
 
+    A folder is shared as one stream, its listing then its files (api.share_source, docs/FORMAT.md section 5a);
+    its symbolic links and special files are skipped and named in ``ShareResult.skipped``.
+
     The share's state (its key, the chunks placed so far, then its links) is kept in ``net.data_dir``: run again
     on the same unchanged file, an interrupted share resumes where it stopped, and a finished one returns the
     same links without storing anything. ``new`` starts a fresh share under a new key (a new link).
 
     Raises:
-        InputFileError: the file is missing, unreadable, or not a regular file.
+        InputFileError: the file is missing, unreadable, or not a regular file or folder; a folder's entry
+            has a name that cannot be stored.
         BadOption: replicas / min_countries / the lease out of range.
         BootstrapFailed: no way into the network.
         PlacementImpossible: the storage peers found cannot meet the rule (then nothing is stored), or too many
             of them failed during the upload (what was stored is kept for a rerun).
         StorageError: the share's state cannot be saved in the data dir.
     """
-    if replicas < 1 or not 1 <= min_countries <= replicas:
-        raise BadOption(
-            f"--replicas {replicas} --min-countries {min_countries}: need replicas >= 1 and "
-            "1 <= min-countries <= replicas"
-        )
-    if not (math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S):
-        raise BadOption(
-            f"--lease-days {lease_s / 86400:g}: give more than 0 and at most {MAX_LEASE_DAYS:g} (holders keep a "
-            "chunk at most that long; `p2pmega seed --keep LINK` renews a file for longer)"
-        )
+    _check_options(replicas, min_countries, lease_s)
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
-    handle, info, resolved = await asyncio.to_thread(_open_regular, path)
+    source = await asyncio.to_thread(open_source, path)
     try:
-        identity = FileIdentity.of(resolved, info)
-        where = state_path(net.data_dir, resolved)
+        identity = source.identity
+        where = state_path(net.data_dir, Path(identity.path))
         previous = None if new else await asyncio.to_thread(load_state, where)
         if previous is not None and previous.file != identity:
             previous = None  # another file at this path, or this one changed: start afresh
         if previous is not None and _reusable(previous.completed, replicas, min_countries):
-            return _unchanged(previous)
+            return dataclasses.replace(_unchanged(previous), **_tree_fields(source))
         if previous is not None and previous.chunk_size == chunk_size:
             state = ShareState(identity, previous.key, chunk_size, dict(previous.chunks))
         else:
             state = ShareState(identity, new_key(), chunk_size)
-        return await _share(
-            path.name,
-            handle,
+        result = await _share(
+            source.name,
+            source,
             state,
             StateWriter(where),
             net,
@@ -150,13 +146,20 @@ async def share(
             progress,
             rng,
         )
+        return dataclasses.replace(result, **_tree_fields(source))
     finally:
-        handle.close()
+        source.close()
+
+
+def _tree_fields(source: FileSource | TreeSource) -> dict[str, Any]:
+    if isinstance(source, FileSource):
+        return {}
+    return {"files": len(source.layout.spans), "skipped": source.skipped}
 
 
 async def _share(
     name: str,
-    handle: BinaryIO,
+    source: FileSource | TreeSource,
     state: ShareState,
     writer: StateWriter,
     net: NetSettings,
@@ -167,23 +170,15 @@ async def _share(
     rng: random.Random,
 ) -> ShareResult:
     size, chunk_size = state.file.size, state.chunk_size
-    encoder = FileEncoder(name=name, size=size, chunk_size=chunk_size, key=state.key)
+    encoder = FileEncoder(
+        name=name,
+        size=size,
+        chunk_size=chunk_size,
+        key=state.key,
+        listing_bytes=source.listing_bytes,
+    )
     async with client_node(net) as node:
-        pool = await candidate_pool(node, net.geo, rng)
-        live, silent = await storage_peers(
-            node,
-            pool,
-            rng,
-            enough=lambda peers: meets_rule(peers, replicas=replicas, min_countries=min_countries),
-        )
-        # Refuse before storing anything if even every storage peer found cannot meet the rule.
-        if not meets_rule(live, replicas=replicas, min_countries=min_countries):
-            raise PlacementImpossible(
-                f"cannot share {name!r}: "
-                + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
-            )
-        placer = Placer(node, live, net.geo, replicas, min_countries, lease_s)
-        placer.silent.update((c.host, c.port) for c in silent)
+        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng)
         started_at = time.time()
         recorded = len(state.chunks)
         if state.chunks:
@@ -197,7 +192,7 @@ async def _share(
         keeper = _Keeper(writer, state)
         try:
             await keeper.save()
-            placements = await _upload(encoder, handle, size, chunk_size, placer, progress, keeper)
+            placements = await _upload(encoder, source, size, chunk_size, placer, progress, keeper)
             cap, manifest_chunks = encoder.finish()
             manifest: list[PlacedChunk] = []
             for i, (chunk_id, data) in enumerate(manifest_chunks):
@@ -238,6 +233,51 @@ async def _share(
         status="resumed" if resumed else "new",
         chunks_resumed=resumed,
     )
+
+
+async def _placer(
+    node: Node,
+    net: NetSettings,
+    name: str,
+    replicas: int,
+    min_countries: int,
+    lease_s: float,
+    rng: random.Random,
+) -> Placer:
+    """The storage peers found, as a Placer; refuses before storing anything if they cannot meet the rule.
+
+    Raises:
+        PlacementImpossible: even every storage peer found cannot meet the rule.
+    """
+    pool = await candidate_pool(node, net.geo, rng)
+    live, silent = await storage_peers(
+        node,
+        pool,
+        rng,
+        enough=lambda peers: meets_rule(peers, replicas=replicas, min_countries=min_countries),
+    )
+    if not meets_rule(live, replicas=replicas, min_countries=min_countries):
+        raise PlacementImpossible(
+            f"cannot share {name!r}: "
+            + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
+        )
+    placer = Placer(node, live, net.geo, replicas, min_countries, lease_s)
+    placer.silent.update((c.host, c.port) for c in silent)
+    return placer
+
+
+def _check_options(replicas: int, min_countries: int, lease_s: float) -> None:
+    """Raises: BadOption: replicas / min_countries / the lease out of range."""
+    if replicas < 1 or not 1 <= min_countries <= replicas:
+        raise BadOption(
+            f"--replicas {replicas} --min-countries {min_countries}: need replicas >= 1 and "
+            "1 <= min-countries <= replicas"
+        )
+    if not (math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S):
+        raise BadOption(
+            f"--lease-days {lease_s / 86400:g}: give more than 0 and at most {MAX_LEASE_DAYS:g} (holders keep a "
+            "chunk at most that long; `p2pmega seed --keep LINK` renews a file for longer)"
+        )
 
 
 def _reusable(done: Completed | None, replicas: int, min_countries: int) -> bool:
@@ -301,45 +341,9 @@ class _Keeper:
         self.next_save = started + max(STATE_SAVE_INTERVAL_S, STATE_SAVE_COST_FACTOR * took)
 
 
-def _open_regular(path: Path) -> tuple[BinaryIO, os.stat_result, Path]:
-    """Open ``path`` for reading; refuse anything but a regular file before reading a byte.
-
-    Raises:
-        InputFileError: the file is missing or unreadable, or is a FIFO, a directory, a device or a socket.
-    """
-    try:
-        # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever if none comes.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise InputFileError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputFileError(
-                f"{str(path)!r} is {_kind(info.st_mode)}, not a regular file; share reads regular files only"
-            )
-        os.set_blocking(fd, True)
-        resolved = path.resolve()
-        return os.fdopen(fd, "rb"), info, resolved
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "a special file")
-
-
 async def _upload(
     encoder: FileEncoder,
-    handle: BinaryIO,
+    source: FileSource | TreeSource,
     size: int,
     chunk_size: int,
     placer: Placer,
@@ -361,14 +365,12 @@ async def _upload(
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
     tasks: list[asyncio.Task[None]] = []
 
-    fd = handle.fileno()
-
     async def one(index: int) -> None:
         nonlocal done_bytes
         try:
             # One worker-thread hop reads and seals the chunk (chunks are read with pread, in any order).
             chunk_id, sealed, length = await asyncio.to_thread(
-                _read_and_seal, encoder, fd, index, chunk_size, size
+                _read_and_seal, encoder, source.read_at, index, chunk_size, size
             )
             stored = await placer.place(chunk_id, sealed)
             keeper.record(index, PlacedChunk(chunk_id, _holders(stored)))
@@ -388,8 +390,8 @@ async def _upload(
                 break
             tasks.append(asyncio.create_task(one(index)))
         await asyncio.gather(*tasks)
-        if (await asyncio.to_thread(os.fstat, fd)).st_size != size:
-            raise InputFileError(_CHANGED_SIZE)
+        if await asyncio.to_thread(source.size_now) != size:
+            raise InputFileError(CHANGED_SIZE)
     finally:
         for task in tasks:
             task.cancel()
@@ -403,29 +405,26 @@ async def _upload(
 
 
 def _read_and_seal(
-    encoder: FileEncoder, fd: int, index: int, chunk_size: int, size: int
+    encoder: FileEncoder,
+    read_at: Callable[[int, int], bytes],
+    index: int,
+    chunk_size: int,
+    size: int,
 ) -> tuple[ChunkId, bytes, int]:
-    """Read plaintext chunk ``index`` and seal it; return its id, stored bytes and plaintext length.
+    """Read plaintext chunk ``index`` with ``read_at(length, offset)`` and seal it.
+
+    Returns:
+        Its id, stored bytes and plaintext length.
 
     Raises:
         InputFileError: the file is shorter than it was when the share started, or reading failed.
     """
     length = min(chunk_size, size - index * chunk_size)
-    offset = index * chunk_size
     try:
-        plaintext = os.pread(fd, length, offset)
-        # A read may return less than asked short of the end (network file systems): read on.
-        while 0 < len(plaintext) < length:
-            more = os.pread(fd, length - len(plaintext), offset + len(plaintext))
-            if not more:
-                break
-            plaintext += more
+        plaintext = read_at(length, index * chunk_size)
     except OSError as exc:
         raise InputFileError(f"reading the file failed: {exc.strerror or exc}") from exc
     if len(plaintext) != length:
-        raise InputFileError(_CHANGED_SIZE)
+        raise InputFileError(CHANGED_SIZE)
     chunk_id, sealed = encoder.encode_chunk(index, plaintext)
     return chunk_id, sealed, length
-
-
-_CHANGED_SIZE = "the file changed size while it was being shared; try again"

@@ -209,7 +209,9 @@ class _Bar:
 
     def update(self, done: int, total: int) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=done, total=total)
+            # Bytes done of a total of 0 means the total is unknown yet (share - reads a pipe): no bar.
+            unknown = total == 0 and done > 0
+            self.progress.update(self.task, completed=done, total=None if unknown else total)
 
 
 @app.callback(invoke_without_command=True)

@@ -24,7 +24,7 @@ from p2pmega.cli.base import (
     _run,
     app,
 )
-from p2pmega.errors import BadLink, NotFoundError, PlacementImpossible
+from p2pmega.errors import BadLink, BadOption, NotFoundError, PlacementImpossible
 
 if TYPE_CHECKING:
     from p2pmega.api.check import CheckResult
@@ -34,7 +34,12 @@ if TYPE_CHECKING:
 @app.command(cls=_Command, name="share")
 def share_cmd(
     file: Annotated[
-        Path, typer.Argument(help="The file to share.", metavar="FILE", show_default=False)
+        Path,
+        typer.Argument(
+            help="The file or folder to share, or - to read stdin.",
+            metavar="FILE",
+            show_default=False,
+        ),
     ],
     replicas: Annotated[int, typer.Option("--replicas", help="Copies of every chunk.")] = 2,
     min_countries: Annotated[
@@ -53,24 +58,52 @@ def share_cmd(
             help="Share again under a new key (a new link), even if FILE was shared unchanged.",
         ),
     ] = False,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="The name stored for - (stdin); default: stdin.", show_default=False
+        ),
+    ] = None,
+    qr: Annotated[
+        bool,
+        typer.Option(
+            "--qr", help="Also draw the read link as a QR code (on stderr; stdout keeps the link)."
+        ),
+    ] = False,
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
     host: HostOpt = None,
 ) -> None:
-    """Encrypt FILE, store every chunk on holders in different countries, print the read link.
+    """Encrypt FILE (or a whole folder, or stdin), store every chunk on holders in different countries, print the read link.
 
-    Exits 0 only once every chunk and the manifest are confirmed stored on --replicas holders spanning
+    A folder is shared as one link: its names and tree are inside the encrypted manifest, empty folders
+    included; symbolic links and special files are skipped with a warning. Exits 0 only once every chunk and the manifest are confirmed stored on --replicas holders spanning
     --min-countries countries, no two in the same /24. Exit 6, before storing anything, if the storage peers
     found cannot meet that. Run again on the unchanged file, an interrupted share resumes and a finished one
     prints the same link without uploading (the state is kept in the data dir).
     """
 
     from p2pmega.api.share import share
+    from p2pmega.api.share_pipe import share_stream
+
+    from_stdin = str(file) == "-"
+    if name is not None and not from_stdin:
+        _fail(BadOption("--name names what - (stdin) is shared as; a file keeps its own name"))
 
     async def go() -> "ShareResult":
         net = _net(bootstrap, data_dir, geo_table, host)
         with _Bar("sharing") as bar:
+            if from_stdin:
+                return await share_stream(
+                    sys.stdin.buffer,
+                    name=name or "stdin",
+                    net=net,
+                    replicas=replicas,
+                    min_countries=min_countries,
+                    lease_s=lease_days * 86400,
+                    progress=bar.update,
+                )
             return await share(
                 file,
                 net=net,
@@ -82,9 +115,18 @@ def share_cmd(
             )
 
     def kept() -> str:
+        if from_stdin:
+            return "stdin cannot be read again: nothing is kept"
         return "the chunks stored so far are kept: run the same command again to resume"
 
     result = _run(go(), on_interrupt=kept)
+    if result.skipped:
+        shown = ", ".join(repr(path) for path in result.skipped[:3])
+        more = f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else ""
+        _err(
+            f"p2pmega: warning: skipped {len(result.skipped)} symbolic links or special files "
+            f"({shown}{more}): only folders and regular files are shared"
+        )
     if result.status == "unchanged":
         _err(
             "already shared and unchanged since: same link, nothing uploaded (--new shares it again)"
@@ -103,21 +145,43 @@ def share_cmd(
         countries = sorted({h.country or "??" for c in result.chunks for h in c.holders})
         manifest = len(result.chunks) - result.chunk_count
         # chunk_count is the data chunks, as --json's "chunk_count"; the manifest's are named apart.
+        files = "" if result.files is None else f"{counted(result.files, 'file')} in "
         _err(
-            f"shared {result.size:,} bytes as {counted(result.chunk_count, 'data chunk')} and "
+            f"shared {files}{result.size:,} bytes as {counted(result.chunk_count, 'data chunk')} and "
             f"{counted(manifest, 'manifest chunk')} on holders in "
             f"{counted(len(countries), 'country', 'countries')} ({', '.join(countries)})"
         )
         _echo(result.read_link)
+    if qr:
+        _err(qr_text(result.read_link))
+
+
+def qr_text(link: str) -> str:
+    """``link`` as a QR code drawn with half-block characters, light modules drawn (for dark terminals).
+
+    segno (pure Python, no dependencies) encodes it; error correction L keeps a ~250-character link at
+    version 10 or below, small enough for an 80-column terminal.
+    """
+    import io
+
+    import segno
+
+    out = io.StringIO()
+    segno.make_qr(link, error="l", boost_error=False).terminal(out=out, compact=True)
+    return out.getvalue().rstrip("\n")
 
 
 def _share_json(result: "ShareResult") -> dict[str, Any]:
     from p2pmega.core.chunking import format_id
 
+    folder = (
+        {} if result.files is None else {"files": result.files, "skipped": list(result.skipped)}
+    )
     return {
         "read_link": result.read_link,
         "keep_link": result.keep_link,
         "size": result.size,
+        **folder,
         "chunk_count": result.chunk_count,
         "chunks": [
             {
@@ -161,7 +225,11 @@ def fetch_cmd(
     ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Where to write the file (default: ./NAME)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the file or folder (default: ./NAME); - writes the file to stdout.",
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output file.")
@@ -174,7 +242,9 @@ def fetch_cmd(
     """Download, verify and decrypt the file of LINK; print the path written.
 
     Chunks come in parallel from every holder, with failover. The file appears only when complete; run the same
-    command again after an interruption and it resumes where it stopped. With no --bootstrap, no
+    command again after an interruption and it resumes where it stopped. A folder is recreated under -o DIR
+    (default ./NAME); a path in it that could land outside is refused (exit 5) before anything is written.
+    With -o - the file goes to stdout in order as it arrives (nothing else goes there; not for folders). With no --bootstrap, no
     P2PMEGA_BOOTSTRAP and no saved contacts, the holders named in the link are the way into the network.
     """
 
@@ -182,12 +252,19 @@ def fetch_cmd(
 
     link = _link_from(link)
     part: list[Path] = []
+    to_stdout = output is not None and str(output) == "-"
 
     async def go() -> Any:
         net = _net(bootstrap, data_dir, geo_table, host)
         with _Bar("fetching") as bar:
             return await fetch(
-                link, net=net, output=output, force=force, progress=bar.update, on_part=part.append
+                link,
+                net=net,
+                output=None if to_stdout else output,
+                force=force,
+                progress=bar.update,
+                on_part=part.append,
+                stream=sys.stdout.buffer if to_stdout else None,
             )
 
     def kept() -> str:
@@ -196,12 +273,22 @@ def fetch_cmd(
             return "nothing was written yet"
         return f"the partial file {str(part[0])!r} is kept: run the same command again to resume"
 
-    result = _run(go(), on_interrupt=kept)
+    try:
+        result = _run(go(), on_interrupt=kept)
+    except BrokenPipeError:
+        # The reader of -o - went away (`| head`): end quietly, as a writer killed by SIGPIPE would.
+        raise typer.Exit(BROKEN_PIPE_EXIT) from None
+    files = "" if result.files is None else f" in {result.files:,} files"
     _err(
         f"fetched {result.chunks_fetched} of {result.chunks_total} chunks "
-        f"({result.chunks_resumed} already present), {result.size:,} bytes, all verified"
+        f"({result.chunks_resumed} already present), {result.size:,} bytes{files}, all verified"
     )
-    _echo(str(result.path))
+    if not to_stdout:
+        _echo(str(result.path))
+
+
+# What a shell reports for a process killed by SIGPIPE (128 + 13): `fetch -o - | head` ends like `cat | head`.
+BROKEN_PIPE_EXIT = 141
 
 
 @app.command(cls=_Command, name="check")

@@ -23,7 +23,10 @@ from p2pmega.errors import ChunkHashMismatch, DecryptionFailed
 
 FORMAT_VERSION = 2  # AEGIS-256; what every new chunk is sealed with
 LEGACY_VERSION = 1  # XChaCha20-Poly1305; still opened, never written (docs/FORMAT.md section 8)
-READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
+# Chunks exactly as version 2; the metadata also gives the length of a folder's listing (docs/FORMAT.md
+# section 5a). Written for folders only, so single files stay readable by p2pmega that knows only version 2.
+TREE_VERSION = 3
+READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION, TREE_VERSION)
 KIND_DATA = 0
 KIND_NODE = 1
 KIND_ROOT = 2
@@ -42,6 +45,7 @@ class _Opener(Protocol):
 _OPENERS: dict[int, tuple[int, _Opener]] = {
     LEGACY_VERSION: (crypto.XCHACHA_OVERHEAD_BYTES, crypto.open_sealed_xchacha),
     FORMAT_VERSION: (crypto.SEAL_OVERHEAD_BYTES, crypto.open_sealed),
+    TREE_VERSION: (crypto.SEAL_OVERHEAD_BYTES, crypto.open_sealed),
 }
 
 # Plaintext bytes per data chunk of a new file (each manifest records its own; any size from
@@ -191,12 +195,13 @@ def seal_chunk(key: bytes, kind: int, plaintext: bytes, aad: bytes) -> tuple[Chu
         key: The chunk key (data) or verify key (manifest nodes).
         kind: ``KIND_DATA``, ``KIND_NODE`` or ``KIND_ROOT``.
         plaintext: Exact plaintext, padding included.
-        aad: From `make_aad` with the same kind.
+        aad: From `make_aad` with the same kind; its first byte is the version written in the header
+            (FORMAT_VERSION, or TREE_VERSION for a folder).
 
     Returns:
         The chunk id and the stored bytes.
     """
-    stored = crypto.seal(key, plaintext, aad, header=bytes((FORMAT_VERSION, kind)))
+    stored = crypto.seal(key, plaintext, aad, header=bytes((aad[0], kind)))
     return chunk_id_of(stored), stored
 
 
@@ -231,7 +236,7 @@ def open_chunk_into(
         ValueError: ``out`` is too small (a caller bug).
     """
     _check_header(kind, stored, aad)
-    if aad[0] != FORMAT_VERSION:
+    if _OPENERS[aad[0]][1] is not crypto.open_sealed:
         plain = open_box(key, stored, aad, offset=HEADER_BYTES)
         out[: len(plain)] = plain
         return len(plain)

@@ -23,6 +23,7 @@ from p2pmega.core.chunking import (
     MIN_CHUNK_SIZE,
     READABLE_VERSIONS,
     ROOT_LEVEL,
+    TREE_VERSION,
     ChunkId,
     FileKeys,
     data_chunk_count,
@@ -36,6 +37,7 @@ from p2pmega.core.chunking import (
     verify_chunk,
 )
 from p2pmega.core.magnet import KeepCap, ReadCap, _check_name
+from p2pmega.core.tree import MAX_LISTING_BYTES
 from p2pmega.errors import BadManifest, BadOption
 
 # 2**32 chunks: 4 PiB at the default chunk size, 256 GiB even at the 64-byte test size.
@@ -44,6 +46,10 @@ MAX_CHUNKS = 1 << 32
 _ROOT_HEAD = struct.Struct(">BQIH")
 # Metadata plaintext: file size (u64), chunk size (u32), name length (u16), then the UTF-8 name.
 _META_HEAD = struct.Struct(">QIH")
+# Version 3 (a folder) adds the listing's length (u64) before the name: the stream's first bytes.
+_META_HEAD_TREE = struct.Struct(">QIHQ")
+# A listing holds at least its entry count (u32).
+MIN_LISTING_BYTES = 4
 
 
 def fanout_of(chunk_size: int) -> int:
@@ -79,6 +85,8 @@ class Manifest:
     """A decoded manifest. ``name``/``size``/``chunk_size`` are None when walked with a KeepCap.
 
     ``version`` is the format version of the file (its root's); every chunk of it has that version.
+    ``listing_bytes`` is set for a folder (version 3, walked with a ReadCap): the plaintext stream starts
+    with a listing that long (core.tree), then the files' bytes; ``name`` is the folder's name.
     """
 
     chunk_ids: tuple[ChunkId, ...]
@@ -87,6 +95,12 @@ class Manifest:
     size: int | None
     chunk_size: int | None
     version: int = FORMAT_VERSION
+    listing_bytes: int | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        """Whether this is a shared folder (format version 3)."""
+        return self.version == TREE_VERSION
 
 
 class FileEncoder:
@@ -99,6 +113,7 @@ class FileEncoder:
         size: int,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         key: bytes | None = None,
+        listing_bytes: int | None = None,
     ) -> None:
         """Prepare to encode a file.
 
@@ -107,6 +122,8 @@ class FileEncoder:
             size: Exact plaintext size in bytes.
             chunk_size: Plaintext bytes per data chunk.
             key: The file key K; a fresh random one when None (never derive it from content).
+            listing_bytes: For a folder: the plaintext is its listing (this many bytes, core.tree) then its
+                files, and the manifest is written as format version 3. None for a single file (version 2).
 
         Raises:
             BadOption: ``chunk_size`` out of range or ``name`` too long or with control characters.
@@ -123,6 +140,10 @@ class FileEncoder:
             raise BadOption(f"file name cannot be stored: {exc}; rename the file") from exc
         if size < 0:
             raise ValueError(f"size {size} is negative")
+        if listing_bytes is not None and not MIN_LISTING_BYTES <= listing_bytes <= min(
+            size, MAX_LISTING_BYTES
+        ):
+            raise ValueError(f"listing of {listing_bytes} bytes does not fit a stream of {size}")
         if data_chunk_count(size, chunk_size) > MAX_CHUNKS:
             raise BadOption(
                 f"file of {size} bytes needs over {MAX_CHUNKS} chunks; raise the chunk size"
@@ -134,6 +155,8 @@ class FileEncoder:
         self._name = name
         self._size = size
         self._chunk_size = chunk_size
+        self._listing_bytes = listing_bytes
+        self._version = FORMAT_VERSION if listing_bytes is None else TREE_VERSION
         self.chunk_count = data_chunk_count(size, chunk_size)
         self._final_length = size - (self.chunk_count - 1) * chunk_size
         self._final_padding = padded_final_length(size, chunk_size) - self._final_length
@@ -164,9 +187,7 @@ class FileEncoder:
             padded = b"".join((plaintext, bytes(self._final_padding)))
         else:
             padded = plaintext if isinstance(plaintext, bytes) else bytes(plaintext)
-        assert self._keys.chunk_key is not None  # noqa: S101 - always set from a file key
-        aad = make_aad(KIND_DATA, self._keys.file_id, index, final=final, level=0)
-        chunk_id, stored = seal_chunk(self._keys.chunk_key, KIND_DATA, padded, aad)
+        chunk_id, stored = _seal_data(self._keys, index, padded, final, self._version)
         with self._lock:
             self._ids[index] = chunk_id
         return chunk_id, stored
@@ -204,7 +225,7 @@ class FileEncoder:
         if missing:
             raise ValueError(f"{len(missing)} data chunks not encoded, first is {missing[0]}")
         items = [chunk_id for chunk_id in ids if chunk_id is not None]
-        keys, fanout = self._keys, fanout_of(self._chunk_size)
+        keys, fanout, version = self._keys, fanout_of(self._chunk_size), self._version
         levels: list[list[tuple[ChunkId, bytes]]] = []
         while len(items) > fanout:
             level = len(levels) + 1
@@ -212,7 +233,12 @@ class FileEncoder:
             nodes = []
             for index in range(count):
                 aad = make_aad(
-                    KIND_NODE, keys.file_id, index, final=index == count - 1, level=level
+                    KIND_NODE,
+                    keys.file_id,
+                    index,
+                    final=index == count - 1,
+                    level=level,
+                    version=version,
                 )
                 body = b"".join(items[index * fanout : (index + 1) * fanout])
                 nodes.append(seal_chunk(keys.verify_key, KIND_NODE, body, aad))
@@ -220,18 +246,108 @@ class FileEncoder:
             items = [chunk_id for chunk_id, _ in nodes]
         assert keys.meta_key is not None  # noqa: S101 - always set from a file key
         name = self._name.encode("utf-8")
-        meta_aad = make_aad(KIND_META, keys.file_id, 0, final=True, level=ROOT_LEVEL)
-        meta = crypto.seal(
-            keys.meta_key, _META_HEAD.pack(self._size, self._chunk_size, len(name)) + name, meta_aad
+        meta_aad = make_aad(
+            KIND_META, keys.file_id, 0, final=True, level=ROOT_LEVEL, version=version
         )
+        if self._listing_bytes is None:
+            meta_head = _META_HEAD.pack(self._size, self._chunk_size, len(name))
+        else:
+            meta_head = _META_HEAD_TREE.pack(
+                self._size, self._chunk_size, len(name), self._listing_bytes
+            )
+        meta = crypto.seal(keys.meta_key, meta_head + name, meta_aad)
         head = _ROOT_HEAD.pack(len(levels), self.chunk_count, fanout, len(meta))
-        root_aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL)
+        root_aad = make_aad(
+            KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL, version=version
+        )
         root = seal_chunk(keys.verify_key, KIND_ROOT, b"".join((head, meta, *items)), root_aad)
         chunks = [root]
         for nodes in reversed(levels):
             chunks.extend(nodes)
         cap = ReadCap(root=root[0], key=self._key, name=self._name, size=self._size)
         return cap, chunks
+
+
+def _seal_data(
+    keys: FileKeys, index: int, padded: bytes, final: bool, version: int
+) -> tuple[ChunkId, bytes]:
+    """Seal data chunk ``index`` (padding included) at its place in the file."""
+    assert keys.chunk_key is not None  # noqa: S101 - always set from a file key
+    aad = make_aad(KIND_DATA, keys.file_id, index, final=final, level=0, version=version)
+    return seal_chunk(keys.chunk_key, KIND_DATA, padded, aad)
+
+
+class StreamEncoder:
+    """Seals a file whose size is known only at its end (a pipe): chunks in order, the last one marked.
+
+    The chunks and manifest are exactly those `FileEncoder` makes for the same bytes and key.
+    """
+
+    def __init__(
+        self, *, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None
+    ) -> None:
+        """Prepare to encode a stream.
+
+        Raises:
+            BadOption: As `FileEncoder`.
+            ValueError: As `FileEncoder`.
+        """
+        # Checks the name, chunk size and key once; replaced by the real size's encoder at the end.
+        self._probe = FileEncoder(name=name, size=0, chunk_size=chunk_size, key=key)
+        self._name, self._chunk_size, self._key = name, chunk_size, self._probe._key
+        self._ids: dict[int, ChunkId] = {}
+        self._lock = threading.Lock()
+        self._final: FileEncoder | None = None
+
+    def encode_chunk(self, index: int, plaintext: bytes, *, final: bool) -> tuple[ChunkId, bytes]:
+        """Seal chunk ``index``: ``chunk_size`` bytes, or for the ``final`` one at most that (0 only alone).
+
+        Thread-safe; the final chunk fixes the size, so it is encoded once every earlier index is known.
+
+        Raises:
+            ValueError: A wrong length, or a chunk after the final one (a caller bug).
+            BadOption: The stream outgrew MAX_CHUNKS chunks.
+        """
+        if self._final is not None:
+            raise ValueError("the final chunk is already encoded")
+        if not final:
+            if len(plaintext) != self._chunk_size:
+                raise ValueError(f"chunk {index} has {len(plaintext)} bytes, not the chunk size")
+            if index + 1 >= MAX_CHUNKS:
+                raise BadOption(f"the input needs over {MAX_CHUNKS} chunks; raise the chunk size")
+            chunk_id, stored = _seal_data(
+                self._probe._keys, index, plaintext, False, FORMAT_VERSION
+            )
+            with self._lock:
+                self._ids[index] = chunk_id
+            return chunk_id, stored
+        size = index * self._chunk_size + len(plaintext)
+        if len(plaintext) > self._chunk_size or (index and not plaintext):
+            raise ValueError(f"final chunk {index} has {len(plaintext)} bytes")
+        encoder = FileEncoder(
+            name=self._name, size=size, chunk_size=self._chunk_size, key=self._key
+        )
+        chunk_id, stored = encoder.encode_chunk(index, plaintext)
+        self._final = encoder
+        return chunk_id, stored
+
+    @property
+    def size(self) -> int | None:
+        """The stream's size once its final chunk is encoded."""
+        return None if self._final is None else self._final._size
+
+    def finish(self) -> tuple[ReadCap, list[tuple[ChunkId, bytes]]]:
+        """As `FileEncoder.finish`, once the final chunk and every one before it are encoded.
+
+        Raises:
+            ValueError: The final chunk, or one before it, was not encoded (a caller bug).
+        """
+        if self._final is None:
+            raise ValueError("the final chunk was not encoded")
+        with self._lock:
+            for index, chunk_id in self._ids.items():
+                self._final.adopt_chunk(index, chunk_id)
+        return self._final.finish()
 
 
 class ManifestWalker:
@@ -256,7 +372,7 @@ class ManifestWalker:
         self._lists: list[dict[int, list[ChunkId]]] = []
         self._counts: list[int] = []
         self._fanout = 0
-        self._meta: tuple[str, int, int] | None = None
+        self._meta: tuple[str, int, int, int | None] | None = None
         # The root's format version; every node and data chunk of the file must have the same.
         self._version = FORMAT_VERSION
 
@@ -343,27 +459,37 @@ class ManifestWalker:
         self._lists = [{} for _ in self._counts]
         self._add_list(plain[meta_end:], height + 1, 0)
 
-    def _read_meta(self, sealed: bytes, chunk_count: int, fanout: int) -> tuple[str, int, int]:
+    def _read_meta(
+        self, sealed: bytes, chunk_count: int, fanout: int
+    ) -> tuple[str, int, int, int | None]:
         assert self._keys.meta_key is not None  # noqa: S101 - checked by the caller
         aad = make_aad(
             KIND_META, self._keys.file_id, 0, final=True, level=ROOT_LEVEL, version=self._version
         )
         plain = open_box(self._keys.meta_key, sealed, aad)
-        if len(plain) < _META_HEAD.size:
+        tree = self._version == TREE_VERSION
+        head = _META_HEAD_TREE if tree else _META_HEAD
+        if len(plain) < head.size:
             raise BadManifest("manifest metadata is too short; the file's manifest is corrupt")
-        size, chunk_size, name_len = _META_HEAD.unpack_from(plain)
-        if len(plain) != _META_HEAD.size + name_len:
+        listing: int | None = None
+        if tree:
+            size, chunk_size, name_len, listing = _META_HEAD_TREE.unpack_from(plain)
+            if not MIN_LISTING_BYTES <= listing <= min(size, MAX_LISTING_BYTES):
+                raise BadManifest(f"manifest declares a listing of {listing} bytes in {size}")
+        else:
+            size, chunk_size, name_len = _META_HEAD.unpack_from(plain)
+        if len(plain) != head.size + name_len:
             raise BadManifest(f"manifest metadata length {len(plain)} does not match its name")
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or fanout != fanout_of(chunk_size):
             raise BadManifest(f"manifest declares chunk size {chunk_size} with fanout {fanout}")
         if chunk_count != data_chunk_count(size, chunk_size):
             raise BadManifest(f"manifest declares {chunk_count} chunks for {size} bytes")
         try:
-            name = plain[_META_HEAD.size :].decode("utf-8")
+            name = plain[head.size :].decode("utf-8")
             _check_name(name)
         except ValueError as exc:
             raise BadManifest(f"manifest file name is invalid ({exc}); it is corrupt") from exc
-        return name, size, chunk_size
+        return name, size, chunk_size, listing
 
     def _level_ids(self, level: int) -> list[ChunkId]:
         lists = self._lists[level]
@@ -385,8 +511,11 @@ class ManifestWalker:
         for level in range(len(self._lists) - 1, 1, -1):
             manifest_ids.extend(self._level_ids(level))
         data_ids = tuple(self._level_ids(1))
-        name, size, chunk_size = self._meta if self._meta is not None else (None, None, None)
-        return Manifest(data_ids, tuple(manifest_ids), name, size, chunk_size, self._version)
+        meta = self._meta if self._meta is not None else (None, None, None, None)
+        name, size, chunk_size, listing = meta
+        return Manifest(
+            data_ids, tuple(manifest_ids), name, size, chunk_size, self._version, listing
+        )
 
 
 def decrypt_chunk(

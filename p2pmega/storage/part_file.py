@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import json
 import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,7 @@ class ResumeState:
                 raw.get("version") != RESUME_VERSION
                 or raw.get("root") != self.root
                 or raw.get("size") != self.size
-                or self.part.stat().st_size != self.size
+                or not self.part_matches()
             ):
                 return
             bitmap = base64.b64decode(raw["done"], validate=True)
@@ -59,15 +61,27 @@ class ResumeState:
             return
         self.done = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1}
 
+    def part_matches(self) -> bool:
+        """Whether the part file can hold what the state lists: it has exactly ``size`` bytes.
+
+        Raises:
+            OSError: the part file cannot be examined.
+        """
+        return self.part.stat().st_size == self.size
+
     def save(self, fd: int, done: frozenset[int]) -> None:
         """Record ``done`` (a snapshot taken on the event loop, where ``self.done`` keeps growing)."""
+        self.save_after(functools.partial(os.fsync, fd), done)
+
+    def save_after(self, sync: Callable[[], None], done: frozenset[int]) -> None:
+        """Record ``done`` once ``sync()`` has made the chunks it lists durable."""
         # A worker cancelled mid-save leaves its thread running; the lock keeps two saves off one temp file.
         with self.lock:
-            self._save(fd, done)
+            # The data must be on disk before the state claims it is.
+            sync()
+            self._write(done)
 
-    def _save(self, fd: int, done: frozenset[int]) -> None:
-        # The data must be on disk before the state claims it is.
-        os.fsync(fd)
+    def _write(self, done: frozenset[int]) -> None:
         bitmap = bytearray((max(done, default=-1) + 8) // 8)
         for i in done:
             bitmap[i // 8] |= 1 << (i % 8)
@@ -159,6 +173,14 @@ class PartWriter:
                     self._refused.append(direct_fd)
         _pwrite_all(self.fd, view, offset)
 
+    def save(self, resume: ResumeState, done: frozenset[int]) -> None:
+        """Make the written chunks durable, then record ``done`` in the resume state."""
+        resume.save(self.fd, done)
+
+    def finish(self, resume: ResumeState, target: Path) -> None:
+        """Give the complete file its final mode and name (`finish_part`)."""
+        finish_part(self.fd, resume, target)
+
     def close(self) -> None:
         """Close the part file once no write is under way (at most one chunk's decrypt and write).
 
@@ -188,7 +210,7 @@ def _open_part(part: Path, size: int, resuming: bool) -> int:
     return fd
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask, read without changing it (os.umask can only set it, racing other threads)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -213,7 +235,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 def finish_part(fd: int, resume: ResumeState, target: Path) -> None:
     """Give the complete part file its final mode, make it durable and rename it to ``target``."""
     # The part file is 0600 while incomplete; the finished file gets the mode any new file would.
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~umask())
     os.fsync(fd)
     os.replace(resume.part, target)
     with contextlib.suppress(FileNotFoundError):

@@ -106,8 +106,9 @@ def test_version_in_header_must_be_the_one_the_aad_names():
     v1_aad = bytes((1,)) + aad[1:]
     with pytest.raises(DecryptionFailed):
         open_chunk(keys.chunk_key, KIND_DATA, as_v1, v1_aad)
+    # Version 3 (folders) is known; 4 is not.
     with pytest.raises(DecryptionFailed, match="needs a newer p2pmega"):
-        open_chunk(keys.chunk_key, KIND_DATA, bytes((3,)) + stored[1:], bytes((3,)) + aad[1:])
+        open_chunk(keys.chunk_key, KIND_DATA, bytes((4,)) + stored[1:], bytes((4,)) + aad[1:])
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 33, 34, 60, -33, -32, -1])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 
 from p2pmega.api.share import _read_and_seal
+from p2pmega.api.share_source import pread_full
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.core.manifest import FileEncoder, ManifestWalker, decrypt_chunk
 from p2pmega.errors import InputFileError
@@ -22,7 +24,9 @@ def test_chunks_read_by_offset_in_any_order(tmp_path: Path):
     sealed_by_index = {}
     try:
         for index in (3, 0, 2, 1):
-            chunk_id, sealed, length = _read_and_seal(encoder, fd, index, 64, len(data))
+            chunk_id, sealed, length = _read_and_seal(
+                encoder, functools.partial(pread_full, fd), index, 64, len(data)
+            )
             assert length == (10 if index == 3 else 64)
             assert chunk_id_of(sealed) == chunk_id
             sealed_by_index[index] = sealed
@@ -49,6 +53,6 @@ def test_a_file_that_shrank_is_refused(tmp_path: Path):
     try:
         os.truncate(path, 100)
         with pytest.raises(InputFileError, match="changed size"):
-            _read_and_seal(encoder, fd, 2, 64, 200)
+            _read_and_seal(encoder, functools.partial(pread_full, fd), 2, 64, 200)
     finally:
         os.close(fd)

@@ -1,4 +1,4 @@
-"""Generate tests/vectors/core_v2.json: golden vectors for chunk, manifest and link formats v2.
+"""Generate tests/vectors/core_v2.json (files, format v2) and core_v3.json (a folder, format v3).
 
 Run ``python -m tests.vectors.make_vectors`` from the repository root. Keys and nonces come from
 a counter-based stream instead of the OS CSPRNG, so the output is byte-for-byte reproducible;
@@ -19,12 +19,14 @@ from typing import Any
 from unittest import mock
 
 from p2pmega.core import crypto
-from p2pmega.core.chunking import FORMAT_VERSION
+from p2pmega.core.chunking import FORMAT_VERSION, TREE_VERSION
 from p2pmega.core.magnet import ReadCap, format_link
 from p2pmega.core.manifest import FileEncoder
+from p2pmega.core.tree import TreeEntry, encode_listing
 
 VECTORS_PATH = Path(__file__).with_name("core_v2.json")
 LEGACY_VECTORS_PATH = Path(__file__).with_name("core_v1.json")
+TREE_VECTORS_PATH = Path(__file__).with_name("core_v3.json")
 
 # (description, file name, chunk size, size): a file in one chunk, one needing padding in two
 # chunks, and one whose manifest needs a tree of height 2 (64-byte chunks: 2 ids per node).
@@ -93,6 +95,58 @@ def file_vector(description: str, name: str, chunk_size: int, size: int) -> dict
     }
 
 
+# A folder: nested directories, an empty one, an empty file and a non-ASCII name; 64-byte chunks.
+TREE = [
+    TreeEntry("docs", None),
+    TreeEntry("docs/a.txt", 70),
+    TreeEntry("docs/empty", None),
+    TreeEntry("docs/zero", 0),
+    TreeEntry("Grüße 🌍.bin", 30),
+]
+
+
+def tree_vector() -> dict[str, Any]:
+    """Encode the folder TREE deterministically: its listing, then each file's bytes (plaintext_of)."""
+    listing = encode_listing(TREE)
+    files = [plaintext_of(entry.size) for entry in TREE if entry.size is not None]
+    stream = listing + b"".join(files)
+    chunk_size = 64
+    with deterministic_randomness(b"tree"):
+        encoder = FileEncoder(
+            name="folder", size=len(stream), chunk_size=chunk_size, listing_bytes=len(listing)
+        )
+        data_chunks = [
+            encoder.encode_chunk(index, stream[index * chunk_size : (index + 1) * chunk_size])
+            for index in range(encoder.chunk_count)
+        ]
+        cap, manifest_chunks = encoder.finish()
+    return {
+        "description": "folder: nested, an empty directory, an empty file, a non-ASCII name",
+        "name": "folder",
+        "entries": [{"path": e.path, "size": e.size} for e in TREE],
+        "listing_hex": listing.hex(),
+        "size": len(stream),
+        "chunk_size": chunk_size,
+        "plaintext_hex": stream.hex(),
+        "file_key_hex": cap.key.hex(),
+        "root_id_hex": cap.root.hex(),
+        "read_link": format_link(cap),
+        "data_chunks": [{"id_hex": cid.hex(), "stored_hex": raw.hex()} for cid, raw in data_chunks],
+        "manifest_chunks": [
+            {"id_hex": cid.hex(), "stored_hex": raw.hex()} for cid, raw in manifest_chunks
+        ],
+    }
+
+
+def build_tree_vectors() -> dict[str, Any]:
+    """The folder vectors of format v3 as one JSON-ready document."""
+    return {
+        "format_version": TREE_VERSION,
+        "generator": "tests/vectors/make_vectors.py",
+        "trees": [tree_vector()],
+    }
+
+
 def key_schedule_vector() -> dict[str, str]:
     """Every derived key of one fixed file key."""
     file_key = bytes(range(32))
@@ -119,6 +173,9 @@ def build_vectors() -> dict[str, Any]:
 def main() -> None:
     """Write the vectors file."""
     VECTORS_PATH.write_text(json.dumps(build_vectors(), indent=1, ensure_ascii=False) + "\n")
+    TREE_VECTORS_PATH.write_text(
+        json.dumps(build_tree_vectors(), indent=1, ensure_ascii=False) + "\n"
+    )
 
 
 if __name__ == "__main__":
