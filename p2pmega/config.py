@@ -12,13 +12,15 @@ import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable, parse_bloc_table
 from p2pmega.core.geo import GeoTable, parse_geo_table
 from p2pmega.core.ids import Address
-from p2pmega.errors import BadGeoTable, BadOption
+from p2pmega.errors import BadBlocTable, BadGeoTable, BadOption
 
 ENV_DATA_DIR = "P2PMEGA_DATA_DIR"
 ENV_BOOTSTRAP = "P2PMEGA_BOOTSTRAP"
 ENV_GEO_TABLE = "P2PMEGA_GEO_TABLE"
+ENV_BLOCS = "P2PMEGA_BLOCS"
 
 # A geo table is a short text file of CIDR lines; 4 MiB is far beyond any sane table and bounds what we read.
 MAX_GEO_TABLE_BYTES = 4 << 20
@@ -116,6 +118,29 @@ def resolve_geo_table(option: Path | None, env: Mapping[str, str] = os.environ) 
     except UnicodeDecodeError as exc:
         raise BadGeoTable(f"geo table {str(path)!r} is not UTF-8 text") from exc
     return parse_geo_table(text, source=str(path))
+
+
+def resolve_bloc_table(option: Path | None, env: Mapping[str, str] = os.environ) -> BlocTable:
+    """Read ``--blocs``, else ``$P2PMEGA_BLOCS``; the shipped table (core.blocs) when neither is set.
+
+    Raises:
+        BadBlocTable: the file is missing, too large, not UTF-8, or has a bad line.
+    """
+    path = option if option is not None else (Path(env[ENV_BLOCS]) if env.get(ENV_BLOCS) else None)
+    if path is None:
+        return DEFAULT_BLOCS
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_GEO_TABLE_BYTES + 1)
+    except OSError as exc:
+        raise BadBlocTable(f"bloc table {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if len(raw) > MAX_GEO_TABLE_BYTES:
+        raise BadBlocTable(f"bloc table {str(path)!r} is larger than {MAX_GEO_TABLE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBlocTable(f"bloc table {str(path)!r} is not UTF-8 text") from exc
+    return parse_bloc_table(text, source=str(path))
 
 
 def local_address_towards(remote: Address) -> str:

@@ -39,6 +39,8 @@ class ChunkHealth:
     # Seconds left on the chunk's lease at each holder, in ``holders`` order; None where the holder did not say
     # (a holder older than the LEASES request).
     leases_s: tuple[int | None, ...] = ()
+    # The jurisdiction blocs (core.blocs) its known-country holders span, sorted.
+    blocs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class CheckResult:
     replicas: int
     min_countries: int
     geo_table: bool = False  # whether a geo table was given
+    min_blocs: int = 1
 
     @property
     def below(self) -> int:
@@ -94,17 +97,19 @@ async def _leases(node: Node, chunks: list[ChunkHealth]) -> dict[tuple[ChunkId, 
 
 
 async def check(
-    link: str, *, net: NetSettings, replicas: int = 2, min_countries: int = 2
+    link: str, *, net: NetSettings, replicas: int = 2, min_countries: int = 2, min_blocs: int = 1
 ) -> CheckResult:
     """Find and confirm the live holders of every chunk (manifest included) of a read or keep-alive link.
 
-    Every holder is asked directly (a batched ``has``); DHT records alone are never taken as proof.
+    Every holder is asked directly (a batched ``has``); DHT records alone are never taken as proof. With
+    ``min_blocs`` > 1 a chunk meets the rule only if its holders also span that many jurisdiction blocs.
 
     Raises:
         BadLink: the link is malformed.
         ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
     """
     cap = parse_link(link)
+    blocs = net.blocs.mapping()
     async with client_node(net, hints=cap.peers) as node:
         locator = HolderLocator(node, hints=cap.peers)
         manifest = await walk_manifest(locator, cap)
@@ -118,7 +123,15 @@ async def check(
             for chunk_id, kind, index in entries:
                 cands = locator.candidates(chunk_id, net.geo)
                 holders = tuple(cands)
-                ok = meets_rule(cands, replicas=replicas, min_countries=min_countries)
+                ok = meets_rule(cands, replicas=replicas, min_countries=min_countries) and (
+                    min_blocs <= 1
+                    or meets_rule(
+                        cands,
+                        replicas=replicas,
+                        min_countries=max(min_blocs, min_countries),
+                        blocs=blocs,
+                    )
+                )
                 summary = summarize(cands)
                 unknown = (
                     not ok
@@ -126,7 +139,8 @@ async def check(
                     and not summary.short_of_holders(replicas)
                     and summary.short_of_countries(min_countries)
                 )
-                out.append(ChunkHealth(chunk_id, kind, index, holders, ok, unknown))
+                spanned = tuple(net.blocs.spanned(c.country for c in cands))
+                out.append(ChunkHealth(chunk_id, kind, index, holders, ok, unknown, blocs=spanned))
             return out
 
         # One batched question to every peer known so far; then the DHT only for chunks still short of the
@@ -146,4 +160,6 @@ async def check(
             )
             for c in chunks
         ]
-    return CheckResult(cap.root, tuple(chunks), replicas, min_countries, net.geo is not None)
+    return CheckResult(
+        cap.root, tuple(chunks), replicas, min_countries, net.geo is not None, min_blocs
+    )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pmega.config import local_address_towards
+from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
 from p2pmega.defaults import RPC_TIMEOUT_S, TRANSFER_TIMEOUT_S
@@ -25,6 +26,9 @@ class NetSettings:
     bootstrap: Sequence[Address] = ()
     data_dir: Path
     geo: GeoTable | None = None
+    blocs: BlocTable = (
+        DEFAULT_BLOCS  # jurisdiction blocs: placement prefers two, check reports them
+    )
     host: str | None = None
     rpc_timeout_s: float = RPC_TIMEOUT_S
     transfer_timeout_s: float = (

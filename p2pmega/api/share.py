@@ -95,6 +95,7 @@ async def share(
     net: NetSettings,
     replicas: int = 2,
     min_countries: int = 2,
+    min_blocs: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     lease_s: float = DEFAULT_LEASE_S,
     progress: Progress | None = None,
@@ -110,6 +111,9 @@ async def share(
     on the same unchanged file, an interrupted share resumes where it stopped, and a finished one returns the
     same links without storing anything. ``new`` starts a fresh share under a new key (a new link).
 
+    Holders in as many jurisdiction blocs (``net.blocs``) as countries are preferred whenever the storage peers
+    allow it; ``min_blocs`` > 1 requires that many blocs.
+
     Raises:
         InputFileError: the file is missing, unreadable, or not a regular file or folder; a folder's entry
             has a name that cannot be stored.
@@ -119,7 +123,7 @@ async def share(
             of them failed during the upload (what was stored is kept for a rerun).
         StorageError: the share's state cannot be saved in the data dir.
     """
-    _check_options(replicas, min_countries, lease_s)
+    _check_options(replicas, min_countries, lease_s, min_blocs)
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
     source = await asyncio.to_thread(open_source, path)
     try:
@@ -128,7 +132,11 @@ async def share(
         previous = None if new else await asyncio.to_thread(load_state, where)
         if previous is not None and previous.file != identity:
             previous = None  # another file at this path, or this one changed: start afresh
-        if previous is not None and _reusable(previous.completed, replicas, min_countries):
+        if (
+            previous is not None
+            and min_blocs <= 1  # the saved state does not say how many blocs the holders spanned
+            and _reusable(previous.completed, replicas, min_countries)
+        ):
             return dataclasses.replace(_unchanged(previous), **_tree_fields(source))
         if previous is not None and previous.chunk_size == chunk_size:
             state = ShareState(identity, previous.key, chunk_size, dict(previous.chunks))
@@ -145,6 +153,7 @@ async def share(
             lease_s,
             progress,
             rng,
+            min_blocs,
         )
         return dataclasses.replace(result, **_tree_fields(source))
     finally:
@@ -168,6 +177,7 @@ async def _share(
     lease_s: float,
     progress: Progress | None,
     rng: random.Random,
+    min_blocs: int = 1,
 ) -> ShareResult:
     size, chunk_size = state.file.size, state.chunk_size
     encoder = FileEncoder(
@@ -178,7 +188,7 @@ async def _share(
         listing_bytes=source.listing_bytes,
     )
     async with client_node(net) as node:
-        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng)
+        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
         started_at = time.time()
         recorded = len(state.chunks)
         if state.chunks:
@@ -243,35 +253,67 @@ async def _placer(
     min_countries: int,
     lease_s: float,
     rng: random.Random,
+    min_blocs: int = 1,
 ) -> Placer:
     """The storage peers found, as a Placer; refuses before storing anything if they cannot meet the rule.
 
     Raises:
-        PlacementImpossible: even every storage peer found cannot meet the rule.
+        PlacementImpossible: even every storage peer found cannot meet the rule (or span ``min_blocs`` blocs).
     """
+    placer = Placer(
+        node, [], net.geo, replicas, min_countries, lease_s, net.blocs.mapping(), min_blocs
+    )
+    best_count, best_blocs = placer.rules()[0]
     pool = await candidate_pool(node, net.geo, rng)
     live, silent = await storage_peers(
         node,
         pool,
         rng,
-        enough=lambda peers: meets_rule(peers, replicas=replicas, min_countries=min_countries),
+        enough=lambda peers: meets_rule(
+            peers, replicas=replicas, min_countries=best_count, blocs=best_blocs
+        ),
     )
     if not meets_rule(live, replicas=replicas, min_countries=min_countries):
         raise PlacementImpossible(
             f"cannot share {name!r}: "
             + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
         )
-    placer = Placer(node, live, net.geo, replicas, min_countries, lease_s)
+    if min_blocs > 1 and not meets_rule(
+        live, replicas=replicas, min_countries=best_count, blocs=best_blocs
+    ):
+        spanned = net.blocs.spanned(c.country for c in live)
+        raise PlacementImpossible(
+            f"cannot share {name!r}: --min-blocs {min_blocs} needs {replicas} holders in {min_blocs} "
+            f"jurisdiction blocs, but the storage peers found span {len(spanned)}: "
+            f"{', '.join(_bloc_label(b, live, net) for b in spanned) or 'none'}; add storage peers in "
+            "other blocs or lower --min-blocs (the blocs table: --blocs FILE)"
+        )
+    placer.pool = live
     placer.silent.update((c.host, c.port) for c in silent)
     return placer
 
 
-def _check_options(replicas: int, min_countries: int, lease_s: float) -> None:
-    """Raises: BadOption: replicas / min_countries / the lease out of range."""
+def _bloc_label(bloc: str, live: list[Candidate], net: NetSettings) -> str:
+    """``EU-EEA (DE, NZ)``, or ``CH`` for a country in no bloc."""
+    members = sorted(
+        {c.country for c in live if c.country and net.blocs.bloc_of(c.country) == bloc}
+    )
+    return bloc if members == [bloc] else f"{bloc} ({', '.join(members)})"
+
+
+def _check_options(replicas: int, min_countries: int, lease_s: float, min_blocs: int = 1) -> None:
+    """Raises: BadOption: replicas / min_countries / min_blocs / the lease out of range."""
     if replicas < 1 or not 1 <= min_countries <= replicas:
         raise BadOption(
             f"--replicas {replicas} --min-countries {min_countries}: need replicas >= 1 and "
             "1 <= min-countries <= replicas"
+        )
+    # Distinct blocs are distinct countries, so N blocs imply N countries; fewer blocs than countries (but more
+    # than one) would need both counted at once, which the placement rule does not do.
+    if not (min_blocs == 1 or min_countries <= min_blocs <= replicas):
+        raise BadOption(
+            f"--min-blocs {min_blocs}: give 1 (prefer as many blocs as countries when the peers allow) or "
+            f"from --min-countries ({min_countries}) to --replicas ({replicas})"
         )
     if not (math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S):
         raise BadOption(

@@ -41,6 +41,7 @@ async def share_stream(
     net: NetSettings,
     replicas: int = 2,
     min_countries: int = 2,
+    min_blocs: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     lease_s: float = DEFAULT_LEASE_S,
     progress: Progress | None = None,
@@ -57,11 +58,11 @@ async def share_stream(
         InputFileError: reading the stream failed.
         BootstrapFailed, PlacementImpossible, as `share`.
     """
-    _check_options(replicas, min_countries, lease_s)
+    _check_options(replicas, min_countries, lease_s, min_blocs)
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
     encoder = StreamEncoder(name=name, chunk_size=chunk_size)
     async with client_node(net) as node:
-        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng)
+        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
         placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)
         cap, manifest_chunks = encoder.finish()
         for i, (chunk_id, data) in enumerate(manifest_chunks):

@@ -91,6 +91,14 @@ GeoOpt = Annotated[
         help="Country override table ('CIDR CC' per line). Default: $P2PMEGA_GEO_TABLE.",
     ),
 ]
+BlocsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--blocs",
+        help="Jurisdiction blocs ('NAME: CC CC ...' per line) that count as one for placement. "
+        "Default: $P2PMEGA_BLOCS, else the shipped table (Five Eyes, EU/EEA; docs/JURISDICTIONS.md).",
+    ),
+]
 HostOpt = Annotated[
     str | None,
     typer.Option(
@@ -149,15 +157,25 @@ def _run(coro: "Coroutine[Any, Any, T]", *, on_interrupt: "Callable[[], str] | N
 
 
 def _net(
-    bootstrap: list[str] | None, data_dir: Path | None, geo_table: Path | None, host: str | None
+    bootstrap: list[str] | None,
+    data_dir: Path | None,
+    geo_table: Path | None,
+    host: str | None,
+    blocs: Path | None = None,
 ) -> "NetSettings":
     from p2pmega.api.common import NetSettings
-    from p2pmega.config import resolve_bootstrap, resolve_data_dir, resolve_geo_table
+    from p2pmega.config import (
+        resolve_bloc_table,
+        resolve_bootstrap,
+        resolve_data_dir,
+        resolve_geo_table,
+    )
 
     return NetSettings(
         bootstrap=resolve_bootstrap(bootstrap or []),
         data_dir=resolve_data_dir(data_dir),
         geo=resolve_geo_table(geo_table),
+        blocs=resolve_bloc_table(blocs),
         host=host,
     )
 

@@ -11,6 +11,7 @@ import typer
 
 from p2pmega import defaults
 from p2pmega.cli.base import (
+    BlocsOpt,
     BootstrapOpt,
     DataDirOpt,
     GeoOpt,
@@ -45,6 +46,14 @@ def share_cmd(
     min_countries: Annotated[
         int, typer.Option("--min-countries", help="Distinct countries per chunk.")
     ] = 2,
+    min_blocs: Annotated[
+        int,
+        typer.Option(
+            "--min-blocs",
+            help="Jurisdiction blocs every chunk must span (see --blocs). Default 1: as many blocs as "
+            "countries whenever the storage peers allow it, else countries alone.",
+        ),
+    ] = 1,
     lease_days: Annotated[
         float, typer.Option("--lease-days", help="How long holders keep the chunks.")
     ] = defaults.LEASE_DAYS,
@@ -73,6 +82,7 @@ def share_cmd(
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
+    blocs: BlocsOpt = None,
     host: HostOpt = None,
 ) -> None:
     """Encrypt FILE (or a whole folder, or stdin), store every chunk on holders in different countries, print the read link.
@@ -92,7 +102,7 @@ def share_cmd(
         _fail(BadOption("--name names what - (stdin) is shared as; a file keeps its own name"))
 
     async def go() -> "ShareResult":
-        net = _net(bootstrap, data_dir, geo_table, host)
+        net = _net(bootstrap, data_dir, geo_table, host, blocs)
         with _Bar("sharing") as bar:
             if from_stdin:
                 return await share_stream(
@@ -101,6 +111,7 @@ def share_cmd(
                     net=net,
                     replicas=replicas,
                     min_countries=min_countries,
+                    min_blocs=min_blocs,
                     lease_s=lease_days * 86400,
                     progress=bar.update,
                 )
@@ -109,6 +120,7 @@ def share_cmd(
                 net=net,
                 replicas=replicas,
                 min_countries=min_countries,
+                min_blocs=min_blocs,
                 lease_s=lease_days * 86400,
                 progress=bar.update,
                 new=new,
@@ -307,12 +319,19 @@ def check_cmd(
     min_countries: Annotated[
         int, typer.Option("--min-countries", help="Countries every chunk should span.")
     ] = 2,
+    min_blocs: Annotated[
+        int,
+        typer.Option(
+            "--min-blocs", help="Jurisdiction blocs every chunk should span (see --blocs)."
+        ),
+    ] = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print every chunk's live holders as JSON.")
     ] = False,
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
+    blocs: BlocsOpt = None,
     host: HostOpt = None,
 ) -> None:
     """List every chunk's live holders and their countries; exit 0 only if every chunk meets the rule.
@@ -329,9 +348,10 @@ def check_cmd(
     async def go() -> "CheckResult":
         return await check(
             link,
-            net=_net(bootstrap, data_dir, geo_table, host),
+            net=_net(bootstrap, data_dir, geo_table, host, blocs),
             replicas=replicas,
             min_countries=min_countries,
+            min_blocs=min_blocs,
         )
 
     result = _run(go())
@@ -375,6 +395,8 @@ def _below_rule(result: "CheckResult") -> str:
         f"{result.below} of {counted(total, 'chunk')} {'is' if result.below == 1 else 'are'} below "
         f"{counted(result.replicas, 'holder')} in {counted(result.min_countries, 'country', 'countries')}"
     )
+    if result.min_blocs > 1:
+        line += f" and {counted(result.min_blocs, 'bloc')}"
     if unknown:
         line += f"; {unknown} more have enough holders, but too few of known country: {hint}"
     return line
@@ -396,6 +418,7 @@ def _check_json(result: "CheckResult") -> dict[str, Any]:
                 "countries_unknown": c.countries_unknown,
                 "live_holders": len(c.holders),
                 "countries": sorted({h.country for h in c.holders if h.country}),
+                "blocs": list(c.blocs),
                 "holders": [
                     {"address": h.label(), "country": h.country, "lease_remaining_s": left}
                     for h, left in zip(
@@ -426,6 +449,7 @@ def _print_check(result: "CheckResult") -> None:
     table.add_column("chunk")
     table.add_column("holders")
     table.add_column("countries")
+    table.add_column("blocs")
     table.add_column("lease left")
     table.add_column("ok")
     for c in result.chunks:
@@ -433,6 +457,7 @@ def _print_check(result: "CheckResult") -> None:
             f"{c.kind} {c.index} {short_id(c.chunk_id)}",
             " ".join(h.label() for h in c.holders) or "-",
             ",".join(sorted({h.country or "??" for h in c.holders})) or "-",
+            ",".join(c.blocs) or "-",
             _lease_left(c.leases_s),
             "yes" if c.meets_rule else "unknown" if c.countries_unknown else "NO",
         )
