@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from p2pmega.api.common import NetSettings, client_node
 from p2pmega.core.chunking import ChunkId
+from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
-from p2pmega.core.magnet import parse_link
+from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.placement import (
     Candidate,
     meets_rule,
@@ -106,7 +107,27 @@ async def check(
     """
     cap = parse_link(link)
     async with client_node(net, hints=cap.peers) as node:
-        locator = HolderLocator(node, hints=cap.peers)
+        return await check_on(
+            node, cap, geo=net.geo, replicas=replicas, min_countries=min_countries
+        )
+
+
+async def check_on(
+    node: Node,
+    cap: ReadCap | KeepCap,
+    *,
+    geo: GeoTable | None,
+    replicas: int = 2,
+    min_countries: int = 2,
+) -> CheckResult:
+    """``check`` on a node already joined, so one node can check many files (``ls``, the web app).
+
+    Raises:
+        ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
+        IntegrityError: the manifest found does not authenticate under the link.
+    """
+    locator = HolderLocator(node, hints=cap.peers)
+    try:
         manifest = await walk_manifest(locator, cap)
         entries: list[tuple[ChunkId, str, int]] = [
             (c, "manifest", i) for i, c in enumerate(manifest.manifest_ids)
@@ -116,7 +137,7 @@ async def check(
         def health() -> list[ChunkHealth]:
             out = []
             for chunk_id, kind, index in entries:
-                cands = locator.candidates(chunk_id, net.geo)
+                cands = locator.candidates(chunk_id, geo)
                 holders = tuple(cands)
                 ok = meets_rule(cands, replicas=replicas, min_countries=min_countries)
                 summary = summarize(cands)
@@ -146,4 +167,7 @@ async def check(
             )
             for c in chunks
         ]
-    return CheckResult(cap.root, tuple(chunks), replicas, min_countries, net.geo is not None)
+        return CheckResult(cap.root, tuple(chunks), replicas, min_countries, geo is not None)
+    finally:
+        # A shared node outlives this check: stop the locator's search near the root if it still runs.
+        await locator.close()
