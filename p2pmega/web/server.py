@@ -87,6 +87,7 @@ class WebApp:
         return [
             web.get("/", self.index),
             web.get("/static/{name}", self.static_file),
+            web.get("/api/limits", self.limits),
             web.post("/api/share", self.start_share),
             web.post("/api/fetch", self.start_fetch),
             web.get("/api/jobs/{id}", self.job_state),
@@ -108,6 +109,10 @@ class WebApp:
         if name not in STATIC_FILES or name == "index.html":
             raise web.HTTPNotFound()
         return web.Response(body=self.static[name], content_type=STATIC_FILES[name])
+
+    async def limits(self, request: web.Request) -> web.Response:
+        """What the page checks before it sends a file (a refused upload would only show as a reset)."""
+        return web.json_response({"max_upload_bytes": self.max_upload_bytes})
 
     # --- share: the browser streams the file here, then the job shares it ---
 

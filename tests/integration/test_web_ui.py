@@ -146,6 +146,22 @@ def test_the_app_refuses_requests_without_the_token_or_from_a_foreign_host(ui: R
     )
 
 
+def test_an_upload_over_the_limit_is_refused_before_a_byte_is_stored(ui: RunningUI) -> None:
+    conn = http.client.HTTPConnection(ui.host, ui.port, timeout=30)
+    own = f"http://{ui.host}:{ui.port}"
+    cookie = f"p2pmega-ui-{ui.port}={ui.token}"
+    conn.putrequest("POST", "/api/share?name=huge.bin")
+    for header, value in (("Cookie", cookie), ("Origin", own), ("Content-Length", str(9 * 10**9))):
+        conn.putheader(header, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    assert response.status == 413
+    assert "over this app's limit of 8,000,000,000" in body
+    assert not [p for p in (ui.data_dir / "ui").rglob("*") if p.is_file() and p.name != "open.html"]
+
+
 def _chromium_or_skip() -> None:
     if CHROMIUM.exists():
         return
@@ -159,7 +175,7 @@ def test_the_page_shares_fetches_and_lists_my_files(
     net: RunningTestnet, ui: RunningUI, tmp_path: Path
 ) -> None:
     _chromium_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Dialog, expect, sync_playwright
 
     picked = tmp_path / "holiday photos.bin"
     picked.write_bytes(os.urandom(5 * 1024 * 1024 + 123))
@@ -241,6 +257,40 @@ def test_the_page_shares_fetches_and_lists_my_files(
         shot = page.screenshot(full_page=True)
         if target := os.environ.get("P2PMEGA_UI_SCREENSHOT"):
             Path(target).write_bytes(shot)
+
+        # Keep alive renews every live holder's lease; forget takes a file off the list (after saying what stays).
+        row = rows.filter(has_text=picked.name)
+        row.locator("button.keep").click()
+        expect(page.locator("#files-status")).to_have_text(
+            re.compile(rf"^{re.escape(picked.name)}: renewed \d+ leases on its \d+ chunks$"),
+            timeout=STEP_TIMEOUT_MS,
+        )
+        dialogs: list[str] = []
+
+        def accept(dialog: Dialog) -> None:
+            dialogs.append(dialog.message)
+            dialog.accept()
+
+        page.once("dialog", accept)
+        rows.filter(has_text=by_cli.name).locator("button.forget").click()
+        expect(rows).to_have_count(1)
+        assert "keep the encrypted chunks until their leases end" in dialogs[0]
+        assert by_cli.name not in (ui.data_dir / "links.json").read_text("utf-8")
+
+        # Drag and drop onto the page shares too.
+        page.evaluate(
+            """() => {
+                const data = new DataTransfer();
+                data.items.add(new File(["dropped on the page"], "dropped.txt"));
+                document.body.dispatchEvent(
+                    new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+            }"""
+        )
+        dropped = page.locator("#share-jobs .job").first
+        expect(dropped.locator("h3")).to_have_text("dropped.txt")
+        expect(dropped.locator("input.link")).to_have_value(
+            re.compile(r"^magnet:\?xt=urn:p2pmega:"), timeout=STEP_TIMEOUT_MS
+        )
         assert errors == []
     # The decrypted copy was streamed to the browser, then removed from the data dir.
     assert not [p for p in (ui.data_dir / "ui").rglob("*") if p.is_file() and p.name != "open.html"]

@@ -142,9 +142,18 @@ function showShared(view, jobId, result) {
   );
 }
 
+let limits = null;
+
 async function shareOne(file) {
   const view = card(document.getElementById("share-jobs"), file.name);
   try {
+    limits = limits || (await api("GET", "/api/limits"));
+    if (file.size > limits.max_upload_bytes) {
+      throw new Error(
+        `${formatBytes(file.size)} is over this app's limit of ${formatBytes(limits.max_upload_bytes)} ` +
+          "(p2pmega ui --max-upload); share it with p2pmega share FILE",
+      );
+    }
     const jobId = await upload(file, view);
     const job = await waitForJob(jobId, (done, total) => view.progress("encrypting and placing", done, total));
     if (job.state !== "done") throw new Error(job.error);
@@ -206,17 +215,16 @@ async function loadFiles() {
     const health = el("td", { class: "health checking" }, "checking…");
     const lease = el("td", {}, "");
     const countries = el("td", {}, "");
-    const note = el("span", { class: "note" }, "");
-    const keep = el("button", { type: "button" }, "keep alive");
-    keep.addEventListener("click", () => keepAlive(f, keep, note));
-    const drop = el("button", { type: "button" }, "forget");
+    const keep = el("button", { type: "button", class: "keep" }, "keep alive");
+    keep.addEventListener("click", () => keepAlive(f, keep));
+    const drop = el("button", { type: "button", class: "forget" }, "forget");
     drop.addEventListener("click", () => forgetFile(f, row));
     const row = el("tr", { "data-root": f.root },
       el("td", { class: "name" }, f.name || "(no name)"),
       el("td", {}, formatBytes(f.size)),
       el("td", {}, new Date(f.shared_at * 1000).toLocaleString()),
       health, lease, countries,
-      el("td", { class: "actions" }, copyButton(f.link), keep, drop, note));
+      el("td", { class: "actions" }, copyButton(f.link), keep, drop));
     tbody.append(row);
     cells.set(f.root, { health, lease, countries });
   }
@@ -240,17 +248,18 @@ async function loadFiles() {
   }
 }
 
-async function keepAlive(file, button, note) {
+async function keepAlive(file, button) {
+  const status = document.getElementById("files-status");
   button.disabled = true;
-  note.textContent = "renewing…";
+  button.textContent = "renewing…";
   try {
     const r = await api("POST", `/api/files/${file.root}/keep-alive`);
-    note.textContent = `renewed ${r.renewed} leases`;
-    loadFiles();
+    await loadFiles();
+    status.textContent = `${file.name || "file"}: renewed ${r.renewed} leases on its ${r.chunks} chunks`;
   } catch (err) {
-    note.textContent = err.message;
-  } finally {
+    status.textContent = err.message;
     button.disabled = false;
+    button.textContent = "keep alive";
   }
 }
 
