@@ -32,6 +32,12 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+# The page the token URL answers with: it sets the cookie, then loads the app without the token.
+_MOVE_ON = (
+    '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/">'
+    '<title>p2pmega</title><a href="/">open p2pmega</a>\n'
+)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -66,8 +72,10 @@ class Guard:
         if "token" in request.query:
             if not self._valid(request.query.get("token")):
                 return _forbidden("wrong token; use the URL that `p2pmega ui` printed")
-            # The token moves into a cookie, and out of the address bar and the history.
-            response = web.HTTPSeeOther(request.path)
+            # The token moves into a cookie, and out of the address bar and the history. Not by a redirect: when
+            # the URL was opened from another site (the opener file, a link), the browser would withhold a Strict
+            # cookie from the redirected request; a refresh that this page itself makes is same-site.
+            response = web.Response(text=_MOVE_ON, content_type="text/html")
             response.set_cookie(
                 self.cookie, self.token.decode(), httponly=True, samesite="Strict", path="/"
             )
