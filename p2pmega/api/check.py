@@ -7,9 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from p2pmega.api.common import NetSettings, client_node
+from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable
 from p2pmega.core.chunking import ChunkId
+from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
-from p2pmega.core.magnet import parse_link
+from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.placement import (
     Candidate,
     meets_rule,
@@ -109,9 +111,37 @@ async def check(
         ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
     """
     cap = parse_link(link)
-    blocs = net.blocs.mapping()
     async with client_node(net, hints=cap.peers) as node:
-        locator = HolderLocator(node, hints=cap.peers)
+        return await check_on(
+            node,
+            cap,
+            geo=net.geo,
+            replicas=replicas,
+            min_countries=min_countries,
+            bloc_table=net.blocs,
+            min_blocs=min_blocs,
+        )
+
+
+async def check_on(
+    node: Node,
+    cap: ReadCap | KeepCap,
+    *,
+    geo: GeoTable | None,
+    replicas: int = 2,
+    min_countries: int = 2,
+    bloc_table: BlocTable = DEFAULT_BLOCS,
+    min_blocs: int = 1,
+) -> CheckResult:
+    """``check`` on a node already joined, so one node can check many files (``ls``, the web app).
+
+    Raises:
+        ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
+        IntegrityError: the manifest found does not authenticate under the link.
+    """
+    locator = HolderLocator(node, hints=cap.peers)
+    blocs = bloc_table.mapping()
+    try:
         manifest = await walk_manifest(locator, cap)
         entries: list[tuple[ChunkId, str, int]] = [
             (c, "manifest", i) for i, c in enumerate(manifest.manifest_ids)
@@ -121,7 +151,7 @@ async def check(
         def health() -> list[ChunkHealth]:
             out = []
             for chunk_id, kind, index in entries:
-                cands = locator.candidates(chunk_id, net.geo)
+                cands = locator.candidates(chunk_id, geo)
                 holders = tuple(cands)
                 ok = meets_rule(cands, replicas=replicas, min_countries=min_countries) and (
                     min_blocs <= 1
@@ -139,7 +169,7 @@ async def check(
                     and not summary.short_of_holders(replicas)
                     and summary.short_of_countries(min_countries)
                 )
-                spanned = tuple(net.blocs.spanned(c.country for c in cands))
+                spanned = tuple(bloc_table.spanned(c.country for c in cands))
                 out.append(ChunkHealth(chunk_id, kind, index, holders, ok, unknown, blocs=spanned))
             return out
 
@@ -160,6 +190,9 @@ async def check(
             )
             for c in chunks
         ]
-    return CheckResult(
-        cap.root, tuple(chunks), replicas, min_countries, net.geo is not None, min_blocs
-    )
+        return CheckResult(
+            cap.root, tuple(chunks), replicas, min_countries, geo is not None, min_blocs
+        )
+    finally:
+        # A shared node outlives this check: stop the locator's search near the root if it still runs.
+        await locator.close()

@@ -4,11 +4,12 @@ stdout carries only results (a link, a path, a report); progress, logs and error
 from the exception tree in errors.py; 130 means interrupted.
 
 ``base`` holds the app, the shared options and ``main``; ``files`` the share/fetch/check commands; ``peers`` the
-seed/bootstrap/testnet/demo commands. Importing this package registers them all.
+seed/bootstrap/testnet/demo commands; ``ui`` the web app and ``ls``. Importing this package registers them all.
 """
 
 from p2pmega.cli import files as files
 from p2pmega.cli import peers as peers
+from p2pmega.cli import ui as ui
 from p2pmega.cli.base import (
     DEFAULT_COUNTRIES as DEFAULT_COUNTRIES,
 )

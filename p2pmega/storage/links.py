@@ -70,12 +70,33 @@ def record_link(data_dir: Path, entry: LinkEntry) -> None:
     with _lock:
         entries = [e for e in load_links(data_dir) if e.root != entry.root]
         entries.append(entry)
-        doc = {"version": LINKS_VERSION, "links": [_doc(e) for e in entries[-MAX_LINKS:]]}
-        path = links_path(data_dir)
-        try:
-            write_atomically(path, (json.dumps(doc, indent=1) + "\n").encode())
-        except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror}; check the disk") from exc
+        _write(data_dir, entries)
+
+
+def forget_link(data_dir: Path, root: str) -> bool:
+    """Drop the entry of file ``root`` (hex) from the list, atomically; False if it was not there.
+
+    Only the list forgets: holders keep the file's chunks until their leases end.
+
+    Raises:
+        StorageError: the list cannot be read or written.
+    """
+    with _lock:
+        entries = load_links(data_dir)
+        kept = [e for e in entries if e.root != root]
+        if len(kept) == len(entries):
+            return False
+        _write(data_dir, kept)
+        return True
+
+
+def _write(data_dir: Path, entries: list[LinkEntry]) -> None:
+    doc = {"version": LINKS_VERSION, "links": [_doc(e) for e in entries[-MAX_LINKS:]]}
+    path = links_path(data_dir)
+    try:
+        write_atomically(path, (json.dumps(doc, indent=1) + "\n").encode())
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}; check the disk") from exc
 
 
 def _entry(doc: Any) -> LinkEntry:

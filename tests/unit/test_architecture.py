@@ -24,7 +24,9 @@ _DHT_MODULES = frozenset(
     for name in ("dht", "routing", "kademlia_protocol", "crawl", "kademlia_server")
 )
 # The command line, the only package that prints or imports typer and rich.
-CLI_FILES = frozenset(f"p2pmega/cli/{name}.py" for name in ("__init__", "base", "files", "peers"))
+CLI_FILES = frozenset(
+    f"p2pmega/cli/{name}.py" for name in ("__init__", "base", "files", "peers", "ui")
+)
 ONLY_IN: dict[str, frozenset[str]] = {
     "nacl": frozenset({"p2pmega/core/crypto.py"}),
     "kademlia": _DHT_MODULES,
@@ -32,6 +34,8 @@ ONLY_IN: dict[str, frozenset[str]] = {
     "umsgpack": _DHT_MODULES | {"p2pmega/core/record.py"},
     "asyncio_dgram": frozenset({"p2pmega/net/lan.py"}),
     "iptocc": frozenset({"p2pmega/core/geo.py"}),
+    # The web app's HTTP server stays in the web package, which never prints (the CLI prints its URL).
+    "aiohttp": frozenset({"p2pmega/web/server.py", "p2pmega/web/guard.py"}),
     "typer": CLI_FILES,
     "rich": CLI_FILES,
     # Never unpickle anything that crossed the network or the disk (STYLE.md section 5).

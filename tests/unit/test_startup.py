@@ -38,6 +38,9 @@ HEAVY = (
     "p2pmega.core",
     "p2pmega.config",
     "p2pmega.identity",
+    "p2pmega.web",
+    "aiohttp",
+    "segno",
 )
 # Use cases each command must not drag in: share, fetch and check run on their own.
 OTHER_USE_CASES = ("p2pmega.api.testnet", "p2pmega.api.demo", "p2pmega.api.service")
@@ -125,8 +128,15 @@ def test_version_loads_no_use_case(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["share", "--help"], ["fetch", "--help"], ["testnet", "--help"], ["--help"]],
-    ids=["share", "fetch", "testnet", "top"],
+    [
+        ["share", "--help"],
+        ["fetch", "--help"],
+        ["testnet", "--help"],
+        ["ui", "--help"],
+        ["ls", "--help"],
+        ["--help"],
+    ],
+    ids=["share", "fetch", "testnet", "ui", "ls", "top"],
 )
 def test_help_loads_no_use_case(tmp_path: Path, args: list[str]) -> None:
     code, modules, stdout = _modules_after(tmp_path, *args)
@@ -197,12 +207,15 @@ def test_the_cli_defaults_equal_the_ones_of_the_modules_that_own_them() -> None:
     from p2pmega.api.testnet import DEFAULT_COUNTRIES
     from p2pmega.core.duration import format_duration
     from p2pmega.storage import DEFAULT_QUOTA_BYTES
+    from p2pmega.storage.sizes import parse_size
+    from p2pmega.web.server import DEFAULT_MAX_UPLOAD_BYTES
 
     assert cli.DEFAULT_COUNTRIES == DEFAULT_COUNTRIES
     assert format_duration(defaults.REPAIR_INTERVAL_S) == cli.DEFAULT_REPAIR_INTERVAL
     assert format_duration(defaults.REANNOUNCE_INTERVAL_S) == cli.DEFAULT_REANNOUNCE_INTERVAL
     assert format_duration(defaults.GC_INTERVAL_S) == cli.DEFAULT_GC_INTERVAL
     assert cli.DEFAULT_QUOTA_BYTES == DEFAULT_QUOTA_BYTES
+    assert parse_size(cli.ui.DEFAULT_MAX_UPLOAD) == DEFAULT_MAX_UPLOAD_BYTES
 
 
 def test_the_entry_point_collects_no_cycles_until_the_command_runs() -> None:

@@ -1,0 +1,476 @@
+"""``p2pmega ui``'s web app: the page and its JSON API on 127.0.0.1, over the same use cases as the CLI.
+
+It renders and streams; sharing, fetching, checking and renewing are the ``api`` calls the commands make. A file
+given to the page is streamed into a private directory of the data dir, then shared as ``share FILE`` shares it; a
+fetched file is downloaded there, then streamed to the browser and deleted. Nothing logs a link or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import importlib.resources
+import io
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from p2pmega.api.common import NetSettings
+from p2pmega.api.fetch import fetch, safe_name
+from p2pmega.api.ls import FileHealth, forget, health_of, keep_alive, my_files
+from p2pmega.api.service import stop_signals
+from p2pmega.api.share import share
+from p2pmega.errors import (
+    BadOption,
+    InputFileError,
+    NetworkError,
+    P2PMegaError,
+    StorageError,
+    UsageError,
+)
+from p2pmega.web.guard import Guard, add_security_headers, new_token
+from p2pmega.web.jobs import DONE, Job, Jobs
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# The browser sends a file in pieces of about this size; each is written from a worker thread.
+UPLOAD_READ_BYTES = 1 << 20
+DOWNLOAD_READ_BYTES = 1 << 20
+# An upload is refused unless the data dir keeps this much room besides it (the chunk store and state files).
+UPLOAD_DISK_MARGIN_BYTES = 256 * 1000**2
+# Default --max-upload: a file the page accepts is copied into the data dir before it is shared.
+DEFAULT_MAX_UPLOAD_BYTES = 8 * 1000**3
+# Requests still open when the app stops (a download under way) get this long to finish.
+SHUTDOWN_TIMEOUT_S = 2.0
+STATIC_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "app.css": "text/css",
+    "icon.svg": "image/svg+xml",
+}
+UI_DIR = "ui"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What ``serve`` tells its caller once the page can be opened."""
+
+    url: str  # with the token: the one line `p2pmega ui` prints
+    opener: Path  # a 0600 page that redirects to ``url``: the browser opens it, so the token is not in argv
+
+
+def _load_static() -> dict[str, bytes]:
+    root = importlib.resources.files("p2pmega.web") / "static"
+    return {name: (root / name).read_bytes() for name in STATIC_FILES}
+
+
+class WebApp:
+    """The routes of the page's API, bound to one network setting and one run directory."""
+
+    def __init__(self, net: NetSettings, jobs: Jobs, *, max_upload_bytes: int) -> None:
+        self.net = net
+        self.jobs = jobs
+        self.max_upload_bytes = max_upload_bytes
+        self.static = _load_static()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self.index),
+            web.get("/static/{name}", self.static_file),
+            web.get("/api/limits", self.limits),
+            web.post("/api/share", self.start_share),
+            web.post("/api/fetch", self.start_fetch),
+            web.get("/api/jobs/{id}", self.job_state),
+            web.get("/api/jobs/{id}/qr.svg", self.job_qr),
+            web.get("/api/jobs/{id}/file", self.job_file),
+            web.get("/api/files", self.files),
+            web.get("/api/files/health", self.files_health),
+            web.post("/api/files/{root}/keep-alive", self.file_keep_alive),
+            web.post("/api/files/{root}/forget", self.file_forget),
+        ]
+
+    # --- the page ---
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.static["index.html"], content_type="text/html")
+
+    async def static_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC_FILES or name == "index.html":
+            raise web.HTTPNotFound()
+        return web.Response(body=self.static[name], content_type=STATIC_FILES[name])
+
+    async def limits(self, request: web.Request) -> web.Response:
+        """What the page checks before it sends a file (a refused upload would only show as a reset)."""
+        return web.json_response({"max_upload_bytes": self.max_upload_bytes})
+
+    # --- share: the browser streams the file here, then the job shares it ---
+
+    async def start_share(self, request: web.Request) -> web.Response:
+        name = safe_name(request.query.get("name"), fallback="shared-file")
+        length = request.content_length
+        if length is None:
+            return _error(411, "the upload gave no Content-Length")
+        if length > self.max_upload_bytes:
+            return _error(
+                413,
+                f"{name!r} is {length:,} bytes, over this app's limit of {self.max_upload_bytes:,} "
+                "(p2pmega ui --max-upload); share it with `p2pmega share FILE`",
+            )
+        job = self.jobs.new("share")
+        path = job.workdir / name
+        try:
+            await self._receive(request, path, length)
+        except (
+            BaseException
+        ) as exc:  # also a browser gone mid-upload: nothing of it may stay behind
+            await self.jobs.discard_files(job)
+            del self.jobs.jobs[job.id]
+            if isinstance(exc, P2PMegaError):
+                return _p2pmega_error(exc)
+            raise
+
+        async def run(job: Job) -> dict[str, Any]:
+            try:
+                result = await share(path, net=self.net, progress=job.progress)
+            finally:
+                await self.jobs.discard_files(job)
+            job.link = result.read_link
+            countries: dict[str, int] = {}
+            for c in result.chunks:
+                for cc in {h.country or "??" for h in c.holders}:
+                    countries[cc] = countries.get(cc, 0) + 1
+            return {
+                "link": result.read_link,
+                "name": name,
+                "size": result.size,
+                "status": result.status,
+                "chunk_count": result.chunk_count,
+                "countries": dict(sorted(countries.items())),
+                "chunks": [
+                    {
+                        "kind": c.kind,
+                        "index": c.index,
+                        "countries": sorted({h.country or "??" for h in c.holders}),
+                    }
+                    for c in result.chunks
+                ],
+            }
+
+        self.jobs.start(job, run)
+        return web.json_response({"job": job.id})
+
+    async def _receive(self, request: web.Request, path: Path, length: int) -> None:
+        """Write the request body to ``path`` (new, 0600), exactly ``length`` bytes.
+
+        Raises:
+            StorageError: the data dir has too little room, or writing failed.
+            InputFileError: the body was not ``length`` bytes long.
+        """
+        free = (await asyncio.to_thread(shutil.disk_usage, path.parent)).free
+        if free < length + UPLOAD_DISK_MARGIN_BYTES:
+            raise StorageError(
+                f"the data dir has {free:,} bytes free, too little to take a {length:,}-byte file; "
+                "free some space or share it with `p2pmega share FILE`"
+            )
+        fd = await asyncio.to_thread(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        received = 0
+        try:
+            async for piece in request.content.iter_chunked(UPLOAD_READ_BYTES):
+                received += len(piece)
+                if received > length:
+                    break
+                await asyncio.to_thread(_write_all, fd, piece)
+        except OSError as exc:
+            raise StorageError(f"cannot store the upload: {exc.strerror or exc}") from exc
+        finally:
+            await asyncio.to_thread(os.close, fd)
+        if received != length:
+            raise InputFileError(f"the upload was {received:,} bytes, not the {length:,} announced")
+
+    # --- fetch: the job downloads into its directory, then the browser downloads from here ---
+
+    async def start_fetch(self, request: web.Request) -> web.Response:
+        try:
+            doc = await request.json()
+        except ValueError:
+            return _error(400, "the request is not JSON")
+        link = doc.get("link") if isinstance(doc, dict) else None
+        if not isinstance(link, str):
+            return _error(400, "no link given")
+        job = self.jobs.new("fetch")
+
+        async def run(job: Job) -> dict[str, Any]:
+            try:
+                result = await fetch(
+                    link.strip(), net=self.net, output=job.workdir, progress=job.progress
+                )
+            except BaseException:
+                await self.jobs.discard_files(job)
+                raise
+            job.file = result.path
+            return {
+                "name": result.path.name,
+                "size": result.size,
+                "download": f"/api/jobs/{job.id}/file",
+            }
+
+        self.jobs.start(job, run)
+        return web.json_response({"job": job.id})
+
+    def _job(self, request: web.Request) -> Job:
+        job = self.jobs.get(request.match_info["id"])
+        if job is None:
+            raise web.HTTPNotFound(text="no such job (the app was restarted?)\n")
+        return job
+
+    async def job_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self._job(request).view())
+
+    async def job_qr(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        if job.link is None:
+            raise web.HTTPNotFound(text="this job has no link yet\n")
+        try:
+            svg = await asyncio.to_thread(qr_svg, job.link)
+        except ValueError as exc:
+            return _error(422, str(exc))
+        return web.Response(body=svg, content_type="image/svg+xml")
+
+    async def job_file(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        if job.kind != "fetch" or job.state != DONE:
+            raise web.HTTPNotFound(text="this job has no file\n")
+        path = job.file
+        if path is None:
+            raise web.HTTPGone(text="the file was downloaded already; fetch the link again\n")
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": content_disposition(path.name),
+            }
+        )
+        with await asyncio.to_thread(path.open, "rb") as handle:
+            response.content_length = (await asyncio.to_thread(os.fstat, handle.fileno())).st_size
+            await response.prepare(request)
+            while piece := await asyncio.to_thread(handle.read, DOWNLOAD_READ_BYTES):
+                await response.write(piece)
+        await response.write_eof()
+        # Delivered whole: the decrypted copy leaves the data dir (an interrupted download may be retried).
+        await self.jobs.discard_files(job)
+        return response
+
+    # --- my files ---
+
+    async def files(self, request: web.Request) -> web.Response:
+        try:
+            entries = await my_files(self.net.data_dir)
+        except P2PMegaError as exc:
+            return _p2pmega_error(exc)
+        return web.json_response(
+            [
+                {
+                    "root": e.root,
+                    "link": e.link,
+                    "name": e.name,
+                    "size": e.size,
+                    "shared_at": e.shared_at,
+                }
+                for e in entries
+            ]
+        )
+
+    async def files_health(self, request: web.Request) -> web.Response:
+        try:
+            found = await health_of(await my_files(self.net.data_dir), net=self.net)
+        except P2PMegaError as exc:
+            return _p2pmega_error(exc)
+        return web.json_response([health_view(h) for h in found])
+
+    async def _entry_link(self, root: str) -> str:
+        for entry in await my_files(self.net.data_dir):
+            if entry.root == root:
+                return entry.link
+        raise web.HTTPNotFound(text="no such file in the list\n")
+
+    async def file_keep_alive(self, request: web.Request) -> web.Response:
+        try:
+            link = await self._entry_link(request.match_info["root"])
+            result = await keep_alive(link, net=self.net)
+        except P2PMegaError as exc:
+            return _p2pmega_error(exc)
+        return web.json_response(
+            {"renewed": result.renewed, "chunks": result.chunks, "healthy": result.healthy}
+        )
+
+    async def file_forget(self, request: web.Request) -> web.Response:
+        try:
+            forgotten = await forget(self.net.data_dir, request.match_info["root"])
+        except P2PMegaError as exc:
+            return _p2pmega_error(exc)
+        return web.json_response({"forgotten": forgotten})
+
+
+def health_view(h: FileHealth) -> dict[str, Any]:
+    return {
+        "root": h.root,
+        "health": h.health,
+        "chunks": h.chunks,
+        "chunks_short": h.chunks_short,
+        "chunks_missing": h.chunks_missing,
+        "countries": list(h.countries),
+        "countries_unknown": h.countries_unknown,
+        "lease_left_s": h.lease_left_s,
+        "problem": h.problem,
+    }
+
+
+def content_disposition(name: str) -> str:
+    """An attachment header naming ``name``: RFC 6266 ``filename*`` in UTF-8, an ASCII ``filename`` fallback."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def qr_svg(link: str) -> bytes:
+    """The link as a QR code, an SVG image (black on white, the standard 4-module quiet zone).
+
+    Raises:
+        ValueError: the link is too long for any QR code.
+    """
+    import segno  # only when a QR code is drawn
+
+    try:
+        code = segno.make(link, error="m", micro=False)
+    except segno.DataOverflowError as exc:
+        raise ValueError("the link is too long for a QR code; copy it instead") from exc
+    out = io.BytesIO()
+    code.save(out, kind="svg", scale=4, border=4, xmldecl=False, title="read link")
+    return out.getvalue()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _p2pmega_error(exc: P2PMegaError) -> web.Response:
+    status = 400 if isinstance(exc, UsageError) else 507 if isinstance(exc, StorageError) else 502
+    return _error(status, str(exc))
+
+
+def _make_run_dir(data_dir: Path) -> Path:
+    """``DATA_DIR/ui/run-PID`` (0700), after removing those of runs that are gone (a crash leaves files)."""
+    base = data_dir / UI_DIR
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in base.glob("run-*"):
+        pid = old.name.removeprefix("run-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    run_dir = base / f"run-{os.getpid()}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(mode=0o700)
+    return run_dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_opener(run_dir: Path, url: str) -> Path:
+    path = run_dir / "open.html"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        target = html.escape(url, quote=True)
+        f.write(
+            f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={target}">'
+            f'<title>p2pmega</title><a href="{target}">open p2pmega</a>\n'
+        )
+    return path
+
+
+def bind(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:``port`` (0: a free port).
+
+    Raises:
+        NetworkError: the port is taken or cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(
+            f"cannot listen on {HOST}:{port}: {exc.strerror}; pick another --port"
+        ) from exc
+    return sock
+
+
+async def serve(
+    net: NetSettings,
+    *,
+    port: int = 0,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    on_ready: Callable[[Served], None],
+) -> None:
+    """Run the web app on 127.0.0.1 until SIGINT or SIGTERM; ``on_ready`` gets its URL once it listens.
+
+    Raises:
+        BadOption: ``max_upload_bytes`` is not positive.
+        NetworkError: the port cannot be bound.
+        StorageError: the data dir cannot be written.
+    """
+    if max_upload_bytes <= 0:
+        raise BadOption(f"--max-upload {max_upload_bytes}: give a positive size, e.g. 8GB")
+    with stop_signals() as stop:
+        try:
+            run_dir = await asyncio.to_thread(_make_run_dir, net.data_dir)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the app's directory in {str(net.data_dir)!r}: {exc.strerror}"
+            ) from exc
+        jobs = Jobs(run_dir)
+        sock = bind(port)
+        bound = int(sock.getsockname()[1])
+        guard = Guard(host=HOST, port=bound, token=new_token())
+        app = web.Application(middlewares=[guard.middleware])
+        app.on_response_prepare.append(add_security_headers)
+        app.add_routes(WebApp(net, jobs, max_upload_bytes=max_upload_bytes).routes())
+        # No access log: a request line can hold the token.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        try:
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            url = guard.url(HOST, bound)
+            opener = await asyncio.to_thread(_write_opener, run_dir, url)
+            on_ready(Served(url, opener))
+            await stop.wait()
+        finally:
+            await jobs.stop()
+            await runner.cleanup()
+            with contextlib.suppress(OSError):
+                sock.close()
