@@ -40,7 +40,9 @@ LEASE_S = 3600
 def make_chunks(total_mib: int, chunk_size: int) -> list[tuple[ChunkId, bytes]]:
     chunks = []
     for _ in range(total_mib * MiB // chunk_size):
-        data = os.urandom(chunk_size)
+        data = bytes((2, 0)) + os.urandom(
+            chunk_size - 2
+        )  # a stored chunk's header: holders check it
         chunks.append((chunk_id_of(data), data))
     return chunks
 

@@ -22,6 +22,7 @@ from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
 from p2pmega.core.placement import Candidate, meets_rule, summarize
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.defaults import LEASE_S, MAX_LEASE_DAYS, MAX_LEASE_S
 from p2pmega.errors import (
     BadOption,
@@ -183,11 +184,14 @@ async def _share(
                 + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
             )
         placer = Placer(node, live, net.geo, replicas, min_countries, lease_s)
+        # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
+        credential = RenewCredential.from_file_key(state.key)
+        placer.renew_key = credential.public_key
         placer.silent.update((c.host, c.port) for c in silent)
         started_at = time.time()
         recorded = len(state.chunks)
         if state.chunks:
-            await recheck(node, state, net.geo, replicas, min_countries, lease_s)
+            await recheck(node, state, net.geo, replicas, min_countries, lease_s, credential)
             log.info(
                 "resuming: %d of %d recorded chunks are still placed", len(state.chunks), recorded
             )

@@ -122,17 +122,25 @@ def check_stored_chunk(data: bytes | bytearray | memoryview) -> None:
         BadChunk: Shorter than its version's header and seal, longer than any chunk, an unknown
             format version, or a kind no stored chunk has.
     """
-    size = len(data)
+    check_chunk_header(bytes(data[:HEADER_BYTES]), len(data))
+
+
+def check_chunk_header(head: bytes, size: int) -> None:
+    """`check_stored_chunk` given only a chunk's first HEADER_BYTES bytes and its size.
+
+    Raises:
+        BadChunk: As for `check_stored_chunk`.
+    """
     if size > MAX_SEALED_CHUNK_BYTES:
         raise BadChunk(
             f"chunk of {size} bytes is over the {MAX_SEALED_CHUNK_BYTES}-byte limit of any chunk"
         )
-    if size < MIN_SEALED_CHUNK_BYTES:
+    if size < MIN_SEALED_CHUNK_BYTES or len(head) < HEADER_BYTES:
         raise BadChunk(
             f"chunk of {size} bytes is under the {MIN_SEALED_CHUNK_BYTES}-byte header and seal "
             "of any chunk"
         )
-    version, kind = data[0], data[1]
+    version, kind = head[0], head[1]
     opener = _OPENERS.get(version)
     if opener is None:
         raise BadChunk(f"chunk header names format v{version}, not one of {READABLE_VERSIONS}")

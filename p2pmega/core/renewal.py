@@ -55,10 +55,19 @@ class RenewCredential:
         return cls(seed, crypto.public_key_of(seed))
 
     @classmethod
+    def from_file_key(cls, file_key: bytes) -> RenewCredential:
+        """The renewal key pair of the file whose key (a read link's ``x.key``) is ``file_key``.
+
+        Raises:
+            ValueError: ``file_key`` has the wrong length (a caller bug).
+        """
+        return cls.from_verify_key(crypto.derive_key(file_key, PURPOSE_VERIFY))
+
+    @classmethod
     def of(cls, cap: ReadCap | KeepCap) -> RenewCredential:
-        """The renewal credential of the file a read or keep-alive link names."""
+        """The renewal credential of the file a read or keep-alive link names (the same for both)."""
         if isinstance(cap, ReadCap):
-            return cls.from_verify_key(crypto.derive_key(cap.key, PURPOSE_VERIFY))
+            return cls.from_file_key(cap.key)
         return cls.from_verify_key(cap.verify_key)
 
     def sign(self, holder_id: bytes, expiry_s: int, ids: Sequence[bytes]) -> bytes:

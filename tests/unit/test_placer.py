@@ -36,7 +36,15 @@ class FakeClient:
     script: dict[Address, list[P2PMegaError]] = field(default_factory=dict)
     calls: Counter[Address] = field(default_factory=Counter)
 
-    async def store(self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float) -> bool:
+    async def store(
+        self,
+        addr: Address,
+        chunk_id: ChunkId,
+        data: bytes,
+        lease_s: float,
+        *,
+        renew_key: bytes | None = None,
+    ) -> bool:
         self.calls[addr] += 1
         queued = self.script.get(addr)
         if queued:

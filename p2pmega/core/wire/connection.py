@@ -6,8 +6,8 @@ encoded and decoded by codec.py and received into buffer.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
