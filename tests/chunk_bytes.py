@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 from p2pmega.core.chunking import (
@@ -22,7 +23,12 @@ def shaped(data: bytes, kind: int = KIND_DATA) -> bytes:
     return bytes((version, kind)) + data[HEADER_BYTES:]
 
 
-def chunk_bytes(size: int, seed: int | random.Random = 0) -> bytes:
-    """``size`` random bytes shaped as a stored chunk (``size`` at least MIN_SEALED_CHUNK_BYTES)."""
+def chunk_bytes(size: int, seed: int | random.Random | None = None) -> bytes:
+    """``size`` random bytes shaped as a stored chunk (``size`` at least MIN_SEALED_CHUNK_BYTES).
+
+    Fresh random bytes each call, or reproducible ones from ``seed``.
+    """
+    if seed is None:
+        return shaped(os.urandom(size))
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     return shaped(rng.randbytes(size))
