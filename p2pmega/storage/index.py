@@ -45,8 +45,10 @@ _SOURCES = (
         INSERT INTO sources VALUES (NEW.source, NEW.size)
             ON CONFLICT (source) DO UPDATE SET used_bytes = used_bytes + NEW.size;
     END""",
+    # A network whose last chunk went leaves no row: the table stays as small as the networks holding data.
     """CREATE TRIGGER chunks_removed_by_source AFTER DELETE ON chunks BEGIN
         UPDATE sources SET used_bytes = used_bytes - OLD.size WHERE source = OLD.source;
+        DELETE FROM sources WHERE source = OLD.source AND used_bytes = 0;
     END""",
 )
 

@@ -22,6 +22,7 @@ from p2pmega.core.chunking import (
     short_id,
     verify_chunk,
 )
+from p2pmega.core.renewal import RENEW_KEY_BYTES
 from p2pmega.defaults import MAX_LEASE_S
 from p2pmega.errors import (
     BadOption,
@@ -210,7 +211,7 @@ class ChunkStore:
             True if the chunk was newly stored, False if it was already there.
 
         Raises:
-            BadOption: ``lease_s`` is not a positive finite number.
+            BadOption: ``lease_s`` is not a positive finite number, or ``renew_key`` not 32 bytes.
             BadChunk: ``data`` is not shaped like a stored chunk (header, kind, size).
             ChunkHashMismatch: ``data`` does not hash to ``chunk_id``.
             SourceLimitExceeded: ``source`` holds its share of the quota, or stored too fast.
@@ -219,6 +220,8 @@ class ChunkStore:
         """
         size = len(data)
         lease_s = _check_lease(lease_s)
+        if renew_key is not None and len(renew_key) != RENEW_KEY_BYTES:
+            raise BadOption(f"a renewal key is {RENEW_KEY_BYTES} bytes, got {len(renew_key)}")
         check_stored_chunk(data)
         verify_chunk(chunk_id, data)
         key = bytes(chunk_id)
@@ -451,7 +454,7 @@ class ChunkStore:
             StorageError: The index could not be written.
         """
         lease_s = _check_lease(lease_s)
-        return self._renew_where(ids, lambda now: (now + lease_s,), "", ())
+        return self._renew_where(ids, lambda now: now + lease_s, "", ())
 
     def renew_signed(
         self, ids: Sequence[ChunkId], *, renew_key: bytes, expiry: float
@@ -469,7 +472,7 @@ class ChunkStore:
         """
         key = bytes(renew_key)
         return self._renew_where(
-            ids, lambda now: (min(expiry, now + MAX_LEASE_S),), " AND renew_key = ?", (key,)
+            ids, lambda now: min(expiry, now + MAX_LEASE_S), " AND renew_key = ?", (key,)
         )
 
     def renew_unsigned(
@@ -492,7 +495,7 @@ class ChunkStore:
             return [False] * len(ids)
         return self._renew_where(
             ids,
-            lambda now: (now + lease_s,),
+            lambda now: now + lease_s,
             " AND renew_key IS NULL AND source = ?",
             (bytes(source),),
         )
@@ -500,15 +503,16 @@ class ChunkStore:
     def _renew_where(
         self,
         ids: Sequence[ChunkId],
-        expiry_of: Callable[[float], tuple[float]],
+        expiry_of: Callable[[float], float],
         condition: str,
         params: tuple[bytes, ...],
     ) -> list[bool]:
+        """Extend the live ``ids`` that also meet ``condition`` to at least ``expiry_of(now)``."""
         sql = _RENEW_SQL + condition
         with self._cond:
             self._check_open()
             now = self._clock()
-            (expiry,) = expiry_of(now)
+            expiry = expiry_of(now)
             with self._index.transaction() as db:
                 return [
                     db.execute(sql, (expiry, bytes(cid), now, *params)).rowcount == 1 for cid in ids
