@@ -43,11 +43,18 @@ class Net:
     holders: dict[str, Node]
     repairers: dict[str, Repairer]
 
-    async def store(self, data: bytes, *names: str, lease_s: float = LEASE_S) -> ChunkId:
+    async def store(
+        self,
+        data: bytes,
+        *names: str,
+        lease_s: float = LEASE_S,
+        renew_key: bytes | None = None,
+    ) -> ChunkId:
         chunk_id = chunk_id_of(data)
         async with TransferClient(local_host="127.40.9.1") as client:
             for name in names:
-                assert await client.store(self.holders[name].address, chunk_id, data, lease_s)
+                address = self.holders[name].address
+                assert await client.store(address, chunk_id, data, lease_s, renew_key=renew_key)
         return chunk_id
 
     def holding(self, chunk_id: ChunkId) -> set[str]:
@@ -91,8 +98,9 @@ async def network(tmp_path: Path) -> AsyncIterator[Net]:
 async def test_a_lost_copy_is_made_again_in_another_country_with_the_remaining_lease(
     tmp_path: Path,
 ) -> None:
+    renew_key = bytes(range(32))
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
-        chunk_id = await net.store(chunk_bytes(5000), "de1", "nz1")
+        chunk_id = await net.store(chunk_bytes(5000), "de1", "nz1", renew_key=renew_key)
         await net.holders["nz1"].stop()  # seized
         pushed = await net.rounds("de1", "de2", "is1")
         assert pushed == {"de1": 5000, "de2": 0, "is1": 0}, "de1 alone holds it, so de1 repairs"
@@ -106,6 +114,8 @@ async def test_a_lost_copy_is_made_again_in_another_country_with_the_remaining_l
         assert abs(copy - original) < 10, (
             "the copy carries the chunk's remaining lease, not a new one"
         )
+        # ...and the renewal key the original was stored with, so the file's keeper renews the copy too.
+        assert is1.renew_key(chunk_id) == renew_key
         # The rule holds again: further rounds move nothing.
         assert await net.rounds("de1", "de2", "is1") == {"de1": 0, "de2": 0, "is1": 0}
 
