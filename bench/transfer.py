@@ -30,6 +30,7 @@ from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, chunk_id_of
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import TransferServer
 from p2pmega.storage import ChunkStore
+from p2pmega.storage.sources import SourceLimits
 
 MiB = 1 << 20
 HOLDERS = [f"127.{c}.1.1" for c in range(1, 5)]
@@ -37,10 +38,16 @@ CLIENT_HOST = "127.5.1.1"
 LEASE_S = 3600
 
 
+# One benchmark client is one source network: without this, its per-network share and rate would be measured.
+UNLIMITED = SourceLimits(network_share=1.0, rate_bytes_per_min=0)
+
+
 def make_chunks(total_mib: int, chunk_size: int) -> list[tuple[ChunkId, bytes]]:
     chunks = []
     for _ in range(total_mib * MiB // chunk_size):
-        data = os.urandom(chunk_size)
+        data = bytes((2, 0)) + os.urandom(
+            chunk_size - 2
+        )  # a stored chunk's header: holders check it
         chunks.append((chunk_id_of(data), data))
     return chunks
 
@@ -170,7 +177,7 @@ async def fetch_all(
 
 @contextlib.asynccontextmanager
 async def servers_in_process(root: Path) -> AsyncIterator[list[tuple[str, int]]]:
-    stores = [ChunkStore(root / host, quota_bytes=1 << 40) for host in HOLDERS]
+    stores = [ChunkStore(root / host, quota_bytes=1 << 40, limits=UNLIMITED) for host in HOLDERS]
     servers = [TransferServer(s, host=h, port=0) for s, h in zip(stores, HOLDERS, strict=True)]
     try:
         for server in servers:
@@ -212,7 +219,7 @@ def servers_in_processes(root: Path) -> Iterator[tuple[list[tuple[str, int]], li
 
 
 async def serve_until_stdin_closes(host: str, root: str) -> None:
-    with ChunkStore(Path(root), quota_bytes=1 << 40) as store:
+    with ChunkStore(Path(root), quota_bytes=1 << 40, limits=UNLIMITED) as store:
         server = TransferServer(store, host=host, port=0)
         await server.start()
         print(server.port, flush=True)

@@ -24,3 +24,10 @@ LEASE_S = LEASE_DAYS * 86400
 # and a file someone cares about is renewed well inside it (seed --keep).
 MAX_LEASE_DAYS = 90.0
 MAX_LEASE_S = MAX_LEASE_DAYS * 86400
+# A holder lets one source network (IPv4 /24, IPv6 /48) hold at most this share of its quota, so one address or
+# one operator's subnet cannot fill it: four networks are needed to fill a seed, and an honest sharer whose file
+# is larger than a quarter of a seed's quota places the rest on other seeds (docs/STORAGE.md, "Per-source limits").
+NETWORK_SHARE = 0.25
+# ...and lets it store at most this many bytes a minute (a token bucket that holds one minute's worth). 1 GiB a
+# minute is 17 MiB/s, about one honest sharer's upload to one seed; the attack of issue 16 stored 214 MiB/s.
+NETWORK_RATE_BYTES_PER_MIN = 1 << 30

@@ -12,7 +12,7 @@
     ├─ PlacementError   exit 6   not enough holders or countries for the rule
     │  └─ PlacementImpossible
     ├─ StorageError     exit 7   the local disk refused: chunk store quota full, output not writable
-    │  └─ QuotaExceeded, StoreCorrupt, OutputWriteFailed
+    │  └─ QuotaExceeded (SourceLimitExceeded), StoreCorrupt, OutputWriteFailed
     └─ LocalSetupError  exit 8   a local p2pmega process could not start (testnet/demo peer): its log says why
        └─ PeerStartFailed
     RemoteProtocolError          a peer sent garbage; net/ logs it and drops the peer; users never see it
@@ -160,6 +160,10 @@ class StorageError(P2PMegaError):
 
 class QuotaExceeded(StorageError):
     """Storing the chunk would exceed the store's quota."""
+
+
+class SourceLimitExceeded(QuotaExceeded):
+    """The sender's /24 (IPv6 /48) holds its share of the quota, or stored too fast: store elsewhere."""
 
 
 class StoreCorrupt(StorageError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     # A holder's parts load when a holder starts: share, fetch and check never need them.
     from p2pmega.net.lan import LANDiscovery
     from p2pmega.net.transfer_server import TransferServer
+    from p2pmega.storage.sources import SourceLimits
     from p2pmega.storage.store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class NodeSettings:
     holder: bool = False
     persistent_identity: bool = True
     quota_bytes: int = DEFAULT_QUOTA_BYTES
+    # What one source network may hold of the quota and how fast it may store (None: storage.sources' defaults).
+    source_limits: SourceLimits | None = None
     lan: bool = False
     rpc_timeout_s: float = RPC_TIMEOUT_S
     record_ttl_s: float = RECORD_TTL_S
@@ -117,10 +121,15 @@ class Node(Service):
         s = self.settings
         node_id = await asyncio.to_thread(self._node_id)
         if s.holder:
-            from p2pmega.storage.store import ChunkStore
+            from p2pmega.storage.store import DEFAULT_LIMITS, ChunkStore
 
             self.store = await asyncio.to_thread(
-                ChunkStore, s.data_dir / "store", quota_bytes=s.quota_bytes
+                functools.partial(
+                    ChunkStore,
+                    s.data_dir / "store",
+                    quota_bytes=s.quota_bytes,
+                    limits=s.source_limits or DEFAULT_LIMITS,
+                )
             )
         self._running = list(self.duties(self))
         self.dht, self.server = await bind_endpoints(

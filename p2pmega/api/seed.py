@@ -9,15 +9,17 @@ from p2pmega.config import resolve_data_dir, resolve_geo_table
 from p2pmega.core.duration import parse_duration
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.magnet import KeepCap, parse_link
-from p2pmega.defaults import MAX_LEASE_DAYS
+from p2pmega.defaults import MAX_LEASE_DAYS, NETWORK_RATE_BYTES_PER_MIN, NETWORK_SHARE
 from p2pmega.errors import BadLink, BadOption, InputFileError
 from p2pmega.replicate.holder import HolderDuties
 from p2pmega.replicate.repair import RepairPolicy
 from p2pmega.storage import DEFAULT_QUOTA_BYTES, parse_size
 from p2pmega.storage.links import load_links
+from p2pmega.storage.sources import SourceLimits
 
 # A keep file is read whole at start; far more links than one seed keeps alive.
 MAX_KEEP_FILE_BYTES = 16 * 1024 * 1024
+DEFAULT_LIMITS = SourceLimits()
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class SeedOptions:
     geo: GeoTable | None
     quota_bytes: int
     duties: HolderDuties
+    source_limits: SourceLimits = DEFAULT_LIMITS
 
 
 def seed_options(
@@ -39,11 +42,13 @@ def seed_options(
     keep_mine: bool,
     lease_days: float,
     data_dir: Path | None,
+    network_share: float = NETWORK_SHARE,
+    network_rate: str | None = None,
 ) -> SeedOptions:
     """Parse and check everything ``seed`` was given.
 
     Raises:
-        BadOption: a duration or the lease is malformed.
+        BadOption: a duration, the lease, the network share or rate is malformed.
         BadLink: a ``--keep`` link or a ``--keep-file`` line is not a link (naming which).
         InputFileError: the keep file cannot be read.
         StorageError: ``--keep-mine`` and the data dir's link list is unreadable.
@@ -74,7 +79,9 @@ def seed_options(
         keep=tuple(caps.values()),
         keep_lease_s=lease_days * 86400,
     )
-    return SeedOptions(geo, parse_size(quota) if quota else DEFAULT_QUOTA_BYTES, duties)
+    rate = parse_size(network_rate) if network_rate else NETWORK_RATE_BYTES_PER_MIN
+    limits = SourceLimits(network_share=network_share, rate_bytes_per_min=rate)
+    return SeedOptions(geo, parse_size(quota) if quota else DEFAULT_QUOTA_BYTES, duties, limits)
 
 
 def read_keep_file(path: Path) -> list[KeepCap]:

@@ -21,6 +21,7 @@ from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
 from p2pmega.core.placement import Candidate, meets_rule, summarize
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.defaults import LEASE_S, MAX_LEASE_DAYS, MAX_LEASE_S
 from p2pmega.errors import (
     BadOption,
@@ -189,10 +190,13 @@ async def _share(
     )
     async with client_node(net) as node:
         placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
+        # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
+        credential = RenewCredential.from_file_key(state.key)
+        placer.renew_key = credential.public_key
         started_at = time.time()
         recorded = len(state.chunks)
         if state.chunks:
-            await recheck(node, state, net.geo, replicas, min_countries, lease_s)
+            await recheck(node, state, net.geo, replicas, min_countries, lease_s, credential)
             log.info(
                 "resuming: %d of %d recorded chunks are still placed", len(state.chunks), recorded
             )

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import time
 from collections.abc import Callable
 
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate, meets_rule
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_of
@@ -88,11 +91,12 @@ async def recheck(
     replicas: int,
     min_countries: int,
     lease_s: float,
+    credential: RenewCredential,
 ) -> None:
     """Keep the recorded chunks whose holders still have them, enough for the rule; renew their leases.
 
-    One batched ``renew`` per recorded holder: it confirms the chunks (True only for chunks held) and gives them
-    the new share's lease. A chunk short of the rule now is dropped from the state and uploaded again (sealed
+    One batched signed renewal per recorded holder (``credential`` is the file's): it confirms the chunks (True
+    only for chunks held with the file's renewal key) and gives them the new share's lease. A chunk short of the rule now is dropped from the state and uploaded again (sealed
     anew, so under a new id: the manifest is not built yet).
     """
     by_holder: dict[Address, list[int]] = {}
@@ -100,17 +104,25 @@ async def recheck(
         for holder in placed.holders:
             by_holder.setdefault(holder.address, []).append(index)
 
+    recorded = {h.address: h for placed in state.chunks.values() for h in placed.holders}
+    expiry_s = math.ceil(time.time() + lease_s)
+
     async def renew(addr: Address, indexes: list[int]) -> tuple[Address, list[int]]:
         ids = [state.chunks[i].chunk_id for i in indexes]
         try:
-            flags = await node.client.renew(addr, ids, lease_s)
+            flags = await node.client.renew_signed(
+                addr,
+                ids,
+                holder_id=recorded[addr].node_id,
+                expiry_s=expiry_s,
+                credential=credential,
+            )
         except P2PMegaError as exc:
             log.debug("recorded holder %s did not answer renew(): %s", addr, exc)
             return addr, []
         return addr, [i for i, held in zip(indexes, flags, strict=True) if held]
 
     answers = await asyncio.gather(*(renew(a, ix) for a, ix in by_holder.items()))
-    recorded = {h.address: h for placed in state.chunks.values() for h in placed.holders}
     confirmed: dict[int, list[Candidate]] = {}
     for addr, held in answers:
         for index in held:

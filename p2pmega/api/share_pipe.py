@@ -25,8 +25,10 @@ from p2pmega.api.share import (
     _placer,
 )
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
+from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import StreamEncoder
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.errors import InputFileError, StorageError
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.links import LinkEntry, record_link
@@ -60,9 +62,12 @@ async def share_stream(
     """
     _check_options(replicas, min_countries, lease_s, min_blocs)
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
-    encoder = StreamEncoder(name=name, chunk_size=chunk_size)
+    key = new_key()
+    encoder = StreamEncoder(name=name, chunk_size=chunk_size, key=key)
     async with client_node(net) as node:
         placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
+        # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
+        placer.renew_key = RenewCredential.from_file_key(key).public_key
         placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)
         cap, manifest_chunks = encoder.finish()
         for i, (chunk_id, data) in enumerate(manifest_chunks):

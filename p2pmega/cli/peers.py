@@ -63,6 +63,7 @@ def _long_running(
             bootstrap=tuple(resolve_bootstrap(bootstrap or [])),
             holder=seed is not None,
             quota_bytes=seed.quota_bytes if seed else DEFAULT_QUOTA_BYTES,
+            source_limits=seed.source_limits if seed else None,
             lan=lan,
         )
         return await run_node(settings, report=report, duties=seed.duties if seed else None)
@@ -87,6 +88,25 @@ def seed_cmd(
                 "Disk space for others' chunks, e.g. 10GB or 512MiB "
                 f"(default {DEFAULT_QUOTA_BYTES // 1000**3} GB)."
             ),
+        ),
+    ] = None,
+    network_share: Annotated[
+        float,
+        typer.Option(
+            "--network-share",
+            metavar="FRACTION",
+            help=(
+                "Most of the quota one sender's /24 (IPv6 /48) may fill, e.g. 0.25; "
+                "1 lets one network fill it."
+            ),
+        ),
+    ] = defaults.NETWORK_SHARE,
+    network_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--network-rate",
+            metavar="SIZE",
+            help="Most bytes one /24 (/48) may store a minute, e.g. 1GiB (the default); 0: no limit.",
         ),
     ] = None,
     lan: Annotated[
@@ -166,6 +186,8 @@ def seed_cmd(
             keep_mine=keep_mine,
             lease_days=lease_days,
             data_dir=data_dir,
+            network_share=network_share,
+            network_rate=network_rate,
         )
     except P2PMegaError as exc:
         _fail(exc)

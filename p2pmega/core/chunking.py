@@ -19,7 +19,7 @@ from p2pmega.core.ids import ChunkId as ChunkId
 from p2pmega.core.ids import dht_key_of as dht_key_of
 from p2pmega.core.ids import format_id as format_id
 from p2pmega.core.ids import short_id as short_id
-from p2pmega.errors import ChunkHashMismatch, DecryptionFailed
+from p2pmega.errors import BadChunk, ChunkHashMismatch, DecryptionFailed
 
 FORMAT_VERSION = 2  # AEGIS-256; what every new chunk is sealed with
 LEGACY_VERSION = 1  # XChaCha20-Poly1305; still opened, never written (docs/FORMAT.md section 8)
@@ -69,6 +69,9 @@ MIN_SEALED_CHUNK_BYTES = HEADER_BYTES + min(
     crypto.XCHACHA_OVERHEAD_BYTES, crypto.SEAL_OVERHEAD_BYTES
 )
 
+# The kinds a holder stores (KIND_META only ever travels inside a root chunk).
+STORED_KINDS = (KIND_DATA, KIND_NODE, KIND_ROOT)
+
 # Every padded final chunk holds at least this many plaintext bytes (unless the chunk size is
 # smaller), so tiny files all look alike.
 MIN_PADDED_BYTES = 256
@@ -107,6 +110,50 @@ def verify_chunk(chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> Non
         raise ChunkHashMismatch(
             f"chunk {short_id(chunk_id)} ({len(data)} bytes) does not match its id; "
             "discard it and fetch from another holder"
+        )
+
+
+def check_stored_chunk(data: bytes | bytearray | memoryview) -> None:
+    """Check that ``data`` is shaped like a stored chunk: known version and kind, size in bounds.
+
+    A holder runs this before storing anything (it cannot open the chunk: the rest is ciphertext,
+    which looks random by design). Needs no key.
+
+    Args:
+        data: The bytes offered for storage; not copied.
+
+    Raises:
+        BadChunk: Shorter than its version's header and seal, longer than any chunk, an unknown
+            format version, or a kind no stored chunk has.
+    """
+    check_chunk_header(bytes(data[:HEADER_BYTES]), len(data))
+
+
+def check_chunk_header(head: bytes, size: int) -> None:
+    """`check_stored_chunk` given only a chunk's first HEADER_BYTES bytes and its size.
+
+    Raises:
+        BadChunk: As for `check_stored_chunk`.
+    """
+    if size > MAX_SEALED_CHUNK_BYTES:
+        raise BadChunk(
+            f"chunk of {size} bytes is over the {MAX_SEALED_CHUNK_BYTES}-byte limit of any chunk"
+        )
+    if size < MIN_SEALED_CHUNK_BYTES or len(head) < HEADER_BYTES:
+        raise BadChunk(
+            f"chunk of {size} bytes is under the {MIN_SEALED_CHUNK_BYTES}-byte header and seal "
+            "of any chunk"
+        )
+    version, kind = head[0], head[1]
+    opener = _OPENERS.get(version)
+    if opener is None:
+        raise BadChunk(f"chunk header names format v{version}, not one of {READABLE_VERSIONS}")
+    if kind not in STORED_KINDS:
+        raise BadChunk(f"chunk header names kind {kind}, not one of {STORED_KINDS}")
+    if size < HEADER_BYTES + opener[0]:
+        raise BadChunk(
+            f"chunk of {size} bytes is under the {HEADER_BYTES + opener[0]}-byte header and seal "
+            f"of format v{version}"
         )
 
 

@@ -50,7 +50,9 @@ async def bind_endpoints(
             return dht, None
         from p2pmega.net.transfer_server import TransferServer
 
-        server = TransferServer(store, host=host, port=dht.port, on_stored=on_stored)
+        server = TransferServer(
+            store, host=host, port=dht.port, node_id=node_id, on_stored=on_stored
+        )
         try:
             await server.start()
         except OSError as exc:

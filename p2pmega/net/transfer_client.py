@@ -18,6 +18,7 @@ from typing import Final, TypeVar
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
 from p2pmega.core.ids import Address
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.core.wire import (
     MAX_BATCH_IDS,
     MAX_LEASE_S,
@@ -26,10 +27,12 @@ from p2pmega.core.wire import (
     FetchRequest,
     HasReply,
     HasRequest,
+    KeyedStoreRequest,
     LeasesReply,
     LeasesRequest,
     RenewReply,
     RenewRequest,
+    RenewSignedRequest,
     Reply,
     Request,
     StoreOK,
@@ -209,14 +212,28 @@ class TransferClient(Service):
             raise_for(reply, addr, chunk_id)
         return reply
 
-    async def store(self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float) -> bool:
+    async def store(
+        self,
+        addr: Address,
+        chunk_id: ChunkId,
+        data: bytes,
+        lease_s: float,
+        *,
+        renew_key: bytes | None = None,
+    ) -> bool:
         """Ask ``addr`` to store ``data`` under ``chunk_id`` for at least ``lease_s`` seconds.
 
+        With ``renew_key`` (the file's renewal public key, core.renewal) the holder keeps it with
+        the chunk, and `renew_signed` with that file's credential extends the lease later.
+
         Returns:
-            True if the chunk was newly stored, False if the peer already held it.
+            True if the chunk was newly stored, False if the peer already held it (its lease is
+            then left as it was).
 
         Raises:
-            errors.QuotaExceeded: the peer's quota is full.
+            errors.QuotaExceeded: the peer's quota is full, or (SourceLimitExceeded) our network
+                used its share of it or its store rate there.
+            errors.BadChunk: the peer found ``data`` is not shaped like a stored chunk.
             errors.ChunkHashMismatch: the peer found ``data`` does not hash to ``chunk_id``.
             errors.PeerUnreachable: the peer cannot be reached or refused the request.
             errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
@@ -224,9 +241,13 @@ class TransferClient(Service):
             ValueError: ``data`` exceeds MAX_SEALED_CHUNK_BYTES or ``lease_s`` is not positive.
         """
         lease = _lease_seconds(lease_s)
-        reply = await self._request(
-            addr, lambda rid: StoreRequest(rid, chunk_id, lease, data), chunk_id
-        )
+
+        def request(rid: int) -> StoreRequest:
+            if renew_key is None:
+                return StoreRequest(rid, chunk_id, lease, data)
+            return KeyedStoreRequest(rid, chunk_id, lease, data, renew_key=renew_key)
+
+        reply = await self._request(addr, request, chunk_id)
         if not isinstance(reply, StoreOK):
             raise AssertionError("core.wire matches STORE with STORE_OK")
         return reply.newly_stored
@@ -431,8 +452,46 @@ class TransferClient(Service):
 
         return await _batched(ids, ask)
 
+    async def renew_signed(
+        self,
+        addr: Address,
+        ids: Sequence[ChunkId],
+        *,
+        holder_id: bytes,
+        expiry_s: int,
+        credential: RenewCredential,
+    ) -> list[bool]:
+        """Extend ``ids`` at ``addr`` to at least ``expiry_s`` (Unix seconds), signed with ``credential``.
+
+        The holder renews only the chunks stored with ``credential``'s public key; the signature
+        names ``holder_id`` (the holder's node id), so it is worth nothing at another holder.
+
+        Returns:
+            True for each id the peer holds with that key and renewed.
+
+        Raises:
+            errors.BadSignature: the holder's node id is not ``holder_id``, so the signature failed.
+            errors.PeerUnreachable: the peer cannot be reached or refused the request.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
+        """
+        key = credential.public_key
+
+        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
+            signature = credential.sign(holder_id, expiry_s, batch)
+            reply = await self._request(
+                addr, lambda rid: RenewSignedRequest(rid, batch, expiry_s, key, signature)
+            )
+            if not isinstance(reply, RenewReply):
+                raise AssertionError("core.wire matches RENEW_SIGNED with RENEW_REPLY")
+            return reply.flags
+
+        return await _batched(ids, ask)
+
     async def renew(self, addr: Address, ids: Sequence[ChunkId], lease_s: float) -> list[bool]:
-        """Extend the leases of ``ids`` at ``addr``; True for each id the peer holds and renewed.
+        """Extend the leases of ``ids`` at ``addr``, unsigned: `renew_signed` is what keepers use.
+
+        A holder renews this way only chunks stored without a renewal key from our own network.
 
         Raises:
             errors.PeerUnreachable: the peer cannot be reached or refused the request.

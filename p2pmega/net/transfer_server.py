@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.core.node_id import network_of
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     MAX_FRAME_BYTES,
@@ -92,11 +93,14 @@ class TransferServer:
         *,
         host: str,
         port: int,
+        node_id: bytes | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
         limits: ServerLimits = ServerLimits(),
         layers: LayerStack = PlainLayer,
     ) -> None:
         self._store = store
+        # What a signed renewal must name (core.renewal); a server without one refuses them all.
+        self.node_id = node_id
         self._host = host
         self._requested_port = port
         self._on_stored = on_stored
@@ -137,7 +141,7 @@ class TransferServer:
         """
         loop = asyncio.get_running_loop()
         # Workers first: the server accepts connections as soon as it is bound.
-        self._workers = Workers(loop, self._store, self.buffers)
+        self._workers = Workers(loop, self._store, self.buffers, holder_id=self.node_id)
         try:
             self._server = await loop.create_server(
                 lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
@@ -259,6 +263,7 @@ class _Connection(Pump):
             layers=server.layers,
         )
         self.ip = "?"
+        self.source = b"?"  # the peer's /24 (/48), set when it connects
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
@@ -274,6 +279,10 @@ class _Connection(Pump):
     def opened(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
+        try:
+            self.source = network_of(self.ip)
+        except ValueError:
+            self.source = self.ip.encode()  # not an IP (a Unix socket in a test): its own source
         if not self.server.admit(self):
             log.debug("refused BUSY connection from %s: %d open", self.ip, self.server.connections)
             self.closing = True

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from p2pmega.core.renewal import check_renewal
 from p2pmega.core.wire import (
     CHUNK_DATA_HEAD_BYTES,
     MAX_LEASE_S,
@@ -22,14 +23,18 @@ from p2pmega.core.wire import (
     FetchRequest,
     HasReply,
     HasRequest,
+    KeyedStoreRequest,
     LeasesReply,
     LeasesRequest,
     RenewReply,
+    RenewRequest,
+    RenewSignedRequest,
     Reply,
     Request,
     StoreOK,
     StoreRequest,
 )
+from p2pmega.errors import BadSignature
 from p2pmega.net.buffers import BufferPool
 from p2pmega.net.wire_errors import error_reply
 
@@ -57,6 +62,9 @@ class Chunk:
 class Requester(Protocol):
     """The connection a request came from (transfer_server._Connection)."""
 
+    # The peer's network (core.node_id.network_of): what its stores count against, who it may renew.
+    source: bytes
+
     def finished(self, event: Request, reply: Reply | Chunk, buffers: BufferPool) -> None: ...
 
     def abort(self) -> None: ...
@@ -64,11 +72,29 @@ class Requester(Protocol):
     def release(self, request_id: int) -> None: ...
 
 
-def answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | Chunk:
-    """Run one request against the store (in a worker thread); every failure becomes an Error."""
+def answer(
+    store: ChunkStore,
+    event: Request,
+    buffers: BufferPool,
+    *,
+    source: bytes,
+    holder_id: bytes | None,
+) -> Reply | Chunk:
+    """Run one request against the store (in a worker thread); every failure becomes an Error.
+
+    ``source`` is the requester's network, ``holder_id`` this holder's node id (what a signed
+    renewal must name).
+    """
     try:
         if isinstance(event, StoreRequest):
-            newly = store.put(event.chunk_id, event.data, lease_s=event.lease_s)
+            renew_key = event.renew_key if isinstance(event, KeyedStoreRequest) else None
+            newly = store.put(
+                event.chunk_id,
+                event.data,
+                lease_s=event.lease_s,
+                source=source,
+                renew_key=renew_key,
+            )
             return StoreOK(event.request_id, newly)
         if isinstance(event, FetchRequest):
             taken: list[bytearray] = []
@@ -94,7 +120,17 @@ def answer(store: ChunkStore, event: Request, buffers: BufferPool) -> Reply | Ch
             # The wire carries a u32 of seconds: a longer lease (136 years) reads as the largest.
             remaining = (min(s, MAX_LEASE_S) for s in store.leases(event.ids))
             return LeasesReply(event.request_id, tuple(remaining))
-        return RenewReply(event.request_id, tuple(store.renew(event.ids, lease_s=event.lease_s)))
+        if isinstance(event, RenewSignedRequest):
+            # Checked against this holder's own id: a renewal signed for another holder fails here.
+            if holder_id is None:
+                raise BadSignature("this holder has no node id to check renewals against")
+            check_renewal(event.renew_key, event.signature, holder_id, event.expiry_s, event.ids)
+            flags = store.renew_signed(event.ids, renew_key=event.renew_key, expiry=event.expiry_s)
+            return RenewReply(event.request_id, tuple(flags))
+        if isinstance(event, RenewRequest):
+            flags = store.renew_unsigned(event.ids, lease_s=event.lease_s, source=source)
+            return RenewReply(event.request_id, tuple(flags))
+        raise AssertionError(f"unknown request {type(event).__name__}")
     except Exception as exc:
         refusal = error_reply(event, exc)
         if refusal is None:
@@ -116,10 +152,16 @@ class Workers:
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, store: ChunkStore, buffers: BufferPool
+        self,
+        loop: asyncio.AbstractEventLoop,
+        store: ChunkStore,
+        buffers: BufferPool,
+        *,
+        holder_id: bytes | None,
     ) -> None:
         self._loop = loop
         self._store = store
+        self._holder_id = holder_id
         self.buffers = buffers
         self._jobs: queue.SimpleQueue[tuple[Requester, Request] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -141,10 +183,10 @@ class Workers:
         self._jobs.put((connection, event))
 
     def _work(self) -> None:
-        store, buffers, jobs = self._store, self.buffers, self._jobs
+        store, buffers, jobs, holder_id = self._store, self.buffers, self._jobs, self._holder_id
         while (job := jobs.get()) is not None:
             connection, event = job
-            reply = answer(store, event, buffers)
+            reply = answer(store, event, buffers, source=connection.source, holder_id=holder_id)
             with self._lock:
                 self._done.append((connection, event, reply))
                 wake = not self._wake_pending

@@ -18,6 +18,13 @@ from p2pmega.core.wire import Error, ErrorCode, Request, StoreRequest
 # StorageError). The text names the exception's type only: paths and values stay on the holder.
 _REPLIES: Final[tuple[tuple[type[Exception], ErrorCode, Callable[[Exception], str]], ...]] = (
     (errors.ChunkNotStored, ErrorCode.NOT_FOUND, lambda _: "chunk not stored here"),
+    (errors.BadChunk, ErrorCode.BAD_CHUNK, lambda _: "not a stored chunk (header or size)"),
+    (
+        errors.SourceLimitExceeded,
+        ErrorCode.SOURCE_LIMIT,
+        lambda _: "your network's share of the quota or store rate is used up",
+    ),
+    (errors.BadSignature, ErrorCode.BAD_RENEWAL, lambda _: "renewal signature does not verify"),
     (errors.QuotaExceeded, ErrorCode.QUOTA_FULL, lambda _: "store quota is full"),
     (errors.UsageError, ErrorCode.BAD_REQUEST, lambda exc: f"refused: {type(exc).__name__}"),
     (errors.StorageError, ErrorCode.INTERNAL, lambda exc: f"store failed: {type(exc).__name__}"),
@@ -33,6 +40,9 @@ EXCEPTION_OF: Final[dict[ErrorCode, type[errors.P2PMegaError]]] = {
     ErrorCode.NOT_FOUND: errors.ChunkNotStored,
     ErrorCode.QUOTA_FULL: errors.QuotaExceeded,
     ErrorCode.BAD_HASH: errors.ChunkHashMismatch,
+    ErrorCode.BAD_CHUNK: errors.BadChunk,
+    ErrorCode.SOURCE_LIMIT: errors.SourceLimitExceeded,
+    ErrorCode.BAD_RENEWAL: errors.BadSignature,
 }
 
 
@@ -57,6 +67,9 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         errors.ChunkNotStored: NOT_FOUND.
         errors.QuotaExceeded: QUOTA_FULL.
         errors.ChunkHashMismatch: BAD_HASH.
+        errors.BadChunk: BAD_CHUNK.
+        errors.SourceLimitExceeded: SOURCE_LIMIT (a QuotaExceeded: store elsewhere).
+        errors.BadSignature: BAD_RENEWAL.
         errors.PeerUnreachable: any other code (the holder refused the request).
     """
     what = f"chunk {short_id(chunk_id)}" if chunk_id else "request"
@@ -68,4 +81,13 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         raise kind(f"peer {where} refused {what}: its quota is full; pick another holder")
     if kind is errors.ChunkHashMismatch:
         raise kind(f"peer {where} says the bytes of {what} do not match its id")
+    if kind is errors.BadChunk:
+        raise kind(f"peer {where} refused {what}: not shaped like a stored chunk")
+    if kind is errors.SourceLimitExceeded:
+        raise kind(
+            f"peer {where} refused {what}: this network's share of its quota or store rate is used "
+            "up; pick another holder"
+        )
+    if kind is errors.BadSignature:
+        raise kind(f"peer {where} refused the renewal of {what}: its signature does not verify")
     raise errors.PeerUnreachable(f"peer {where} refused {what}: {reply.code.name} {reply.message}")

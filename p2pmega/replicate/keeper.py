@@ -5,14 +5,18 @@ holds its chunks (manifest chunks too), renews their leases on every live holder
 holder, and repairs chunks that stayed below the placement rule for two rounds in a row: the holders repair what
 they hold first (repair.py), a keeper steps in when no responsible holder did, fetching the chunk from a live
 holder and placing it as a repairing holder would. It only ever holds keep-alive capabilities: it can list and
-verify chunks, never decrypt them.
+verify chunks, never decrypt them. Renewals are signed with the file's renewal credential, derived from the
+keep-alive capability (core.renewal), for each holder's node id; repaired copies carry its public key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pmega.core.chunking import ChunkId
@@ -21,6 +25,7 @@ from p2pmega.core.ids import Address, short_id
 from p2pmega.core.magnet import KeepCap
 from p2pmega.core.manifest import Manifest
 from p2pmega.core.placement import Candidate, meets_rule, plan_repair
+from p2pmega.core.renewal import RenewCredential
 from p2pmega.core.words import counted
 from p2pmega.defaults import LEASE_S
 from p2pmega.errors import P2PMegaError, PlacementImpossible
@@ -39,6 +44,7 @@ class KeptFile:
     """One kept file: its capability, its chunk list once known, and what the last rounds found."""
 
     cap: KeepCap
+    credential: RenewCredential
     manifest: Manifest | None = None
     short: set[ChunkId] = field(default_factory=set)  # below the rule at the last round
     warned: bool = False  # "no holder has it" said once; repeats are DEBUG
@@ -59,12 +65,13 @@ class Keeper:
     policy: RepairPolicy = field(default_factory=RepairPolicy)
     rng: random.Random = field(default_factory=random.Random)
     name: str = "keeper"
+    clock: Callable[[], float] = time.time  # wall clock: renewals name an expiry in Unix seconds
     renewed: int = 0
     repaired: int = 0
     bytes_pushed: int = 0
 
     def __post_init__(self) -> None:
-        self.files = [KeptFile(cap) for cap in self.caps]
+        self.files = [KeptFile(cap, RenewCredential.of(cap)) for cap in self.caps]
 
     async def run(self) -> None:
         # At once: a seed started to keep files alive should not wait an interval to renew them.
@@ -130,7 +137,7 @@ class Keeper:
                 attempts += (
                     1  # tries, not successes: a file that cannot be repaired costs a bounded round
                 )
-                await self._repair(locator, pool, chunk_id, holders, report)
+                await self._repair(kept, locator, pool, chunk_id, holders, report)
         if missing:
             level = logging.DEBUG if kept.warned else logging.WARNING
             log.log(
@@ -153,10 +160,23 @@ class Keeper:
         for chunk_id in ids:
             for addr in locator.live_holders(chunk_id):
                 by_holder.setdefault(addr, []).append(chunk_id)
+        expiry_s = math.ceil(self.clock() + self.lease_s)
 
         async def renew(addr: Address, held: list[ChunkId]) -> int:
+            holder_id = locator.node_ids.get(addr)
+            if holder_id is None:
+                # A renewal is signed for one holder's node id; one we only know by address is renewed once the
+                # DHT names it.
+                log.debug("holder %s of kept file %s has no known node id", addr, kept.label)
+                return 0
             try:
-                flags = await self.node.client.renew(addr, held, self.lease_s)
+                flags = await self.node.client.renew_signed(
+                    addr,
+                    held,
+                    holder_id=holder_id,
+                    expiry_s=expiry_s,
+                    credential=kept.credential,
+                )
             except P2PMegaError as exc:
                 log.debug("holder %s did not renew kept file %s: %s", addr, kept.label, exc)
                 return 0
@@ -175,6 +195,7 @@ class Keeper:
 
     async def _repair(
         self,
+        kept: KeptFile,
         locator: HolderLocator,
         pool: list[Candidate],
         chunk_id: ChunkId,
@@ -184,6 +205,7 @@ class Keeper:
         p = self.policy
         live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
         placer = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, self.lease_s)
+        placer.renew_key = kept.credential.public_key
         placer.silent.update(locator.dead)
         try:
             # Whether the live peers can meet the rule at all, before downloading the chunk to find out.

@@ -68,6 +68,9 @@ class Placer:
     failures: Counter[tuple[str, int]] = field(default_factory=Counter)
     # Contacts that did not answer the storage-peer probe (DHT-only nodes, dead contacts): never asked to store.
     silent: set[tuple[str, int]] = field(default_factory=set)
+    # The file's renewal public key (core.renewal), sent with every store so its keeper can renew the copies;
+    # None stores chunks only their source network may renew (a repair of a chunk stored without one).
+    renew_key: bytes | None = None
     # Repair asks a new holder whether it has the chunk already (another holder may have just copied it there,
     # before the announcement) rather than send the whole chunk again.
     ask_first: bool = False
@@ -213,8 +216,12 @@ class Placer:
                     self.failures.pop(addr, None)
                     return True
                 self.bytes_sent += len(data)
-                await self.node.client.store(addr, chunk_id, data, self.lease_s)
-            except QuotaExceeded:
+                await self.node.client.store(
+                    addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
+                )
+            except QuotaExceeded as exc:
+                # Also SourceLimitExceeded: our network used its share of that holder (or its rate).
+                log.debug("store on %s refused, holder full for us: %s", addr, exc)
                 self.full.add(addr)
                 return False
             except PeerRefused as exc:

@@ -307,6 +307,8 @@ class Repairer:
         async with gate:
             try:
                 data = await asyncio.to_thread(store.get, chunk_id)
+                # The copies get the renewal key this copy was stored with, so the file's keeper renews them too.
+                renew_key = await asyncio.to_thread(store.renew_key, chunk_id)
             except P2PMegaError as exc:
                 log.debug("cannot read chunk %s to repair it: %s", short_id(chunk_id), exc)
                 return
@@ -325,7 +327,10 @@ class Repairer:
             await self._rate.take(len(data) * max(1, len(plan)))
             # replace() hands the same dead/full/silent sets to the copy: what one chunk learns, all skip.
             await report.repair(
-                dataclasses.replace(shared, lease_s=lease_s), chunk_id, data, holders
+                dataclasses.replace(shared, lease_s=lease_s, renew_key=renew_key),
+                chunk_id,
+                data,
+                holders,
             )
 
     def _log(self, report: RoundReport) -> None:

@@ -1,7 +1,8 @@
 """The SQLite index of a chunk store: schema, opening, transactions, and repair after a crash.
 
-One row per chunk file (size, lease) plus running usage totals kept by triggers. Schema and
-pragmas: docs/STORAGE.md.
+One row per chunk file (size, lease, source network, renewal key) plus running usage totals, overall
+and per source network, kept by triggers. Schema, pragmas and the upgrade from version 1:
+docs/STORAGE.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pmega.core.chunking import ChunkId
-from p2pmega.errors import StorageError, StoreCorrupt
+from p2pmega.core.chunking import HEADER_BYTES, ChunkId, check_chunk_header
+from p2pmega.defaults import MAX_LEASE_S
+from p2pmega.errors import BadChunk, StorageError, StoreCorrupt
 from p2pmega.storage.files import (
     CHUNKS_DIR,
     TMP_DIR,
@@ -28,10 +30,27 @@ from p2pmega.storage.files import (
 # The whole store logs as p2pmega.storage, as it did when it was one module.
 log = logging.getLogger("p2pmega.storage")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the index schema below; bump it (and docs/STORAGE.md) on any change."""
 
 INDEX_NAME = "index.sqlite3"
+
+# Version 2 added each chunk's source network and renewal key, and the per-source usage they feed.
+_SOURCES = (
+    """CREATE TABLE sources (
+        source BLOB PRIMARY KEY,
+        used_bytes INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER chunks_added_by_source AFTER INSERT ON chunks BEGIN
+        INSERT INTO sources VALUES (NEW.source, NEW.size)
+            ON CONFLICT (source) DO UPDATE SET used_bytes = used_bytes + NEW.size;
+    END""",
+    # A network whose last chunk went leaves no row: the table stays as small as the networks holding data.
+    """CREATE TRIGGER chunks_removed_by_source AFTER DELETE ON chunks BEGIN
+        UPDATE sources SET used_bytes = used_bytes - OLD.size WHERE source = OLD.source;
+        DELETE FROM sources WHERE source = OLD.source AND used_bytes = 0;
+    END""",
+)
 
 _SCHEMA = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
@@ -39,7 +58,9 @@ _SCHEMA = (
         id BLOB PRIMARY KEY CHECK (length(id) = 32),
         size INTEGER NOT NULL CHECK (size >= 0),
         stored_at REAL NOT NULL,
-        lease_expiry REAL NOT NULL
+        lease_expiry REAL NOT NULL,
+        source BLOB NOT NULL DEFAULT x'',
+        renew_key BLOB CHECK (renew_key IS NULL OR length(renew_key) = 32)
     ) WITHOUT ROWID""",
     "CREATE INDEX chunks_by_expiry ON chunks (lease_expiry)",
     """CREATE TABLE usage (
@@ -54,6 +75,17 @@ _SCHEMA = (
     """CREATE TRIGGER chunks_removed AFTER DELETE ON chunks BEGIN
         UPDATE usage SET used_bytes = used_bytes - OLD.size, chunk_count = chunk_count - 1;
     END""",
+    *_SOURCES,
+)
+
+# From version 1: the new columns (old chunks have an unknown source, b'', and no renewal key), the per-source
+# totals, and every lease cut to the longest a holder now grants (a version-1 holder granted up to 2**32 s).
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE chunks ADD COLUMN source BLOB NOT NULL DEFAULT x''",
+    "ALTER TABLE chunks ADD COLUMN renew_key BLOB "
+    "CHECK (renew_key IS NULL OR length(renew_key) = 32)",
+    *_SOURCES,
+    "INSERT INTO sources SELECT source, sum(size) FROM chunks GROUP BY source",
 )
 
 
@@ -63,14 +95,18 @@ class ChunkIndex:
     Not locked: the caller (`ChunkStore`) serializes every use.
     """
 
-    def __init__(self, path: Path) -> None:
-        """Open the index at ``path``, creating the schema in a new file.
+    def __init__(self, path: Path, *, now: float) -> None:
+        """Open the index at ``path``, creating the schema in a new file or upgrading an old one.
+
+        Args:
+            path: The index file.
+            now: The store's clock; an upgrade from version 1 caps every lease at now + MAX_LEASE_S.
 
         Raises:
             StoreCorrupt: The index is unreadable or from a newer p2pmega.
         """
         self.path = path
-        self._db = _open(path)
+        self._db, self.upgraded_from = _open(path, now)
 
     def query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
         """Run a read-only statement; an SQLite failure (I/O error) becomes a StorageError."""
@@ -118,7 +154,7 @@ class ChunkIndex:
         self._db.close()
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: Path, now: float) -> tuple[sqlite3.Connection, int | None]:
     try:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     except sqlite3.Error as exc:
@@ -147,6 +183,16 @@ def _open(path: Path) -> sqlite3.Connection:
                 version = row[0] if row else None
             else:
                 version = None
+            upgraded_from = None
+            if version == 1:
+                for statement in _UPGRADE_FROM_1:
+                    db.execute(statement)
+                db.execute(
+                    "UPDATE chunks SET lease_expiry = ? WHERE lease_expiry > ?",
+                    (now + MAX_LEASE_S, now + MAX_LEASE_S),
+                )
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                upgraded_from, version = 1, SCHEMA_VERSION
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -163,7 +209,9 @@ def _open(path: Path) -> sqlite3.Connection:
             f"index {path} has schema version {version}, this p2pmega reads "
             f"version {SCHEMA_VERSION}; upgrade p2pmega or use another data directory"
         )
-    return db
+    if upgraded_from is not None:
+        log.info("chunk index %s upgraded from schema version %d", path, upgraded_from)
+    return db, upgraded_from
 
 
 @dataclass(frozen=True)
@@ -229,3 +277,36 @@ def reconcile(index: ChunkIndex, root: Path) -> tuple[RepairReport, int, int]:
     if report.repaired:
         log.warning("chunk store %s repaired after an unclean stop: %s", root, report)
     return report, total, count
+
+
+def drop_malformed(index: ChunkIndex, root: Path) -> int:
+    """Remove the chunks a version-1 holder accepted that are no chunk at all (wrong header or size).
+
+    Run once, when the index was upgraded from version 1: reads the first bytes of every chunk file.
+
+    Returns:
+        How many chunks were removed.
+
+    Raises:
+        StorageError: The index cannot be written.
+    """
+    chunks_dir = root / CHUNKS_DIR
+    malformed = []
+    for cid, size in index.query("SELECT id, size FROM chunks", ()):
+        path = chunk_path(chunks_dir, ChunkId(cid))
+        try:
+            with path.open("rb") as file:
+                head = file.read(HEADER_BYTES)
+            check_chunk_header(head, int(size))
+        except (OSError, BadChunk):
+            malformed.append(cid)
+    with index.transaction() as db:
+        db.executemany("DELETE FROM chunks WHERE id = ?", [(c,) for c in malformed])
+    for cid in malformed:
+        unlink_quietly(chunk_path(chunks_dir, ChunkId(cid)))
+    if malformed:
+        log.warning(
+            "removed %d stored chunks that are no p2pmega chunk (stored before holders checked)",
+            len(malformed),
+        )
+    return len(malformed)

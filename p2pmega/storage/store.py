@@ -17,19 +17,19 @@ from types import TracebackType
 from typing import Final, Self
 
 from p2pmega.core.chunking import (
-    MAX_SEALED_CHUNK_BYTES,
-    MIN_SEALED_CHUNK_BYTES,
     ChunkId,
+    check_stored_chunk,
     short_id,
     verify_chunk,
 )
+from p2pmega.core.renewal import RENEW_KEY_BYTES
 from p2pmega.defaults import MAX_LEASE_S
 from p2pmega.errors import (
-    BadChunk,
     BadOption,
     ChunkHashMismatch,
     ChunkNotStored,
     QuotaExceeded,
+    SourceLimitExceeded,
     StorageError,
 )
 from p2pmega.storage.files import (
@@ -47,14 +47,21 @@ from p2pmega.storage.files import (
     unlink_quietly,
     write_chunk_file,
 )
-from p2pmega.storage.index import INDEX_NAME, ChunkIndex, reconcile
+from p2pmega.storage.index import INDEX_NAME, ChunkIndex, drop_malformed, reconcile
 from p2pmega.storage.sizes import DEFAULT_QUOTA_BYTES
+from p2pmega.storage.sources import SourceLimits, StoreRates, describe_source
 
 # The whole store logs as p2pmega.storage, as it did when it was one module.
 log = logging.getLogger("p2pmega.storage")
 
 _LIVE_ROW_SQL = "SELECT lease_expiry FROM chunks WHERE id = ? AND lease_expiry > ?"
 _LIVE_SIZE_SQL = "SELECT size FROM chunks WHERE id = ? AND lease_expiry > ?"
+_RENEW_SQL = (
+    "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) WHERE id = ? AND lease_expiry > ?"
+)
+DEFAULT_LIMITS: Final = SourceLimits()
+# The source a chunk stored from this machine (not over the network) is recorded with.
+LOCAL_SOURCE: Final = b""
 
 
 class ChunkStore:
@@ -63,6 +70,10 @@ class ChunkStore:
     Every method may be called from several threads at once. A chunk is *live* while its lease has
     not expired; expired chunks stay on disk (and count towards ``used_bytes``) until
     `collect_garbage` or a put that needs their space removes them, but are never served.
+
+    A chunk stored over the network records its source network and, if the sharer sent one, the
+    file's renewal key; ``limits`` bound what one source network may hold and how fast it may store,
+    and only a renewal signed with that key extends the lease (docs/STORAGE.md).
     """
 
     # Room a `read_into` buffer needs past ``head + size`` so that `room_offset` fits in it.
@@ -84,6 +95,8 @@ class ChunkStore:
         quota_bytes: int = DEFAULT_QUOTA_BYTES,
         clock: Callable[[], float] = time.time,
         direct_io: bool | None = None,
+        limits: SourceLimits = DEFAULT_LIMITS,
+        rate_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Open (creating if needed) the store at ``root`` and repair what a crash left behind.
 
@@ -93,6 +106,8 @@ class ChunkStore:
             clock: Wall-clock seconds; leases are absolute times from this clock.
             direct_io: Write chunks with O_DIRECT (bypassing the page cache); None uses it
                 where the filesystem allows it. Reads always go through the page cache.
+            limits: What one source network may hold and how fast it may store.
+            rate_clock: Monotonic seconds for the store-rate buckets.
 
         Raises:
             BadOption: ``quota_bytes`` is negative.
@@ -109,6 +124,9 @@ class ChunkStore:
         self._tmp_str = str(self._tmp_dir)
         self._quota = quota_bytes
         self._clock = clock
+        self.limits = limits
+        self._rates = StoreRates(limits.rate_bytes_per_min, rate_clock)
+        self._reserved_by_source: dict[bytes, int] = {}
         self._cond = threading.Condition(threading.Lock())
         self._pending: set[bytes] = set()  # ids being written; their bytes are in _reserved
         self._reserved = 0
@@ -118,13 +136,17 @@ class ChunkStore:
         self._lock_fd = lock_root(self._root)
         try:
             make_dirs(self._root)
-            self._index = ChunkIndex(self._root / INDEX_NAME)
+            self._index = ChunkIndex(self._root / INDEX_NAME, now=clock())
         except BaseException:
             os.close(self._lock_fd)
             raise
         try:
             with self._cond:
                 self.repair_report, self._used, self._count = reconcile(self._index, self._root)
+                if self._index.upgraded_from == 1 and drop_malformed(self._index, self._root):
+                    self._used, self._count = self._index.query(
+                        "SELECT used_bytes, chunk_count FROM usage", ()
+                    )[0]
             self._direct = direct_io_works(self._tmp_str) if direct_io is None else direct_io
         except BaseException:
             self._index.close()
@@ -161,9 +183,15 @@ class ChunkStore:
             return self._count
 
     def put(
-        self, chunk_id: ChunkId, data: bytes | bytearray | memoryview, *, lease_s: float
+        self,
+        chunk_id: ChunkId,
+        data: bytes | bytearray | memoryview,
+        *,
+        lease_s: float,
+        source: bytes | None = None,
+        renew_key: bytes | None = None,
     ) -> bool:
-        """Store a chunk durably, or extend the lease of the copy already stored.
+        """Store a chunk durably (a local put of a chunk already stored extends its lease).
 
         Costs one hash, one write and its fsyncs; an existing copy is not re-read.
 
@@ -171,31 +199,33 @@ class ChunkStore:
             chunk_id: The id ``data`` must hash to.
             data: The sealed chunk, at most ``MAX_SEALED_CHUNK_BYTES``; any bytes-like object
                 (not copied, and not kept after the call).
-            lease_s: Seconds from now the chunk must be kept; an existing lease is never shortened.
+            lease_s: Seconds from now the chunk must be kept (at most MAX_LEASE_S are granted).
+            source: The network the chunk came from (core.node_id.network_of), None for this
+                machine. A chunk from the network counts against its source's share of the quota
+                and store rate, and storing it again changes nothing: only a signed renewal
+                extends its lease. A local put of a live chunk extends the lease, never shortens it.
+            renew_key: The file's renewal public key (core.renewal), kept with the chunk; None:
+                only its source network may renew it, unsigned.
 
         Returns:
             True if the chunk was newly stored, False if it was already there.
 
         Raises:
-            BadOption: ``lease_s`` is not a positive finite number.
+            BadOption: ``lease_s`` is not a positive finite number, or ``renew_key`` not 32 bytes.
+            BadChunk: ``data`` is not shaped like a stored chunk (header, kind, size).
             ChunkHashMismatch: ``data`` does not hash to ``chunk_id``.
+            SourceLimitExceeded: ``source`` holds its share of the quota, or stored too fast.
             QuotaExceeded: The chunk does not fit in the quota, even after removing expired chunks.
-            StorageError: ``data`` is larger than any valid chunk, or the disk failed.
+            StorageError: The disk failed.
         """
         size = len(data)
-        if size > MAX_SEALED_CHUNK_BYTES:
-            raise StorageError(
-                f"chunk {short_id(chunk_id)} is {size} bytes, over the "
-                f"{MAX_SEALED_CHUNK_BYTES}-byte limit of any valid chunk; refuse it"
-            )
         lease_s = _check_lease(lease_s)
-        if size < MIN_SEALED_CHUNK_BYTES:
-            raise BadChunk(
-                f"chunk {short_id(chunk_id)} is {size} bytes, under the {MIN_SEALED_CHUNK_BYTES}-byte "
-                "header and seal of any valid chunk; refuse it"
-            )
+        if renew_key is not None and len(renew_key) != RENEW_KEY_BYTES:
+            raise BadOption(f"a renewal key is {RENEW_KEY_BYTES} bytes, got {len(renew_key)}")
+        check_stored_chunk(data)
         verify_chunk(chunk_id, data)
         key = bytes(chunk_id)
+        origin = LOCAL_SOURCE if source is None else bytes(source)
         index = self._index
         with self._cond:
             while key in self._pending:
@@ -203,14 +233,32 @@ class ChunkStore:
             self._check_open()
             now = self._clock()
             # A read first: a new chunk (the usual case) then costs no write transaction here.
-            if index.query("SELECT 1 FROM chunks WHERE id = ?", (key,)):
+            rows = index.query("SELECT lease_expiry FROM chunks WHERE id = ?", (key,))
+            if rows and source is None:
                 index.write(
                     "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) WHERE id = ?",
                     (now + lease_s, key),
                 )
                 return False
+            if rows and float(rows[0][0]) > now:
+                # Storing again is no way around renewal: the lease and the renewal key stay as they are.
+                return False
+            if rows:
+                # Expired, not yet collected: stored afresh, for (and counted against) this source.
+                self._delete_row_locked(chunk_id)
+                unlink_quietly(chunk_file(self._chunks_str, key))
+            if source is not None:
+                self._check_source_locked(origin, size, now)
             self._reserve_locked(chunk_id, size, now)
+            if source is not None:
+                try:
+                    self._rates.take(origin, size)
+                except SourceLimitExceeded:
+                    self._reserved -= size
+                    raise
+                self._reserved_by_source[origin] = self._reserved_by_source.get(origin, 0) + size
             self._pending.add(key)
+        stored = False
         try:
             direct = self._direct
             wrote_direct = write_chunk_file(
@@ -224,21 +272,58 @@ class ChunkStore:
                     self._check_open()
                     now = self._clock()
                     index.write(
-                        "INSERT INTO chunks VALUES (?, ?, ?, ?)", (key, size, now, now + lease_s)
+                        "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                        (key, size, now, now + lease_s, origin, renew_key),
                     )
                 except BaseException:
                     unlink_quietly(chunk_file(self._chunks_str, key))
                     raise
                 self._used += size
                 self._count += 1
+                stored = True
         finally:
             with self._cond:
                 self._pending.discard(key)
                 self._reserved -= size
+                if source is not None:
+                    left = self._reserved_by_source[origin] - size
+                    if left:
+                        self._reserved_by_source[origin] = left
+                    else:
+                        del self._reserved_by_source[origin]
+                    if not stored:
+                        self._rates.refund(origin, size)
                 self._cond.notify_all()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("stored chunk %s (%d bytes)", short_id(chunk_id), size)
         return True
+
+    def source_bytes(self, source: bytes) -> int:
+        """Bytes of the chunks on disk that ``source`` stored (expired ones not yet collected included)."""
+        with self._cond:
+            self._check_open()
+            return self._source_bytes_locked(source)
+
+    def _source_bytes_locked(self, source: bytes) -> int:
+        rows = self._index.query("SELECT used_bytes FROM sources WHERE source = ?", (source,))
+        return int(rows[0][0]) if rows else 0
+
+    def _check_source_locked(self, source: bytes, size: int, now: float) -> None:
+        """Refuse a chunk that would take ``source`` past its share of the quota."""
+        cap = self.limits.cap_bytes(self._quota)
+        if cap >= self._quota:
+            return  # one network may fill the store: the quota alone decides
+
+        def held() -> int:
+            return self._source_bytes_locked(source) + self._reserved_by_source.get(source, 0)
+
+        if held() + size > cap and self._collect_locked(now):
+            log.info("collected expired chunks to make room for %s", describe_source(source))
+        if held() + size > cap:
+            raise SourceLimitExceeded(
+                f"{describe_source(source)} holds {held()} bytes here, and {size} more would pass "
+                f"its {cap}-byte share of the quota; store elsewhere"
+            )
 
     def get(self, chunk_id: ChunkId) -> bytes:
         """Read a live chunk and check its hash; a chunk that rotted on disk is deleted.
@@ -352,11 +437,14 @@ class ChunkStore:
             return [bool(self._index.query(_LIVE_ROW_SQL, (bytes(cid), now))) for cid in ids]
 
     def renew(self, ids: Sequence[ChunkId], *, lease_s: float) -> list[bool]:
-        """Extend the leases of live chunks to at least ``lease_s`` seconds from now.
+        """Extend the leases of live chunks to at least ``lease_s`` seconds from now, whoever stored them.
+
+        For this machine's own duties (a keeper renewing what its own store holds); a request from
+        the network goes through `renew_signed` or `renew_unsigned`.
 
         Args:
             ids: Chunk ids.
-            lease_s: Seconds from now; a longer existing lease is kept.
+            lease_s: Seconds from now (at most MAX_LEASE_S); a longer existing lease is kept.
 
         Returns:
             One bool per id: whether it is live here (and so was renewed).
@@ -366,19 +454,82 @@ class ChunkStore:
             StorageError: The index could not be written.
         """
         lease_s = _check_lease(lease_s)
+        return self._renew_where(ids, lambda now: now + lease_s, "", ())
+
+    def renew_signed(
+        self, ids: Sequence[ChunkId], *, renew_key: bytes, expiry: float
+    ) -> list[bool]:
+        """Extend the live chunks stored with ``renew_key`` to at least ``expiry`` (a ``clock`` time).
+
+        The caller has checked the renewal's signature (core.renewal.check_renewal); at most
+        MAX_LEASE_S from now is granted, and a longer existing lease is kept.
+
+        Returns:
+            One bool per id: whether it is live here with that renewal key (and so was renewed).
+
+        Raises:
+            StorageError: The index could not be written.
+        """
+        key = bytes(renew_key)
+        return self._renew_where(
+            ids, lambda now: min(expiry, now + MAX_LEASE_S), " AND renew_key = ?", (key,)
+        )
+
+    def renew_unsigned(
+        self, ids: Sequence[ChunkId], *, lease_s: float, source: bytes
+    ) -> list[bool]:
+        """Extend the live chunks without a renewal key that ``source`` (a network) stored itself.
+
+        Chunks with a renewal key need `renew_signed`; chunks of unknown source (kept from an index
+        of version 1) cannot be renewed over the network at all.
+
+        Returns:
+            One bool per id: whether it was renewed.
+
+        Raises:
+            BadOption: ``lease_s`` is not a positive finite number.
+            StorageError: The index could not be written.
+        """
+        lease_s = _check_lease(lease_s)
+        if source == LOCAL_SOURCE:
+            return [False] * len(ids)
+        return self._renew_where(
+            ids,
+            lambda now: now + lease_s,
+            " AND renew_key IS NULL AND source = ?",
+            (bytes(source),),
+        )
+
+    def _renew_where(
+        self,
+        ids: Sequence[ChunkId],
+        expiry_of: Callable[[float], float],
+        condition: str,
+        params: tuple[bytes, ...],
+    ) -> list[bool]:
+        """Extend the live ``ids`` that also meet ``condition`` to at least ``expiry_of(now)``."""
+        sql = _RENEW_SQL + condition
         with self._cond:
             self._check_open()
             now = self._clock()
+            expiry = expiry_of(now)
             with self._index.transaction() as db:
                 return [
-                    db.execute(
-                        "UPDATE chunks SET lease_expiry = max(lease_expiry, ?) "
-                        "WHERE id = ? AND lease_expiry > ?",
-                        (now + lease_s, bytes(cid), now),
-                    ).rowcount
-                    == 1
-                    for cid in ids
+                    db.execute(sql, (expiry, bytes(cid), now, *params)).rowcount == 1 for cid in ids
                 ]
+
+    def renew_key(self, chunk_id: ChunkId) -> bytes | None:
+        """The renewal key a live chunk was stored with (None: none, or not live here).
+
+        Repair sends it with the copies it makes, so the file's keeper can renew those too.
+        """
+        with self._cond:
+            self._check_open()
+            rows = self._index.query(
+                "SELECT renew_key FROM chunks WHERE id = ? AND lease_expiry > ?",
+                (bytes(chunk_id), self._clock()),
+            )
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def collect_garbage(self) -> int:
         """Delete every chunk whose lease has expired.

@@ -36,6 +36,7 @@ from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from tests.chunk_bytes import shaped
 from tests.conftest import peer_address
 from tests.integration.test_transfer import holder
 
@@ -259,7 +260,7 @@ async def test_a_holder_that_drops_connections_costs_the_race_delay_not_the_conn
 ) -> None:
     host = peer_address(66, 1)
     async with holder(tmp_path, host) as (server, _store):
-        data = os.urandom(5000)
+        data = shaped(os.urandom(5000))
         chunk_id = chunk_id_of(data)
         with unanswered_listener(peer_address(66, 2)) as hanging:
             async with TransferClient(

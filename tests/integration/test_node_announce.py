@@ -17,6 +17,7 @@ from p2pmega.net.dht import DHTNode
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import Duties, HolderDuties, holder_node
+from tests.chunk_bytes import shaped
 from tests.conftest import peer_address
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,7 @@ async def store_chunks(node: Node, count: int) -> list[ChunkId]:
     ids = []
     async with TransferClient(local_host=peer_address(71, 3)) as client:
         for _ in range(count):
-            data = os.urandom(1000)
+            data = shaped(os.urandom(1000))
             chunk_id = chunk_id_of(data)
             assert await client.store(node.address, chunk_id, data, lease_s=3600)
             ids.append(chunk_id)

@@ -25,6 +25,7 @@ from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.keeper import Keeper
 from p2pmega.replicate.repair import Repairer, RepairPolicy
+from tests.chunk_bytes import chunk_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +43,18 @@ class Net:
     holders: dict[str, Node]
     repairers: dict[str, Repairer]
 
-    async def store(self, data: bytes, *names: str, lease_s: float = LEASE_S) -> ChunkId:
+    async def store(
+        self,
+        data: bytes,
+        *names: str,
+        lease_s: float = LEASE_S,
+        renew_key: bytes | None = None,
+    ) -> ChunkId:
         chunk_id = chunk_id_of(data)
         async with TransferClient(local_host="127.40.9.1") as client:
             for name in names:
-                assert await client.store(self.holders[name].address, chunk_id, data, lease_s)
+                address = self.holders[name].address
+                assert await client.store(address, chunk_id, data, lease_s, renew_key=renew_key)
         return chunk_id
 
     def holding(self, chunk_id: ChunkId) -> set[str]:
@@ -90,8 +98,9 @@ async def network(tmp_path: Path) -> AsyncIterator[Net]:
 async def test_a_lost_copy_is_made_again_in_another_country_with_the_remaining_lease(
     tmp_path: Path,
 ) -> None:
+    renew_key = bytes(range(32))
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
-        chunk_id = await net.store(os.urandom(5000), "de1", "nz1")
+        chunk_id = await net.store(chunk_bytes(5000), "de1", "nz1", renew_key=renew_key)
         await net.holders["nz1"].stop()  # seized
         pushed = await net.rounds("de1", "de2", "is1")
         assert pushed == {"de1": 5000, "de2": 0, "is1": 0}, "de1 alone holds it, so de1 repairs"
@@ -105,13 +114,15 @@ async def test_a_lost_copy_is_made_again_in_another_country_with_the_remaining_l
         assert abs(copy - original) < 10, (
             "the copy carries the chunk's remaining lease, not a new one"
         )
+        # ...and the renewal key the original was stored with, so the file's keeper renews the copy too.
+        assert is1.renew_key(chunk_id) == renew_key
         # The rule holds again: further rounds move nothing.
         assert await net.rounds("de1", "de2", "is1") == {"de1": 0, "de2": 0, "is1": 0}
 
 
 async def test_exactly_one_live_holder_repairs(tmp_path: Path) -> None:
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
-        chunk_id = await net.store(os.urandom(3000), "de1", "de2")  # one country: below the rule
+        chunk_id = await net.store(chunk_bytes(3000), "de1", "de2")  # one country: below the rule
         reports = await asyncio.gather(net.repairers["de1"].round(), net.repairers["de2"].round())
         assert sorted(r.repaired for r in reports) == [0, 1]
         assert sorted(r.left_to_others for r in reports) == [0, 1]
@@ -124,7 +135,7 @@ async def test_two_holders_that_both_think_they_are_responsible_add_one_copy_not
 ) -> None:
     """After a partition heals both sides may act: they pick the same new holder, so the copies stay bounded."""
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
-        chunk_id = await net.store(os.urandom(3000), "de1", "de2")
+        chunk_id = await net.store(chunk_bytes(3000), "de1", "de2")
         for name in ("de1", "de2"):
 
             def always(chunk: ChunkId, holders: list[Candidate], me: Candidate) -> bool:
@@ -144,8 +155,8 @@ async def test_repair_rounds_on_a_healthy_network_move_nothing(
 ) -> None:
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
         for _ in range(3):
-            await net.store(os.urandom(2000), "de1", "nz1")
-            await net.store(os.urandom(2000), "de2", "is1")
+            await net.store(chunk_bytes(2000), "de1", "nz1")
+            await net.store(chunk_bytes(2000), "de2", "is1")
         lookups: list[bytes] = []
         for node in net.holders.values():
             real = node.dht_node.find_providers
@@ -164,7 +175,7 @@ async def test_repair_rounds_on_a_healthy_network_move_nothing(
 
 async def test_a_chunk_about_to_expire_is_not_repaired(tmp_path: Path) -> None:
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
-        chunk_id = await net.store(os.urandom(1000), "de1", lease_s=30.0)
+        chunk_id = await net.store(chunk_bytes(1000), "de1", lease_s=30.0)
         assert await net.rounds("de1") == {"de1": 0}
         assert net.holding(chunk_id) == {"de1"}
 
@@ -190,7 +201,7 @@ async def test_a_restarted_holder_keeps_its_identity_chunks_and_leases_and_annou
 ) -> None:
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
         old = net.holders["de1"]
-        chunk_id = await net.store(os.urandom(4000), "de1", "nz1")
+        chunk_id = await net.store(chunk_bytes(4000), "de1", "nz1")
         assert old.store is not None
         assert old.dht is not None
         node_id, expiry = old.dht.node_id, old.store.lease_expiry(chunk_id)

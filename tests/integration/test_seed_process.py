@@ -18,6 +18,7 @@ from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, chunk_id_of
 from p2pmega.core.wire import Role, StoreRequest, TransferConnection
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import ChunkStore
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port
 from tests.integration.cli_helpers import P2PMEGA, clean_env
 
@@ -80,7 +81,7 @@ def test_bootstrap_node_runs_until_signal_and_exits_0(tmp_path: Path, sig: signa
 
 def test_seed_keeps_acknowledged_chunks_across_a_restart(tmp_path: Path) -> None:
     port = free_port(HOST)
-    data = os.urandom(DEFAULT_CHUNK_SIZE)
+    data = shaped(os.urandom(DEFAULT_CHUNK_SIZE))
     chunk_id = chunk_id_of(data)
 
     async def store_and_ask() -> list[bool]:
@@ -133,7 +134,7 @@ def _kill_while_writing(
     written: list[bytes] = []
     with socket.create_connection((HOST, port), timeout=10) as sock:
         for request_id in range(1, 51):
-            data = os.urandom(DEFAULT_CHUNK_SIZE)
+            data = shaped(os.urandom(DEFAULT_CHUNK_SIZE))
             chunk_id = chunk_id_of(data)
             prefix = chunk_id.hex()[:16]
             final = store_dir / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
@@ -168,7 +169,7 @@ def _kill_while_writing(
 def test_seed_killed_mid_chunk_restarts_consistent(tmp_path: Path) -> None:
     port = free_port(HOST)
     seed = ("seed", "--data-dir", str(tmp_path))
-    kept = os.urandom(1000)
+    kept = shaped(os.urandom(1000))
     with started(*seed, host=HOST, port=port) as proc:
 
         async def store_one() -> None:

@@ -111,9 +111,11 @@ def store_calls(monkeypatch: pytest.MonkeyPatch) -> list[ChunkId]:
     calls: list[ChunkId] = []
     real = TransferClient.store
 
-    async def counting(self: TransferClient, addr: Any, chunk_id: ChunkId, *args: Any) -> bool:
+    async def counting(
+        self: TransferClient, addr: Any, chunk_id: ChunkId, *args: Any, **kwargs: Any
+    ) -> bool:
         calls.append(chunk_id)
-        return await real(self, addr, chunk_id, *args)
+        return await real(self, addr, chunk_id, *args, **kwargs)
 
     monkeypatch.setattr(TransferClient, "store", counting)
     return calls

@@ -42,6 +42,7 @@ from p2pmega.errors import (
 )
 from p2pmega.storage import ChunkStore
 from p2pmega.storage import files as storage_files
+from tests.chunk_bytes import shaped
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ MIN = MIN_SEALED_CHUNK_BYTES
 
 
 def make_chunk(size: int, seed: int = 0) -> tuple[ChunkId, bytes]:
-    data = random.Random(seed).randbytes(size)
+    data = shaped(random.Random(seed).randbytes(size))
     return chunk_id_of(data), data
 
 
@@ -326,7 +327,7 @@ def test_put_of_stored_chunk_returns_false_and_never_shortens_lease(
 
 def test_put_with_wrong_id_is_rejected_and_leaves_nothing(store: ChunkStore) -> None:
     chunk_id, data = make_chunk(5000)
-    tampered = bytes([data[0] ^ 1]) + data[1:]
+    tampered = data[:10] + bytes([data[10] ^ 1]) + data[11:]
     with pytest.raises(ChunkHashMismatch):
         store.put(chunk_id, tampered, lease_s=60)
     assert store.has_many([chunk_id, chunk_id_of(tampered)]) == [False, False]
@@ -335,11 +336,10 @@ def test_put_with_wrong_id_is_rejected_and_leaves_nothing(store: ChunkStore) -> 
     assert_consistent(store)
 
 
-def test_put_larger_than_any_chunk_is_refused_as_storage_error(store: ChunkStore) -> None:
+def test_put_larger_than_any_chunk_is_refused_as_bad_chunk(store: ChunkStore) -> None:
     chunk_id, data = make_chunk(MAX_SEALED_CHUNK_BYTES + 1)
-    with pytest.raises(StorageError, match=str(MAX_SEALED_CHUNK_BYTES)) as info:
+    with pytest.raises(BadChunk, match=str(MAX_SEALED_CHUNK_BYTES)):
         store.put(chunk_id, data, lease_s=60)
-    assert not isinstance(info.value, QuotaExceeded)
     assert store.used_bytes == 0
 
 
@@ -663,9 +663,9 @@ def test_second_open_of_same_directory_is_refused(tmp_path: Path) -> None:
 def test_index_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     ChunkStore(tmp_path).close()
     with sqlite3.connect(tmp_path / "index.sqlite3") as db:
-        db.execute("UPDATE schema_version SET version = 2")
+        db.execute("UPDATE schema_version SET version = 3")
     db.close()
-    with pytest.raises(StoreCorrupt, match="schema version 2"):
+    with pytest.raises(StoreCorrupt, match="schema version 3"):
         ChunkStore(tmp_path)
 
 
@@ -705,7 +705,7 @@ out = threading.Lock()
 def writer(seed):
     rng = random.Random(seed)
     while True:
-        data = os.urandom(rng.randint(64, 1 << 20))
+        data = bytes((2, 0)) + os.urandom(rng.randint(64, 1 << 20))  # a v2 data chunk's header
         chunk_id = chunk_id_of(data)
         store.put(chunk_id, data, lease_s=3600)
         with out:

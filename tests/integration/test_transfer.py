@@ -32,11 +32,14 @@ from p2pmega.net import buffers, transfer_client, transfer_server
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
+from p2pmega.storage.sources import SourceLimits
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
 
 STEP_S = 10.0
+DEFAULT_LIMITS = SourceLimits()
 
 
 @contextlib.asynccontextmanager
@@ -47,9 +50,13 @@ async def holder(
     quota_bytes: int = 64 << 20,
     on_stored=None,
     clock: Callable[[], float] = time.time,
+    limits: SourceLimits = DEFAULT_LIMITS,
+    node_id: bytes | None = None,
 ) -> AsyncIterator[tuple[TransferServer, ChunkStore]]:
-    store = ChunkStore(tmp_path / host, quota_bytes=quota_bytes, clock=clock)
-    server = TransferServer(store, host=host, port=free_port(host), on_stored=on_stored)
+    store = ChunkStore(tmp_path / host, quota_bytes=quota_bytes, clock=clock, limits=limits)
+    server = TransferServer(
+        store, host=host, port=free_port(host), on_stored=on_stored, node_id=node_id
+    )
     try:
         async with asyncio.timeout(STEP_S):
             await server.start()
@@ -87,7 +94,7 @@ async def fake_holder(host: str, answer: str) -> AsyncIterator[int]:
 
 
 def random_chunk(size: int) -> tuple[ChunkId, bytes]:
-    data = os.urandom(size)
+    data = shaped(os.urandom(size))
     return chunk_id_of(data), data
 
 
@@ -189,7 +196,10 @@ async def test_client_drops_its_idle_pooled_connections(
 
 async def test_quota_refusal_is_quota_exceeded(tmp_path: Path) -> None:
     host = peer_address(1, 1)
-    async with holder(tmp_path, host, quota_bytes=10_000) as (server, store):
+    # One network may fill the whole quota here: this is the quota's refusal, not the per-network share's.
+    async with holder(
+        tmp_path, host, quota_bytes=10_000, limits=SourceLimits(network_share=1.0)
+    ) as (server, store):
         addr = (host, server.port)
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
             small_id, small = random_chunk(6_000)
@@ -209,7 +219,7 @@ async def test_bad_hash_store_is_refused(tmp_path: Path) -> None:
         cid, _ = random_chunk(500)
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
             with pytest.raises(errors.ChunkHashMismatch, match="do not match"):
-                await client.store(addr, cid, b"not the chunk" * 4, 60)
+                await client.store(addr, cid, shaped(b"not the chunk" * 4), 60)
             with pytest.raises(errors.ChunkNotStored):
                 await client.fetch(addr, cid)
         assert store.ids() == []

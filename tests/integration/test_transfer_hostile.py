@@ -32,6 +32,7 @@ from p2pmega.core.wire import (
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,7 @@ class Holder:
 @pytest.fixture
 async def holder(tmp_path: Path) -> AsyncIterator[Holder]:
     store = ChunkStore(tmp_path / "store", quota_bytes=64 * MiB)
-    data = os.urandom(MiB)
+    data = shaped(os.urandom(MiB))
     chunk_id = chunk_id_of(data)
     store.put(chunk_id, data, lease_s=3600)
     server = TransferServer(store, host=HOLDER, port=free_port(HOLDER), limits=LIMITS)
@@ -199,7 +200,7 @@ async def test_each_frame_gets_its_own_deadline_on_a_busy_connection(tmp_path: P
         store, host=HOLDER, port=0, limits=ServerLimits(stall_timeout_s=timeout_s)
     )
     conn = TransferConnection(role=Role.CLIENT)
-    chunks = [os.urandom(1000) for _ in range(4)]
+    chunks = [shaped(os.urandom(1000)) for _ in range(4)]
     wire = b"".join(
         b"".join(conn.send(StoreRequest(i + 1, chunk_id_of(data), 60, data)))
         for i, data in enumerate(chunks)
@@ -236,7 +237,7 @@ async def test_chunk_not_matching_its_id_gets_bad_hash_and_connection_lives(hold
     conn = TransferConnection(role=Role.CLIENT)
     forged_id = chunk_id_of(b"the real chunk")
     async with raw_connection(holder.server.port) as (reader, writer):
-        writer.writelines(conn.send(StoreRequest(1, forged_id, 60, b"something else" * 4)))
+        writer.writelines(conn.send(StoreRequest(1, forged_id, 60, shaped(b"something else" * 4))))
         writer.writelines(conn.send(FetchRequest(2, forged_id)))
         replies: list[Error] = []
         async with asyncio.timeout(STEP_S):

@@ -20,6 +20,7 @@ from p2pmega.net.pump import Layer, LayerStack, PlainLayer
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import TransferServer
 from p2pmega.storage import ChunkStore
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ async def test_a_transforming_layer_carries_every_request(tmp_path: Path) -> Non
     client_layers: list[XorLayer] = []
     store = ChunkStore(tmp_path / "store", quota_bytes=64 << 20)
     server = TransferServer(store, host=host, port=free_port(host), layers=stack(server_layers))
-    data = os.urandom(300_000)  # larger than the layer's 64 KiB reads
+    data = shaped(os.urandom(300_000))  # larger than the layer's 64 KiB reads
     chunk_id = chunk_id_of(data)
     try:
         async with asyncio.timeout(STEP_S):

@@ -20,6 +20,7 @@ from p2pmega.core.wire import (
     ErrorCode,
 )
 from p2pmega.net.transfer_client import TransferClient
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 from tests.integration.test_transfer import holder
 
@@ -40,7 +41,7 @@ class Clock:
 
 
 def chunk(size: int) -> tuple[ChunkId, bytes]:
-    data = os.urandom(size)
+    data = shaped(os.urandom(size))
     return chunk_id_of(data), data
 
 
@@ -91,7 +92,8 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
 ) -> None:
     """What a version-1 holder older than LEASES does with it (docs/PROTOCOL.md, "Versioning").
 
-    0x06 is unknown to this holder as 0x05 (LEASES) was to the holders before it: the request is
+    0x08 is unknown to this holder as 0x05 (LEASES) and 0x06/0x07 (STORE_KEYED, RENEW_SIGNED) were to the holders
+    before them: the request is
     answered with BAD_REQUEST under its own id, and the connection is closed.
     """
     host = peer_address(1, 3)
@@ -101,12 +103,12 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
         )
         try:
             body = struct.pack(">H", 1) + bytes(32)
-            writer.write(struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x06, 5) + body)
+            writer.write(struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x08, 5) + body)
             async with asyncio.timeout(STEP_S):
                 received = await reader.read()  # until the holder closes
         finally:
             writer.close()
-        message = b"unknown message type 0x06"
+        message = b"unknown message type 0x08"
         error = struct.pack(
             ">IBBIB", 7 + len(message), PROTOCOL_VERSION, 0xFF, 5, ErrorCode.BAD_REQUEST
         )

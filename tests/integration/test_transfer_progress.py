@@ -30,6 +30,7 @@ from p2pmega.core.wire import (
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
+from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ CLIENT = peer_address(2, 1)
 
 
 def random_chunk(size: int) -> tuple[ChunkId, bytes]:
-    data = os.urandom(size)
+    data = shaped(os.urandom(size))
     return chunk_id_of(data), data
 
 

@@ -17,6 +17,7 @@ from p2pmega.errors import (
     PeerRefused,
     PeerUnreachable,
     PlacementImpossible,
+    SourceLimitExceeded,
     TransferTimeout,
 )
 from p2pmega.node import Node
@@ -36,8 +37,19 @@ class FakeClient:
     script: dict[Address, list[P2PMegaError]] = field(default_factory=dict)
     calls: Counter[Address] = field(default_factory=Counter)
 
-    async def store(self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float) -> bool:
+    keys: list[bytes | None] = field(default_factory=list)
+
+    async def store(
+        self,
+        addr: Address,
+        chunk_id: ChunkId,
+        data: bytes,
+        lease_s: float,
+        *,
+        renew_key: bytes | None = None,
+    ) -> bool:
         self.calls[addr] += 1
+        self.keys.append(renew_key)
         queued = self.script.get(addr)
         if queued:
             raise queued.pop(0)
@@ -82,6 +94,20 @@ async def test_a_refused_connection_drops_the_holder_at_once() -> None:
     assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
     assert client.calls[addr(NZ)] == 1
     assert p.dead == {addr(NZ)}
+
+
+async def test_a_holder_refusing_our_network_is_treated_as_full_and_replaced() -> None:
+    # SOURCE_LIMIT: our /24 used its share of that holder (issue 16); another holder takes the chunk.
+    client = FakeClient({addr(NZ): [SourceLimitExceeded("share used")]})
+    p = placer(client, [DE, NZ, NZ2])
+    p.renew_key = b"k" * 32
+    stored = await p.place(CHUNK, b"data")
+    assert {addr(c) for c in stored} == {addr(DE), addr(NZ2)}
+    assert client.calls[addr(NZ)] == 1
+    assert p.full == {addr(NZ)}
+    assert not p.dead
+    # Every store carried the file's renewal key.
+    assert client.keys == [b"k" * 32] * 3
 
 
 async def test_a_holder_that_keeps_failing_is_replaced_then_dropped() -> None:

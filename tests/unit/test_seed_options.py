@@ -18,6 +18,7 @@ from p2pmega.core.duration import format_duration, parse_duration
 from p2pmega.core.magnet import KeepCap, ReadCap, format_link
 from p2pmega.errors import BadLink, BadOption, StorageError
 from p2pmega.storage.links import LinkEntry, load_links, record_link
+from p2pmega.storage.sources import SourceLimits
 
 
 def read_link(seed: int = 1) -> str:
@@ -162,3 +163,16 @@ def test_share_and_seed_refuse_a_lease_longer_than_holders_grant(tmp_path: Path)
         asyncio.run(share(tmp_path / "never-read", net=net, lease_s=91 * 86400))
     with pytest.raises(BadOption, match=r"--lease-days 120: give more than 0 and at most 90"):
         options(tmp_path, lease_days=120.0)
+
+
+def test_network_share_and_rate_reach_the_store_limits(tmp_path: Path) -> None:
+    chosen = options(tmp_path, network_share=0.5, network_rate="64MiB")
+    assert chosen.source_limits == SourceLimits(network_share=0.5, rate_bytes_per_min=64 << 20)  # type: ignore[attr-defined]
+    default = options(tmp_path)
+    assert default.source_limits == SourceLimits()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5, float("nan")])
+def test_a_network_share_outside_0_to_1_is_refused(tmp_path: Path, share: float) -> None:
+    with pytest.raises(BadOption, match="network share"):
+        options(tmp_path, network_share=share)

@@ -24,6 +24,9 @@ ADDR = ("127.0.0.1", 9)
         # A rotten copy found by a fetch was dropped: the holder no longer has it.
         (FETCH, errors.ChunkHashMismatch("rot"), ErrorCode.NOT_FOUND),
         (STORE, errors.BadOption("lease"), ErrorCode.BAD_REQUEST),
+        (STORE, errors.BadChunk("header"), ErrorCode.BAD_CHUNK),
+        (STORE, errors.SourceLimitExceeded("share"), ErrorCode.SOURCE_LIMIT),
+        (FETCH, errors.BadSignature("renewal"), ErrorCode.BAD_RENEWAL),
         (STORE, errors.StoreCorrupt("index"), ErrorCode.INTERNAL),
         (FETCH, OSError(5, "Input/output error", "/secret/path"), ErrorCode.INTERNAL),
     ],
@@ -53,6 +56,9 @@ def test_every_code_raises_what_the_table_says(code: ErrorCode) -> None:
         (errors.ChunkNotStored("x"), FETCH),
         (errors.QuotaExceeded("x"), STORE),
         (errors.ChunkHashMismatch("x"), STORE),
+        (errors.BadChunk("x"), STORE),
+        (errors.SourceLimitExceeded("x"), STORE),
+        (errors.BadSignature("x"), FETCH),
     ],
 )
 def test_the_client_raises_what_the_holder_caught(exc: Exception, request_) -> None:

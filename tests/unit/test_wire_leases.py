@@ -29,7 +29,21 @@ CID = chunk_id_of(b"hello")
 
 
 def test_message_types_follow_the_existing_ones() -> None:
-    assert [int(t) for t in MessageType] == [1, 2, 3, 4, 5, 0x81, 0x82, 0x83, 0x84, 0x85, 0xFF]
+    assert [int(t) for t in MessageType] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        0x81,
+        0x82,
+        0x83,
+        0x84,
+        0x85,
+        0xFF,
+    ]
     assert (int(MessageType.LEASES), int(MessageType.LEASES_REPLY)) == (0x05, 0x85)
 
 

@@ -27,6 +27,8 @@ def test_vectors_cover_every_message_type() -> None:
         "HasRequest",
         "RenewRequest",
         "LeasesRequest",
+        "KeyedStoreRequest",
+        "RenewSignedRequest",
         "StoreOK",
         "ChunkData",
         "HasReply",

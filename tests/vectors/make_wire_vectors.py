@@ -20,10 +20,12 @@ from p2pmega.core.wire import (
     FetchRequest,
     HasReply,
     HasRequest,
+    KeyedStoreRequest,
     LeasesReply,
     LeasesRequest,
     RenewReply,
     RenewRequest,
+    RenewSignedRequest,
     Role,
     StoreOK,
     StoreRequest,
@@ -51,7 +53,8 @@ def exchanges() -> list[tuple[str, Any, Any]]:
         ("has-17", HasRequest(6, _ids(17)), HasReply(6, tuple(i % 3 == 0 for i in range(17)))),
         ("renew", RenewRequest(7, _ids(2), 86400), RenewReply(7, (False, True))),
     ]
-    for code in ErrorCode:
+    # The codes of the first release; later ones are appended below.
+    for code in (c for c in ErrorCode if c <= ErrorCode.INTERNAL):
         rid = 100 + int(code)
         cases.append((f"error-{code.name.lower()}", FetchRequest(rid, CID), Error(rid, code, "")))
     cases.append(
@@ -65,6 +68,25 @@ def exchanges() -> list[tuple[str, Any, Any]]:
     cases.append(
         ("leases", LeasesRequest(9, _ids(3)), LeasesReply(9, (0, 3600, MAX_LEASE_S))),
     )
+    # Storage limits and renewal capabilities (issue 16): two new requests and three new codes.
+    renew_key = bytes(range(32))
+    cases.append(
+        (
+            "store-keyed",
+            KeyedStoreRequest(10, CID, 3600, BODY, renew_key=renew_key),
+            StoreOK(10, True),
+        )
+    )
+    cases.append(
+        (
+            "renew-signed",
+            RenewSignedRequest(11, _ids(2), 1_800_000_000, renew_key, bytes(range(64))),
+            RenewReply(11, (True, False)),
+        )
+    )
+    for code in (c for c in ErrorCode if c > ErrorCode.INTERNAL):
+        rid = 100 + int(code)
+        cases.append((f"error-{code.name.lower()}", FetchRequest(rid, CID), Error(rid, code, "")))
     return cases
 
 

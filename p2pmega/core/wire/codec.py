@@ -25,12 +25,14 @@ from p2pmega.core.wire.events import (
     FetchRequest,
     HasReply,
     HasRequest,
+    KeyedStoreRequest,
     LeasesReply,
     LeasesRequest,
     MessageType,
     ProtocolViolation,
     RenewReply,
     RenewRequest,
+    RenewSignedRequest,
     Reply,
     Request,
     StoreOK,
@@ -40,6 +42,8 @@ from p2pmega.core.wire.events import (
 # Frame header: u32 length of everything after the prefix, u8 version, u8 type, u32 request id.
 HEADER: Final = struct.Struct(">IBBI")
 STORE_FIXED: Final = struct.Struct(">32sI")  # chunk id, lease seconds
+STORE_KEYED_FIXED: Final = struct.Struct(">32sI32s")  # chunk id, lease seconds, renewal key
+_RENEW_SIGNED_FIXED: Final = struct.Struct(">Q32s64sH")  # expiry, renewal key, signature, count
 _RENEW_FIXED: Final = struct.Struct(">IH")  # lease seconds, id count
 _COUNT: Final = struct.Struct(">H")
 _SECONDS: Final = struct.Struct(">I")
@@ -154,6 +158,31 @@ def decode_store_request(request_id: int, body: memoryview, data: bool = True) -
     return StoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk)
 
 
+def encode_keyed_store_request(event: KeyedStoreRequest) -> Body:
+    fixed, data = encode_store_request(event)
+    if len(event.renew_key) != 32:
+        raise ValueError(f"a renewal key is 32 bytes, got {len(event.renew_key)}")
+    return fixed + event.renew_key, data
+
+
+def decode_keyed_store_request(
+    request_id: int, body: memoryview, data: bool = True
+) -> KeyedStoreRequest:
+    if len(body) < STORE_KEYED_FIXED.size:
+        raise bad("STORE_KEYED frame is too short", request_id)
+    chunk_id, lease_s, renew_key = STORE_KEYED_FIXED.unpack_from(body)
+    if lease_s == 0:
+        raise bad("STORE_KEYED lease must be at least 1 second", request_id)
+    if len(body) - STORE_KEYED_FIXED.size > MAX_SEALED_CHUNK_BYTES:
+        raise bad(
+            f"chunk of {len(body) - STORE_KEYED_FIXED.size} bytes exceeds the maximum",
+            request_id,
+            ErrorCode.TOO_LARGE,
+        )
+    chunk = bytes(body[STORE_KEYED_FIXED.size :]) if data else b""
+    return KeyedStoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk, renew_key=renew_key)
+
+
 def encode_fetch_request(event: FetchRequest) -> Body:
     check_chunk_id(event.chunk_id)
     return bytes(event.chunk_id), b""
@@ -190,6 +219,29 @@ def decode_renew_request(request_id: int, body: memoryview, data: bool = True) -
         raise bad("RENEW lease must be at least 1 second", request_id)
     ids = _decode_ids(MessageType.RENEW, request_id, body, _RENEW_FIXED.size - _COUNT.size)
     return RenewRequest(request_id, ids, lease_s)
+
+
+def encode_renew_signed_request(event: RenewSignedRequest) -> Body:
+    check_ids(event.ids)
+    if not 0 <= event.expiry_s < 2**64:
+        raise ValueError(f"expiry_s must be a u64, got {event.expiry_s}")
+    if len(event.renew_key) != 32 or len(event.signature) != 64:
+        raise ValueError("a renewal key is 32 bytes and its signature 64")
+    fixed = _RENEW_SIGNED_FIXED.pack(
+        event.expiry_s, event.renew_key, event.signature, len(event.ids)
+    )
+    return fixed + b"".join(event.ids), b""
+
+
+def decode_renew_signed_request(
+    request_id: int, body: memoryview, data: bool = True
+) -> RenewSignedRequest:
+    if len(body) < _RENEW_SIGNED_FIXED.size:
+        raise bad("RENEW_SIGNED frame is too short", request_id)
+    expiry_s, renew_key, signature, _ = _RENEW_SIGNED_FIXED.unpack_from(body)
+    offset = _RENEW_SIGNED_FIXED.size - _COUNT.size
+    ids = _decode_ids(MessageType.RENEW_SIGNED, request_id, body, offset)
+    return RenewSignedRequest(request_id, ids, expiry_s, renew_key, signature)
 
 
 def encode_leases_request(event: LeasesRequest) -> Body:
@@ -284,6 +336,8 @@ ENCODERS: Final[dict[type[Request | Reply], tuple[MessageType, Callable[[Any], B
     HasRequest: (MessageType.HAS, encode_has_request),
     RenewRequest: (MessageType.RENEW, encode_renew_request),
     LeasesRequest: (MessageType.LEASES, encode_leases_request),
+    KeyedStoreRequest: (MessageType.STORE_KEYED, encode_keyed_store_request),
+    RenewSignedRequest: (MessageType.RENEW_SIGNED, encode_renew_signed_request),
     StoreOK: (MessageType.STORE_OK, encode_store_ok),
     ChunkData: (MessageType.CHUNK_DATA, encode_chunk_data),
     HasReply: (MessageType.HAS_REPLY, encode_has_reply),
@@ -297,6 +351,8 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
     MessageType.HAS: decode_has_request,
     MessageType.RENEW: decode_renew_request,
     MessageType.LEASES: decode_leases_request,
+    MessageType.STORE_KEYED: decode_keyed_store_request,
+    MessageType.RENEW_SIGNED: decode_renew_signed_request,
     MessageType.STORE_OK: decode_store_ok,
     MessageType.CHUNK_DATA: decode_chunk_data,
     MessageType.HAS_REPLY: decode_has_reply,
@@ -307,5 +363,6 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
 # How many bytes of a hand-over frame's body precede its data (see buffer.py).
 DATA_OFFSET: Final[dict[MessageType, int]] = {
     MessageType.STORE: STORE_FIXED.size,
+    MessageType.STORE_KEYED: STORE_KEYED_FIXED.size,
     MessageType.CHUNK_DATA: CHUNK_ID_BYTES,
 }

@@ -6,6 +6,7 @@ encoded and decoded by codec.py and received into buffer.py.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -38,6 +39,7 @@ from p2pmega.core.wire.events import (
     ProtocolViolation,
     RenewReply,
     RenewRequest,
+    RenewSignedRequest,
     Reply,
     Request,
     Role,
@@ -46,7 +48,10 @@ from p2pmega.core.wire.events import (
 )
 
 # Which large frames each role receives with their data handed over (no copy of the chunk).
-_HANDED_OVER: Final = {Role.SERVER: MessageType.STORE, Role.CLIENT: MessageType.CHUNK_DATA}
+_HANDED_OVER: Final = {
+    Role.SERVER: frozenset({MessageType.STORE, MessageType.STORE_KEYED}),
+    Role.CLIENT: frozenset({MessageType.CHUNK_DATA}),
+}
 
 
 @dataclass
@@ -61,7 +66,7 @@ class _Outstanding:
 def _outstanding(kind: MessageType, event: Request) -> _Outstanding:
     if isinstance(event, FetchRequest):
         return _Outstanding(kind, chunk_id=event.chunk_id)
-    if isinstance(event, HasRequest | RenewRequest | LeasesRequest):
+    if isinstance(event, HasRequest | RenewRequest | LeasesRequest | RenewSignedRequest):
         return _Outstanding(kind, count=len(event.ids))
     return _Outstanding(kind)
 
@@ -360,10 +365,10 @@ class TransferConnection:
         pending = self._check_turn(kind, request_id)
         decode = DECODERS[kind]
         event: Event
-        if kind is _HANDED_OVER[self.role] and receive.can_hand_over(frame):
+        if kind in _HANDED_OVER[self.role] and receive.can_hand_over(frame):
             event, data = receive.hand_over(frame, decode, DATA_OFFSET[kind])
             if isinstance(event, StoreRequest):
-                event = StoreRequest(event.request_id, event.chunk_id, event.lease_s, data)
+                event = dataclasses.replace(event, data=data)
             elif isinstance(event, ChunkData):
                 event = ChunkData(event.request_id, event.chunk_id, data)
         else:

@@ -52,6 +52,8 @@ class MessageType(enum.IntEnum):
     HAS = 0x03
     RENEW = 0x04
     LEASES = 0x05  # new in version 1 (docs/PROTOCOL.md, "Versioning")
+    STORE_KEYED = 0x06  # a STORE carrying the file's renewal key; answered by STORE_OK
+    RENEW_SIGNED = 0x07  # a renewal signed with that key; answered by RENEW_REPLY
     STORE_OK = 0x81
     CHUNK_DATA = 0x82
     HAS_REPLY = 0x83
@@ -71,6 +73,9 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 6
     BUSY = 7
     INTERNAL = 8
+    BAD_CHUNK = 9  # the data is not shaped like a stored chunk (header, size)
+    SOURCE_LIMIT = 10  # the sender's /24 (/48) used its share of the quota, or its store rate
+    BAD_RENEWAL = 11  # a signed renewal whose signature does not verify at this holder
 
 
 class Sentinel(enum.Enum):
@@ -98,6 +103,16 @@ class StoreRequest:
 
 
 @dataclass(frozen=True)
+class KeyedStoreRequest(StoreRequest):
+    """A StoreRequest that also hands the holder the file's renewal key (core.renewal).
+
+    Only a RenewSignedRequest signed by that key extends the chunk's lease afterwards.
+    """
+
+    renew_key: bytes = field(default=b"", kw_only=True)
+
+
+@dataclass(frozen=True)
 class FetchRequest:
     """Send the bytes stored under ``chunk_id``."""
 
@@ -120,6 +135,21 @@ class RenewRequest:
     request_id: int
     ids: tuple[ChunkId, ...]
     lease_s: int
+
+
+@dataclass(frozen=True)
+class RenewSignedRequest:
+    """Extend each held id whose renewal key is ``renew_key`` to at least ``expiry_s`` (Unix seconds).
+
+    ``signature`` is ``renew_key``'s signature over the holder's node id, ``expiry_s`` and ``ids``
+    (core.renewal.renewal_message); a holder grants at most its longest lease from now.
+    """
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+    expiry_s: int
+    renew_key: bytes
+    signature: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -189,7 +219,9 @@ class ConnectionClosed:
     """The peer closed its sending side at a frame boundary."""
 
 
-Request = StoreRequest | FetchRequest | HasRequest | RenewRequest | LeasesRequest
+Request = (
+    StoreRequest | FetchRequest | HasRequest | RenewRequest | LeasesRequest | RenewSignedRequest
+)
 Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | Error
 Event = Request | Reply | ConnectionClosed
 
@@ -200,9 +232,18 @@ REPLY_FOR: Final[dict[MessageType, MessageType]] = {
     MessageType.HAS: MessageType.HAS_REPLY,
     MessageType.RENEW: MessageType.RENEW_REPLY,
     MessageType.LEASES: MessageType.LEASES_REPLY,
+    MessageType.STORE_KEYED: MessageType.STORE_OK,
+    MessageType.RENEW_SIGNED: MessageType.RENEW_REPLY,
 }
 # The request types, for isinstance checks.
-REQUEST_TYPES: Final = (StoreRequest, FetchRequest, HasRequest, RenewRequest, LeasesRequest)
+REQUEST_TYPES: Final = (
+    StoreRequest,
+    FetchRequest,
+    HasRequest,
+    RenewRequest,
+    LeasesRequest,
+    RenewSignedRequest,
+)
 
 
 class ProtocolViolation(RemoteProtocolError):
