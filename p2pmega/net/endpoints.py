@@ -29,6 +29,7 @@ async def bind_endpoints(
     read_only: bool,
     store: ChunkStore | None,
     on_stored: Callable[[ChunkId], None],
+    identity_seed: bytes | None = None,
 ) -> tuple[DHTNode, TransferServer | None]:
     """Start the DHT node and, when there is a ``store`` to serve, the transfer server on the same port number.
 
@@ -50,7 +51,9 @@ async def bind_endpoints(
             return dht, None
         from p2pmega.net.transfer_server import TransferServer
 
-        server = TransferServer(store, host=host, port=dht.port, on_stored=on_stored)
+        server = TransferServer(
+            store, host=host, port=dht.port, on_stored=on_stored, identity_seed=identity_seed
+        )
         try:
             await server.start()
         except OSError as exc:

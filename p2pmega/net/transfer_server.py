@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.core.crypto import new_signing_seed
+from p2pmega.core.node_id import network_of
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     MAX_FRAME_BYTES,
@@ -38,8 +40,10 @@ from p2pmega.core.wire import (
     Timeouts,
     TransferConnection,
 )
+from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.pump import LayerStack, PlainLayer, Pump
+from p2pmega.net.channel import channel_layers
+from p2pmega.net.pump import LayerStack, Pump
 from p2pmega.net.transfer_workers import Chunk, Workers
 
 if TYPE_CHECKING:
@@ -56,7 +60,9 @@ class ServerLimits:
     """Hard limits of a TransferServer; the reason for each default is in docs/PROTOCOL.md."""
 
     max_connections: int = 128
-    max_connections_per_ip: int = 8
+    # Per IPv4 /24 or IPv6 /48 (core.node_id.network_of): addresses within one network are cheap
+    # to hold many of, so the network is what counts (issue 16).
+    max_connections_per_network: int = 8
     max_inflight_per_connection: int = 8
     max_inflight_per_ip: int = 16
     max_inflight_total: int = 32
@@ -64,18 +70,27 @@ class ServerLimits:
     stall_timeout_s: float = 30.0
     min_rate_bytes_s: int = 4096
     max_frame_bytes: int = MAX_FRAME_BYTES
+    # A connection must finish the channel handshake this soon after it was accepted: three small
+    # messages and one round trip, so 5 s is far above any real path and short enough that a
+    # stranger cannot hold a slot without at least proving a key.
+    handshake_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
             "max_connections",
-            "max_connections_per_ip",
+            "max_connections_per_network",
             "max_inflight_per_connection",
             "max_inflight_per_ip",
             "max_inflight_total",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLimits.{name} must be at least 1")
-        if self.idle_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.min_rate_bytes_s <= 0:
+        if (
+            self.idle_timeout_s <= 0
+            or self.stall_timeout_s <= 0
+            or self.min_rate_bytes_s <= 0
+            or self.handshake_timeout_s <= 0
+        ):
             raise ValueError("ServerLimits timeouts and rates must be positive")
 
 
@@ -94,13 +109,25 @@ class TransferServer:
         port: int,
         on_stored: Callable[[ChunkId], None] | None = None,
         limits: ServerLimits = ServerLimits(),
-        layers: LayerStack = PlainLayer,
+        identity_seed: bytes | None = None,
+        layers: LayerStack | None = None,
     ) -> None:
+        """Serve ``store`` on ``host:port`` once started.
+
+        Args:
+            identity_seed: The node's Ed25519 seed, whose key every client sees proven in the
+                channel handshake (a throwaway one if None: the holder then has no lasting id).
+            layers: Between each socket and its wire; the authenticated channel unless a test
+                passes another stack (net.pump.PlainLayer exercises the wire alone).
+        """
         self._store = store
         self._host = host
         self._requested_port = port
         self._on_stored = on_stored
         self.limits = limits
+        if layers is None:
+            seed = identity_seed if identity_seed is not None else new_signing_seed()
+            layers = channel_layers(Role.SERVER, seed)
         self.layers = layers  # between each socket and its wire (net.pump)
         self.port = port
         self._server: asyncio.Server | None = None
@@ -108,6 +135,8 @@ class TransferServer:
         self.buffers = BufferPool()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
+        self._per_network: dict[bytes, set[_Connection]] = {}
+        self.evicted = 0  # connections dropped to make room for a newcomer (for tests and logs)
         self._inflight_per_ip: Counter[str] = Counter()
         self._inflight_total = 0
         # Connections that stopped reading for want of an in-flight slot, in arrival order.
@@ -169,17 +198,41 @@ class TransferServer:
     # -- used by _Connection -----------------------------------------------------------------------
 
     def admit(self, connection: _Connection) -> bool:
-        limits = self.limits
-        ip = connection.ip
-        if (
-            self._stopping
-            or len(self._connections) >= limits.max_connections
-            or self._per_ip[ip] >= limits.max_connections_per_ip
-        ):
+        """Take ``connection`` in, making room by dropping an idle one if a limit is reached.
+
+        Fair rather than first come (issue 16): when the newcomer's network is at its cap, that
+        network's longest-idle connection goes; when the server is full, the longest-idle one of
+        the network holding most connections goes. Only if no connection is idle is the newcomer
+        refused (BUSY).
+        """
+        if self._stopping:
             return False
+        limits = self.limits
+        own = self._per_network.get(connection.network, set())
+        if len(own) >= limits.max_connections_per_network:
+            if not self._evict_from([own]):
+                return False
+        elif len(self._connections) >= limits.max_connections:
+            by_size = sorted(self._per_network.values(), key=len, reverse=True)
+            if not self._evict_from(by_size):
+                return False
         self._connections.add(connection)
-        self._per_ip[ip] += 1
+        self._per_ip[connection.ip] += 1
+        self._per_network.setdefault(connection.network, set()).add(connection)
         return True
+
+    def _evict_from(self, networks: list[set[_Connection]]) -> bool:
+        """Drop the longest-idle connection of the first network in ``networks`` that has one."""
+        for members in networks:
+            idle = [c for c in members if c.idle]
+            if idle:
+                victim = min(idle, key=lambda c: c.last_active)
+                log.debug("dropping idle connection from %s to make room", victim.ip)
+                victim.abort()
+                self.forget(victim)
+                self.evicted += 1
+                return True
+        return False
 
     def forget(self, connection: _Connection) -> None:
         if connection in self._connections:
@@ -187,6 +240,11 @@ class TransferServer:
             self._per_ip[connection.ip] -= 1
             if not self._per_ip[connection.ip]:
                 del self._per_ip[connection.ip]
+            members = self._per_network.get(connection.network)
+            if members is not None:
+                members.discard(connection)
+                if not members:
+                    del self._per_network[connection.network]
         self._blocked.pop(connection, None)
 
     def has_slot(self, connection: _Connection) -> bool:
@@ -259,6 +317,9 @@ class _Connection(Pump):
             layers=server.layers,
         )
         self.ip = "?"
+        self.network = b""
+        self.last_active = self.loop.time()  # last byte received or reply written
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
@@ -269,29 +330,64 @@ class _Connection(Pump):
         """Requests of this connection holding an in-flight slot."""
         return len(self._inflight)
 
+    @property
+    def idle(self) -> bool:
+        """True if dropping it loses no work: no request in flight or waiting for a slot."""
+        return not self._inflight and not self._blocked and not self.closing
+
     # -- the pump's hooks ----------------------------------------------------------------------------
 
     def opened(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
+        try:
+            self.network = network_of(self.ip)
+        except ValueError:
+            self.network = self.ip.encode()
         if not self.server.admit(self):
             log.debug("refused BUSY connection from %s: %d open", self.ip, self.server.connections)
             self.closing = True
             refusal = TransferConnection(role=Role.SERVER)
-            self.write(
-                refusal.send(
-                    Error(
-                        CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later"
-                    )
-                )
-            )
+            # In the clear, before any handshake: it says only "busy", and a client waiting for
+            # the server's hello reads it as a refusal (core.wire.handshake).
+            for buffer in refusal.send(
+                Error(CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later")
+            ):
+                transport.write(buffer)
             # close() flushes the small Error frame in the background; a peer that never reads
             # cannot hold more than this one frame of ours.
             transport.close()
             return
+        self._handshake_timer = self.loop.call_later(
+            self.limits.handshake_timeout_s, self._handshake_late
+        )
         self.rearm()
 
+    def _handshake_late(self) -> None:
+        self._handshake_timer = None
+        if not self.ready and not self.closing:
+            log.debug(
+                "closing %s: no handshake within %gs", self.ip, self.limits.handshake_timeout_s
+            )
+            self.abort()
+
+    def channel_ready(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def channel_failed(self, exc: RemoteProtocolError) -> None:
+        log.debug("refused %s: %s", self.ip, exc)
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # Close, not abort: an older peer gets the Error frame the layer wrote for it.
+        transport.close()
+        self.loop.call_later(_CLOSE_GRACE_S, transport.abort)
+
     def data_received(self) -> None:
+        self.last_active = self.loop.time()
         if (
             not self.conn.frame_pending
         ):  # a large frame arrives in several reads: parse once, at the end
@@ -304,6 +400,9 @@ class _Connection(Pump):
 
     def lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         # Replies written but never taken free their slots now; requests still in the workers
         # free theirs when they finish.
         for request_id in self.deadlines.abandon_untaken():
@@ -399,11 +498,12 @@ class _Connection(Pump):
             frame = memoryview(reply.buffer)[reply.start :]
             self.write([self.conn.send_chunk_data_in_place(request_id, frame, reply.size)])
             del frame  # a view left alive would keep the pool from taking the buffer back
-            if not transport.get_write_buffer_size():
-                # The socket took it all, so the transport holds no reference to the buffer.
+            if self.layer.copies or not transport.get_write_buffer_size():
+                # The layers sealed a copy, or the socket took it all: nothing refers to the buffer.
                 buffers.give(reply.buffer)
         else:
             self.write(self.conn.send(reply))
+        self.last_active = self.loop.time()
         # A reply the paused socket did not take is taken when it drains (writing_resumed).
         if self.deadlines.reply_written(request_id, self.loop.time()):
             self._done(request_id)

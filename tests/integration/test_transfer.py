@@ -32,6 +32,7 @@ from p2pmega.net import buffers, transfer_client, transfer_server
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
+from tests.channel_helpers import SecureStream
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
@@ -68,13 +69,13 @@ async def fake_holder(host: str, answer: str) -> AsyncIterator[int]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
         conn = TransferConnection(role=Role.SERVER)
-        while data := await reader.read(65536):
+        stream = SecureStream(reader, writer, role=Role.SERVER)
+        await stream.run_handshake()
+        while data := await stream.read():
             conn.receive_data(data)
             while (event := conn.next_event()) is not NEED_DATA:
                 if answer == "lie" and isinstance(event, FetchRequest):
-                    writer.writelines(
-                        conn.send(ChunkData(event.request_id, event.chunk_id, b"forged"))
-                    )
+                    stream.write(conn.send(ChunkData(event.request_id, event.chunk_id, b"forged")))
 
     server = await asyncio.start_server(serve, host=host, port=0)
     try:
@@ -365,10 +366,16 @@ async def test_start_on_a_taken_port_raises_oserror(tmp_path: Path) -> None:
             store.close()
 
 
-async def test_busy_holder_refusal_is_peer_unreachable(tmp_path: Path) -> None:
+async def test_a_newcomer_takes_the_slot_of_an_idle_connection_of_its_network(
+    tmp_path: Path,
+) -> None:
+    # Before issue 16 the second client got BUSY: first come, first served, for as long as the
+    # first one kept its idle connection.
     host = peer_address(1, 1)
     store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
-    server = TransferServer(store, host=host, port=0, limits=ServerLimits(max_connections_per_ip=1))
+    server = TransferServer(
+        store, host=host, port=0, limits=ServerLimits(max_connections_per_network=1)
+    )
     cid, data = random_chunk(100)
     try:
         async with asyncio.timeout(STEP_S):
@@ -380,9 +387,12 @@ async def test_busy_holder_refusal_is_peer_unreachable(tmp_path: Path) -> None:
                 TransferClient(local_host=peer_address(3, 1)) as other,
             ):
                 await first.store(addr, cid, data, 60)
-                with pytest.raises(errors.PeerUnreachable, match="BUSY"):
-                    await second.fetch(addr, cid)
+                assert await second.fetch(addr, cid) == data
+                assert server.evicted == 1
                 assert await other.fetch(addr, cid) == data
+                assert server.evicted == 1  # another /24 has its own room
+                assert await first.fetch(addr, cid) == data  # reconnects in place of second
+                assert server.evicted == 2
     finally:
         async with asyncio.timeout(STEP_S):
             await server.stop()

@@ -120,10 +120,15 @@ class ReceiveBuffer:
             A writable view; receive into it, then call buffer_updated() before anything else.
         """
         want = max(sizehint, _MIN_RECEIVE_BYTES)
-        if self._end - self._start >= PREFIX_BYTES:
+        arrived = self._end - self._start
+        if arrived >= PREFIX_BYTES:
             length = int.from_bytes(self._buffer[self._start : self._start + PREFIX_BYTES], "big")
             if PREFIX_BYTES + length <= self.max_frame_bytes:
-                want = max(want, self._start + PREFIX_BYTES + length - self._end)
+                # The room grows with the bytes that arrived (at most doubling), never to the
+                # size a frame declares: a peer that declares 4 MiB and sends 10 bytes costs 64 KiB,
+                # not 4 MiB (issue 16). After a large frame, _make_room regrows at once.
+                rest = PREFIX_BYTES + length - arrived
+                want = max(want, min(rest, max(arrived, _MIN_RECEIVE_BYTES)))
         self._make_room(want)
         return memoryview(self._buffer)[self._end : self._end + want]
 
@@ -148,7 +153,7 @@ class ReceiveBuffer:
                 self._frame_end -= self._start
             self._start = 0
         missing = self._end + size - len(buffer)
-        if missing > len(buffer):
+        if missing > len(buffer) or (missing > 0 and self._end + size > self._keep_bytes):
             # Growing for a large frame: one buffer of the final size, and only the bytes already
             # received move (extend() would allocate, zero and copy the whole room twice).
             needed = max(self._end + size, self._regrow_bytes)
