@@ -74,6 +74,10 @@ class ServerLimits:
     # messages and one round trip, so 5 s is far above any real path and short enough that a
     # stranger cannot hold a slot without at least proving a key.
     handshake_timeout_s: float = 5.0
+    # Receive buffers of all connections together (frames still arriving). Above it, idle
+    # connections holding a partial frame are dropped, most crowded network and longest idle
+    # first: 32 frames of the largest chunk, as many as max_inflight_total lets work at once.
+    max_receive_buffer_bytes: int = 32 * MAX_FRAME_BYTES
 
     def __post_init__(self) -> None:
         for name in (
@@ -137,6 +141,7 @@ class TransferServer:
         self._per_ip: Counter[str] = Counter()
         self._per_network: dict[bytes, set[_Connection]] = {}
         self.evicted = 0  # connections dropped to make room for a newcomer (for tests and logs)
+        self._receive_bytes = 0  # sum of the connections' receive buffers, as last counted
         self._inflight_per_ip: Counter[str] = Counter()
         self._inflight_total = 0
         # Connections that stopped reading for want of an in-flight slot, in arrival order.
@@ -234,8 +239,32 @@ class TransferServer:
                 return True
         return False
 
+    def count_buffer(self, connection: _Connection, delta: int) -> None:
+        """``connection``'s receive buffer changed by ``delta``; above the budget, drop others."""
+        self._receive_bytes += delta
+        if delta <= 0 or self._receive_bytes <= self.limits.max_receive_buffer_bytes:
+            return
+        # Whoever holds a partial frame and has no request in flight is a candidate, except the
+        # connection whose bytes just arrived (it is making progress right now).
+        candidates = [
+            c
+            for c in self._connections
+            if c is not connection and c.idle and c.conn.receiving_frame
+        ]
+        crowd = {net: len(members) for net, members in self._per_network.items()}
+        candidates.sort(key=lambda c: (-crowd.get(c.network, 0), c.last_active))
+        for victim in candidates:
+            if self._receive_bytes <= self.limits.max_receive_buffer_bytes:
+                break
+            log.debug("dropping %s: receive buffers over budget", victim.ip)
+            victim.abort()
+            self.forget(victim)
+            self.evicted += 1
+
     def forget(self, connection: _Connection) -> None:
         if connection in self._connections:
+            self._receive_bytes -= connection.counted_bytes
+            connection.counted_bytes = 0
             self._connections.discard(connection)
             self._per_ip[connection.ip] -= 1
             if not self._per_ip[connection.ip]:
@@ -319,6 +348,7 @@ class _Connection(Pump):
         self.ip = "?"
         self.network = b""
         self.last_active = self.loop.time()  # last byte received or reply written
+        self.counted_bytes = 0  # our receive buffer as the server last counted it
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
@@ -392,6 +422,10 @@ class _Connection(Pump):
             not self.conn.frame_pending
         ):  # a large frame arrives in several reads: parse once, at the end
             self._pump()
+        size = self.conn.buffered_bytes
+        if size != self.counted_bytes and not self.closing:
+            delta, self.counted_bytes = size - self.counted_bytes, size
+            self.server.count_buffer(self, delta)
 
     def peer_closed(self) -> bool:
         self._eof = True

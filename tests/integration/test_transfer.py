@@ -426,8 +426,10 @@ async def test_holder_reuses_its_receive_buffers(
             for cid, data in chunks:
                 assert await client.store(addr, cid, data, 60)
         assert [store.get(cid) for cid, _ in chunks] == [data for _, data in chunks]
-    assert len(lent) == len(chunks)
-    assert len({id(buffer) for buffer in lent}) == 1
+    # The first frame's buffer grows with what arrived (issue 16), in a step or two; every later
+    # chunk takes the one recycled buffer.
+    assert len(lent) <= len(chunks) + 3
+    assert len({id(buffer) for buffer in lent[-(len(chunks) - 1) :]}) == 1
 
 
 def test_a_request_finishing_after_the_loop_closed_ends_quietly() -> None:
