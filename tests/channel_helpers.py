@@ -54,10 +54,10 @@ class SecureStream:
         self._sealer = RecordWriter(hs.keys.send_key)
         self._pending = hs.rest
 
-    def sealed(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bytearray:
+    def sealed(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bytes:
         """The records for ``buffers`` (to write whole or in part)."""
         assert self._sealer is not None
-        return self._sealer.seal(buffers)
+        return bytes(self._sealer.seal(buffers))
 
     def write(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         self.writer.write(self.sealed(buffers))

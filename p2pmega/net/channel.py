@@ -15,11 +15,15 @@ from p2pmega.core.wire import TransferConnection
 from p2pmega.core.wire.events import Role
 from p2pmega.core.wire.handshake import MAX_HANDSHAKE_FRAME_BYTES, Handshake, HandshakeFailed
 from p2pmega.core.wire.records import RecordError, RecordReader, RecordWriter
+from p2pmega.net.buffers import BufferPool
 from p2pmega.net.pump import Layer, LayerStack
 
 # Room lent to the socket during the handshake: a little more than its largest message, so a
 # peer cannot make us hold more before it has proven anything.
 _HANDSHAKE_ROOM_BYTES: Final = 2 * MAX_HANDSHAKE_FRAME_BYTES
+# Writes up to this size (requests, small replies) are sealed into a fresh buffer; larger ones (chunks)
+# into a buffer of the pool.
+_SMALL_WRITE_BYTES: Final = 64 << 10
 
 
 class ChannelLayer:
@@ -31,8 +35,12 @@ class ChannelLayer:
     understands) are written before it is raised.
     """
 
-    def __init__(self, conn: TransferConnection, *, role: Role, signing_seed: bytes) -> None:
+    def __init__(
+        self, conn: TransferConnection, *, role: Role, signing_seed: bytes, pool: BufferPool
+    ) -> None:
         self._conn = conn
+        self._pool = pool
+        self._sealed: bytearray | None = None  # the buffer of the last outgoing(), until sent()
         self._handshake: Handshake | None = Handshake(
             role=role,
             signing_seed=signing_seed,
@@ -90,7 +98,7 @@ class ChannelLayer:
         self.ready = True
         if self._queued:
             queued, self._queued = self._queued, []
-            self._write(self._writer.seal(queued))
+            self._write(bytes(self._writer.seal(queued)))
         rest = handshake.rest
         while rest:
             rest = rest[reader.receive_data(rest) :]
@@ -118,21 +126,35 @@ class ChannelLayer:
             # Nothing of the wire leaves before the peer is proven; flushed once ready.
             self._queued.extend(bytes(b) for b in buffers)
             return ()
-        return (writer.seal(buffers),)
+        # Records go into a warm pool buffer (a fresh one per chunk costs a zero-fill and a page
+        # fault per 4 KiB); sent() gives it back once the transport no longer refers to it.
+        return (writer.seal(buffers, self._take),)
+
+    def _take(self, size: int) -> bytearray:
+        if size <= _SMALL_WRITE_BYTES:
+            return bytearray(size)
+        self._sealed = self._pool.take(size)
+        return self._sealed
+
+    def sent(self) -> None:
+        buffer, self._sealed = self._sealed, None
+        if buffer is not None:
+            self._pool.give(buffer)  # kept only if no view of it is alive (the transport's)
 
 
-def channel_layers(role: Role, signing_seed: bytes) -> LayerStack:
+def channel_layers(role: Role, signing_seed: bytes, pool: BufferPool) -> LayerStack:
     """A layer stack for TransferServer / TransferClient: the channel over the wire.
 
     Args:
         role: SERVER for a server's connections, CLIENT for a client's.
         signing_seed: The Ed25519 seed whose public key the peers will see proven.
+        pool: Where large outgoing records are sealed into (the side's own BufferPool).
 
     Returns:
         A factory making one ChannelLayer per connection.
     """
 
     def stack(conn: TransferConnection) -> Layer:
-        return ChannelLayer(conn, role=role, signing_seed=signing_seed)
+        return ChannelLayer(conn, role=role, signing_seed=signing_seed, pool=pool)
 
     return stack

@@ -61,6 +61,11 @@ class Layer(Protocol):
         """What to write to the socket for ``buffers`` of the wire (in order)."""
         ...
 
+    def sent(self) -> None:
+        """What `outgoing` returned went to the transport and the caller dropped it: buffers the
+        layer allocated may be reused once no view of them is left."""
+        ...
+
 
 class PlainLayer:
     """No transformation: bytes go to the wire as they come, and out as the wire wrote them."""
@@ -85,6 +90,9 @@ class PlainLayer:
         self, buffers: list[bytes | memoryview]
     ) -> Sequence[bytes | bytearray | memoryview]:
         return buffers
+
+    def sent(self) -> None:
+        pass
 
 
 LayerStack = Callable[[TransferConnection], Layer]
@@ -210,7 +218,14 @@ class Pump(asyncio.BufferedProtocol):
         """
         transport = self.transport
         assert transport is not None  # noqa: S101 - only called once connected
-        for buffer in self.layer.outgoing(buffers):
+        self._write_all(transport, self.layer.outgoing(buffers))
+        # _write_all's references are gone: a buffer the transport did not keep can be reused.
+        self.layer.sent()
+
+    def _write_all(
+        self, transport: asyncio.Transport, buffers: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
+        for buffer in buffers:
             self._written += len(buffer)  # before the write, which may call pause_writing
             transport.write(buffer)
 

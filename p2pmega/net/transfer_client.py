@@ -194,7 +194,7 @@ class TransferClient(Service):
         loop = asyncio.get_running_loop()
         layers = self._layers
         if layers is None:
-            layers = channel_layers(Role.CLIENT, self.identity_seed)
+            layers = channel_layers(Role.CLIENT, self.identity_seed, self._buffers)
         try:
             _, peer_conn = await loop.create_connection(
                 functools.partial(

@@ -71,6 +71,7 @@ class PeerConnection(Pump):
                 role=Role.CLIENT,
                 keep_buffer_bytes=_KEEP_BUFFER_BYTES,
                 allocate=buffers.take,
+                release=buffers.give,
                 deadlines=self.deadlines,
             ),
             layers=layers,

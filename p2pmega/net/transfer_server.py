@@ -129,14 +129,14 @@ class TransferServer:
         self._requested_port = port
         self._on_stored = on_stored
         self.limits = limits
+        self.buffers = BufferPool()
         if layers is None:
             seed = identity_seed if identity_seed is not None else new_signing_seed()
-            layers = channel_layers(Role.SERVER, seed)
+            layers = channel_layers(Role.SERVER, seed, self.buffers)
         self.layers = layers  # between each socket and its wire (net.pump)
         self.port = port
         self._server: asyncio.Server | None = None
         self._workers: Workers | None = None
-        self.buffers = BufferPool()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._per_network: dict[bytes, set[_Connection]] = {}
@@ -341,6 +341,7 @@ class _Connection(Pump):
                 role=Role.SERVER,
                 max_frame_bytes=limits.max_frame_bytes,
                 allocate=server.buffers.take,
+                release=server.buffers.give,
                 deadlines=self.deadlines,
             ),
             layers=server.layers,

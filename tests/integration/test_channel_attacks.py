@@ -183,14 +183,15 @@ async def test_partial_frames_on_every_connection_keep_seed_memory_bounded(
     async with attack(net, partial=True):
         await asyncio.sleep(1)  # let the last frames land (RSS is what we report, not a timing)
         during = {p["pid"]: rss_bytes(p["pid"]) for p in seeds}
+        worst = max(during[pid] - before[pid] for pid in before)
+        report(
+            f"partial-frame attack: seed RSS before {max(before.values()) / MiB:.0f} MiB, "
+            f"worst growth {worst / MiB:.0f} MiB"
+        )
+        # 136 connections x 4 MiB would be 544 MiB per seed; the receive-buffer budget is 128 MiB.
+        assert worst < 300 * MiB
         _, _, fetch_s = await asyncio.to_thread(share_and_fetch, net, tmp_path, 3 * MiB)
-    worst = max(during[pid] - before[pid] for pid in before)
-    report(
-        f"partial-frame attack: seed RSS before {max(before.values()) / MiB:.0f} MiB, "
-        f"worst growth {worst / MiB:.0f} MiB, fetch {fetch_s:.2f} s"
-    )
-    # 136 connections x 4 MiB would be 544 MiB per seed; the receive-buffer budget is 128 MiB.
-    assert worst < 300 * MiB
+    report(f"partial-frame attack: fetch {fetch_s:.2f} s")
 
 
 # -- what an observer of loopback sees ----------------------------------------------------------------

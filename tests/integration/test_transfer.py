@@ -399,14 +399,19 @@ async def test_a_newcomer_takes_the_slot_of_an_idle_connection_of_its_network(
         store.close()
 
 
-def record_pool_takes(monkeypatch: pytest.MonkeyPatch) -> list[bytearray]:
-    """From now on, every buffer BufferPool.take lends (in any pool) is appended to the returned list."""
+def record_pool_takes(
+    monkeypatch: pytest.MonkeyPatch, pool: Callable[[], buffers.BufferPool]
+) -> list[bytearray]:
+    """From now on, every buffer ``pool()`` lends is appended to the returned list (the pools of the
+    other side, and what the channel seals records into, are left out)."""
     lent: list[bytearray] = []
     take = buffers.BufferPool.take
 
     def spy(self: buffers.BufferPool, size: int) -> bytearray:
-        lent.append(take(self, size))
-        return lent[-1]
+        buffer = take(self, size)
+        if self is pool():
+            lent.append(buffer)
+        return buffer
 
     monkeypatch.setattr(buffers.BufferPool, "take", spy)
     return lent
@@ -417,10 +422,10 @@ async def test_holder_reuses_its_receive_buffers(
 ) -> None:
     """Chunks stored one after another arrive in recycled buffers, not in a fresh (zero-filled,
     faulted-in) buffer per chunk."""
-    lent = record_pool_takes(monkeypatch)
     host = peer_address(1, 1)
     chunks = [random_chunk(300_000 + i) for i in range(10)]
     async with holder(tmp_path, host) as (server, store):
+        lent = record_pool_takes(monkeypatch, lambda: server.buffers)
         addr = (host, server.port)
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
             for cid, data in chunks:
@@ -490,13 +495,15 @@ async def test_client_reuses_its_receive_buffers_through_fetch_into(
     async with holder(tmp_path, host) as (server, _):
         addr = (host, server.port)
         async with TransferClient(local_host=peer_address(2, 1)) as client, asyncio.timeout(STEP_S):
+            lent = record_pool_takes(monkeypatch, lambda: client._buffers)
             for cid, data in chunks:
                 await client.store(addr, cid, data, 60)
-            lent = record_pool_takes(monkeypatch)
+            del lent[:]
             got = [await client.fetch_into(addr, cid, bytes) for cid, _ in chunks]
             assert got == [data for _, data in chunks]
-            assert len(lent) == len(chunks)
-            assert len({id(buffer) for buffer in lent}) == 1
+            # The buffers grow with what arrives (issue 16): the first frames pass through a few
+            # sizes; once the pool is warm, every chunk takes one of the same few buffers.
+            assert len({id(buffer) for buffer in lent[-(len(chunks) - 2) :]}) <= 2
             kept = await client.fetch(addr, chunks[0][0])
             again = await client.fetch_into(addr, chunks[1][0], bytes)
             assert kept == chunks[0][1]  # the view fetch() returned is intact

@@ -64,6 +64,9 @@ class XorLayer:
     def eof_received(self) -> None:
         self.above.eof_received()
 
+    def sent(self) -> None:
+        self.above.sent()
+
     def outgoing(
         self, buffers: list[bytes | memoryview]
     ) -> Sequence[bytes | bytearray | memoryview]:

@@ -50,7 +50,12 @@ class ReceiveBuffer:
     """Bytes received and not parsed yet, and spare room the socket can receive straight into."""
 
     def __init__(
-        self, *, max_frame_bytes: int, keep_bytes: int, allocate: Callable[[int], bytearray]
+        self,
+        *,
+        max_frame_bytes: int,
+        keep_bytes: int,
+        allocate: Callable[[int], bytearray],
+        release: Callable[[bytearray], None] | None = None,
     ) -> None:
         """Create an empty buffer.
 
@@ -59,10 +64,12 @@ class ReceiveBuffer:
             keep_bytes: Buffer kept between frames for reuse; a larger one is freed once empty.
             allocate: Makes the buffer for a frame larger than ``keep_bytes``, given the bytes it
                 must hold at least (it may hold more).
+            release: Takes back a buffer from ``allocate`` once a larger one replaced it.
         """
         self.max_frame_bytes = max_frame_bytes
         self._keep_bytes = keep_bytes
         self._allocate = allocate
+        self._release = release
         # Received bytes not parsed yet are _buffer[_start:_end]; _buffer[_end:] is spare room
         # that get_buffer() lends out so that a socket can receive straight into it.
         self._buffer = bytearray()
@@ -162,6 +169,10 @@ class ReceiveBuffer:
                 raise ValueError(f"allocate({needed}) returned {len(grown)} bytes")
             grown[: self._end] = buffer[: self._end]
             self._buffer = grown
+            if self._release is not None and len(buffer) > self._keep_bytes:
+                # It came from allocate: a pool can lend it again (a warm buffer fits a whole
+                # frame at the first growth, so steps cost nothing once the pool is warm).
+                self._release(buffer)
         elif missing > 0:
             buffer.extend(bytes(missing))
 

@@ -7,7 +7,7 @@ reordered or reflected does not open. Pure: the net layer lends the buffers (doc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from p2pmega.core import crypto
@@ -23,10 +23,10 @@ MAX_RECORD_PLAINTEXT_BYTES: Final = 256 << 10
 # Writes smaller than this are gathered into one record with their neighbours (a frame header and
 # its body); larger ones are sealed straight from the caller's buffer.
 _GATHER_BYTES: Final = 64 << 10
-# The receive buffer starts this small and doubles only when bytes that arrived fill it, up to one
-# largest record and one more read (a peer that declares a large record has to send it).
+# The receive buffer starts this small and doubles only when bytes that arrived fill it, up to four
+# largest records: large reads, and a partial record moves to the front at most once per ~3 records.
 _MIN_RECEIVE_BYTES: Final = 64 << 10
-_MAX_RECEIVE_BYTES: Final = 2 * (MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES)
+_MAX_RECEIVE_BYTES: Final = 4 * (MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES)
 
 
 class RecordError(RemoteProtocolError):
@@ -40,14 +40,20 @@ class RecordWriter:
         self._key = key
         self.counter = 0
 
-    def seal(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bytearray:
+    def seal(
+        self,
+        buffers: Sequence[bytes | bytearray | memoryview],
+        allocate: Callable[[int], bytearray] = bytearray,
+    ) -> memoryview:
         """Seal ``buffers`` (in order, as one byte stream) into back-to-back records.
 
         Args:
             buffers: Plaintext pieces; small neighbours share a record, large ones are split.
+            allocate: Makes the output buffer, given the bytes it must hold at least (a pool's
+                warm buffer saves zero-filling and faulting in a fresh one per chunk).
 
         Returns:
-            The records, ready to write.
+            A view of the records in the allocated buffer, ready to write.
         """
         pieces: list[bytes | bytearray | memoryview] = []
         pending = bytearray()
@@ -66,7 +72,8 @@ class RecordWriter:
             pieces.append(pending)
         total = sum(len(p) for p in pieces)
         records = sum(-(-len(p) // MAX_RECORD_PLAINTEXT_BYTES) for p in pieces)
-        out = bytearray(total + records * RECORD_OVERHEAD_BYTES)
+        size = total + records * RECORD_OVERHEAD_BYTES
+        out = allocate(size)
         at = 0
         with memoryview(out) as view:
             for piece in pieces:
@@ -74,7 +81,7 @@ class RecordWriter:
                     for start in range(0, len(source), MAX_RECORD_PLAINTEXT_BYTES):
                         plain = source[start : start + MAX_RECORD_PLAINTEXT_BYTES]
                         at = self._seal_one(plain, view, at)
-        return out
+        return memoryview(out)[:size]
 
     def _seal_one(self, plain: memoryview, view: memoryview, at: int) -> int:
         sealed_bytes = len(plain) + TAG_BYTES
@@ -137,8 +144,9 @@ class RecordReader:
         """
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buffer) - self._end < _MIN_RECEIVE_BYTES // 2:
-            # Move the partial record to the front: at most one record, and only once per record.
+        elif self._start and len(self._buffer) - self._end < self._rest_of_record():
+            # The partial record cannot end in the room left: move it (at most one record) to the
+            # front. With room for four records this happens about once per three.
             self._buffer[: self._end - self._start] = self._buffer[self._start : self._end]
             self._end -= self._start
             self._start = 0
@@ -146,6 +154,14 @@ class RecordReader:
             # Full of bytes that really arrived: only now is it worth more memory.
             self._buffer.extend(bytes(min(len(self._buffer), _MAX_RECEIVE_BYTES - self._end)))
         return memoryview(self._buffer)[self._end :]
+
+    def _rest_of_record(self) -> int:
+        """Bytes still to come of the record at _start (a whole largest one if its length is unknown)."""
+        if self._end - self._start < RECORD_PREFIX_BYTES:
+            return MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES
+        start = self._start
+        sealed_bytes = int.from_bytes(self._buffer[start : start + RECORD_PREFIX_BYTES], "big")
+        return max(0, RECORD_PREFIX_BYTES + sealed_bytes - (self._end - start))
 
     def buffer_updated(self, nbytes: int) -> None:
         """Account for ``nbytes`` received into the view from get_buffer().
