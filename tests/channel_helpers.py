@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Sequence
 
 from p2pmega.core.crypto import new_signing_seed
@@ -96,3 +97,15 @@ async def open_secure(
         writer.transport.abort()
         raise
     return stream
+
+
+def handshake_blocking(sock: socket.socket) -> RecordWriter:
+    """Run the client side of the handshake on a connected blocking socket; a sealer for what follows."""
+    hs = Handshake(role=Role.CLIENT, signing_seed=new_signing_seed(), ephemeral_seed=os.urandom(32))
+    sock.sendall(hs.start())
+    while not hs.done:
+        out = hs.receive_data(sock.recv(4096))
+        if out:
+            sock.sendall(out)
+    assert hs.keys is not None
+    return RecordWriter(hs.keys.send_key)

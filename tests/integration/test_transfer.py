@@ -32,7 +32,7 @@ from p2pmega.net import buffers, transfer_client, transfer_server
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
-from tests.channel_helpers import SecureStream
+from tests.channel_helpers import SecureStream, open_secure
 from tests.conftest import free_port, peer_address
 
 pytestmark = pytest.mark.integration
@@ -456,10 +456,10 @@ def test_a_request_finishing_after_the_loop_closed_ends_quietly() -> None:
     async def store_without_waiting() -> TransferServer:
         server = TransferServer(SlowStore(), host=host, port=0)  # type: ignore[arg-type]
         await server.start()
-        _, writer = await asyncio.open_connection(host, server.port)
-        writer.writelines(TransferConnection(role=Role.CLIENT).send(StoreRequest(1, cid, 60, data)))
-        await asyncio.to_thread(in_put.wait, STEP_S)
-        writer.transport.abort()
+        stream = await open_secure(host, server.port, local=host)
+        stream.write(TransferConnection(role=Role.CLIENT).send(StoreRequest(1, cid, 60, data)))
+        assert await asyncio.to_thread(in_put.wait, STEP_S)
+        stream.writer.transport.abort()
         # Close the sockets, as a process tearing down would, but do not stop() the server.
         assert server._server is not None
         server._server.close()
