@@ -23,10 +23,10 @@ MAX_RECORD_PLAINTEXT_BYTES: Final = 256 << 10
 # Writes smaller than this are gathered into one record with their neighbours (a frame header and
 # its body); larger ones are sealed straight from the caller's buffer.
 _GATHER_BYTES: Final = 64 << 10
-# The receive buffer starts this small and doubles only when bytes that arrived fill it, up to four
-# largest records: large reads, and a partial record moves to the front at most once per ~3 records.
+# The receive buffer starts this small and doubles only when bytes that arrived fill it, up to two
+# largest records (a read of unknown length may reach into the next record).
 _MIN_RECEIVE_BYTES: Final = 64 << 10
-_MAX_RECEIVE_BYTES: Final = 4 * (MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES)
+_MAX_RECEIVE_BYTES: Final = 2 * (MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES)
 
 
 class RecordError(RemoteProtocolError):
@@ -137,28 +137,37 @@ class RecordReader:
         return taken
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Spare room to receive into (the buffer grows only when what arrived fills it).
+        """Spare room to receive into, up to the end of the record being received.
+
+        Reads stop at record boundaries, so a partial record rarely has to move and the buffer
+        empties (and restarts at its front) whenever the records caught up. The buffer grows
+        (doubling) only when bytes that arrived fill it, up to two largest records.
 
         Returns:
             A writable view; receive into it, then call buffer_updated() before anything else.
         """
         if self._start == self._end:
             self._start = self._end = 0
-        elif self._start and len(self._buffer) - self._end < self._rest_of_record():
-            # The partial record cannot end in the room left: move it (at most one record) to the
-            # front. With room for four records this happens about once per three.
-            self._buffer[: self._end - self._start] = self._buffer[self._start : self._end]
+        limit = self._end + self._rest_of_record()
+        if limit > len(self._buffer) and self._start:
+            # The record cannot end in the room left: move its start (at most one record) to the front.
+            with memoryview(self._buffer) as view:
+                view[: self._end - self._start] = view[self._start : self._end]
+            limit -= self._start
             self._end -= self._start
             self._start = 0
         if self._end == len(self._buffer) and len(self._buffer) < _MAX_RECEIVE_BYTES:
             # Full of bytes that really arrived: only now is it worth more memory.
-            self._buffer.extend(bytes(min(len(self._buffer), _MAX_RECEIVE_BYTES - self._end)))
-        return memoryview(self._buffer)[self._end :]
+            grown = bytearray(min(2 * len(self._buffer), _MAX_RECEIVE_BYTES))
+            with memoryview(grown) as view:
+                view[: self._end] = memoryview(self._buffer)[: self._end]
+            self._buffer = grown
+        return memoryview(self._buffer)[self._end : min(limit, len(self._buffer))]
 
     def _rest_of_record(self) -> int:
         """Bytes still to come of the record at _start (a whole largest one if its length is unknown)."""
         if self._end - self._start < RECORD_PREFIX_BYTES:
-            return MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES
+            return MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES - (self._end - self._start)
         start = self._start
         sealed_bytes = int.from_bytes(self._buffer[start : start + RECORD_PREFIX_BYTES], "big")
         return max(0, RECORD_PREFIX_BYTES + sealed_bytes - (self._end - start))
