@@ -56,6 +56,7 @@ class ReceiveBuffer:
         keep_bytes: int,
         allocate: Callable[[int], bytearray],
         release: Callable[[bytearray], None] | None = None,
+        grow_with_arrival: bool = True,
     ) -> None:
         """Create an empty buffer.
 
@@ -65,11 +66,15 @@ class ReceiveBuffer:
             allocate: Makes the buffer for a frame larger than ``keep_bytes``, given the bytes it
                 must hold at least (it may hold more).
             release: Takes back a buffer from ``allocate`` once a larger one replaced it.
+            grow_with_arrival: Lend room as bytes arrive (at most doubling) rather than the whole
+                declared frame at once. A server must (strangers open connections to it and declare
+                what they like); a client may lend the whole reply it asked for, saving the steps.
         """
         self.max_frame_bytes = max_frame_bytes
         self._keep_bytes = keep_bytes
         self._allocate = allocate
         self._release = release
+        self._grow_with_arrival = grow_with_arrival
         # Received bytes not parsed yet are _buffer[_start:_end]; _buffer[_end:] is spare room
         # that get_buffer() lends out so that a socket can receive straight into it.
         self._buffer = bytearray()
@@ -135,7 +140,9 @@ class ReceiveBuffer:
                 # size a frame declares: a peer that declares 4 MiB and sends 10 bytes costs 64 KiB,
                 # not 4 MiB (issue 16). After a large frame, _make_room regrows at once.
                 rest = PREFIX_BYTES + length - arrived
-                want = max(want, min(rest, max(arrived, _MIN_RECEIVE_BYTES)))
+                if self._grow_with_arrival:
+                    rest = min(rest, max(arrived, _MIN_RECEIVE_BYTES))
+                want = max(want, rest)
         self._make_room(want)
         return memoryview(self._buffer)[self._end : self._end + want]
 

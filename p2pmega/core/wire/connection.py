@@ -129,6 +129,7 @@ class TransferConnection:
             keep_bytes=keep_buffer_bytes,
             allocate=allocate,
             release=release,
+            grow_with_arrival=role is Role.SERVER,
         )
         self._failed = False
         self._closed = False
