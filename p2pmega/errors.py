@@ -4,7 +4,7 @@
     ├─ UsageError       exit 2   bad link, missing file, bad option, bad geo table, output exists
     │  ├─ BadLink, BadGeoTable, InputFileError, OutputExists, BadOption
     ├─ NetworkError     exit 3   nothing reachable
-    │  ├─ BootstrapFailed, PeerUnreachable (PeerRefused), TransferTimeout
+    │  ├─ BootstrapFailed, PeerUnreachable (PeerRefused, PeerIncompatible, PeerNotAuthentic), TransferTimeout
     ├─ NotFoundError    exit 4   no holder has a needed chunk
     │  ├─ ManifestNotFound, ChunkUnavailable, ChunkNotStored
     ├─ IntegrityError   exit 5   decryption or hash failure no other holder could fix
@@ -88,6 +88,14 @@ class PeerUnreachable(NetworkError):
 
 class PeerRefused(PeerUnreachable):
     """Nothing listens at a peer's address (connection refused): it is gone, not slow."""
+
+
+class PeerIncompatible(PeerUnreachable):
+    """A peer speaks another version of the transfer protocol (exit 3 when it was the only one)."""
+
+
+class PeerNotAuthentic(PeerUnreachable):
+    """A peer proved a key that is not the node id we expected at its address: not the peer we meant."""
 
 
 class TransferTimeout(NetworkError):

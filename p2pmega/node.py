@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
+from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address, ChunkId
 from p2pmega.defaults import RECORD_TTL_S, RPC_TIMEOUT_S, TRANSFER_TIMEOUT_S
 from p2pmega.errors import NetworkError
-from p2pmega.identity import load_or_create_identity
+from p2pmega.identity import Identity, load_or_create_identity
 from p2pmega.net.dht import DHTNode, load_contacts
 from p2pmega.net.endpoints import bind_endpoints
 from p2pmega.net.service import Service
@@ -119,7 +119,10 @@ class Node(Service):
             NetworkError: the address cannot be bound, or no bootstrap/saved/LAN contact answered.
         """
         s = self.settings
-        node_id = await asyncio.to_thread(self._node_id)
+        identity = await asyncio.to_thread(self._identity)
+        node_id = identity.node_id
+        # The transfer channel proves this key (docs/PROTOCOL.md, "Channel"): clients check it against the node id.
+        self.client.identity_seed = identity.seed
         if s.holder:
             from p2pmega.storage.store import DEFAULT_LIMITS, ChunkStore
 
@@ -144,6 +147,7 @@ class Node(Service):
             read_only=self.store is None and not s.persistent_identity,
             store=self.store,
             on_stored=self._stored,
+            identity_seed=identity.seed,
         )
         if s.lan:
             from p2pmega.net.lan import LANDiscovery
@@ -175,11 +179,11 @@ class Node(Service):
         for listener in self.stored_listeners:
             listener(chunk_id)
 
-    def _node_id(self) -> bytes:
+    def _identity(self) -> Identity:
         if self.settings.persistent_identity:
-            return load_or_create_identity(self.settings.data_dir).node_id
+            return load_or_create_identity(self.settings.data_dir)
         # Short-lived clients (share, fetch, check) use a throwaway identity so two of them can run at once.
-        return node_id_of(public_key_of(new_signing_seed()))
+        return Identity.from_seed(new_signing_seed())
 
     def _contacts_path(self) -> Path:
         return self.settings.data_dir / "contacts.json"

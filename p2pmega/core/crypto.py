@@ -308,3 +308,181 @@ def node_id_of(public: bytes) -> bytes:
         ``NODE_ID_BYTES`` id.
     """
     return hashlib.blake2b(public, digest_size=NODE_ID_BYTES, person=_NODE_ID_PERSON).digest()
+
+
+# -- the transfer channel (core/wire/handshake.py): X25519 key exchange, counter-nonce records ------
+
+KX_SEED_BYTES = 32
+KX_PUBLIC_KEY_BYTES = 32
+RECORD_TAG_BYTES = TAG_BYTES
+
+
+def kx_keypair(seed: bytes) -> tuple[bytes, bytes]:
+    """An X25519 key pair made from ``seed`` (libsodium crypto_kx_seed_keypair).
+
+    The handshake takes its ephemeral seed as a parameter (so vectors can fix it); production
+    code passes `random_bytes(KX_SEED_BYTES)` for every connection.
+
+    Args:
+        seed: ``KX_SEED_BYTES`` secret bytes.
+
+    Returns:
+        ``(public_key, secret_key)``, 32 bytes each.
+
+    Raises:
+        ValueError: ``seed`` has the wrong length (a caller bug).
+    """
+    if len(seed) != KX_SEED_BYTES:
+        raise ValueError(f"key exchange seed must be {KX_SEED_BYTES} bytes, got {len(seed)}")
+    public, secret = nacl.bindings.crypto_kx_seed_keypair(seed)
+    return bytes(public), bytes(secret)
+
+
+def kx_session_keys(
+    *, client: bool, public: bytes, secret: bytes, peer_public: bytes
+) -> tuple[bytes, bytes]:
+    """The two session keys of one X25519 exchange (libsodium crypto_kx).
+
+    crypto_kx hashes the shared point with both public keys, client's first:
+    ``rx || tx = BLAKE2b-512(q || client_pk || server_pk)`` (the server's are swapped), so each
+    direction has its own key and both ephemeral keys are bound into both.
+
+    Args:
+        client: True on the side that opened the connection.
+        public: Our ephemeral public key.
+        secret: Our ephemeral secret key.
+        peer_public: The peer's ephemeral public key (untrusted).
+
+    Returns:
+        ``(receive_key, send_key)``, 32 bytes each.
+
+    Raises:
+        DecryptionFailed: ``peer_public`` is malformed or a low-order point (libsodium refuses an
+            all-zero shared secret), so no secret key can come out of it.
+    """
+    if len(peer_public) != KX_PUBLIC_KEY_BYTES:
+        raise DecryptionFailed(f"peer key exchange key is {len(peer_public)} bytes, not 32")
+    exchange = (
+        nacl.bindings.crypto_kx_client_session_keys
+        if client
+        else nacl.bindings.crypto_kx_server_session_keys
+    )
+    try:
+        receive, send = exchange(public, secret, peer_public)
+    except nacl.exceptions.CryptoError as exc:
+        raise DecryptionFailed("peer key exchange key is a weak point; refuse the peer") from exc
+    return bytes(receive), bytes(send)
+
+
+def random_bytes(count: int) -> bytes:
+    """``count`` bytes from the OS CSPRNG (ephemeral key seeds).
+
+    Returns:
+        ``count`` random bytes.
+    """
+    return _random_bytes(count)
+
+
+def _record_nonce(counter: int) -> bytes:
+    # AEGIS-256 takes a 256-bit nonce; a per-direction counter never repeats under one key, which
+    # is all an AEAD nonce needs (as Noise's CipherState: n is a 64-bit counter, section 5.1).
+    if not 0 <= counter < 2**64:
+        raise ValueError("record counter out of range: rekey by reconnecting")
+    return counter.to_bytes(KEY_BYTES, "little")
+
+
+def seal_record_into(
+    key: bytes,
+    counter: int,
+    plaintext: bytes | bytearray | memoryview,
+    aad: bytes | bytearray | memoryview,
+    out: bytearray | memoryview,
+) -> int:
+    """AEGIS-256 under the nonce ``counter``, written into ``out`` (no allocation).
+
+    Args:
+        key: A ``KEY_BYTES`` key, one per direction of one connection.
+        counter: The record's number in its direction; never reused under ``key``.
+        plaintext: The bytes to hide; not modified.
+        aad: Associated data (the record's length prefix).
+        out: Room for ``len(plaintext) + RECORD_TAG_BYTES`` bytes.
+
+    Returns:
+        Bytes written: ``ciphertext || tag``.
+
+    Raises:
+        ValueError: ``out`` is too small, ``key`` has the wrong length or ``counter`` is out of
+            range (caller bugs).
+    """
+    size = len(plaintext) + RECORD_TAG_BYTES
+    if len(out) < size or len(key) != KEY_BYTES:
+        raise ValueError("record output buffer too small or key of the wrong length")
+    written = _ffi.new("unsigned long long *")
+    _lib.crypto_aead_aegis256_encrypt(
+        _ffi.from_buffer(out, require_writable=True),
+        written,
+        _ffi.from_buffer(plaintext),
+        len(plaintext),
+        _ffi.from_buffer(aad),
+        len(aad),
+        _ffi.NULL,
+        _record_nonce(counter),
+        key,
+    )
+    return int(written[0])
+
+
+def open_record_into(
+    key: bytes,
+    counter: int,
+    sealed: bytes | bytearray | memoryview,
+    aad: bytes | bytearray | memoryview,
+    out: bytearray | memoryview,
+) -> int:
+    """Check and decrypt what `seal_record_into` wrote, into ``out``.
+
+    Args:
+        key: The key of the direction the record came from.
+        counter: The record number expected next in that direction.
+        sealed: ``ciphertext || tag``.
+        aad: The associated data it was sealed with.
+        out: Room for ``len(sealed) - RECORD_TAG_BYTES`` bytes; on failure libsodium zeroes what
+            it wrote, so no unauthenticated byte is left in it.
+
+    Returns:
+        The plaintext length.
+
+    Raises:
+        DecryptionFailed: Too short, wrong key or counter (replayed, reordered, reflected or
+            dropped record), or any modified byte.
+        ValueError: ``out`` is too small or ``key`` has the wrong length (caller bugs).
+    """
+    if len(sealed) < RECORD_TAG_BYTES:
+        raise DecryptionFailed("record shorter than its tag; it is truncated")
+    size = len(sealed) - RECORD_TAG_BYTES
+    if len(out) < size or len(key) != KEY_BYTES:
+        raise ValueError("record output buffer too small or key of the wrong length")
+    written = _ffi.new("unsigned long long *")
+    status = _lib.crypto_aead_aegis256_decrypt(
+        _ffi.from_buffer(out, require_writable=True),
+        written,
+        _ffi.NULL,
+        _ffi.from_buffer(sealed),
+        len(sealed),
+        _ffi.from_buffer(aad),
+        len(aad),
+        _record_nonce(counter),
+        key,
+    )
+    if status != 0:
+        raise DecryptionFailed(_NOT_AUTHENTIC)
+    return int(written[0])
+
+
+def transcript_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE2b-256 of a handshake transcript (Noise's HASH, with BLAKE2b as in Noise_*_BLAKE2b).
+
+    Returns:
+        ``HASH_BYTES`` digest.
+    """
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()

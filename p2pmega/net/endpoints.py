@@ -29,6 +29,7 @@ async def bind_endpoints(
     read_only: bool,
     store: ChunkStore | None,
     on_stored: Callable[[ChunkId], None],
+    identity_seed: bytes | None = None,
 ) -> tuple[DHTNode, TransferServer | None]:
     """Start the DHT node and, when there is a ``store`` to serve, the transfer server on the same port number.
 
@@ -51,7 +52,12 @@ async def bind_endpoints(
         from p2pmega.net.transfer_server import TransferServer
 
         server = TransferServer(
-            store, host=host, port=dht.port, node_id=node_id, on_stored=on_stored
+            store,
+            host=host,
+            port=dht.port,
+            node_id=node_id,
+            on_stored=on_stored,
+            identity_seed=identity_seed,
         )
         try:
             await server.start()

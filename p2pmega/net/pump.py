@@ -12,36 +12,67 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from p2pmega.core.wire import TimedOut, TransferConnection
+from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.progress import unacknowledged_bytes
 
 
 class Layer(Protocol):
     """One stage between the socket and the wire: bytes from below, bytes to above.
 
-    The stack is plain today (`PlainLayer`: the socket receives straight into the wire's buffer).
-    An authenticated channel will be a layer that receives records into its own buffer, hands the
-    plaintext to the layer above it and turns outgoing plaintext into records.
+    `PlainLayer` lets the socket receive straight into the wire's buffer (tests and benchmarks of
+    the wire alone); net.channel.ChannelLayer, the one peers use, runs the handshake and then
+    receives records into its own buffer, opens them into the wire's and seals what the wire
+    writes. ``ready`` turns True once the peer is proven (``peer_public_key``, None when the layer
+    proves nothing); ``copies`` is True if `outgoing` returns new buffers, so the caller's may be
+    reused as soon as it returns.
     """
+
+    ready: bool
+    peer_public_key: bytes | None
+    copies: bool
+
+    def opened(self, write: Callable[[bytes | bytearray | memoryview], None]) -> None:
+        """The socket is connected: ``write`` sends bytes of the layer's own (a handshake)."""
+        ...
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Room for the socket to receive into (asyncio.BufferedProtocol.get_buffer)."""
         ...
 
     def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were received into the room from get_buffer()."""
+        """``nbytes`` were received into the room from get_buffer().
+
+        Raises:
+            RemoteProtocolError: the peer broke the layer's protocol (the connection is dead).
+        """
         ...
 
     def eof_received(self) -> None:
-        """The peer closed its sending side."""
+        """The peer closed its sending side.
+
+        Raises:
+            RemoteProtocolError: the peer closed where the layer's protocol does not allow it.
+        """
         ...
 
-    def outgoing(self, buffers: list[bytes | memoryview]) -> Sequence[bytes | memoryview]:
+    def outgoing(
+        self, buffers: list[bytes | memoryview]
+    ) -> Sequence[bytes | bytearray | memoryview]:
         """What to write to the socket for ``buffers`` of the wire (in order)."""
+        ...
+
+    def sent(self) -> None:
+        """What `outgoing` returned went to the transport and the caller dropped it: buffers the
+        layer allocated may be reused once no view of them is left."""
         ...
 
 
 class PlainLayer:
     """No transformation: bytes go to the wire as they come, and out as the wire wrote them."""
+
+    ready = True
+    peer_public_key: bytes | None = None
+    copies = False
 
     def __init__(self, conn: TransferConnection) -> None:
         # Bound methods, so that a received read costs no extra call (bench/transfer.py).
@@ -49,11 +80,19 @@ class PlainLayer:
         self.buffer_updated = conn.buffer_updated
         self._conn = conn
 
+    def opened(self, write: Callable[[bytes | bytearray | memoryview], None]) -> None:
+        pass
+
     def eof_received(self) -> None:
         self._conn.receive_data(b"")
 
-    def outgoing(self, buffers: list[bytes | memoryview]) -> Sequence[bytes | memoryview]:
+    def outgoing(
+        self, buffers: list[bytes | memoryview]
+    ) -> Sequence[bytes | bytearray | memoryview]:
         return buffers
+
+    def sent(self) -> None:
+        pass
 
 
 LayerStack = Callable[[TransferConnection], Layer]
@@ -62,7 +101,8 @@ LayerStack = Callable[[TransferConnection], Layer]
 class Pump(asyncio.BufferedProtocol):
     """A BufferedProtocol around one TransferConnection; subclasses react to what arrives.
 
-    Hooks (each a no-op or a default here): `data_received` after bytes reached the wire,
+    Hooks (each a no-op or a default here): `channel_ready` once the layers proved the peer,
+    `channel_failed` when they refuse it, `data_received` after bytes reached the wire,
     `peer_closed` at EOF, `lost` when the socket is gone, `writing_paused`/`writing_resumed` for
     back-pressure from the socket, `timed_out` when the connection's deadlines give a verdict.
     """
@@ -75,6 +115,12 @@ class Pump(asyncio.BufferedProtocol):
         self.closing = False  # set by subclasses and abort(): nothing more is read
         self._written = 0  # bytes handed to the transport, to tell how many were acknowledged
         self._timer: asyncio.TimerHandle | None = None
+        self.ready = False  # the layers proved the peer (channel_ready was called)
+
+    @property
+    def peer_public_key(self) -> bytes | None:
+        """The Ed25519 key the peer proved in the handshake (None before, or with plain layers)."""
+        return self.layer.peer_public_key
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
 
@@ -82,12 +128,27 @@ class Pump(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP gives a Transport
         self.transport = transport
         self.opened(transport)
+        if self.closing:
+            return
+        self.layer.opened(transport.write)
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        if not self.ready and self.layer.ready and not self.closing:
+            self.ready = True
+            self.channel_ready()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.layer.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.layer.buffer_updated(nbytes)
+        try:
+            self.layer.buffer_updated(nbytes)
+        except RemoteProtocolError as exc:
+            self.channel_failed(exc)
+            return
+        if not self.ready:
+            self._check_ready()
         if self.closing:
             return
         deadlines = self.conn.deadlines
@@ -98,7 +159,11 @@ class Pump(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         if self.closing:
             return False  # the transport is closing already
-        self.layer.eof_received()
+        try:
+            self.layer.eof_received()
+        except RemoteProtocolError as exc:
+            self.channel_failed(exc)
+            return False
         return self.peer_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,7 +179,14 @@ class Pump(asyncio.BufferedProtocol):
     # -- hooks ---------------------------------------------------------------------------------------
 
     def opened(self, transport: asyncio.Transport) -> None:
-        """The socket is connected."""
+        """The socket is connected (before the layers start; set ``closing`` to refuse it)."""
+
+    def channel_ready(self) -> None:
+        """The layers proved the peer (``peer_public_key``); the wire's bytes now flow."""
+
+    def channel_failed(self, exc: RemoteProtocolError) -> None:
+        """The layers refused the peer (bad handshake or record): by default it is aborted."""
+        self.abort()
 
     def data_received(self) -> None:
         """Bytes reached the wire (not called once closing)."""
@@ -146,7 +218,14 @@ class Pump(asyncio.BufferedProtocol):
         """
         transport = self.transport
         assert transport is not None  # noqa: S101 - only called once connected
-        for buffer in self.layer.outgoing(buffers):
+        self._write_all(transport, self.layer.outgoing(buffers))
+        # _write_all's references are gone: a buffer the transport did not keep can be reused.
+        self.layer.sent()
+
+    def _write_all(
+        self, transport: asyncio.Transport, buffers: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
+        for buffer in buffers:
             self._written += len(buffer)  # before the write, which may call pause_writing
             transport.write(buffer)
 

@@ -17,7 +17,10 @@ from typing import Final, TypeVar
 
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
+from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.ids import Address
+from p2pmega.core.node_id import matches as node_id_matches
+from p2pmega.core.node_id import node_id_for
 from p2pmega.core.renewal import RenewCredential
 from p2pmega.core.wire import (
     MAX_BATCH_IDS,
@@ -35,12 +38,14 @@ from p2pmega.core.wire import (
     RenewSignedRequest,
     Reply,
     Request,
+    Role,
     StoreOK,
     StoreRequest,
 )
 from p2pmega.core.words import counted
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.pump import LayerStack, PlainLayer
+from p2pmega.net.channel import channel_layers
+from p2pmega.net.pump import LayerStack
 from p2pmega.net.service import Service
 from p2pmega.net.transfer_peer import PeerConnection
 from p2pmega.net.transfer_peer import where as _where
@@ -83,8 +88,15 @@ class TransferClient(Service):
         timeout_s: float = 10.0,
         connect_timeout_s: float | None = None,
         max_connections_per_peer: int = 4,
-        layers: LayerStack = PlainLayer,
+        identity_seed: bytes | None = None,
+        layers: LayerStack | None = None,
     ) -> None:
+        """Make a client; no connection opens before the first request.
+
+        ``identity_seed`` is the Ed25519 seed the holders see proven (a fresh throwaway one if
+        None, as for a fetch with no data directory); ``layers`` replaces the authenticated channel
+        between each socket and its wire (tests of the wire alone pass net.pump.PlainLayer).
+        """
         if connect_timeout_s is None:
             connect_timeout_s = timeout_s
         if timeout_s <= 0 or connect_timeout_s <= 0 or max_connections_per_peer < 1:
@@ -93,12 +105,23 @@ class TransferClient(Service):
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections_per_peer = max_connections_per_peer
-        self._layers = layers  # between each socket and its wire (net.pump)
+        self._layers = layers  # None: the channel (net.channel), made per connection
+        self.identity_seed = identity_seed if identity_seed is not None else new_signing_seed()
+        # Node ids the caller expects at an address (provider records, contacts): a holder there
+        # that proves another key is refused (errors.PeerNotAuthentic).
+        self._expected: dict[Address, bytes] = {}
         self._pool: dict[Address, list[PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
         self._next_sweep = 0.0
         self._buffers = BufferPool()
+
+    def expect_node_id(self, addr: Address, node_id: bytes) -> None:
+        """Refuse a holder at ``addr`` unless its proven key gives ``node_id`` there (core.node_id).
+
+        Applies to connections opened from now on.
+        """
+        self._expected[addr] = node_id
 
     async def start(self) -> None:
         """Nothing to do: connections open on first use."""
@@ -172,10 +195,13 @@ class TransferClient(Service):
     async def _open(self, addr: Address) -> PeerConnection:
         local = (self.local_host, 0) if self.local_host else None
         loop = asyncio.get_running_loop()
+        layers = self._layers
+        if layers is None:
+            layers = channel_layers(Role.CLIENT, self.identity_seed, self._buffers)
         try:
             _, peer_conn = await loop.create_connection(
                 functools.partial(
-                    PeerConnection, addr, self._buffers, self.timeout_s, layers=self._layers
+                    PeerConnection, addr, self._buffers, self.timeout_s, layers=layers
                 ),
                 addr[0],
                 addr[1],
@@ -189,6 +215,20 @@ class TransferClient(Service):
             raise errors.PeerUnreachable(
                 f"cannot connect to {_where(addr)} ({exc.strerror or exc}); try another holder"
             ) from exc
+        try:
+            key = await peer_conn.wait_secured()
+        except BaseException:
+            peer_conn.drop()
+            raise
+        if key is not None:
+            expected = self._expected.get(addr)
+            if expected is not None and not node_id_matches(expected, key, addr[0]):
+                peer_conn.drop()
+                raise errors.PeerNotAuthentic(
+                    f"holder {_where(addr)} is not node {expected[:4].hex()}…: it proved another "
+                    "key; try another holder"
+                )
+            peer_conn.node_id = node_id_for(key, addr[0])
         return peer_conn
 
     async def _request(
@@ -365,6 +405,8 @@ class TransferClient(Service):
                 reasons["bad hash"] += 1
             except errors.TransferTimeout:
                 reasons["timeout"] += 1
+            except errors.PeerNotAuthentic:
+                reasons["wrong key"] += 1
             except errors.NetworkError:
                 reasons["unreachable"] += 1
             bad.add(addr)

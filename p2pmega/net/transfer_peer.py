@@ -16,6 +16,7 @@ from p2pmega.core.ids import Address
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
     NEED_DATA,
+    PROTOCOL_VERSION,
     REQUEST_TYPES,
     ClientDeadlines,
     ConnectionClosed,
@@ -27,7 +28,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 from p2pmega.net.buffers import BufferPool
-from p2pmega.net.pump import LayerStack, PlainLayer, Pump
+from p2pmega.net.pump import LayerStack, Pump
 
 log = logging.getLogger("p2pmega.net.transfer")
 
@@ -57,7 +58,7 @@ class PeerConnection(Pump):
         buffers: BufferPool,
         idle_timeout_s: float,
         *,
-        layers: LayerStack = PlainLayer,
+        layers: LayerStack,
     ) -> None:
         self.addr = addr
         # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
@@ -70,22 +71,66 @@ class PeerConnection(Pump):
                 role=Role.CLIENT,
                 keep_buffer_bytes=_KEEP_BUFFER_BYTES,
                 allocate=buffers.take,
+                release=buffers.give,
                 deadlines=self.deadlines,
             ),
             layers=layers,
         )
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.node_id: bytes | None = (
+            None  # the holder's proven node id (core.node_id), once secured
+        )
         self.answered = 0  # replies received so far; a reused connection may have gone stale
         self.last_used = self.loop.time()
         self._writable = asyncio.Event()
         self._writable.set()
+        # Resolved once the layers proved the holder (or refused it): see wait_secured().
+        self._secured: asyncio.Future[None] = self.loop.create_future()
 
     @property
     def closed(self) -> bool:
         """True once the connection failed or was dropped: it takes no more requests."""
         return self.closing
 
+    async def wait_secured(self) -> bytes | None:
+        """Wait until the channel handshake proved the holder; its Ed25519 key (None: plain layers).
+
+        The caller bounds the wait (TransferClient's connect timeout).
+
+        Raises:
+            errors.PeerIncompatible: the holder speaks another protocol version.
+            errors.PeerUnreachable: the holder refused the connection (BUSY), failed the
+                handshake or closed.
+        """
+        await asyncio.shield(self._secured)
+        return self.peer_public_key
+
     # -- the pump's hooks ----------------------------------------------------------------------------
+
+    def channel_ready(self) -> None:
+        if not self._secured.done():
+            self._secured.set_result(None)
+
+    def channel_failed(self, exc: errors.RemoteProtocolError) -> None:
+        peer = where(self.addr)
+        failure: errors.NetworkError
+        version = getattr(exc, "peer_version", None)
+        refused = getattr(exc, "refused", None)
+        if version is not None:
+            failure = errors.PeerIncompatible(
+                f"holder {peer} speaks transfer protocol version {version}, this p2pmega "
+                f"{PROTOCOL_VERSION}; one of you must upgrade"
+            )
+        elif refused is not None:
+            failure = errors.PeerUnreachable(
+                f"peer {peer} dropped the connection: {refused.name}; try another holder"
+            )
+        else:
+            log.debug("channel to %s failed: %s", peer, exc)
+            failure = errors.PeerUnreachable(
+                f"peer {peer} failed the channel handshake or sent a bad record; try another holder"
+            )
+        self._fail(failure)
 
     def data_received(self) -> None:
         self._drain_events()
@@ -142,6 +187,9 @@ class PeerConnection(Pump):
     def _fail(self, failure: errors.NetworkError) -> None:
         self.abort()
         self._writable.set()
+        if not self._secured.done():
+            self._secured.set_exception(failure)
+            self._secured.exception()  # retrieved here: nobody may be waiting any more
         pending, self.pending = self.pending, {}
         for future in pending.values():
             if not future.done():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.node_id import network_of
 from p2pmega.core.wire import (
     CONNECTION_REQUEST_ID,
@@ -39,8 +40,10 @@ from p2pmega.core.wire import (
     Timeouts,
     TransferConnection,
 )
+from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.buffers import BufferPool, recycle
-from p2pmega.net.pump import LayerStack, PlainLayer, Pump
+from p2pmega.net.channel import channel_layers
+from p2pmega.net.pump import LayerStack, Pump
 from p2pmega.net.transfer_workers import Chunk, Workers
 
 if TYPE_CHECKING:
@@ -57,7 +60,9 @@ class ServerLimits:
     """Hard limits of a TransferServer; the reason for each default is in docs/PROTOCOL.md."""
 
     max_connections: int = 128
-    max_connections_per_ip: int = 8
+    # Per IPv4 /24 or IPv6 /48 (core.node_id.network_of): addresses within one network are cheap
+    # to hold many of, so the network is what counts (issue 16).
+    max_connections_per_network: int = 8
     max_inflight_per_connection: int = 8
     max_inflight_per_ip: int = 16
     max_inflight_total: int = 32
@@ -65,18 +70,31 @@ class ServerLimits:
     stall_timeout_s: float = 30.0
     min_rate_bytes_s: int = 4096
     max_frame_bytes: int = MAX_FRAME_BYTES
+    # A connection must finish the channel handshake this soon after it was accepted: three small
+    # messages and one round trip, so 5 s is far above any real path and short enough that a
+    # stranger cannot hold a slot without at least proving a key.
+    handshake_timeout_s: float = 5.0
+    # Receive buffers of all connections together (frames still arriving). Above it, idle
+    # connections holding a partial frame are dropped, most crowded network and longest idle
+    # first: 32 frames of the largest chunk, as many as max_inflight_total lets work at once.
+    max_receive_buffer_bytes: int = 32 * MAX_FRAME_BYTES
 
     def __post_init__(self) -> None:
         for name in (
             "max_connections",
-            "max_connections_per_ip",
+            "max_connections_per_network",
             "max_inflight_per_connection",
             "max_inflight_per_ip",
             "max_inflight_total",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLimits.{name} must be at least 1")
-        if self.idle_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.min_rate_bytes_s <= 0:
+        if (
+            self.idle_timeout_s <= 0
+            or self.stall_timeout_s <= 0
+            or self.min_rate_bytes_s <= 0
+            or self.handshake_timeout_s <= 0
+        ):
             raise ValueError("ServerLimits timeouts and rates must be positive")
 
 
@@ -96,8 +114,17 @@ class TransferServer:
         node_id: bytes | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
         limits: ServerLimits = ServerLimits(),
-        layers: LayerStack = PlainLayer,
+        identity_seed: bytes | None = None,
+        layers: LayerStack | None = None,
     ) -> None:
+        """Serve ``store`` on ``host:port`` once started.
+
+        Args:
+            identity_seed: The node's Ed25519 seed, whose key every client sees proven in the
+                channel handshake (a throwaway one if None: the holder then has no lasting id).
+            layers: Between each socket and its wire; the authenticated channel unless a test
+                passes another stack (net.pump.PlainLayer exercises the wire alone).
+        """
         self._store = store
         # What a signed renewal must name (core.renewal); a server without one refuses them all.
         self.node_id = node_id
@@ -105,13 +132,19 @@ class TransferServer:
         self._requested_port = port
         self._on_stored = on_stored
         self.limits = limits
+        self.buffers = BufferPool()
+        if layers is None:
+            seed = identity_seed if identity_seed is not None else new_signing_seed()
+            layers = channel_layers(Role.SERVER, seed, self.buffers)
         self.layers = layers  # between each socket and its wire (net.pump)
         self.port = port
         self._server: asyncio.Server | None = None
         self._workers: Workers | None = None
-        self.buffers = BufferPool()
         self._connections: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
+        self._per_network: dict[bytes, set[_Connection]] = {}
+        self.evicted = 0  # connections dropped to make room for a newcomer (for tests and logs)
+        self._receive_bytes = 0  # sum of the connections' receive buffers, as last counted
         self._inflight_per_ip: Counter[str] = Counter()
         self._inflight_total = 0
         # Connections that stopped reading for want of an in-flight slot, in arrival order.
@@ -173,24 +206,77 @@ class TransferServer:
     # -- used by _Connection -----------------------------------------------------------------------
 
     def admit(self, connection: _Connection) -> bool:
-        limits = self.limits
-        ip = connection.ip
-        if (
-            self._stopping
-            or len(self._connections) >= limits.max_connections
-            or self._per_ip[ip] >= limits.max_connections_per_ip
-        ):
+        """Take ``connection`` in, making room by dropping an idle one if a limit is reached.
+
+        Fair rather than first come (issue 16): when the newcomer's network is at its cap, that
+        network's longest-idle connection goes; when the server is full, the longest-idle one of
+        the network holding most connections goes. Only if no connection is idle is the newcomer
+        refused (BUSY).
+        """
+        if self._stopping:
             return False
+        limits = self.limits
+        own = self._per_network.get(connection.network, set())
+        if len(own) >= limits.max_connections_per_network:
+            if not self._evict_from([own]):
+                return False
+        elif len(self._connections) >= limits.max_connections:
+            by_size = sorted(self._per_network.values(), key=len, reverse=True)
+            if not self._evict_from(by_size):
+                return False
         self._connections.add(connection)
-        self._per_ip[ip] += 1
+        self._per_ip[connection.ip] += 1
+        self._per_network.setdefault(connection.network, set()).add(connection)
         return True
+
+    def _evict_from(self, networks: list[set[_Connection]]) -> bool:
+        """Drop the longest-idle connection of the first network in ``networks`` that has one."""
+        for members in networks:
+            idle = [c for c in members if c.idle]
+            if idle:
+                victim = min(idle, key=lambda c: c.last_active)
+                log.debug("dropping idle connection from %s to make room", victim.ip)
+                victim.abort()
+                self.forget(victim)
+                self.evicted += 1
+                return True
+        return False
+
+    def count_buffer(self, connection: _Connection, delta: int) -> None:
+        """``connection``'s receive buffer changed by ``delta``; above the budget, drop others."""
+        self._receive_bytes += delta
+        if delta <= 0 or self._receive_bytes <= self.limits.max_receive_buffer_bytes:
+            return
+        # Whoever holds a partial frame and has no request in flight is a candidate, except the
+        # connection whose bytes just arrived (it is making progress right now).
+        candidates = [
+            c
+            for c in self._connections
+            if c is not connection and c.idle and c.conn.receiving_frame
+        ]
+        crowd = {net: len(members) for net, members in self._per_network.items()}
+        candidates.sort(key=lambda c: (-crowd.get(c.network, 0), c.last_active))
+        for victim in candidates:
+            if self._receive_bytes <= self.limits.max_receive_buffer_bytes:
+                break
+            log.debug("dropping %s: receive buffers over budget", victim.ip)
+            victim.abort()
+            self.forget(victim)
+            self.evicted += 1
 
     def forget(self, connection: _Connection) -> None:
         if connection in self._connections:
+            self._receive_bytes -= connection.counted_bytes
+            connection.counted_bytes = 0
             self._connections.discard(connection)
             self._per_ip[connection.ip] -= 1
             if not self._per_ip[connection.ip]:
                 del self._per_ip[connection.ip]
+            members = self._per_network.get(connection.network)
+            if members is not None:
+                members.discard(connection)
+                if not members:
+                    del self._per_network[connection.network]
         self._blocked.pop(connection, None)
 
     def has_slot(self, connection: _Connection) -> bool:
@@ -258,12 +344,17 @@ class _Connection(Pump):
                 role=Role.SERVER,
                 max_frame_bytes=limits.max_frame_bytes,
                 allocate=server.buffers.take,
+                release=server.buffers.give,
                 deadlines=self.deadlines,
             ),
             layers=server.layers,
         )
         self.ip = "?"
-        self.source = b"?"  # the peer's /24 (/48), set when it connects
+        self.network = b""
+        self.source = b"?"  # the peer's /24 (/48), set when it connects (storage caps count by it)
+        self.last_active = self.loop.time()  # last byte received or reply written
+        self.counted_bytes = 0  # our receive buffer as the server last counted it
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._blocked = False
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
@@ -274,37 +365,73 @@ class _Connection(Pump):
         """Requests of this connection holding an in-flight slot."""
         return len(self._inflight)
 
+    @property
+    def idle(self) -> bool:
+        """True if dropping it loses no work: no request in flight or waiting for a slot."""
+        return not self._inflight and not self._blocked and not self.closing
+
     # -- the pump's hooks ----------------------------------------------------------------------------
 
     def opened(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
         try:
-            self.source = network_of(self.ip)
+            self.network = network_of(self.ip)
         except ValueError:
-            self.source = self.ip.encode()  # not an IP (a Unix socket in a test): its own source
+            self.network = self.ip.encode()  # not an IP (a Unix socket in a test): its own source
+        self.source = self.network
         if not self.server.admit(self):
             log.debug("refused BUSY connection from %s: %d open", self.ip, self.server.connections)
             self.closing = True
             refusal = TransferConnection(role=Role.SERVER)
-            self.write(
-                refusal.send(
-                    Error(
-                        CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later"
-                    )
-                )
-            )
+            # In the clear, before any handshake: it says only "busy", and a client waiting for
+            # the server's hello reads it as a refusal (core.wire.handshake).
+            for buffer in refusal.send(
+                Error(CONNECTION_REQUEST_ID, ErrorCode.BUSY, "too many connections; retry later")
+            ):
+                transport.write(buffer)
             # close() flushes the small Error frame in the background; a peer that never reads
             # cannot hold more than this one frame of ours.
             transport.close()
             return
+        self._handshake_timer = self.loop.call_later(
+            self.limits.handshake_timeout_s, self._handshake_late
+        )
         self.rearm()
 
+    def _handshake_late(self) -> None:
+        self._handshake_timer = None
+        if not self.ready and not self.closing:
+            log.debug(
+                "closing %s: no handshake within %gs", self.ip, self.limits.handshake_timeout_s
+            )
+            self.abort()
+
+    def channel_ready(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def channel_failed(self, exc: RemoteProtocolError) -> None:
+        log.debug("refused %s: %s", self.ip, exc)
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # Close, not abort: an older peer gets the Error frame the layer wrote for it.
+        transport.close()
+        self.loop.call_later(_CLOSE_GRACE_S, transport.abort)
+
     def data_received(self) -> None:
+        self.last_active = self.loop.time()
         if (
             not self.conn.frame_pending
         ):  # a large frame arrives in several reads: parse once, at the end
             self._pump()
+        size = self.conn.buffered_bytes
+        if size != self.counted_bytes and not self.closing:
+            delta, self.counted_bytes = size - self.counted_bytes, size
+            self.server.count_buffer(self, delta)
 
     def peer_closed(self) -> bool:
         self._eof = True
@@ -313,6 +440,9 @@ class _Connection(Pump):
 
     def lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         # Replies written but never taken free their slots now; requests still in the workers
         # free theirs when they finish.
         for request_id in self.deadlines.abandon_untaken():
@@ -408,11 +538,12 @@ class _Connection(Pump):
             frame = memoryview(reply.buffer)[reply.start :]
             self.write([self.conn.send_chunk_data_in_place(request_id, frame, reply.size)])
             del frame  # a view left alive would keep the pool from taking the buffer back
-            if not transport.get_write_buffer_size():
-                # The socket took it all, so the transport holds no reference to the buffer.
+            if self.layer.copies or not transport.get_write_buffer_size():
+                # The layers sealed a copy, or the socket took it all: nothing refers to the buffer.
                 buffers.give(reply.buffer)
         else:
             self.write(self.conn.send(reply))
+        self.last_active = self.loop.time()
         # A reply the paused socket did not take is taken when it drains (writing_resumed).
         if self.deadlines.reply_written(request_id, self.loop.time()):
             self._done(request_id)

@@ -30,12 +30,14 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
+from p2pmega.errors import RemoteProtocolError
 from p2pmega.net.dht import DHTNode
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from tests.channel_helpers import SecureStream
 from tests.chunk_bytes import shaped
 from tests.conftest import peer_address
 from tests.integration.test_transfer import holder
@@ -290,17 +292,19 @@ async def stalling_holder(host: str) -> AsyncIterator[tuple[tuple[str, int], lis
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = TransferConnection(role=Role.SERVER)
+        stream = SecureStream(reader, writer, role=Role.SERVER)
         try:
-            while data := await reader.read(65536):
+            await stream.run_handshake()
+            while data := await stream.read():
                 conn.receive_data(data)
                 while (event := conn.next_event()) is not NEED_DATA:
                     if isinstance(event, HasRequest):
-                        writer.writelines(
+                        stream.write(
                             conn.send(HasReply(event.request_id, (True,) * len(event.ids)))
                         )
                     elif isinstance(event, FetchRequest):
                         fetches.append(event.request_id)
-        except (ConnectionError, ProtocolViolation):
+        except (ConnectionError, ProtocolViolation, RemoteProtocolError, TimeoutError):
             pass
         finally:
             writer.close()

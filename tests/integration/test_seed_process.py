@@ -18,6 +18,7 @@ from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, chunk_id_of
 from p2pmega.core.wire import Role, StoreRequest, TransferConnection
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.storage import ChunkStore
+from tests.channel_helpers import handshake_blocking
 from tests.chunk_bytes import shaped
 from tests.conftest import free_port
 from tests.integration.cli_helpers import P2PMEGA, clean_env
@@ -133,6 +134,7 @@ def _kill_while_writing(
     """
     written: list[bytes] = []
     with socket.create_connection((HOST, port), timeout=10) as sock:
+        sealer = handshake_blocking(sock)
         for request_id in range(1, 51):
             data = shaped(os.urandom(DEFAULT_CHUNK_SIZE))
             chunk_id = chunk_id_of(data)
@@ -141,7 +143,7 @@ def _kill_while_writing(
             frames = TransferConnection(role=Role.CLIENT).send(
                 StoreRequest(request_id=request_id, chunk_id=chunk_id, lease_s=3600, data=data)
             )
-            sock.sendall(b"".join(frames))
+            sock.sendall(sealer.seal(frames))
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if any(n.startswith(prefix) for n in os.listdir(store_dir / "tmp")):

@@ -1,5 +1,8 @@
 """A hostile peer against a real TransferServer: the holder refuses or hangs up, keeps serving honest
-peers, and keeps its memory bounded."""
+peers, and keeps its memory bounded.
+
+These speak raw frames to the wire, so the holders here stack net.pump.PlainLayer: they test the
+wire's own defences, which sit behind the channel. The channel's are in test_channel_hostile.py."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.net.pump import PlainLayer
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
@@ -40,7 +44,7 @@ pytestmark = pytest.mark.integration
 STEP_S = 10.0
 LIMITS = ServerLimits(
     max_connections=64,
-    max_connections_per_ip=16,
+    max_connections_per_network=16,
     max_inflight_per_connection=4,
     max_inflight_total=16,
     idle_timeout_s=1.0,
@@ -77,8 +81,10 @@ async def holder(tmp_path: Path) -> AsyncIterator[Holder]:
     data = shaped(os.urandom(MiB))
     chunk_id = chunk_id_of(data)
     store.put(chunk_id, data, lease_s=3600)
-    server = TransferServer(store, host=HOLDER, port=free_port(HOLDER), limits=LIMITS)
-    client = TransferClient(local_host=HONEST, timeout_s=5.0)
+    server = TransferServer(
+        store, host=HOLDER, port=free_port(HOLDER), limits=LIMITS, layers=PlainLayer
+    )
+    client = TransferClient(local_host=HONEST, timeout_s=5.0, layers=PlainLayer)
     try:
         async with asyncio.timeout(STEP_S):
             await server.start()
@@ -140,8 +146,8 @@ def assert_one_error(frames: list[tuple[int, int, bytes]], code: ErrorCode) -> s
     ("garbage", "code"),
     [
         (b"GET / HTTP/1.1\r\nHost: holder\r\n\r\n", ErrorCode.TOO_LARGE),  # "GET " is ~1.2 GB
-        (b"\x00\x00\x00\x10\x01\x77" + os.urandom(14), ErrorCode.BAD_REQUEST),  # unknown type
-        (b"\x00\x00\x00\x01\x01", ErrorCode.BAD_REQUEST),  # shorter than a header
+        (b"\x00\x00\x00\x10\x02\x77" + os.urandom(14), ErrorCode.BAD_REQUEST),  # unknown type
+        (b"\x00\x00\x00\x01\x02", ErrorCode.BAD_REQUEST),  # shorter than a header
     ],
 )
 async def test_garbage_is_refused_and_closed(
@@ -166,7 +172,7 @@ async def test_unknown_version_gets_unsupported_version_then_close(holder: Holde
     async with raw_connection(holder.server.port) as (reader, writer):
         writer.write(frame(PROTOCOL_VERSION + 1, MessageType.FETCH, 1, holder.chunk_id))
         message = assert_one_error(await read_until_closed(reader), ErrorCode.UNSUPPORTED_VERSION)
-        assert "version 2" in message
+        assert f"version {PROTOCOL_VERSION + 1}" in message
     await holder.assert_serves_honest_peer()
 
 
@@ -197,7 +203,11 @@ async def test_each_frame_gets_its_own_deadline_on_a_busy_connection(tmp_path: P
     timeout_s = 3.0
     store = ChunkStore(tmp_path / "busy", quota_bytes=MiB)
     server = TransferServer(
-        store, host=HOLDER, port=0, limits=ServerLimits(stall_timeout_s=timeout_s)
+        store,
+        host=HOLDER,
+        port=0,
+        limits=ServerLimits(stall_timeout_s=timeout_s),
+        layers=PlainLayer,
     )
     conn = TransferConnection(role=Role.CLIENT)
     chunks = [shaped(os.urandom(1000)) for _ in range(4)]
@@ -280,7 +290,7 @@ async def test_two_thousand_silent_connections(holder: Holder) -> None:
             sockets = await open_idle_sockets(count, flood_hosts, holder.server.port)
         await asyncio.sleep(0.2)  # let the holder accept and refuse the backlog
         # Each flooding address holds at most its share; the rest were refused with BUSY.
-        assert holder.server.connections <= len(flood_hosts) * LIMITS.max_connections_per_ip
+        assert holder.server.connections <= len(flood_hosts) * LIMITS.max_connections_per_network
         await holder.assert_serves_honest_peer()  # during the flood
         _, peak = tracemalloc.get_traced_memory()
         # The honest fetch moves a 1 MiB chunk through this process twice (server and client);

@@ -1,6 +1,6 @@
 """The pump's layer stack over real loopback sockets: a layer that transforms bytes both ways.
 
-A stand-in for the authenticated channel to come: every byte is XORed on the way out and back on
+Any stack works, not only the channel (net.channel): every byte is XORed on the way out and back on
 the way in, so store, fetch and has only work if both ends stack the same layer.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,10 @@ def xor(data: bytes | bytearray | memoryview) -> bytes:
 class XorLayer:
     """Receives into its own buffer, hands the decoded bytes to the layer above, encodes writes."""
 
+    ready = True
+    peer_public_key: bytes | None = None
+    copies = True
+
     def __init__(self, above: Layer) -> None:
         self.above = above
         self._room = bytearray(64 << 10)
@@ -55,10 +59,18 @@ class XorLayer:
             self.above.buffer_updated(size)
             plain = plain[size:]
 
+    def opened(self, write: Callable[[bytes | bytearray | memoryview], None]) -> None:
+        self.above.opened(write)
+
     def eof_received(self) -> None:
         self.above.eof_received()
 
-    def outgoing(self, buffers: list[bytes | memoryview]) -> Sequence[bytes | memoryview]:
+    def sent(self) -> None:
+        self.above.sent()
+
+    def outgoing(
+        self, buffers: list[bytes | memoryview]
+    ) -> Sequence[bytes | bytearray | memoryview]:
         out = [xor(buffer) for buffer in buffers]
         self.seen_out += sum(map(len, out))
         return out
@@ -92,10 +104,10 @@ async def test_a_transforming_layer_carries_every_request(tmp_path: Path) -> Non
             assert bytes(await client.fetch(addr, chunk_id)) == data
             assert await client.has(addr, [chunk_id]) == [True]
             assert await client.leases(addr, [chunk_id]) == [60]
-        async with TransferClient(local_host=peer_address(2, 2), timeout_s=2) as plain:
+        async with TransferClient(local_host=peer_address(2, 2), timeout_s=2) as channel_client:
             with pytest.raises(errors.NetworkError):
                 async with asyncio.timeout(STEP_S):
-                    await plain.has(addr, [chunk_id])
+                    await channel_client.has(addr, [chunk_id])
     finally:
         async with asyncio.timeout(STEP_S):
             await server.stop()

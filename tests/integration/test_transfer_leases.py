@@ -18,8 +18,10 @@ from p2pmega.core.wire import (
     MAX_BATCH_IDS,
     PROTOCOL_VERSION,
     ErrorCode,
+    Role,
 )
 from p2pmega.net.transfer_client import TransferClient
+from tests.channel_helpers import SecureStream, open_secure
 from tests.chunk_bytes import shaped
 from tests.conftest import free_port, peer_address
 from tests.integration.test_transfer import holder
@@ -98,16 +100,16 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
     """
     host = peer_address(1, 3)
     async with holder(tmp_path, host, clock=Clock()) as (server, _):
-        reader, writer = await asyncio.open_connection(
-            host, server.port, local_addr=(peer_address(2, 3), 0)
-        )
+        stream = await open_secure(host, server.port, local=peer_address(2, 3))
         try:
             body = struct.pack(">H", 1) + bytes(32)
-            writer.write(struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x08, 5) + body)
+            stream.write([struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x08, 5) + body])
+            received = b""
             async with asyncio.timeout(STEP_S):
-                received = await reader.read()  # until the holder closes
+                while data := await stream.read():  # until the holder closes
+                    received += data
         finally:
-            writer.close()
+            stream.writer.close()
         message = b"unknown message type 0x08"
         error = struct.pack(
             ">IBBIB", 7 + len(message), PROTOCOL_VERSION, 0xFF, 5, ErrorCode.BAD_REQUEST
@@ -119,11 +121,13 @@ async def test_leases_from_an_old_holder_is_peer_unreachable(tmp_path: Path) -> 
     """A holder that refuses LEASES as unknown: the client's caller sees why, in one line."""
 
     async def old_holder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        header = await reader.readexactly(10)
-        _, _, kind, request_id = struct.unpack(">IBBI", header)
+        stream = SecureStream(reader, writer, role=Role.SERVER)
+        await stream.run_handshake()
+        header = await stream.read()
+        _, _, kind, request_id = struct.unpack_from(">IBBI", header)
         message = f"unknown message type 0x{kind:02x}".encode()
         reply = struct.pack(">IBBIB", 7 + len(message), PROTOCOL_VERSION, 0xFF, request_id, 6)
-        writer.write(reply + message)
+        stream.write([reply + message])
         await writer.drain()
         writer.close()
 

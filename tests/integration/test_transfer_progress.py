@@ -3,7 +3,9 @@
 Links are slowed in-process: a peer that reads its socket a little at a time, with a small receive
 buffer, so TCP's window makes the other side wait. tests/integration/test_slow_uplink.py does the
 same end to end with a shaped uplink.
-"""
+
+The holders and clients here stack net.pump.PlainLayer: the tests play raw frames against the wire's
+deadlines, which work the same behind the channel."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from p2pmega.core.wire import (
     StoreRequest,
     TransferConnection,
 )
+from p2pmega.net.pump import PlainLayer
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.net.transfer_server import ServerLimits, TransferServer
 from p2pmega.storage import ChunkStore
@@ -100,7 +103,7 @@ async def test_store_to_a_slow_holder_outlasts_the_timeout() -> None:
     cid, data = random_chunk(MiB)
     async with (
         slow_holder(16 << 10, 0.02) as port,
-        TransferClient(local_host=CLIENT, timeout_s=0.3) as client,
+        TransferClient(local_host=CLIENT, timeout_s=0.3, layers=PlainLayer) as client,
     ):
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -113,7 +116,7 @@ async def test_store_to_a_holder_that_stops_reading_times_out() -> None:
     cid, data = random_chunk(4 * MiB)
     async with (
         slow_holder(0, 0) as port,
-        TransferClient(local_host=CLIENT, timeout_s=0.5) as client,
+        TransferClient(local_host=CLIENT, timeout_s=0.5, layers=PlainLayer) as client,
     ):
         async with asyncio.timeout(STEP_S):
             with pytest.raises(errors.TransferTimeout, match=r"no data moved for 0\.5s"):
@@ -123,7 +126,9 @@ async def test_store_to_a_holder_that_stops_reading_times_out() -> None:
 @contextlib.asynccontextmanager
 async def holder(tmp_path: Path, limits: ServerLimits) -> AsyncIterator[TransferServer]:
     store = ChunkStore(tmp_path / "store", quota_bytes=64 * MiB)
-    server = TransferServer(store, host=HOLDER, port=free_port(HOLDER), limits=limits)
+    server = TransferServer(
+        store, host=HOLDER, port=free_port(HOLDER), limits=limits, layers=PlainLayer
+    )
     try:
         async with asyncio.timeout(STEP_S):
             await server.start()
@@ -207,7 +212,10 @@ async def test_holder_serves_a_reader_on_a_slow_link(tmp_path: Path) -> None:
     conn = TransferConnection(role=Role.CLIENT)
     loop = asyncio.get_running_loop()
     async with holder(tmp_path, limits) as server:
-        async with TransferClient(local_host=CLIENT) as client, asyncio.timeout(STEP_S):
+        async with (
+            TransferClient(local_host=CLIENT, layers=PlainLayer) as client,
+            asyncio.timeout(STEP_S),
+        ):
             await client.store((HOLDER, server.port), cid, data, 60)
         sock = await connect(server.port, receive_window=SMALL_WINDOW_BYTES)
         with sock:

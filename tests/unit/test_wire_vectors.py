@@ -1,4 +1,4 @@
-"""Golden frames (tests/vectors/wire_v1.json) for every message type and error code of core.wire.
+"""Golden frames (tests/vectors/wire_v2.json) for every message type and error code of core.wire.
 
 A diff means the wire changed: bump PROTOCOL_VERSION (docs/PROTOCOL.md) and regenerate deliberately
 with ``python -m tests.vectors.make_wire_vectors``.

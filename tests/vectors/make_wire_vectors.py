@@ -1,6 +1,6 @@
 """Golden frames of the chunk-transfer protocol: every request and reply type, and every error code.
 
-Run from the repository root: ``python -m tests.vectors.make_wire_vectors`` rewrites wire_v1.json.
+Run from the repository root: ``python -m tests.vectors.make_wire_vectors`` rewrites wire_v2.json.
 Nothing here is random: ids and bodies are fixed bytes, so the file only changes when the wire does.
 """
 
@@ -32,7 +32,7 @@ from p2pmega.core.wire import (
     TransferConnection,
 )
 
-VECTORS = Path(__file__).with_name("wire_v1.json")
+VECTORS = Path(__file__).with_name("wire_v2.json")
 BODY = bytes(range(256)) * 3  # a small stored chunk; the wire does not care about its size
 CID = chunk_id_of(BODY)
 

@@ -50,7 +50,13 @@ class ReceiveBuffer:
     """Bytes received and not parsed yet, and spare room the socket can receive straight into."""
 
     def __init__(
-        self, *, max_frame_bytes: int, keep_bytes: int, allocate: Callable[[int], bytearray]
+        self,
+        *,
+        max_frame_bytes: int,
+        keep_bytes: int,
+        allocate: Callable[[int], bytearray],
+        release: Callable[[bytearray], None] | None = None,
+        grow_with_arrival: bool = True,
     ) -> None:
         """Create an empty buffer.
 
@@ -59,10 +65,16 @@ class ReceiveBuffer:
             keep_bytes: Buffer kept between frames for reuse; a larger one is freed once empty.
             allocate: Makes the buffer for a frame larger than ``keep_bytes``, given the bytes it
                 must hold at least (it may hold more).
+            release: Takes back a buffer from ``allocate`` once a larger one replaced it.
+            grow_with_arrival: Lend room as bytes arrive (at most doubling) rather than the whole
+                declared frame at once. A server must (strangers open connections to it and declare
+                what they like); a client may lend the whole reply it asked for, saving the steps.
         """
         self.max_frame_bytes = max_frame_bytes
         self._keep_bytes = keep_bytes
         self._allocate = allocate
+        self._release = release
+        self._grow_with_arrival = grow_with_arrival
         # Received bytes not parsed yet are _buffer[_start:_end]; _buffer[_end:] is spare room
         # that get_buffer() lends out so that a socket can receive straight into it.
         self._buffer = bytearray()
@@ -120,10 +132,17 @@ class ReceiveBuffer:
             A writable view; receive into it, then call buffer_updated() before anything else.
         """
         want = max(sizehint, _MIN_RECEIVE_BYTES)
-        if self._end - self._start >= PREFIX_BYTES:
+        arrived = self._end - self._start
+        if arrived >= PREFIX_BYTES:
             length = int.from_bytes(self._buffer[self._start : self._start + PREFIX_BYTES], "big")
             if PREFIX_BYTES + length <= self.max_frame_bytes:
-                want = max(want, self._start + PREFIX_BYTES + length - self._end)
+                # The room grows with the bytes that arrived (at most doubling), never to the
+                # size a frame declares: a peer that declares 4 MiB and sends 10 bytes costs 64 KiB,
+                # not 4 MiB (issue 16). After a large frame, _make_room regrows at once.
+                rest = PREFIX_BYTES + length - arrived
+                if self._grow_with_arrival:
+                    rest = min(rest, max(arrived, _MIN_RECEIVE_BYTES))
+                want = max(want, rest)
         self._make_room(want)
         return memoryview(self._buffer)[self._end : self._end + want]
 
@@ -148,7 +167,7 @@ class ReceiveBuffer:
                 self._frame_end -= self._start
             self._start = 0
         missing = self._end + size - len(buffer)
-        if missing > len(buffer):
+        if missing > len(buffer) or (missing > 0 and self._end + size > self._keep_bytes):
             # Growing for a large frame: one buffer of the final size, and only the bytes already
             # received move (extend() would allocate, zero and copy the whole room twice).
             needed = max(self._end + size, self._regrow_bytes)
@@ -157,6 +176,10 @@ class ReceiveBuffer:
                 raise ValueError(f"allocate({needed}) returned {len(grown)} bytes")
             grown[: self._end] = buffer[: self._end]
             self._buffer = grown
+            if self._release is not None and len(buffer) > self._keep_bytes:
+                # It came from allocate: a pool can lend it again (a warm buffer fits a whole
+                # frame at the first growth, so steps cost nothing once the pool is warm).
+                self._release(buffer)
         elif missing > 0:
             buffer.extend(bytes(missing))
 

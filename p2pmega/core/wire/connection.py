@@ -95,6 +95,7 @@ class TransferConnection:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         keep_buffer_bytes: int | None = None,
         allocate: Callable[[int], bytearray] = bytearray,
+        release: Callable[[bytearray], None] | None = None,
         deadlines: ServerDeadlines | ClientDeadlines | None = None,
     ) -> None:
         """Create one side of a connection.
@@ -109,6 +110,8 @@ class TransferConnection:
                 given the bytes it must hold at least (it may hold more). A server recycles the
                 buffers its large StoreRequests hand over, so each chunk does not cost a fresh
                 megabyte.
+            release: Takes back a buffer from ``allocate`` that the receive buffer outgrew (it
+                grows with the bytes that arrive, so a frame may pass through a few).
             deadlines: The timeouts of this side (ServerDeadlines for a server, ClientDeadlines
                 for a client), which its pump feeds; None: no timer ever runs.
 
@@ -127,7 +130,11 @@ class TransferConnection:
         if keep_buffer_bytes is None:
             keep_buffer_bytes = max_frame_bytes if role is Role.CLIENT else SERVER_KEEP_BYTES
         self._receive = ReceiveBuffer(
-            max_frame_bytes=max_frame_bytes, keep_bytes=keep_buffer_bytes, allocate=allocate
+            max_frame_bytes=max_frame_bytes,
+            keep_bytes=keep_buffer_bytes,
+            allocate=allocate,
+            release=release,
+            grow_with_arrival=role is Role.SERVER,
         )
         self._failed = False
         self._closed = False

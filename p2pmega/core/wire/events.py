@@ -12,7 +12,7 @@ from typing import Final
 from p2pmega.core.chunking import MAX_SEALED_CHUNK_BYTES, ChunkId
 from p2pmega.errors import RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: every connection opens with the channel handshake (handshake.py)
 
 # Frame prefix: u32 length of everything after it. The header it starts is in codec.py.
 PREFIX_BYTES: Final = 4
