@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from p2pmega.core.crypto import new_signing_seed, node_id_of, public_key_of
+from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address, ChunkId
 from p2pmega.defaults import RECORD_TTL_S, RPC_TIMEOUT_S, TRANSFER_TIMEOUT_S
@@ -115,7 +115,7 @@ class Node(Service):
             NetworkError: the address cannot be bound, or no bootstrap/saved/LAN contact answered.
         """
         s = self.settings
-        node_id = await asyncio.to_thread(self._node_id)
+        seed = await asyncio.to_thread(self._seed)
         if s.holder:
             from p2pmega.storage.store import ChunkStore
 
@@ -126,7 +126,7 @@ class Node(Service):
         self.dht, self.server = await bind_endpoints(
             host=s.host,
             port=s.port,
-            node_id=node_id,
+            seed=seed,
             rpc_timeout_s=s.rpc_timeout_s,
             record_ttl_s=s.record_ttl_s,
             contacts_path=self._contacts_path(),
@@ -140,7 +140,10 @@ class Node(Service):
             from p2pmega.net.lan import LANDiscovery
 
             self._lan = LANDiscovery(
-                node_id=node_id, host=s.host, dht_port=self.port, on_peer=self.dht.add_contact
+                node_id=self.dht.node_id,
+                host=s.host,
+                dht_port=self.port,
+                on_peer=self.dht.add_contact,
             )
             await self._lan.start()
         if s.join_in_background:
@@ -166,11 +169,12 @@ class Node(Service):
         for listener in self.stored_listeners:
             listener(chunk_id)
 
-    def _node_id(self) -> bytes:
+    def _seed(self) -> bytes:
+        # The DHT id is derived from this key and the bound address (core.node_id, docs/DHT.md).
         if self.settings.persistent_identity:
-            return load_or_create_identity(self.settings.data_dir).node_id
+            return load_or_create_identity(self.settings.data_dir).seed
         # Short-lived clients (share, fetch, check) use a throwaway identity so two of them can run at once.
-        return node_id_of(public_key_of(new_signing_seed()))
+        return new_signing_seed()
 
     def _contacts_path(self) -> Path:
         return self.settings.data_dir / "contacts.json"

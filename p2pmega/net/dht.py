@@ -15,7 +15,9 @@ from pathlib import Path
 
 from kademlia.node import Node
 
+from p2pmega.core.crypto import new_signing_seed, public_key_of
 from p2pmega.core.ids import dht_key_of
+from p2pmega.core.node_id import node_id_for
 from p2pmega.core.record import is_node_id, is_peer_ip, is_port
 from p2pmega.errors import BootstrapFailed, NetworkError
 from p2pmega.net.announce import AnnouncePlan, send_plan
@@ -64,7 +66,9 @@ MAX_PROTOCOL_1_NODES = 10_000
 class DHTNode(Service):
     """A p2pmega DHT node: join, announce and find chunk holders, find placement candidates.
 
-    Use ``async with DHTNode(host=..., node_id=...) as node:`` or call start() and stop().
+    Use ``async with DHTNode(host=..., seed=...) as node:`` or call start() and stop(). The node
+    id is ``core.node_id.node_id_for(public key of seed, host)``: ``host`` must be the address
+    peers reach it at, or no peer admits it to its table (docs/DHT.md, "Ids that cost something").
     ``read_only=True`` is for short-lived clients (BEP 43 style): their requests carry no node id,
     so no node adds them to its table or hands them out; they serve no requests and cannot
     announce. It needs peers that speak protocol 2 (docs/DHT.md).
@@ -75,7 +79,7 @@ class DHTNode(Service):
         *,
         host: str,
         port: int = 0,
-        node_id: bytes,
+        seed: bytes | None = None,
         ksize: int = 20,
         alpha: int = 3,
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
@@ -92,10 +96,12 @@ class DHTNode(Service):
         self.reannounce_interval_s = record_ttl_s / 2
         self._protocol_1: set[bytes] = set()  # node ids seen to drop add_providers
         self._joining: asyncio.Task[int] | None = None
+        seed = new_signing_seed() if seed is None else seed
         self.server = HardenedServer(
             ksize,
             alpha,
-            node_id,
+            node_id_for(public_key_of(seed), host),
+            seed=seed,
             rpc_timeout_s=rpc_timeout_s,
             record_ttl_s=record_ttl_s,
             limits=limits,
