@@ -15,8 +15,10 @@ from p2pmega.core.crypto import new_signing_seed, public_key_of
 from p2pmega.core.id_proof import make_id_proof
 from p2pmega.core.node_id import node_id_for
 from p2pmega.net.dht import DHTNode
-from p2pmega.net.kademlia_protocol import DHT_PROTOCOL_VERSION
 from tests.conftest import peer_address
+
+DHT_PROTOCOL_VERSION = 3
+"""p2pmega.net.kademlia_protocol.DHT_PROTOCOL_VERSION, pinned: raw test datagrams are the wire."""
 
 
 @asynccontextmanager
@@ -56,7 +58,7 @@ class FakeKey:
 
 def request(name: str, args: list[Any], padding: bytes = b"") -> bytes:
     """A protocol-3 request datagram (kind 0, a random message id, [3, name, args, padding])."""
-    body = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, padding])
+    body: bytes = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, padding])
     return b"\x00" + os.urandom(20) + body
 
 
