@@ -15,9 +15,9 @@ from typing import Any
 
 from kademlia.node import Node
 
-from p2pmega.core.node_id import network_of, prefix_matches
+from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.record import ProviderRecord
-from p2pmega.net.kademlia_protocol import HardenedProtocol
+from p2pmega.net.kademlia_protocol import HardenedProtocol, network_of
 
 
 @dataclass(frozen=True)

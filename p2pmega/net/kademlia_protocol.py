@@ -6,6 +6,7 @@ Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -23,7 +24,8 @@ from rpcudp.protocol import RPCProtocol
 from p2pmega.core.id_proof import NONCE_BYTES, check_id_proof, make_id_proof
 from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
 from p2pmega.core.liveness import Liveness
-from p2pmega.core.node_id import network_of, prefix_matches
+from p2pmega.core.node_id import network_of as _network_of
+from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.rate_limit import NetworkRateLimit
 from p2pmega.core.record import (
     FIND_PROVIDERS_REPLY_VERSION,
@@ -84,7 +86,8 @@ _PADDED = frozenset(
 MAX_PROVING = 64
 """Id proofs in flight at once; more unknown senders wait for a later message of theirs."""
 PROOF_RETRY_S = 600.0
-"""An address whose proof failed is not challenged again for this long."""
+"""An address whose proof was false (a bad signature, an id not of its key and network) is not
+challenged again for this long; one that did not answer, for FAILED_TTL_S (a lost datagram)."""
 MAX_REMEMBERED_ADDRESSES = 4096
 """Proven and failed addresses remembered (each an LRU of this size)."""
 _REQUEST_ARITY = {
@@ -108,6 +111,12 @@ _NO_SENDER_ID = frozenset({"id_proof"})
 READ_ONLY_PREFIX = "ro_"
 """A read-only node sends ``ro_<name>`` with the arguments of ``<name>`` minus the node id."""
 _READ_ONLY_RPCS = frozenset({"ping", "find_node", "find_value", "find_providers"})
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(ip: str) -> bytes:
+    """core.node_id.network_of, cached: every reply and admission looks at the same few addresses."""
+    return _network_of(ip)
 
 
 @dataclass(frozen=True)
@@ -428,29 +437,34 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     async def prove(self, address: tuple[str, int]) -> bytes | None:
         """Challenge ``address`` to prove its node id; the id, or None if it did not.
 
-        A proven address is remembered (and answered in full, see REFLECTION_FACTOR); a failed one
-        is not challenged again for PROOF_RETRY_S, and a contact at it is evicted at once.
+        A proven address is remembered (and answered in full, see REFLECTION_FACTOR). A false proof
+        evicts any contact at that address at once and is not challenged again for PROOF_RETRY_S.
         """
         address = (address[0], address[1])
         nonce = os.urandom(NONCE_BYTES)
         challenger = b"" if self.read_only else bytes(self.source_node.id)
         self.stats.proofs_sent += 1
         ok, raw = await self.request(address, "id_proof", [challenger, nonce])
-        if ok:
-            try:
-                proven = check_id_proof(raw, nonce=nonce, challenger_id=challenger, ip=address[0])
-            except RemoteProtocolError:
-                self.stats.bad_replies += 1
-            else:
-                self._remember(self._proven, address, proven.node_id)
-                self._proof_failed.pop(address, None)
-                return proven.node_id
-        self.stats.proofs_failed += 1
-        self._remember(self._proof_failed, address, asyncio.get_running_loop().time())
-        for contact in self.router.all_contacts():
-            if (contact.ip, contact.port) == address:
-                self.router.remove_contact(contact)
-        return None
+        now = asyncio.get_running_loop().time()
+        if not ok:
+            self.stats.proofs_failed += 1
+            # Silence may be a lost datagram: try again after FAILED_TTL_S, evict nobody.
+            self._remember(self._proof_failed, address, now - PROOF_RETRY_S + FAILED_TTL_S)
+            return None
+        try:
+            proven = check_id_proof(raw, nonce=nonce, challenger_id=challenger, ip=address[0])
+        except RemoteProtocolError:
+            # A false proof: whoever is at this address is not who our table says. Evict at once.
+            self.stats.proofs_failed += 1
+            self.stats.bad_replies += 1
+            self._remember(self._proof_failed, address, now)
+            for contact in self.router.all_contacts():
+                if (contact.ip, contact.port) == address:
+                    self.router.remove_contact(contact)
+            return None
+        self._remember(self._proven, address, proven.node_id)
+        self._proof_failed.pop(address, None)
+        return proven.node_id
 
     @staticmethod
     def _remember(
