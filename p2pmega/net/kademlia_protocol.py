@@ -1,4 +1,4 @@
-"""The hardened kademlia/rpcudp protocol: validated requests and replies, provider-record RPCs.
+"""The hardened kademlia/rpcudp protocol: validated requests and replies, provider-record RPCs, id proofs.
 
 Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is p2pmega.net.dht.
 """
@@ -474,10 +474,6 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         table[key] = value
         while len(table) > MAX_REMEMBERED_ADDRESSES:
             table.popitem(last=False)
-
-    def proven_id(self, address: tuple[str, int]) -> bytes | None:
-        """The id ``address`` proved, or None."""
-        return self._proven.get((address[0], address[1]))
 
     def _prove_then_admit(self, node: Node) -> None:
         address = (node.ip, node.port)
