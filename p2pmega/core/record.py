@@ -246,7 +246,6 @@ class ProviderTable:
         self._by_key: dict[bytes, dict[tuple[bytes, str], _Entry]] = {}
         # Each network's records, least recently announced first (the eviction order).
         self._by_network: dict[bytes, OrderedDict[Slot, None]] = {}
-        self._key_network: Counter[tuple[bytes, bytes]] = Counter()
         # Lazy max-heap of (-records, network): an item is current only if its count still holds.
         self._largest: list[tuple[int, bytes]] = []
         self._expiry: list[tuple[float, bytes, bytes, str]] = []
@@ -282,7 +281,6 @@ class ProviderTable:
             entry = _Entry(port, expires_at, network, self._stamp)
             self._by_key.setdefault(key, records)[(node_id, host)] = entry
             self._by_network.setdefault(network, OrderedDict())[(key, node_id, host)] = None
-            self._key_network[(key, network)] += 1
             self._total += 1
             self._note_count(network)
         else:
@@ -297,7 +295,8 @@ class ProviderTable:
         self, key: bytes, records: dict[tuple[bytes, str], _Entry], network: bytes
     ) -> bool:
         limits = self.limits
-        mine_here = self._key_network[(key, network)]
+        # A key has at most max_per_key records: counting them is cheaper than an index of its own.
+        mine_here = sum(1 for e in records.values() if e.network == network)
         if mine_here >= limits.max_per_key_per_network:
             self._drop_oldest_in_key(key, records, network)
         elif len(records) >= limits.max_per_key:
@@ -346,9 +345,6 @@ class ProviderTable:
         del order[(key, node_id, host)]
         if not order:
             del self._by_network[entry.network]
-        self._key_network[(key, entry.network)] -= 1
-        if not self._key_network[(key, entry.network)]:
-            del self._key_network[(key, entry.network)]
         self._total -= 1
         self._note_count(entry.network)
 

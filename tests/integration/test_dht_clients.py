@@ -160,27 +160,21 @@ async def test_announce_many_in_a_big_network_reaches_the_k_closest_of_every_key
             assert holders_of(nodes, key) == closest
 
 
-async def test_add_providers_is_checked_and_capped_per_source_and_old_nodes_still_get_records() -> (
-    None
-):
+async def test_add_providers_is_checked_and_capped_per_source_network_and_rate_limited() -> None:
     limits = DHTLimits(providers=ProviderLimits(max_per_network=5))
     async with swarm(46, 3, rpc_timeout_s=0.3, limits=limits) as nodes:
-        sender, receiver, old = nodes
+        sender, receiver, other = nodes
         keys = [os.urandom(20) for _ in range(8)]
-        # A node from before protocol 2 drops add_providers; the sender falls back to add_provider.
-        old.server._proto().rpc_add_providers = lambda *args: None  # type: ignore[method-assign]
         # A network at its cap makes room by dropping its own oldest records (issue 16): all 8
         # are confirmed, 5 are kept.
         assert await sender.announce_many([k + b"chunk-tail-1" for k in keys], 9300) == 8 + 8
         assert len(receiver.server.providers) == 5
-        assert len(old.server.providers) == 5
+        assert len(other.server.providers) == 5
         assert receiver.stats.dropped_datagrams == 0
-        assert old.stats.dropped_datagrams == 1
-        # Remembered: the next batch goes to the old node as add_provider at once.
-        start = time.monotonic()
-        assert await sender.announce_many([os.urandom(32) for _ in range(3)], 9300) == 3 + 3
-        assert time.monotonic() - start < 0.3
-        assert old.stats.dropped_datagrams == 1
+        # Over its /24's request budget a batch is dropped, and not retried key by key.
+        other.server._proto().rate_limit.burst = 1.0
+        assert await sender.announce_many([os.urandom(32) for _ in range(3)], 9300) == 3
+        assert other.stats.rate_limited >= 1
 
         proto = receiver.server._proto()
         peer = (sender.host, sender.port)
