@@ -19,7 +19,7 @@ from p2pmega.core.crypto import new_signing_seed, public_key_of
 from p2pmega.core.ids import dht_key_of
 from p2pmega.core.node_id import node_id_for
 from p2pmega.core.record import is_node_id, is_peer_ip, is_port
-from p2pmega.errors import BootstrapFailed, NetworkError
+from p2pmega.errors import BadOption, BootstrapFailed, NetworkError
 from p2pmega.net.announce import AnnouncePlan, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
 from p2pmega.net.kademlia_protocol import (
@@ -65,7 +65,8 @@ class DHTNode(Service):
 
     Use ``async with DHTNode(host=..., seed=...) as node:`` or call start() and stop(). The node
     id is ``core.node_id.node_id_for(public key of seed, host)``: ``host`` must be the address
-    peers reach it at, or no peer admits it to its table (docs/DHT.md, "Ids that cost something").
+    peers reach it at, or no peer admits it to its table (docs/DHT.md, "Protocol 3"); an unspecified
+    address (0.0.0.0, ::) or a name is refused with BadOption.
     ``read_only=True`` is for short-lived clients (BEP 43 style): their requests carry no node id,
     so no node adds them to its table or hands them out; they serve no requests and cannot
     announce. It needs peers that speak protocol 2 (docs/DHT.md).
@@ -86,7 +87,12 @@ class DHTNode(Service):
         read_only: bool = False,
     ) -> None:
         if not is_peer_ip(host):
-            raise ValueError("host must be an IP literal to bind, not 0.0.0.0 or a name")
+            # Not 0.0.0.0 either: the node id is bound to the address peers reach us at (docs/DHT.md,
+            # "Protocol 3"), so the node must know it.
+            raise BadOption(
+                f"cannot bind the DHT to {host!r}: --host must be the IP address peers reach this "
+                "node at (not 0.0.0.0, :: or a name)"
+            )
         self.host = host
         self.port = port
         self.contacts_path = contacts_path
