@@ -42,7 +42,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def measure(n: int, rng: random.Random) -> dict[str, float]:
-    nodes = [DHTNode(host=address(i), node_id=rng.randbytes(20)) for i in range(n)]
+    nodes = [DHTNode(host=address(i), seed=rng.randbytes(32)) for i in range(n)]
     try:
         for node in nodes:
             await node.start()
@@ -138,7 +138,7 @@ async def legacy_announce(node: DHTNode, chunk_id: bytes, port: int) -> int:
 
 async def measure_announce(n: int, chunks: int, rng: random.Random) -> None:
     """CPU (all N nodes: one process), wall time and datagrams of announcing ``chunks`` chunks."""
-    nodes = [DHTNode(host=address(i), node_id=rng.randbytes(20)) for i in range(n)]
+    nodes = [DHTNode(host=address(i), seed=rng.randbytes(32)) for i in range(n)]
     try:
         for node in nodes:
             await node.start()

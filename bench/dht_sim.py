@@ -9,6 +9,7 @@ an in-memory network instead of sockets, on an event loop whose clock is virtual
 - each node sits at a one-way delay drawn from a log-normal distribution (median 40 ms, clipped to 10-150 ms), so
   the round trip between two nodes is the sum of theirs: 20-300 ms, median ~80 ms, with a long tail;
 - 1 % of datagrams are lost, each way;
+- every node on its own /24, its id bound to its key and that network (core.node_id);
 - routing tables are what a live network converges to: for every node and every prefix length, up to k = 20 nodes
   of that region of the id space (sampled at random), built directly rather than by 10,000 joins;
 - then a share of the nodes (``--dead``) dies: they stay in every table and never answer again, as after a seizure.
@@ -36,6 +37,8 @@ from typing import Any
 
 from kademlia.node import Node
 
+from p2pmega.core.crypto import public_key_of
+from p2pmega.core.node_id import node_id_for
 from p2pmega.net.kademlia_server import HardenedServer
 
 K = 20
@@ -120,14 +123,18 @@ class SimNet:
 
 
 def address(i: int) -> tuple[str, int]:
-    return (f"127.{1 + i // 62500}.{(i // 250) % 250 + 1}.{i % 250 + 1}", 4000)
+    """Each node on its own /24, as node ids bound to networks (core.node_id) and per-/24 caps expect."""
+    return (f"127.{1 + i // 250}.{i % 250 + 1}.1", 4000)
 
 
 def build(n: int, rng: random.Random, net: SimNet) -> list[HardenedServer]:
     servers = []
     for i in range(n):
-        server = HardenedServer(K, ALPHA, rng.randbytes(20), rpc_timeout_s=2.0)
         addr = address(i)
+        seed = rng.randbytes(32)
+        server = HardenedServer(
+            K, ALPHA, node_id_for(public_key_of(seed), addr[0]), seed=seed, rpc_timeout_s=2.0
+        )
         transport = SimTransport(net, addr)
         proto = server._create_protocol()
         proto.connection_made(transport)

@@ -1,7 +1,8 @@
 """The node's long-term Ed25519 identity on disk (``<data dir>/identity.json``, mode 0600).
 
 File format, version 1 (docs/IDENTITY.md): a UTF-8 JSON object ``{"version": 1, "ed25519_seed":
-"<standard base64 of the 32-byte seed>"}``. The public key and the 20-byte node id are derived.
+"<standard base64 of the 32-byte seed>"}``. The public key is derived; the DHT node id is derived from
+it and the address the node is reached at (``Identity.node_id_at``, core.node_id).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pmega.core import crypto
+from p2pmega.core.node_id import node_id_for
 from p2pmega.errors import BadOption
 from p2pmega.storage.atomic import write_atomically
 
@@ -29,7 +31,10 @@ _MAX_FILE_BYTES = 4096
 
 @dataclass(frozen=True)
 class Identity:
-    """A node key pair and its node id.
+    """A node key pair and its address-free key hash.
+
+    ``node_id`` (``crypto.node_id_of``) names the key in logs; the node's DHT id, which peers check,
+    is ``node_id_at(ip)``: bound to the key and to the address's /24 (/48).
 
     Warning:
         ``seed`` is the node's secret signing key: never log it. ``repr()`` leaves it out.
@@ -44,6 +49,14 @@ class Identity:
         """Derive the public key and node id of ``seed`` (``crypto.SEED_BYTES`` bytes)."""
         public_key = crypto.public_key_of(seed)
         return cls(seed=seed, public_key=public_key, node_id=crypto.node_id_of(public_key))
+
+    def node_id_at(self, ip: str) -> bytes:
+        """The DHT node id of this key at address ``ip`` (core.node_id.node_id_for).
+
+        Raises:
+            ValueError: ``ip`` is not an IP address.
+        """
+        return node_id_for(self.public_key, ip)
 
 
 def load_or_create_identity(data_dir: Path) -> Identity:

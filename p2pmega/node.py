@@ -120,9 +120,10 @@ class Node(Service):
         """
         s = self.settings
         identity = await asyncio.to_thread(self._identity)
-        node_id = identity.node_id
-        # The transfer channel proves this key (docs/PROTOCOL.md, "Channel"): clients check it against the node id.
-        self.client.identity_seed = identity.seed
+        # The DHT id is derived from this key and the bound address (core.node_id, docs/DHT.md); the transfer
+        # channel proves the same key (docs/PROTOCOL.md, "Channel"), so clients check one against the other.
+        seed = identity.seed
+        self.client.identity_seed = seed
         if s.holder:
             from p2pmega.storage.store import DEFAULT_LIMITS, ChunkStore
 
@@ -138,7 +139,7 @@ class Node(Service):
         self.dht, self.server = await bind_endpoints(
             host=s.host,
             port=s.port,
-            node_id=node_id,
+            seed=seed,
             rpc_timeout_s=s.rpc_timeout_s,
             record_ttl_s=s.record_ttl_s,
             contacts_path=self._contacts_path(),
@@ -153,7 +154,10 @@ class Node(Service):
             from p2pmega.net.lan import LANDiscovery
 
             self._lan = LANDiscovery(
-                node_id=node_id, host=s.host, dht_port=self.port, on_peer=self.dht.add_contact
+                node_id=self.dht.node_id,
+                host=s.host,
+                dht_port=self.port,
+                on_peer=self.dht.add_contact,
             )
             await self._lan.start()
         if s.join_in_background:

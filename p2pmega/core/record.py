@@ -10,12 +10,14 @@ import heapq
 import ipaddress
 import json
 import math
-from collections import Counter
+import sys
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
 from p2pmega.core.ids import NODE_ID_BYTES as NODE_ID_BYTES
+from p2pmega.core.node_id import network_of
 from p2pmega.errors import RemoteProtocolError
 
 PROVIDER_RECORD_VERSION = 1
@@ -191,66 +193,160 @@ def parse_contacts_file(text: str) -> list[tuple[str, int]]:
     return found
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     port: int
     expires_at: float
+    network: bytes
+    stamp: int
+    """When the record was last announced, in adds to the table (orders records within a key)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(host: str) -> bytes:
+    # Every record of a flood comes from a handful of addresses: parse each once.
+    return network_of(host)
 
 
 @dataclass(frozen=True)
 class ProviderLimits:
-    """Caps of a ProviderTable; defaults bound the table to roughly 60 MB of Python objects."""
+    """Caps of a ProviderTable, counted per source network (IPv4 /24, IPv6 /48, core.node_id).
+
+    The defaults bound the table to about 95 MB of Python objects (~940 bytes a record when every
+    record has its own key, measured with tracemalloc) and one network to a tenth of it.
+    """
 
     max_per_key: int = 64
-    max_per_key_per_source: int = 8
-    max_per_source: int = 100_000
-    max_total: int = 250_000
+    max_per_key_per_network: int = 4
+    max_per_network: int = 10_000
+    max_total: int = 100_000
+
+
+Slot = tuple[bytes, bytes, str]
+"""(key, node_id, host): one record's place in the table."""
 
 
 class ProviderTable:
-    """Provider records a node keeps for others: bounded per key, per source address and in total.
+    """Provider records a node keeps for others: bounded per key, per source network and in total.
 
     A record is keyed by (key, node_id, host): host is the address the recorder observed, so a peer
     claiming another node's id from its own address cannot overwrite that node's record.
+
+    Full never means "refuse everything new" (issue 16: a flood from 3 addresses filled every
+    table): a network at its cap, or a key at its per-network cap, makes room by dropping that
+    network's own least recently announced record; a full table drops the oldest record of the
+    network that holds the most; a full key drops the oldest record, under that key, of the
+    network that holds the most of it. Only a newcomer whose network already holds the most
+    records of a full key is refused.
     """
 
     def __init__(self, *, ttl_s: float, limits: ProviderLimits | None = None) -> None:
         self.ttl_s = ttl_s
         self.limits = limits or ProviderLimits()
         self._by_key: dict[bytes, dict[tuple[bytes, str], _Entry]] = {}
-        self._per_source: Counter[str] = Counter()
-        self._per_key_source: Counter[tuple[bytes, str]] = Counter()
+        # Each network's records, least recently announced first (the eviction order).
+        self._by_network: dict[bytes, OrderedDict[Slot, None]] = {}
+        # Lazy max-heap of (-records, network): an item is current only if its count still holds.
+        self._largest: list[tuple[int, bytes]] = []
         self._expiry: list[tuple[float, bytes, bytes, str]] = []
         self._total = 0
+        self._stamp = 0
+        self.evicted = 0
+        """Records dropped to make room (not counting expiry)."""
 
     def __len__(self) -> int:
         return self._total
 
+    def network_count(self, host: str) -> int:
+        """How many records the network of ``host`` holds."""
+        return len(self._by_network.get(_network(host), ()))
+
     def add(self, key: bytes, node_id: bytes, host: str, port: int, *, now: float) -> bool:
-        """Record or refresh that ``node_id`` at ``host``:``port`` holds ``key``; False if capped"""
+        """Record or refresh that ``node_id`` at ``host``:``port`` holds ``key``.
+
+        Returns:
+            True if recorded (maybe in place of an older record, see the class docstring);
+            False only if ``key`` is full and ``host``'s network already holds the most of it.
+        """
         self.expire(now=now)
         records = self._by_key.get(key, {})
         entry = records.get((node_id, host))
         expires_at = now + self.ttl_s
+        self._stamp += 1
         if entry is None:
-            limits = self.limits
-            if (
-                self._total >= limits.max_total
-                or len(records) >= limits.max_per_key
-                or self._per_source[host] >= limits.max_per_source
-                or self._per_key_source[(key, host)] >= limits.max_per_key_per_source
-            ):
+            network = _network(host)
+            if not self._make_room(key, records, network):
                 return False
-            entry = _Entry(port, expires_at)
+            host = sys.intern(host)  # a flood repeats a few addresses: one string each
+            entry = _Entry(port, expires_at, network, self._stamp)
             self._by_key.setdefault(key, records)[(node_id, host)] = entry
-            self._per_source[host] += 1
-            self._per_key_source[(key, host)] += 1
+            self._by_network.setdefault(network, OrderedDict())[(key, node_id, host)] = None
             self._total += 1
-        entry.port, entry.expires_at = port, expires_at
+            self._note_count(network)
+        else:
+            self._by_network[entry.network].move_to_end((key, node_id, host))
+        entry.port, entry.expires_at, entry.stamp = port, expires_at, self._stamp
         heapq.heappush(self._expiry, (expires_at, key, node_id, host))
         if len(self._expiry) > 2 * self._total + 1024:
             self._rebuild_expiry()
         return True
+
+    def _make_room(
+        self, key: bytes, records: dict[tuple[bytes, str], _Entry], network: bytes
+    ) -> bool:
+        limits = self.limits
+        # A key has at most max_per_key records: counting them is cheaper than an index of its own.
+        mine_here = sum(1 for e in records.values() if e.network == network)
+        if mine_here >= limits.max_per_key_per_network:
+            self._drop_oldest_in_key(key, records, network)
+        elif len(records) >= limits.max_per_key:
+            per_network = Counter(e.network for e in records.values())
+            biggest, most = per_network.most_common(1)[0]
+            if most <= mine_here:
+                return False
+            self._drop_oldest_in_key(key, records, biggest)
+        mine = self._by_network.get(network)
+        if mine is not None and len(mine) >= limits.max_per_network:
+            self._drop(*next(iter(mine)))
+            self.evicted += 1
+        elif self._total >= limits.max_total:
+            self._drop(*next(iter(self._by_network[self._largest_network()])))
+            self.evicted += 1
+        return True
+
+    def _drop_oldest_in_key(
+        self, key: bytes, records: dict[tuple[bytes, str], _Entry], network: bytes
+    ) -> None:
+        # At most max_per_key records to scan.
+        mine = [(e.stamp, n, h) for (n, h), e in records.items() if e.network == network]
+        _, node_id, host = min(mine)
+        self._drop(key, node_id, host)
+        self.evicted += 1
+
+    def _largest_network(self) -> bytes:
+        while True:
+            count, network = self._largest[0]
+            if len(self._by_network.get(network, ())) == -count:
+                return network
+            heapq.heappop(self._largest)
+
+    def _note_count(self, network: bytes) -> None:
+        heapq.heappush(self._largest, (-len(self._by_network.get(network, ())), network))
+        if len(self._largest) > 2 * len(self._by_network) + 1024:
+            self._largest = [(-len(o), n) for n, o in self._by_network.items()]
+            heapq.heapify(self._largest)
+
+    def _drop(self, key: bytes, node_id: bytes, host: str) -> None:
+        records = self._by_key[key]
+        entry = records.pop((node_id, host))
+        if not records:
+            del self._by_key[key]
+        order = self._by_network[entry.network]
+        del order[(key, node_id, host)]
+        if not order:
+            del self._by_network[entry.network]
+        self._total -= 1
+        self._note_count(entry.network)
 
     def get(self, key: bytes, *, now: float) -> list[ProviderRecord]:
         """The unexpired records of ``key``, each with its remaining lifetime (at least 1 s)."""
@@ -267,18 +363,9 @@ class ProviderTable:
             expires_at, key, node_id, host = heapq.heappop(self._expiry)
             records = self._by_key.get(key)
             entry = records.get((node_id, host)) if records else None
-            if records is None or entry is None or entry.expires_at != expires_at:
-                continue  # refreshed later: a newer heap item stands for it
-            del records[(node_id, host)]
-            if not records:
-                del self._by_key[key]
-            self._per_source[host] -= 1
-            if not self._per_source[host]:
-                del self._per_source[host]
-            self._per_key_source[(key, host)] -= 1
-            if not self._per_key_source[(key, host)]:
-                del self._per_key_source[(key, host)]
-            self._total -= 1
+            if entry is None or entry.expires_at != expires_at:
+                continue  # refreshed later (a newer heap item stands for it) or evicted
+            self._drop(key, node_id, host)
             dropped += 1
         return dropped
 

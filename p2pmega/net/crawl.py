@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from kademlia.node import Node
 
+from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.record import ProviderRecord
-from p2pmega.net.kademlia_protocol import HardenedProtocol
+from p2pmega.net.kademlia_protocol import HardenedProtocol, network_of
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class Crawl:
 
     def _learn(self, nodes: list[Node], depth: int) -> None:
         for node in nodes:
+            # An id not of its address's network is a lie (core.node_id): never asked, never returned.
+            if not prefix_matches(node.id, node.ip):
+                continue
             if node.id != self.protocol.source_node.id and node.id not in self.nodes:
                 self.nodes[node.id] = node
                 self.depth[node.id] = depth
@@ -190,7 +195,15 @@ class Crawl:
     def _result(self) -> LookupResult:
         answered = [n for i, n in self.nodes.items() if self.state[i] == "done"]
         answered.sort(key=self.target.distance_to)
-        closest = answered[: self.protocol.ksize]
+        # At most a few per /24 (/48) among the closest, as in every reply (issue 16: many sockets
+        # on one address must not make up the k closest of a key).
+        per_network: Counter[bytes] = Counter()
+        closest = []
+        for n in answered:
+            per_network[network_of(n.ip)] += 1
+            if per_network[network_of(n.ip)] <= self.protocol.limits.max_per_network_in_reply:
+                closest.append(n)
+        closest = closest[: self.protocol.ksize]
         closed = self.exhaustive and all(s in ("done", "failed") for s in self.state.values())
         wall = time.time()
         providers = [

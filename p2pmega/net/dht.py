@@ -15,9 +15,11 @@ from pathlib import Path
 
 from kademlia.node import Node
 
+from p2pmega.core.crypto import new_signing_seed, public_key_of
 from p2pmega.core.ids import dht_key_of
+from p2pmega.core.node_id import node_id_for
 from p2pmega.core.record import is_node_id, is_peer_ip, is_port
-from p2pmega.errors import BootstrapFailed, NetworkError
+from p2pmega.errors import BadOption, BootstrapFailed, NetworkError
 from p2pmega.net.announce import AnnouncePlan, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
 from p2pmega.net.kademlia_protocol import (
@@ -57,14 +59,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_PROTOCOL_1_NODES = 10_000
-"""Node ids remembered as speaking only protocol 1 (no add_providers); a bound, not a cache size."""
-
 
 class DHTNode(Service):
     """A p2pmega DHT node: join, announce and find chunk holders, find placement candidates.
 
-    Use ``async with DHTNode(host=..., node_id=...) as node:`` or call start() and stop().
+    Use ``async with DHTNode(host=..., seed=...) as node:`` or call start() and stop(). The node
+    id is ``core.node_id.node_id_for(public key of seed, host)``: ``host`` must be the address
+    peers reach it at, or no peer admits it to its table (docs/DHT.md, "Protocol 3"); an unspecified
+    address (0.0.0.0, ::) or a name is refused with BadOption.
     ``read_only=True`` is for short-lived clients (BEP 43 style): their requests carry no node id,
     so no node adds them to its table or hands them out; they serve no requests and cannot
     announce. It needs peers that speak protocol 2 (docs/DHT.md).
@@ -75,7 +77,7 @@ class DHTNode(Service):
         *,
         host: str,
         port: int = 0,
-        node_id: bytes,
+        seed: bytes | None = None,
         ksize: int = 20,
         alpha: int = 3,
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
@@ -85,17 +87,23 @@ class DHTNode(Service):
         read_only: bool = False,
     ) -> None:
         if not is_peer_ip(host):
-            raise ValueError("host must be an IP literal to bind, not 0.0.0.0 or a name")
+            # Not 0.0.0.0 either: the node id is bound to the address peers reach us at (docs/DHT.md,
+            # "Protocol 3"), so the node must know it.
+            raise BadOption(
+                f"cannot bind the DHT to {host!r}: --host must be the IP address peers reach this "
+                "node at (not 0.0.0.0, :: or a name)"
+            )
         self.host = host
         self.port = port
         self.contacts_path = contacts_path
         self.reannounce_interval_s = record_ttl_s / 2
-        self._protocol_1: set[bytes] = set()  # node ids seen to drop add_providers
         self._joining: asyncio.Task[int] | None = None
+        seed = new_signing_seed() if seed is None else seed
         self.server = HardenedServer(
             ksize,
             alpha,
-            node_id,
+            node_id_for(public_key_of(seed), host),
+            seed=seed,
             rpc_timeout_s=rpc_timeout_s,
             record_ttl_s=record_ttl_s,
             limits=limits,
@@ -258,8 +266,8 @@ class DHTNode(Service):
 
         When the first key's crawl saw the whole network (fewer than k contacts everywhere), no
         other key is crawled; otherwise each key is (net/announce.py). Each node then gets its keys
-        in add_providers requests of up to MAX_KEYS_PER_BATCH keys (one add_provider per key for
-        a node that does not answer add_providers, i.e. one from before protocol 2). Any number of
+        in add_providers requests of up to MAX_KEYS_PER_BATCH keys (a single key as add_provider).
+        Any number of
         ids may be passed at once; a duplicate is announced once.
 
         Returns:
@@ -289,22 +297,18 @@ class DHTNode(Service):
         return await self.server.crawl(key, "node", self._seeds(key))
 
     async def _record_at(self, peer: Peer, keys: list[bytes], port: int) -> int:
-        """Ask ``peer`` to record us for ``keys``; returns how many it confirmed."""
+        """Ask ``peer`` to record us for ``keys``; returns how many it confirmed.
+
+        Every protocol-3 node answers add_providers; an unanswered request (a dead node, or one
+        whose per-/24 rate limit dropped it) is not retried key by key, which would only cost more.
+        """
         proto = self.server._proto()
         node = Node(peer.node_id, peer.host, peer.port)
-        if len(keys) > 1 and peer.node_id not in self._protocol_1:
-            ok, answers = await proto.call_add_providers(node, keys, port)
-            if ok:
-                return sum(answers)
-        # One key, or no answer: dead, or older than protocol 2 (it drops add_providers). One
-        # add_provider tells which, so a dead node costs one more timeout rather than one per key.
-        ok, stored = await proto.call_add_provider(node, keys[0], port)
-        if not ok:
-            return 0
-        if len(keys) > 1 and len(self._protocol_1) < MAX_PROTOCOL_1_NODES:
-            self._protocol_1.add(peer.node_id)
-        rest = await asyncio.gather(*(proto.call_add_provider(node, k, port) for k in keys[1:]))
-        return int(stored) + sum(1 for ok, s in rest if ok and s)
+        if len(keys) == 1:
+            ok, stored = await proto.call_add_provider(node, keys[0], port)
+            return int(ok and stored)
+        ok, answers = await proto.call_add_providers(node, keys, port)
+        return sum(answers) if ok else 0
 
     async def lookup_providers(self, chunk_id: bytes) -> LookupResult:
         """find_providers with its cost (messages, round trips); used by bench/dht.py.

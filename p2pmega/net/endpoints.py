@@ -22,7 +22,7 @@ async def bind_endpoints(
     *,
     host: str,
     port: int,
-    node_id: bytes,
+    seed: bytes,
     rpc_timeout_s: float,
     record_ttl_s: float,
     contacts_path: Path,
@@ -40,7 +40,7 @@ async def bind_endpoints(
         dht = DHTNode(
             host=host,
             port=port,
-            node_id=node_id,
+            seed=seed,
             rpc_timeout_s=rpc_timeout_s,
             record_ttl_s=record_ttl_s,
             contacts_path=contacts_path,
@@ -55,7 +55,7 @@ async def bind_endpoints(
             store,
             host=host,
             port=dht.port,
-            node_id=node_id,
+            node_id=dht.node_id,  # the id a signed renewal names: our DHT id, as keepers learn it
             on_stored=on_stored,
             identity_seed=identity_seed,
         )

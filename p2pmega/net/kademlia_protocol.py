@@ -1,4 +1,4 @@
-"""The hardened kademlia/rpcudp protocol: validated requests and replies, provider-record RPCs.
+"""The hardened kademlia/rpcudp protocol: validated requests and replies, provider-record RPCs, id proofs.
 
 Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is p2pmega.net.dht.
 """
@@ -6,10 +6,12 @@ Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +21,12 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from p2pmega.core.id_proof import NONCE_BYTES, check_id_proof, make_id_proof
 from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
 from p2pmega.core.liveness import Liveness
+from p2pmega.core.node_id import network_of as _network_of
+from p2pmega.core.node_id import prefix_matches
+from p2pmega.core.rate_limit import NetworkRateLimit
 from p2pmega.core.record import (
     FIND_PROVIDERS_REPLY_VERSION,
     ProviderLimits,
@@ -58,7 +64,34 @@ _rng = random.SystemRandom()
 """Refresh targets need no reproducibility; SystemRandom also keeps ruff's S311 satisfied."""
 MAX_KEYS_PER_BATCH = 256
 """Keys in one add_providers request: 256 x 22 bytes (msgpack bin8) is ~5.7 KiB, under the 8 KiB."""
+DHT_PROTOCOL_VERSION = 3
+"""First element of every request body: [3, name, args, padding] (docs/DHT.md, "Protocol 3")."""
+REFLECTION_FACTOR = 3
+"""A reply to an address that has not proven an id is at most this many times its request's
+datagram (QUIC's anti-amplification limit, RFC 9000 section 8.1), so a spoofed source cannot turn
+us into an amplifier."""
+PADDED_REQUEST_BYTES = 512
+"""Requests that ask for lists are padded to this many bytes, so even an unproven requester (a
+read-only client always is) gets replies of up to 1.5 KiB: 20 contacts and a dozen records."""
+_PADDED = frozenset(
+    {
+        "find_node",
+        "find_value",
+        "find_providers",
+        "ro_find_node",
+        "ro_find_value",
+        "ro_find_providers",
+    }
+)
+MAX_PROVING = 64
+"""Id proofs in flight at once; more unknown senders wait for a later message of theirs."""
+PROOF_RETRY_S = 600.0
+"""An address whose proof was false (a bad signature, an id not of its key and network) is not
+challenged again for this long; one that did not answer, for FAILED_TTL_S (a lost datagram)."""
+MAX_REMEMBERED_ADDRESSES = 4096
+"""Proven and failed addresses remembered (each an LRU of this size)."""
 _REQUEST_ARITY = {
+    "id_proof": 2,
     "ping": 1,
     "store": 3,
     "find_node": 2,
@@ -73,9 +106,17 @@ _REQUEST_ARITY = {
     "ro_find_value": 1,
     "ro_find_providers": 1,
 }
+_NO_SENDER_ID = frozenset({"id_proof"})
+"""Requests whose first argument is not the sender's node id (id_proof's is the challenger's, or b"")."""
 READ_ONLY_PREFIX = "ro_"
 """A read-only node sends ``ro_<name>`` with the arguments of ``<name>`` minus the node id."""
 _READ_ONLY_RPCS = frozenset({"ping", "find_node", "find_value", "find_providers"})
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(ip: str) -> bytes:
+    """core.node_id.network_of, cached: every reply and admission looks at the same few addresses."""
+    return _network_of(ip)
 
 
 @dataclass(frozen=True)
@@ -89,6 +130,14 @@ class DHTLimits:
     max_misses: int = MAX_MISSES
     refresh_interval_s: float = 3600.0
     save_interval_s: float = 600.0
+    max_per_network_in_bucket: int = 2
+    """Contacts of one /24 (/48) in one bucket: 40 sockets on one address fill at most 2 slots."""
+    max_per_network_in_table: int = 8
+    max_per_network_in_reply: int = 2
+    """Contacts of one /24 (/48) in one find_node/find_providers reply."""
+    requests_per_s: float = 500.0
+    """Requests served per second per source /24 (/48); an add_providers costs 1 + keys/8."""
+    request_burst: float = 1000.0
 
 
 @dataclass
@@ -101,6 +150,15 @@ class DHTStats:
     bad_replies: int = 0
     dropped_datagrams: int = 0
     requests_served: int = 0
+    old_protocol: int = 0
+    rate_limited: int = 0
+    proofs_sent: int = 0
+    proofs_failed: int = 0
+    bad_ids: int = 0
+    """Ids refused by the cheap filter: not of the sender's network (core.node_id.prefix_matches)."""
+    shrunk_replies: int = 0
+    max_unproven_ratio: float = 0.0
+    """The largest reply/request size ratio sent to an address that had not proven an id."""
 
 
 @dataclass
@@ -132,10 +190,12 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         rpc_timeout_s: float,
         limits: DHTLimits,
         providers: ProviderTable,
+        seed: bytes,
         read_only: bool = False,
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout_s)
         self.read_only = read_only
+        self._seed = seed
         self.router = HardenedRoutingTable(self, ksize, source_node)
         self.storage = storage
         self.source_node = source_node
@@ -148,6 +208,13 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self._misses: dict[bytes, int] = {}
         self.rtt = RttTable(floor_s=STALL_FLOOR_S, ceiling_s=max(STALL_FLOOR_S, rpc_timeout_s / 4))
         self.liveness = Liveness(self.rtt)
+        self.rate_limit = NetworkRateLimit(
+            rate_per_s=limits.requests_per_s, burst=limits.request_burst
+        )
+        # Addresses that proved an id (address -> id), proofs in flight, and failed proofs.
+        self._proven: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._proving: dict[tuple[str, int], asyncio.Task[bytes | None]] = {}
+        self._proof_failed: OrderedDict[tuple[str, int], float] = OrderedDict()
 
     def __getattr__(self, name: str) -> Any:
         # rpcudp makes every unknown attribute a remote call; a typo must stay an AttributeError.
@@ -200,26 +267,55 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             if not pending.future.done():
                 pending.future.set_result((True, payload))
         elif kind == b"\x00":
-            request = umsgpack.unpackb(data[21:])
-            if not (
-                isinstance(request, list) and len(request) == 2 and isinstance(request[1], list)
-            ):
-                raise RemoteProtocolError("request is not [name, args]")
-            name, args = request
-            if _REQUEST_ARITY.get(name) != len(args) or not (
-                name.startswith(READ_ONLY_PREFIX) or is_node_id(args[0])
-            ):
-                raise RemoteProtocolError("unknown RPC or wrong arguments")
-            if self.read_only:
-                raise RemoteProtocolError("a read-only node serves no requests")
-            response = getattr(self, f"rpc_{name}")(addr, *args)
-            if response is None:
-                raise RemoteProtocolError("request refused")
-            self.stats.requests_served += 1
-            if self.transport is not None:
-                self.transport.sendto(b"\x01" + msg_id + umsgpack.packb(response), addr)
+            self._serve(data, addr)
         else:
             raise RemoteProtocolError("unknown datagram kind")
+
+    def _serve(self, data: bytes, addr: tuple[str, int]) -> None:
+        request = umsgpack.unpackb(data[21:])
+        if isinstance(request, list) and len(request) == 2:
+            # [name, args]: protocols 1 and 2, whose ids are not bound to keys. Dropped: the old node
+            # sees a timeout, as from any node that does not speak its protocol (docs/DHT.md).
+            self.stats.old_protocol += 1
+            raise RemoteProtocolError("request of protocol 1 or 2")
+        if not (
+            isinstance(request, list)
+            and len(request) == 4
+            and request[0] == DHT_PROTOCOL_VERSION
+            and isinstance(request[2], list)
+            and isinstance(request[3], bytes)
+        ):
+            raise RemoteProtocolError("request is not [3, name, args, padding]")
+        _, name, args, _padding = request
+        if _REQUEST_ARITY.get(name) != len(args) or not (
+            name.startswith(READ_ONLY_PREFIX) or name in _NO_SENDER_ID or is_node_id(args[0])
+        ):
+            raise RemoteProtocolError("unknown RPC or wrong arguments")
+        if self.read_only:
+            raise RemoteProtocolError("a read-only node serves no requests")
+        cost = 1.0
+        if name == "add_providers" and isinstance(args[1], list):
+            # Recording costs 60-100 us a key (core/record.py, measured): a full batch of 256 costs 33
+            # tokens, so one /24 can make a node record ~3,900 keys a second, not 25,000.
+            cost += len(args[1]) / 8
+        if not self.rate_limit.allow(addr[0], cost, now=asyncio.get_running_loop().time()):
+            self.stats.rate_limited += 1
+            raise RemoteProtocolError("rate limited")
+        response = getattr(self, f"rpc_{name}")(addr, *args)
+        if response is None:
+            raise RemoteProtocolError("request refused")
+        body = umsgpack.packb(response)
+        if (addr[0], addr[1]) not in self._proven:
+            budget = REFLECTION_FACTOR * len(data) - 21
+            if len(body) > budget:
+                self.stats.shrunk_replies += 1
+                body = _shrink(response, budget)
+            self.stats.max_unproven_ratio = max(
+                self.stats.max_unproven_ratio, (21 + len(body)) / len(data)
+            )
+        self.stats.requests_served += 1
+        if self.transport is not None:
+            self.transport.sendto(b"\x01" + data[1:21] + body, addr)
 
     # --- outgoing calls --------------------------------------------------------------------------
 
@@ -232,7 +328,11 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, object]] = loop.create_future()
-        data = umsgpack.packb([name, args])
+        data = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, b""])
+        if name in _PADDED and len(data) + 21 < PADDED_REQUEST_BYTES:
+            # bin8/bin16 headers take 2-3 bytes; a byte more or less does not matter here.
+            pad = b"\x00" * max(0, PADDED_REQUEST_BYTES - 21 - len(data) - 2)
+            data = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, pad])
         if len(data) > MAX_REQUEST_BYTES or self.transport is None or self.transport.is_closing():
             future.set_result((False, None))
             return future
@@ -325,14 +425,82 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         return [Node(*c) for c in decode_contacts(raw, max_contacts=self.ksize)]
 
     async def ping_address(self, address: tuple[str, int]) -> Node | None:
-        """Ping ``address`` and add it to the routing table if it answers with a valid node id."""
-        ok, raw = await self.request(address, *self._wire("ping", []))
-        if not ok or not is_node_id(raw) or raw == self.source_node.id:
-            self.stats.bad_replies += ok
+        """Ask ``address`` to prove its node id; add it to the routing table if it does.
+
+        One id_proof round trip does what a ping did and proves the id too (bootstrap, LAN).
+        """
+        node_id = await self.prove(address)
+        if node_id is None or node_id == self.source_node.id:
             return None
-        node = Node(raw, address[0], address[1])
-        self._note_reply(node, raw)
+        node = Node(node_id, address[0], address[1])
+        self._note_reply(node, node_id)
         return node
+
+    async def prove(self, address: tuple[str, int]) -> bytes | None:
+        """Challenge ``address`` to prove its node id; the id, or None if it did not.
+
+        A proven address is remembered (and answered in full, see REFLECTION_FACTOR). A false proof
+        evicts any contact at that address at once and is not challenged again for PROOF_RETRY_S.
+        """
+        address = (address[0], address[1])
+        nonce = os.urandom(NONCE_BYTES)
+        challenger = b"" if self.read_only else bytes(self.source_node.id)
+        self.stats.proofs_sent += 1
+        ok, raw = await self.request(address, "id_proof", [challenger, nonce])
+        now = asyncio.get_running_loop().time()
+        if not ok:
+            self.stats.proofs_failed += 1
+            # Silence may be a lost datagram: try again after FAILED_TTL_S, evict nobody.
+            self._remember(self._proof_failed, address, now - PROOF_RETRY_S + FAILED_TTL_S)
+            return None
+        try:
+            proven = check_id_proof(raw, nonce=nonce, challenger_id=challenger, ip=address[0])
+        except RemoteProtocolError:
+            # A false proof: whoever is at this address is not who our table says. Evict at once.
+            self.stats.proofs_failed += 1
+            self.stats.bad_replies += 1
+            self._remember(self._proof_failed, address, now)
+            for contact in self.router.all_contacts():
+                if (contact.ip, contact.port) == address:
+                    self.router.remove_contact(contact)
+            return None
+        self._remember(self._proven, address, proven.node_id)
+        self._proof_failed.pop(address, None)
+        return proven.node_id
+
+    @staticmethod
+    def _remember(
+        table: OrderedDict[tuple[str, int], Any], key: tuple[str, int], value: Any
+    ) -> None:
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > MAX_REMEMBERED_ADDRESSES:
+            table.popitem(last=False)
+
+    def _prove_then_admit(self, node: Node) -> None:
+        address = (node.ip, node.port)
+        if address in self._proving or len(self._proving) >= MAX_PROVING:
+            return
+        failed_at = self._proof_failed.get(address)
+        if failed_at is not None and asyncio.get_running_loop().time() - failed_at < PROOF_RETRY_S:
+            return
+
+        async def run() -> bytes | None:
+            try:
+                node_id = await self.prove(address)
+            finally:
+                self._proving.pop(address, None)
+            if node_id is not None:
+                self._admit(Node(node_id, node.ip, node.port))
+            return node_id
+
+        self._proving[address] = self.spawn(run())
+
+    async def settle_proofs(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the id proofs in flight, so their contacts are in the table."""
+        tasks = list(self._proving.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         return await self._call(node_to_ask, "ping", [], _check_ping(node_to_ask))
@@ -393,15 +561,42 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         return ids
 
     def welcome_if_new(self, node: Node) -> None:
+        """Admit ``node`` to the routing table once it has proven its id (issue 16, docs/DHT.md).
+
+        An id not of the node's network is dropped at once (the cheap filter); a contact already in
+        the table is refreshed; any other is challenged (id_proof) and admitted when it answers.
+        """
         # No hand-off scan of the whole storage per new node (kademlia digests every key again and
         # crawls the table for each): provider records are re-announced and values republished.
         if node.id == self.source_node.id:
             return
+        if not prefix_matches(node.id, node.ip):
+            self.stats.bad_ids += 1
+            return
         known = self.router.buckets[self.router.get_bucket_for(node)][node.id]
-        if known is not None and not known.same_home_as(node):
+        if known is not None:
+            if known.same_home_as(node):
+                self.router.add_contact(node)  # a live contact moves to its bucket's tail
             return  # keep the live contact; a second address claiming its id is not trusted
-        if known is None and any(n.same_home_as(node) for n in self.router.all_contacts()):
+        if self._proven.get((node.ip, node.port)) == node.id:
+            self._admit(node)
+        else:
+            self._prove_then_admit(node)
+
+    def _admit(self, node: Node) -> None:
+        """Add a proven contact, within the per-network caps of its bucket and of the table."""
+        if any(n.same_home_as(node) for n in self.router.all_contacts()):
             return  # one id per address: a flood of fresh ids from one socket cannot fill the table
+        network = network_of(node.ip)
+        limits = self.limits
+        bucket = self.router.buckets[self.router.get_bucket_for(node)]
+        in_bucket = sum(1 for n in bucket.get_nodes() if network_of(n.ip) == network)
+        in_table = sum(1 for n in self.router.all_contacts() if network_of(n.ip) == network)
+        if (
+            in_bucket >= limits.max_per_network_in_bucket
+            or in_table >= limits.max_per_network_in_table
+        ):
+            return
         self.router.add_contact(node)
 
     def _welcome(self, sender: tuple[str, int], nodeid: bytes) -> None:
@@ -414,10 +609,28 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         exclude = Node(key, sender[0], sender[1])
         near = self.router.find_neighbors(Node(key), k=2 * self.ksize, exclude=exclude)
         near.sort(key=lambda n: n.id in self._misses)  # stable: distance order within each group
-        return [[n.id, n.ip, n.port] for n in near[: self.ksize]]
+        per_network: Counter[bytes] = Counter()
+        chosen = []
+        for n in near:
+            network = network_of(n.ip)
+            if per_network[network] < self.limits.max_per_network_in_reply:
+                per_network[network] += 1
+                chosen.append([n.id, n.ip, n.port])
+        return chosen[: self.ksize]
 
     # Each read-only handler serves its full counterpart without the sender's id, so the sender is
     # never welcomed: it never enters the table, is never handed out, and never stores anything.
+
+    def rpc_id_proof(
+        self, sender: tuple[str, int], challenger: object, nonce: object
+    ) -> list[object] | None:
+        # Never welcomes the challenger: a proof is given, not asked for, by this request.
+        if not (isinstance(challenger, bytes) and isinstance(nonce, bytes)):
+            return None
+        try:
+            return make_id_proof(self._seed, bytes(self.source_node.id), nonce, challenger)
+        except ValueError:
+            return None  # a nonce or challenger id of the wrong length
 
     def rpc_ro_ping(self, sender: tuple[str, int]) -> bytes:
         return bytes(self.source_node.id)
@@ -458,6 +671,8 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         if not is_node_id(key) or not is_port(port) or not is_peer_ip(sender[0]):
             return None
         self._welcome(sender, nodeid)
+        if not prefix_matches(nodeid, sender[0]):
+            return False  # an id that cannot be the sender's: never handed out as a holder
         return self.providers.add(key, nodeid, sender[0], port, now=time.monotonic())
 
     def rpc_add_providers(
@@ -473,6 +688,8 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         ):
             return None
         self._welcome(sender, nodeid)
+        if not prefix_matches(nodeid, sender[0]):
+            return [False] * len(keys)
         now = time.monotonic()
         return [self.providers.add(k, nodeid, sender[0], port, now=now) for k in keys]
 
@@ -506,3 +723,48 @@ def _check_ping(node: Node) -> Callable[[object], bytes]:
         return raw
 
     return check
+
+
+def _entry_bytes(entry: object) -> int:
+    """An upper bound of a contact's or record's packed size (msgpack, without packing it).
+
+    Fields: ints of at most 5 bytes, a 20-byte id (22 packed), an address string (1 + length).
+    """
+    if not isinstance(entry, list):
+        return 1 << 16
+    return 1 + sum(len(f) + 3 if isinstance(f, bytes | str) else 5 for f in entry)
+
+
+def _fit(entries: list[Any], budget: int) -> list[Any]:
+    kept, used = [], 0
+    for entry in entries:
+        used += _entry_bytes(entry)
+        if used > budget:
+            break
+        kept.append(entry)
+    return kept
+
+
+def _shrink(response: object, budget: int) -> bytes:
+    """``response`` packed in at most ``budget`` bytes: contacts dropped first, then records.
+
+    A value that does not fit becomes an empty contact list (the requester asks a proven peer or
+    pads its request). Sizes are bounded from above without packing, so shrinking costs one pack.
+
+    Raises:
+        RemoteProtocolError: even the shortest form does not fit (the request is dropped).
+    """
+    headers = 12  # array headers of the reply and its lists, 3 bytes each at most
+    if isinstance(response, dict):
+        response = []
+    if isinstance(response, list) and len(response) == 3 and type(response[0]) is int:
+        version, records, contacts = response
+        records = _fit(records, budget - headers)
+        room = budget - headers - sum(_entry_bytes(r) for r in records)
+        response = [version, records, _fit(contacts, room)]
+    elif isinstance(response, list) and all(isinstance(c, list) for c in response):
+        response = _fit(response, budget - headers)
+    body: bytes = umsgpack.packb(response)
+    if len(body) > budget:
+        raise RemoteProtocolError("no reply fits the anti-amplification budget")
+    return body

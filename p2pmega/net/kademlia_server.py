@@ -19,6 +19,8 @@ from typing import Any
 from kademlia.node import Node
 from kademlia.utils import digest
 
+from p2pmega.core.crypto import new_signing_seed, public_key_of
+from p2pmega.core.node_id import node_id_for
 from p2pmega.core.record import (
     ProviderTable,
     format_contacts_file,
@@ -61,7 +63,12 @@ class HardenedServer:
         record_ttl_s: float = DEFAULT_RECORD_TTL_S,
         limits: DHTLimits | None = None,
         read_only: bool = False,
+        seed: bytes | None = None,
     ) -> None:
+        # The Ed25519 seed signs id proofs; the id is that of its key at the bound address (set by
+        # listen() unless given: a given id that is not the key's is refused by every peer).
+        self.seed = new_signing_seed() if seed is None else seed
+        self._derive_id = node_id is None
         node_id = os.urandom(20) if node_id is None else node_id
         if not is_node_id(node_id):
             raise ValueError("a node id is exactly 20 bytes")
@@ -92,6 +99,7 @@ class HardenedServer:
             rpc_timeout_s=self.rpc_timeout_s,
             limits=self.limits,
             providers=self.providers,
+            seed=self.seed,
             read_only=self.read_only,
         )
 
@@ -102,6 +110,8 @@ class HardenedServer:
 
     async def listen(self, port: int, interface: str) -> None:
         """Bind UDP ``interface``:``port``; no default interface (kademlia's is 0.0.0.0)."""
+        if self._derive_id:
+            self.node = Node(node_id_for(public_key_of(self.seed), interface))
         loop = asyncio.get_running_loop()
         self.transport, self.protocol = await loop.create_datagram_endpoint(
             self._create_protocol, local_addr=(interface, port)
@@ -157,8 +167,13 @@ class HardenedServer:
         nodes = [n for n in found if n is not None]
         if not nodes:
             return []
+        proto = self._proto()
         result = await self.crawl(self.node.id, "node", nodes)
+        # Contacts enter the table once they proved their ids: wait for the proofs the crawl
+        # started, so the buckets exist to refresh and the join returns a filled table.
+        await proto.settle_proofs(self.rpc_timeout_s)
         await self.refresh_far_buckets()
+        await proto.settle_proofs(self.rpc_timeout_s)
         return [Node(p.node_id, p.host, p.port) for p in result.peers]
 
     async def refresh_far_buckets(self) -> None:

@@ -33,6 +33,9 @@ _T = TypeVar("_T")
 LOOKUP_CONCURRENCY = 16
 # Peers asked up front about every chunk of a file (one batched `has` each); more would cost more than lookups.
 EXPAND_PEERS = 32
+# Peers asked about a chunk that neither a provider record nor the closest nodes led to (issue 16: with records
+# flooded away and Sybils answering lookups, a fetch gave up after the closest nodes while every seed held it).
+WIDEN_PEERS = 64
 
 
 @dataclass
@@ -149,8 +152,29 @@ class HolderLocator:
         new = found - self.peers
         self.peers.update(found)
         await self.confirm([chunk_id], found | set(self.hints))
+        if not self.live_holders(chunk_id):
+            new |= await self._widen(chunk_id)
         if new and self.wanted and self.ask_new_peers_about_all:
             await self.confirm(self.wanted, new)
+
+    async def _widen(self, chunk_id: ChunkId) -> set[Address]:
+        """Ask more peers about a chunk the lookup did not place: our own table's contacts (each proved its id
+        before it got there), nearest the key first, then every peer met so far; returns the ones new to us."""
+        key = int.from_bytes(dht_key_of(chunk_id), "big")
+        contacts = sorted(
+            self.node.dht_node.contacts(), key=lambda p: int.from_bytes(p.node_id, "big") ^ key
+        )
+        self.node_ids.update(((p.host, p.port), p.node_id) for p in contacts)
+        order = [(p.host, p.port) for p in contacts] + sorted(self.peers)
+        fresh = [
+            a
+            for a in dict.fromkeys(order)
+            if a not in self.dead and chunk_id not in self.queried.get(a, ())
+        ][:WIDEN_PEERS]
+        new = set(fresh) - self.peers
+        self.peers.update(fresh)
+        await self.confirm([chunk_id], fresh)
+        return new
 
     def live_holders(self, chunk_id: ChunkId) -> list[Address]:
         return [a for a in self.holders.get(chunk_id, []) if a not in self.dead]

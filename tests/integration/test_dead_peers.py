@@ -40,6 +40,7 @@ from p2pmega.replicate.manifest import walk_manifest
 from tests.channel_helpers import SecureStream
 from tests.chunk_bytes import shaped
 from tests.conftest import peer_address
+from tests.integration.dht_helpers import FakeKey, parse_request
 from tests.integration.test_transfer import holder
 
 pytestmark = pytest.mark.integration
@@ -57,12 +58,16 @@ async def fake_dht_peer(host: str, answer: Answer) -> AsyncIterator[tuple[tuple[
     """A raw UDP DHT peer: ``answer(rpc name, nth request so far)`` gives each reply (each in its own task, so a
     slow answer holds up no other). Yields its address and node id."""
     sock = await asyncio_dgram.bind((host, 0))
-    node_id = os.urandom(20)
+    key = FakeKey(host)
+    node_id = key.node_id
     tasks: set[asyncio.Task[None]] = set()
 
     async def reply(data: bytes, addr: Any, nth: int) -> None:
-        name, _args = umsgpack.unpackb(data[21:])
-        payload = await answer(name, nth)
+        name, args = parse_request(data)
+        # An id_proof is answered when a ping would be (nodes now join by asking for one).
+        payload = await answer("ping" if name == "id_proof" else name, nth)
+        if payload is not None and name == "id_proof":
+            payload = key.proof(args)
         if payload is not None:
             await sock.send(b"\x01" + data[1:21] + umsgpack.packb(payload), addr)
 
@@ -119,8 +124,8 @@ async def _with_id(
 
 async def test_a_slow_but_alive_peer_is_waited_for_not_taken_for_dead() -> None:
     async with contextlib.AsyncExitStack() as stack, asyncio.timeout(STEP_S):
-        fast = DHTNode(host=peer_address(61, 1), node_id=os.urandom(20))
-        me = DHTNode(host=peer_address(61, 2), node_id=os.urandom(20))
+        fast = DHTNode(host=peer_address(61, 1))
+        me = DHTNode(host=peer_address(61, 2))
         for node in (fast, me):
             await node.start()
             stack.push_async_callback(node.stop)
@@ -201,7 +206,7 @@ async def test_a_fetch_from_hinted_holders_does_not_wait_for_the_dht_join(
 async def test_a_contact_that_went_silent_is_not_asked_by_the_next_command(tmp_path: Path) -> None:
     contacts = tmp_path / "contacts.json"
     async with contextlib.AsyncExitStack() as stack, asyncio.timeout(STEP_S):
-        boot = DHTNode(host=peer_address(65, 1), node_id=os.urandom(20))
+        boot = DHTNode(host=peer_address(65, 1))
         await boot.start()
         stack.push_async_callback(boot.stop)
         dead_addr, _dead_id = await stack.enter_async_context(answers_once(peer_address(65, 2)))
@@ -209,9 +214,7 @@ async def test_a_contact_that_went_silent_is_not_asked_by_the_next_command(tmp_p
 
         async def one_command(n: int) -> set[tuple[str, int]]:
             """A client that joins and looks up once, as share does; the addresses it sent requests to."""
-            client = DHTNode(
-                host=peer_address(65, 10 + n), node_id=os.urandom(20), contacts_path=contacts
-            )
+            client = DHTNode(host=peer_address(65, 10 + n), contacts_path=contacts)
             await client.start()
             asked: set[tuple[str, int]] = set()
             proto = client.server._proto()

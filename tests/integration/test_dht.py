@@ -13,10 +13,11 @@ import asyncio_dgram
 import pytest
 import umsgpack
 
-from p2pmega.errors import BootstrapFailed, NetworkError
+from p2pmega.core.crypto import new_signing_seed
+from p2pmega.errors import BadOption, BootstrapFailed, NetworkError
 from p2pmega.net.dht import DHTLimits, DHTNode, Peer, Provider, load_contacts
 from tests.conftest import peer_address
-from tests.integration.dht_helpers import swarm
+from tests.integration.dht_helpers import FakeKey, request, swarm
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +107,9 @@ async def test_a_record_cannot_claim_someone_elses_address() -> None:
         stream = await asyncio_dgram.bind((liar_host, 0))
         try:
             # The arguments carry no address at all: the recorder writes the datagram's source.
-            request = umsgpack.packb(["add_provider", [os.urandom(20), key, 7000]])
-            await stream.send(b"\x00" + os.urandom(20) + request, (nodes[0].host, nodes[0].port))
+            liar_id = FakeKey(liar_host).node_id  # an id of the liar's own network
+            datagram = request("add_provider", [liar_id, key, 7000])
+            await stream.send(datagram, (nodes[0].host, nodes[0].port))
             async with asyncio.timeout(5):
                 reply, _ = await stream.recv()
             assert umsgpack.unpackb(reply[21:]) is True
@@ -119,11 +121,12 @@ async def test_a_record_cannot_claim_someone_elses_address() -> None:
 
 async def test_restart_rejoins_from_saved_contacts_when_bootstrap_is_gone(tmp_path: Path) -> None:
     path = tmp_path / "contacts.json"
-    node_id = os.urandom(20)
+    seed = new_signing_seed()
     async with swarm(15, 4, rpc_timeout_s=TIMEOUT_S) as nodes:
         first = DHTNode(
-            host=peer_address(15, 20), node_id=node_id, rpc_timeout_s=TIMEOUT_S, contacts_path=path
+            host=peer_address(15, 20), seed=seed, rpc_timeout_s=TIMEOUT_S, contacts_path=path
         )
+        node_id = first.node_id
         await first.start()
         try:
             async with asyncio.timeout(10):
@@ -137,7 +140,7 @@ async def test_restart_rejoins_from_saved_contacts_when_bootstrap_is_gone(tmp_pa
         bootstrap = (nodes[0].host, nodes[0].port)
         await nodes[0].stop()
         again = DHTNode(
-            host=peer_address(15, 20), node_id=node_id, rpc_timeout_s=TIMEOUT_S, contacts_path=path
+            host=peer_address(15, 20), seed=seed, rpc_timeout_s=TIMEOUT_S, contacts_path=path
         )
         await again.start()
         try:
@@ -154,9 +157,7 @@ async def test_restart_rejoins_from_saved_contacts_when_bootstrap_is_gone(tmp_pa
 async def test_join_names_what_it_tried_when_nothing_answers(tmp_path: Path) -> None:
     path = tmp_path / "contacts.json"
     path.write_text('{"version": 1, "contacts": [["127.16.9.1", 9]]}')
-    node = DHTNode(
-        host=peer_address(16, 1), node_id=os.urandom(20), rpc_timeout_s=0.2, contacts_path=path
-    )
+    node = DHTNode(host=peer_address(16, 1), rpc_timeout_s=0.2, contacts_path=path)
     await node.start()
     try:
         async with asyncio.timeout(5):
@@ -172,28 +173,29 @@ async def test_join_names_what_it_tried_when_nothing_answers(tmp_path: Path) -> 
 
 async def test_add_contact_contacts_and_async_with() -> None:
     async with (
-        DHTNode(host=peer_address(17, 1), node_id=os.urandom(20), rpc_timeout_s=0.2) as a,
-        DHTNode(host=peer_address(17, 2), node_id=os.urandom(20), rpc_timeout_s=0.2) as b,
+        DHTNode(host=peer_address(17, 1), rpc_timeout_s=0.2) as a,
+        DHTNode(host=peer_address(17, 2), rpc_timeout_s=0.2) as b,
     ):
         assert a.port > 0
         async with asyncio.timeout(5):
             assert await a.add_contact(b.host, b.port) is True
             assert await a.add_contact("127.17.3.1", 9) is False
         assert a.contacts() == [Peer(b.node_id, b.host, b.port)]
+        # b learns of a from a request carrying a's id, and admits it once a proved that id.
+        assert b.contacts() == []
+        async with asyncio.timeout(5):
+            await a.find_peers(os.urandom(20))
+            await b.server._proto().settle_proofs(1.0)
         assert b.contacts() == [Peer(a.node_id, a.host, a.port)]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"host": "127.0.0.1", "node_id": b"short"}, "20 bytes"),
-        ({"host": "0.0.0.0", "node_id": bytes(20)}, "IP literal"),
-        ({"host": "localhost", "node_id": bytes(20)}, "IP literal"),
-    ],
-)
-def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        DHTNode(**kwargs)  # type: ignore[arg-type]
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        DHTNode(host="127.0.0.1", seed=b"short")
+    # The id is bound to the address peers reach the node at: it must be named (issue 16).
+    for host in ("0.0.0.0", "::", "localhost"):
+        with pytest.raises(BadOption, match="must be the IP address peers reach this node at"):
+            DHTNode(host=host)
 
 
 async def test_contacts_are_saved_periodically_and_a_bad_file_is_ignored(
@@ -204,7 +206,6 @@ async def test_contacts_are_saved_periodically_and_a_bad_file_is_ignored(
     async with swarm(18, 2, rpc_timeout_s=TIMEOUT_S) as nodes:
         node = DHTNode(
             host=peer_address(18, 9),
-            node_id=os.urandom(20),
             rpc_timeout_s=TIMEOUT_S,
             contacts_path=path,
             limits=limits,

@@ -10,14 +10,13 @@ from typing import Any
 
 import asyncio_dgram
 import pytest
-import umsgpack
 
 from p2pmega.core.record import ProviderLimits
 from p2pmega.net.announce import AnnouncePlan
 from p2pmega.net.crawl import LookupResult, Peer
 from p2pmega.net.dht import MAX_KEYS_PER_BATCH, DHTLimits, DHTNode
 from tests.conftest import peer_address
-from tests.integration.dht_helpers import swarm
+from tests.integration.dht_helpers import parse_request, swarm
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,6 @@ async def test_clients_that_left_never_slow_a_later_join_or_lookup(read_only: bo
             for i in range(4):
                 client = DHTNode(
                     host=peer_address(41 + read_only, 100 + i),
-                    node_id=os.urandom(20),
                     rpc_timeout_s=TIMEOUT_S,
                     read_only=read_only,
                 )
@@ -67,9 +65,7 @@ async def test_clients_that_left_never_slow_a_later_join_or_lookup(read_only: bo
             # The defect this protects against: every swarm node now lists the dead clients.
             assert gone_ids <= seen
 
-        fresh = DHTNode(
-            host=peer_address(41 + read_only, 200), node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S
-        )
+        fresh = DHTNode(host=peer_address(41 + read_only, 200), rpc_timeout_s=TIMEOUT_S)
         await fresh.start()
         try:
             asked: list[str] = []
@@ -104,17 +100,17 @@ async def test_clients_that_left_never_slow_a_later_join_or_lookup(read_only: bo
 
 async def test_a_read_only_node_sends_no_node_id_serves_nothing_and_cannot_announce() -> None:
     sock = await asyncio_dgram.bind((peer_address(43, 1), 0))
-    client = DHTNode(
-        host=peer_address(43, 2), node_id=os.urandom(20), rpc_timeout_s=0.3, read_only=True
-    )
-    full = DHTNode(host=peer_address(43, 3), node_id=os.urandom(20), rpc_timeout_s=0.3)
+    client = DHTNode(host=peer_address(43, 2), rpc_timeout_s=0.3, read_only=True)
+    full = DHTNode(host=peer_address(43, 3), rpc_timeout_s=0.3)
     await client.start()
     await full.start()
     try:
         async with asyncio.timeout(5):
             ping = asyncio.ensure_future(client.add_contact(*sock.sockname[:2]))
             data, _ = await sock.recv()
-            assert umsgpack.unpackb(data[21:]) == ["ro_ping", []]
+            # Its one request is an id_proof challenge whose challenger id is empty.
+            name, args = parse_request(data)
+            assert (name, args[0]) == ("id_proof", b"")
             await ping
             assert await client.add_contact(full.host, full.port)
             assert full.contacts() == []
@@ -164,25 +160,21 @@ async def test_announce_many_in_a_big_network_reaches_the_k_closest_of_every_key
             assert holders_of(nodes, key) == closest
 
 
-async def test_add_providers_is_checked_and_capped_per_source_and_old_nodes_still_get_records() -> (
-    None
-):
-    limits = DHTLimits(providers=ProviderLimits(max_per_source=5))
+async def test_add_providers_is_checked_and_capped_per_source_network_and_rate_limited() -> None:
+    limits = DHTLimits(providers=ProviderLimits(max_per_network=5))
     async with swarm(46, 3, rpc_timeout_s=0.3, limits=limits) as nodes:
-        sender, receiver, old = nodes
+        sender, receiver, other = nodes
         keys = [os.urandom(20) for _ in range(8)]
-        # A node from before protocol 2 drops add_providers; the sender falls back to add_provider.
-        old.server._proto().rpc_add_providers = lambda *args: None  # type: ignore[method-assign]
-        assert await sender.announce_many([k + b"chunk-tail-1" for k in keys], 9300) == 5 + 5
+        # A network at its cap makes room by dropping its own oldest records (issue 16): all 8
+        # are confirmed, 5 are kept.
+        assert await sender.announce_many([k + b"chunk-tail-1" for k in keys], 9300) == 8 + 8
         assert len(receiver.server.providers) == 5
-        assert len(old.server.providers) == 5
+        assert len(other.server.providers) == 5
         assert receiver.stats.dropped_datagrams == 0
-        assert old.stats.dropped_datagrams == 1
-        # Remembered: the next batch goes to the old node as add_provider at once.
-        start = time.monotonic()
-        assert await sender.announce_many([os.urandom(32) for _ in range(3)], 9300) == 0
-        assert time.monotonic() - start < 0.3
-        assert old.stats.dropped_datagrams == 1
+        # Over its /24's request budget a batch is dropped, and not retried key by key.
+        other.server._proto().rate_limit.burst = 1.0
+        assert await sender.announce_many([os.urandom(32) for _ in range(3)], 9300) == 3
+        assert other.stats.rate_limited >= 1
 
         proto = receiver.server._proto()
         peer = (sender.host, sender.port)

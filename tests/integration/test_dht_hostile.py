@@ -20,6 +20,7 @@ from p2pmega.core.record import ProviderLimits
 from p2pmega.errors import BootstrapFailed
 from p2pmega.net.dht import DHTLimits, DHTNode
 from tests.conftest import peer_address
+from tests.integration.dht_helpers import FakeKey, parse_request, request
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +49,25 @@ MALFORMED_REPLIES: list[Any] = [
 @asynccontextmanager
 async def hostile_peer(targets: list[tuple[str, int]]) -> AsyncIterator[tuple[str, int]]:
     """A peer that gets into the targets' tables, then answers every RPC with a malformed reply."""
-    sock = await asyncio_dgram.bind((peer_address(COUNTRY, 200), 0))
-    my_id = os.urandom(20)
+    host = peer_address(COUNTRY, 200)
+    sock = await asyncio_dgram.bind((host, 0))
+    # It proves its id to the targets (so it gets into their tables, issue 16), then answers
+    # everything else badly.
+    key = FakeKey(host)
     for target in targets:
-        await sock.send(b"\x00" + os.urandom(20) + umsgpack.packb(["ping", [my_id]]), target)
+        await sock.send(request("ping", [key.node_id]), target)
     replies = iter(MALFORMED_REPLIES * 1000)
 
     async def serve() -> None:
         while True:
             data, addr = await sock.recv()
+            source: Any = addr
             if data[:1] == b"\x00":
-                bad = umsgpack.packb(next(replies))
+                name, args = parse_request(data)
+                # Only to the targets: to anyone else, even its id proof is garbage.
+                proves = name == "id_proof" and (source[0], source[1]) in targets
+                reply = key.proof(args) if proves else next(replies)
+                bad = umsgpack.packb(reply)
                 await sock.send(b"\x01" + data[1:21] + bad, addr)
 
     task = asyncio.create_task(serve())
@@ -85,13 +94,8 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 async def test_malformed_replies_never_break_join_announce_or_lookup(caplog) -> None:
     caplog.set_level(logging.WARNING)
-    nodes = [
-        DHTNode(host=peer_address(COUNTRY, i), node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S)
-        for i in range(1, 9)
-    ]
-    newcomer = DHTNode(
-        host=peer_address(COUNTRY, 50), node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S
-    )
+    nodes = [DHTNode(host=peer_address(COUNTRY, i), rpc_timeout_s=TIMEOUT_S) for i in range(1, 9)]
+    newcomer = DHTNode(host=peer_address(COUNTRY, 50), rpc_timeout_s=TIMEOUT_S)
     async with loop_errors() as errors:
         try:
             for node in [*nodes, newcomer]:
@@ -123,6 +127,10 @@ async def test_malformed_replies_never_break_join_announce_or_lookup(caplog) -> 
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def v3(name: str, args: list[Any]) -> bytes:
+    return umsgpack.packb([3, name, args, b""])  # type: ignore[no-any-return]
+
+
 def nested(depth: int) -> bytes:
     return b"\x91" * depth + b"\xc0"
 
@@ -131,28 +139,32 @@ def malformed_requests(rng: random.Random, good_id: bytes) -> list[bytes]:
     """One datagram of each kind of garbage, all with the request type byte and a message id."""
     bodies = [
         rng.randbytes(40),
-        umsgpack.packb(["find_node", [good_id, os.urandom(20)]])[:-7],  # truncated
-        umsgpack.packb(["find_node", [good_id, 12345]]),  # wrong argument type
-        umsgpack.packb(["find_node", ["id", os.urandom(20)]]),
-        umsgpack.packb(["ping", [os.urandom(19)]]),  # 19-byte id
-        umsgpack.packb(["find_providers", [os.urandom(21), os.urandom(20)]]),  # 21-byte id
-        umsgpack.packb(["add_provider", [good_id, os.urandom(20), 70000]]),
-        umsgpack.packb(["add_provider", [good_id, os.urandom(20), True]]),
-        umsgpack.packb(["stun", []]),  # unknown to us (kademlia has it)
-        umsgpack.packb(["__init__", [good_id]]),
-        umsgpack.packb(["ping", [good_id, "extra"]]),
+        v3("find_node", [good_id, os.urandom(20)])[:-7],  # truncated
+        v3("find_node", [good_id, 12345]),  # wrong argument type
+        v3("find_node", ["id", os.urandom(20)]),
+        v3("ping", [os.urandom(19)]),  # 19-byte id
+        v3("find_providers", [os.urandom(21), os.urandom(20)]),  # 21-byte id
+        v3("add_provider", [good_id, os.urandom(20), 70000]),
+        v3("add_provider", [good_id, os.urandom(20), True]),
+        v3("stun", []),  # unknown to us (kademlia has it)
+        v3("__init__", [good_id]),
+        v3("ping", [good_id, "extra"]),
         umsgpack.packb({"ping": good_id}),
+        umsgpack.packb(["ping", [good_id]]),  # protocol 1 or 2: refused (issue 16)
+        umsgpack.packb([2, "ping", [good_id], b""]),  # another version
+        v3("id_proof", [b"", os.urandom(31)]),  # short nonce
+        v3("id_proof", [os.urandom(7), os.urandom(32)]),
         nested(5000),
-        umsgpack.packb(["store", [good_id, os.urandom(20), b"v" * 4000]]),  # oversized value
-        umsgpack.packb(["store", [good_id, os.urandom(20), [1, 2, 3]]]),
+        v3("store", [good_id, os.urandom(20), b"v" * 4000]),  # oversized value
+        v3("store", [good_id, os.urandom(20), [1, 2, 3]]),
         b"\xdd\xff\xff\xff\xff",  # array claiming 4 billion items
-        umsgpack.packb(["ro_find_node", [good_id, os.urandom(20)]]),  # ro_ carries no node id
-        umsgpack.packb(["ro_ping", [good_id]]),
-        umsgpack.packb(["ro_store", [os.urandom(20), b"v"]]),  # there is no read-only store
-        umsgpack.packb(["add_providers", [good_id, [os.urandom(20)] * 257, 9]]),  # over 256 keys
-        umsgpack.packb(["add_providers", [good_id, [], 9]]),
-        umsgpack.packb(["add_providers", [good_id, [os.urandom(19)], 9]]),
-        umsgpack.packb(["add_providers", [good_id, os.urandom(20), 9]]),
+        v3("ro_find_node", [good_id, os.urandom(20)]),  # ro_ carries no node id
+        v3("ro_ping", [good_id]),
+        v3("ro_store", [os.urandom(20), b"v"]),  # there is no read-only store
+        v3("add_providers", [good_id, [os.urandom(20)] * 257, 9]),  # over 256 keys
+        v3("add_providers", [good_id, [], 9]),
+        v3("add_providers", [good_id, [os.urandom(19)], 9]),
+        v3("add_providers", [good_id, os.urandom(20), 9]),
     ]
     datagrams = [b"\x00" + os.urandom(20) + body for body in bodies]
     datagrams += [b"", b"\x00", b"\x02" + os.urandom(30), b"\x01" + os.urandom(30)]
@@ -163,16 +175,13 @@ def malformed_requests(rng: random.Random, good_id: bytes) -> list[bytes]:
 async def test_malformed_requests_and_a_flood_leave_the_node_answering_and_bounded(caplog) -> None:
     caplog.set_level(logging.WARNING)
     rng = random.Random(7)
-    limits = DHTLimits(providers=ProviderLimits(max_per_source=100), max_values=100)
+    limits = DHTLimits(providers=ProviderLimits(max_per_network=100), max_values=100)
     target = DHTNode(
         host=peer_address(COUNTRY, 101),
-        node_id=os.urandom(20),
         rpc_timeout_s=TIMEOUT_S,
         limits=limits,
     )
-    honest = DHTNode(
-        host=peer_address(COUNTRY, 102), node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S
-    )
+    honest = DHTNode(host=peer_address(COUNTRY, 102), rpc_timeout_s=TIMEOUT_S)
     async with loop_errors() as errors:
         await target.start()
         await honest.start()

@@ -29,6 +29,9 @@ from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
+from p2pmega.core.crypto import new_signing_seed, public_key_of
+from p2pmega.core.id_proof import make_id_proof
+from p2pmega.core.node_id import node_id_for
 from p2pmega.errors import NetworkError
 from p2pmega.net import dht, kademlia_protocol
 from p2pmega.net.dht import HardenedRoutingTable, HardenedServer
@@ -53,7 +56,7 @@ async def server(kind: str) -> AsyncIterator[Any]:
     if kind == "stock":
         node = Server(node_id=os.urandom(20))
     else:
-        node = HardenedServer(node_id=os.urandom(20), rpc_timeout_s=TIMEOUT_S)
+        node = HardenedServer(rpc_timeout_s=TIMEOUT_S)
     await node.listen(0, next_host())
     node.protocol._wait_timeout = TIMEOUT_S  # stock has no parameter for it (defect 10)
     try:
@@ -77,8 +80,11 @@ async def fake_peer(
 
     Yields (address, node id, msg ids seen). ``reply_from`` sends the replies from another socket.
     """
-    sock = await asyncio_dgram.bind((next_host(), 0))
-    node_id, seen = os.urandom(20), []
+    host = next_host()
+    sock = await asyncio_dgram.bind((host, 0))
+    # Ours admits a contact only once it proved its id (issue 16): the fake peer holds a key.
+    seed = new_signing_seed()
+    node_id, seen = node_id_for(public_key_of(seed), host), []
 
     async def serve() -> None:
         while True:
@@ -86,9 +92,12 @@ async def fake_peer(
             if data[:1] != b"\x00":
                 continue
             seen.append(data[1:21])
-            name, args = umsgpack.unpackb(data[21:])
+            body = umsgpack.unpackb(data[21:])
+            name, args = body[1:3] if len(body) == 4 else body  # protocol 3: [3, name, args, pad]
             reply = node_id if name == "ping" else answer(name, args) if answer else None
-            if answer is None and name != "ping":
+            if name == "id_proof":
+                reply = make_id_proof(seed, node_id, args[1], args[0])
+            elif answer is None and name != "ping":
                 continue
             if reply is not None:
                 out = reply_from or sock
@@ -366,14 +375,22 @@ async def test_12_garbage_never_becomes_an_unhandled_task_exception(kind: str) -
 def test_13_refresh_ids_fit_in_20_bytes(kind: str, monkeypatch) -> None:
     monkeypatch.setattr(random, "randint", lambda low, high: high)
     monkeypatch.setattr(kademlia_protocol._rng, "randint", lambda low, high: high)
-    node_class = Server if kind == "stock" else HardenedServer
-    protocol = node_class(node_id=os.urandom(20))._create_protocol()
+    protocol = (
+        Server(node_id=os.urandom(20)) if kind == "stock" else HardenedServer()
+    )._create_protocol()
     protocol.router.buckets[0].last_updated = -1e12  # lonely: not touched "for an hour"
     if kind == "stock":
         with pytest.raises(OverflowError):
             protocol.get_refresh_ids()
     else:
         assert protocol.get_refresh_ids() == [b"\xff" * 20]
+
+
+def seed_in_half(host: str, half: int) -> bytes:
+    """A signing seed whose node id at ``host`` is in ``half`` of the id space."""
+    while far_half(node_id_for(public_key_of(seed := new_signing_seed()), host)) != half:
+        pass
+    return seed
 
 
 def far_half(node_id: bytes) -> int:
@@ -388,26 +405,39 @@ async def test_14_join_refreshes_far_buckets(kind: str) -> None:
     # nodes closest to it, all in half 0, so it learns nothing of half 1. Ours also looks up a
     # random id in each bucket farther than its closest neighbour (paper section 2.3).
     rng = random.Random(14)
-    ids = [
-        bytes([h << 7 | rng.randrange(128)]) + rng.randbytes(19) for h in (0, 1) for _ in range(12)
-    ]
-    nodes = [
-        dht.DHTNode(host=peer_address(22, i + 1), node_id=ids[i], ksize=4, rpc_timeout_s=TIMEOUT_S)
-        for i in range(24)
-    ]
-    joiner: Any = (
-        Server(ksize=4, node_id=b"\x00" + rng.randbytes(19))
-        if kind == "stock"
-        else HardenedServer(ksize=4, node_id=b"\x00" + rng.randbytes(19), rpc_timeout_s=TIMEOUT_S)
-    )
+    hosts = [peer_address(22, i + 1) for i in range(24)]
+    joiner_host = peer_address(22, 100 + KINDS.index(kind))
+    nodes: list[Any]
+    if kind == "stock":
+        # Stock speaks protocol 1, which ours refuses (issue 16): it gets a stock network.
+        ids = [
+            bytes([h << 7 | rng.randrange(128)]) + rng.randbytes(19)
+            for h in (0, 1)
+            for _ in range(12)
+        ]
+        nodes = [Server(ksize=4, node_id=i) for i in ids]
+        joiner: Any = Server(ksize=4, node_id=b"\x00" + rng.randbytes(19))
+    else:
+        # Ids are bound to key and address: keys whose id at each address is in the wanted half.
+        nodes = [
+            dht.DHTNode(host=h, seed=seed_in_half(h, i // 12), ksize=4, rpc_timeout_s=TIMEOUT_S)
+            for i, h in enumerate(hosts)
+        ]
+        joiner = HardenedServer(ksize=4, seed=seed_in_half(joiner_host, 0), rpc_timeout_s=TIMEOUT_S)
+    addresses: list[tuple[str, int]] = []
     try:
-        for node in nodes:
-            await node.start()
         async with asyncio.timeout(20):
+            for node, host in zip(nodes, hosts, strict=True):
+                if kind == "stock":
+                    await node.listen(0, host)
+                    addresses.append(address_of(node))
+                else:
+                    await node.start()
+                    addresses.append((node.host, node.port))
             for node in nodes[1:]:
-                await node.join([(nodes[0].host, nodes[0].port)])
-            await joiner.listen(0, peer_address(22, 100 + KINDS.index(kind)))
-            await joiner.bootstrap([(n.host, n.port) for n in nodes[:6]])
+                await (node.bootstrap if kind == "stock" else node.join)([addresses[0]])
+            await joiner.listen(0, joiner_host)
+            await joiner.bootstrap(addresses[:6])
         halves = [far_half(n.id) for b in joiner.protocol.router.buckets for n in b.get_nodes()]
         assert halves.count(0) >= 4
         if kind == "stock":
@@ -419,4 +449,7 @@ async def test_14_join_refreshes_far_buckets(kind: str) -> None:
         if kind == "ours":
             await joiner.protocol.close()
         for node in nodes:
-            await node.stop()
+            if kind == "stock":
+                node.stop()
+            else:
+                await node.stop()

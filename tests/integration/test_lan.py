@@ -379,11 +379,12 @@ def add_contact_then_set(dht: DHTNode, event: asyncio.Event) -> Callable[[str, i
 
 async def test_two_dht_nodes_join_each_other_over_the_lan() -> None:
     """The node wires on_peer to DHTNode.add_contact: two DHTs with no bootstrap meet on the LAN."""
-    ids = [Identity.from_seed(crypto.new_signing_seed()).node_id for _ in range(2)]
+    identities = [Identity.from_seed(crypto.new_signing_seed()) for _ in range(2)]
     hosts = [peer_address(21, 1), peer_address(22, 1)]
+    ids = [i.node_id_at(h) for i, h in zip(identities, hosts, strict=True)]
     async with (
-        DHTNode(host=hosts[0], node_id=ids[0], rpc_timeout_s=1.0) as dht_a,
-        DHTNode(host=hosts[1], node_id=ids[1], rpc_timeout_s=1.0) as dht_b,
+        DHTNode(host=hosts[0], seed=identities[0].seed, rpc_timeout_s=1.0) as dht_a,
+        DHTNode(host=hosts[1], seed=identities[1].seed, rpc_timeout_s=1.0) as dht_b,
     ):
         assert dht_a.contacts() == []
         assert dht_b.contacts() == []

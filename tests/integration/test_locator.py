@@ -53,3 +53,33 @@ async def test_hinted_holder_serves_without_a_dht_lookup(
                 with pytest.raises(ChunkUnavailable, match="no reachable holder"):
                     await blind.fetch(other)  # type: ignore[arg-type]
                 assert lookups, "a chunk with no hinted holder should be searched in the DHT"
+
+
+async def test_a_fetch_widens_its_search_when_lookups_name_no_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: with provider records flooded away and Sybils answering lookups (no record, liars as the closest
+    nodes), the locator still finds a holder among its own table's proven contacts."""
+    async with recorder() as dht, asyncio.timeout(STEP_S):
+        node, _duties = holder(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
+        async with node:
+            [chunk_id] = await store_chunks(node, 1)
+            client_settings = NodeSettings(
+                host="127.71.5.1",
+                data_dir=tmp_path / "client",
+                bootstrap=[(dht.host, dht.port)],
+                persistent_identity=False,
+                rpc_timeout_s=1.0,
+            )
+            async with Node(client_settings) as client:
+                # The holder is known to the client's DHT table (it joined through the same node).
+                await client.dht_node.find_peers(os.urandom(20))
+                assert node.address in {(p.host, p.port) for p in client.dht_node.contacts()}
+
+                async def nothing(_key: bytes) -> list[object]:
+                    return []
+
+                monkeypatch.setattr(client.dht_node, "find_providers", nothing)
+                monkeypatch.setattr(client.dht_node, "find_peers", nothing)
+                data = bytes(await HolderLocator(client).fetch(chunk_id))
+                assert chunk_id_of(data) == chunk_id

@@ -28,7 +28,7 @@ STEP_S = 20.0
 @asynccontextmanager
 async def recorder() -> AsyncIterator[DHTNode]:
     """The DHT node the holder joins through; with only the two of them, it records everything."""
-    node = DHTNode(host=peer_address(71, 1), node_id=os.urandom(20), rpc_timeout_s=1.0)
+    node = DHTNode(host=peer_address(71, 1), rpc_timeout_s=1.0)
     await node.start()
     try:
         yield node

@@ -8,8 +8,10 @@ from typing import Any
 
 from kademlia.node import Node
 
+from p2pmega.core.node_id import node_id_for
 from p2pmega.core.rtt import RttTable
 from p2pmega.net.crawl import Crawl
+from p2pmega.net.kademlia_protocol import DHTLimits
 
 K = 20
 ALPHA = 3
@@ -24,6 +26,7 @@ class ScriptedProtocol:
         self.source_node = Node(b"\xff" * 20)
         self.rtt = RttTable(floor_s=1.0, ceiling_s=1.0)  # nobody stalls in this script
         self._wait_timeout = 5.0
+        self.limits = DHTLimits()
         self.knows = knows
         self.in_flight = 0
         self.most_in_flight = 0
@@ -47,8 +50,25 @@ class ScriptedProtocol:
             self.in_flight -= 1
 
 
-def _near(target: int, distance: int) -> Node:
-    return Node((target ^ distance).to_bytes(20, "big"))
+def _world(rng: random.Random, count: int = 200) -> list[Node]:
+    """Nodes whose ids are bound to their own /24s (core.node_id), as a lookup accepts them."""
+    return [
+        Node(
+            node_id_for(rng.randbytes(32), f"10.{i // 250}.{i % 250}.1"),
+            f"10.{i // 250}.{i % 250}.1",
+            4000,
+        )
+        for i in range(count)
+    ]
+
+
+def _near_and_far(rng: random.Random) -> tuple[bytes, list[Node], list[Node]]:
+    """A key, the 30 nodes nearest it and 3 far ones."""
+    world = _world(rng)
+    key = bytes(a ^ b for a, b in zip(world[0].id, b"\x00" * 17 + rng.randbytes(3), strict=True))
+    target = int.from_bytes(key, "big")
+    ordered = sorted(world, key=lambda n: n.long_id ^ target)
+    return key, ordered[:30], ordered[-3:]
 
 
 async def test_a_converged_crawl_asks_the_rest_of_the_k_closest_at_once() -> None:
@@ -56,10 +76,8 @@ async def test_a_converged_crawl_asks_the_rest_of_the_k_closest_at_once() -> Non
     # one go. The three seeds all know the same 30 nodes near the key, and those know nobody new: after the
     # first reply nothing gets closer, so the remaining closest must go out together, not three at a time.
     rng = random.Random(15)
-    key = rng.randbytes(20)
+    key, near, seeds = _near_and_far(rng)
     target = int.from_bytes(key, "big")
-    near = [_near(target, d) for d in rng.sample(range(1, 2**20), 30)]
-    seeds = [_near(target, d) for d in (2**100, 2**101, 2**102)]
     protocol = ScriptedProtocol({s.id: near for s in seeds})
 
     result = await asyncio.wait_for(
@@ -76,10 +94,7 @@ async def test_a_converged_crawl_asks_the_rest_of_the_k_closest_at_once() -> Non
 async def test_a_provider_lookup_stays_at_alpha() -> None:
     # A provider lookup ends at its first record: asking the k closest at once would only cost messages.
     rng = random.Random(16)
-    key = rng.randbytes(20)
-    target = int.from_bytes(key, "big")
-    near = [_near(target, d) for d in rng.sample(range(1, 2**20), 30)]
-    seeds = [_near(target, d) for d in (2**100, 2**101, 2**102)]
+    key, near, seeds = _near_and_far(rng)
     protocol = ScriptedProtocol({s.id: near for s in seeds})
 
     async def call_find_providers(node: Node, _key: bytes) -> tuple[bool, Any]:
@@ -99,8 +114,7 @@ def test_a_converged_crawl_asks_spares_for_the_share_that_did_not_answer() -> No
     # After a seizure some of the k closest never answer: asking that many more at once saves a wave.
     rng = random.Random(17)
     key = rng.randbytes(20)
-    target = int.from_bytes(key, "big")
-    seeds = [_near(target, 2**100 + i) for i in range(10)]
+    seeds = _world(rng, 10)
     crawl = Crawl(ScriptedProtocol({}), key, seeds, alpha=ALPHA, mode="node")  # type: ignore[arg-type]
     for node in seeds[:3]:
         crawl.state[node.id] = "failed"

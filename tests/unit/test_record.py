@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from hypothesis import given
@@ -148,24 +149,51 @@ def test_table_expires_and_refreshes_records() -> None:
     assert len(table) == 0
 
 
-def test_table_caps_per_key_per_source_and_total() -> None:
-    limits = ProviderLimits(max_per_key=3, max_per_key_per_source=2, max_per_source=4, max_total=5)
+def nid(i: int) -> bytes:
+    return i.to_bytes(20, "big")
+
+
+def test_table_caps_per_key_per_network_and_total_by_evicting_never_refusing_newcomers() -> None:
+    # Issue 16: a flood from 3 addresses filled the table and every new record was refused.
+    limits = ProviderLimits(
+        max_per_key=3, max_per_key_per_network=2, max_per_network=4, max_total=6
+    )
     table = ProviderTable(ttl_s=100, limits=limits)
     key = b"k" * 20
-
-    def nid(i: int) -> bytes:
-        return i.to_bytes(20, "big")
-
     assert table.add(key, nid(1), "10.0.0.1", 1, now=0)
-    assert table.add(key, nid(2), "10.0.0.1", 1, now=0)
-    assert not table.add(key, nid(3), "10.0.0.1", 1, now=0)  # per key per source
-    assert table.add(key, nid(3), "10.0.0.2", 1, now=0)
-    assert not table.add(key, nid(4), "10.0.0.3", 1, now=0)  # per key
-    assert table.add(b"a" * 20, nid(5), "10.0.0.1", 1, now=0)
-    assert table.add(b"b" * 20, nid(6), "10.0.0.1", 1, now=0)
-    assert not table.add(b"c" * 20, nid(7), "10.0.0.1", 1, now=0)  # per source
-    assert not table.add(b"c" * 20, nid(7), "10.0.0.9", 1, now=0)  # total
-    assert len(table) == 5
+    assert table.add(key, nid(2), "10.0.0.2", 1, now=0)  # same /24
+    assert table.add(key, nid(3), "10.0.0.3", 1, now=0)  # per key per /24: replaces nid(1)
+    assert {r.node_id for r in table.get(key, now=0)} == {nid(2), nid(3)}
+    assert table.add(key, nid(4), "10.9.0.1", 1, now=0)  # the key is full now (3)
+    # A newcomer from a third /24 pushes out the oldest record of the /24 holding the most.
+    assert table.add(key, nid(5), "10.8.0.1", 1, now=0)
+    assert {r.node_id for r in table.get(key, now=0)} == {nid(3), nid(4), nid(5)}
+    # A /24 that already holds the most of a full key (here all hold one) cannot push others out.
+    assert not table.add(key, nid(6), "10.9.0.2", 1, now=0)
+    assert {r.node_id for r in table.get(key, now=0)} == {nid(3), nid(4), nid(5)}
+    # Per /24 in total: the flooder's own oldest records go, others stay.
+    for i in range(10):
+        assert table.add(nid(100 + i), nid(8), "10.0.0.9", 1, now=1)
+    assert table.network_count("10.0.0.77") == 4
+    assert table.get(key, now=1)
+    assert len(table) == 6
+    # The whole table is full: a newcomer from a fresh /24 takes the place of the largest /24's oldest.
+    assert table.add(b"n" * 20, nid(9), "10.7.0.1", 1, now=2)
+    assert table.get(b"n" * 20, now=2)
+    assert table.network_count("10.0.0.1") == 3
+    assert len(table) == 6
+
+
+def test_a_flood_from_three_networks_leaves_room_for_everyone_else() -> None:
+    table = ProviderTable(ttl_s=1000, limits=ProviderLimits(max_per_network=100, max_total=1000))
+    rng = random.Random(16)
+    for i in range(30_000):
+        table.add(rng.randbytes(20), nid(i), f"10.0.{i % 3}.1", 9, now=i / 1000)
+    assert len(table) == 300
+    for n in range(50):
+        assert table.add(b"f" * 20, nid(n), f"10.{n + 1}.0.1", 9, now=40)
+    assert len(table.get(b"f" * 20, now=40)) == 50
+    assert all(table.network_count(f"10.0.{i}.1") == 100 for i in range(3))
 
 
 def test_table_heap_stays_bounded_under_refresh_storm() -> None:
