@@ -21,6 +21,7 @@ from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, decrypt_chunk_into
 from p2pmega.errors import BadLink
+from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
@@ -70,14 +71,18 @@ async def stream_to(
     writer = _OrderedWriter(write, size, progress)
     await locator.want(list(ids), near=cap.root)
     indexes = iter(range(len(ids)))
+    # Each worker's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
+    # thread than the one that made it, left the process ever larger (glibc keeps such memory in its arenas).
+    buffers = BufferPool(spare=FETCH_CONCURRENCY)
 
     async def worker() -> None:
         # next() on a shared iterator hands each index to exactly one worker, in order.
         for index in iter(functools.partial(next, indexes, None), None):
             plain = await locator.fetch_into(
-                ids[index], functools.partial(_open, cap, manifest, index), spread=index
+                ids[index], functools.partial(_open, cap, manifest, index, buffers), spread=index
             )
             await writer.write(index, plain)
+            recycle(plain, buffers)  # kept only if ``write`` holds no view of it
 
     writer.report()
     workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(ids)))]
@@ -168,9 +173,11 @@ class _OrderedWriter:
             self.progress(self.written, self.size)
 
 
-def _open(cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview) -> memoryview:
+def _open(
+    cap: ReadCap, manifest: Manifest, index: int, buffers: BufferPool, data: bytes | memoryview
+) -> memoryview:
     # Opened straight out of the receive buffer into the chunk's own buffer: one copy of the plaintext.
-    out = bytearray(manifest.chunk_size or 0)
+    out = buffers.take(manifest.chunk_size or 0)
     length = decrypt_chunk_into(cap, manifest, index, data, out, id_verified=True)
     return memoryview(out)[:length]
 
