@@ -264,7 +264,11 @@ def test_the_page_shares_fetches_and_lists_my_files(
         expect(page.locator("h1")).to_have_text("p2pmega")
         assert urlsplit(page.url).query == "", "the token left the address bar"
         # The app runs one client node from start to end: one DHT socket, the same before and after a share
-        # and a fetch (a node per action would show none while idle, or a new port each time).
+        # and a fetch (a node per action would show none while idle, or a new port each time). Idle: once the
+        # page's first check of my files is over.
+        expect(page.locator("#files-table td.health.checking")).to_have_count(
+            0, timeout=STEP_TIMEOUT_MS
+        )
         node_ports = _udp_ports(ui.pid)
         assert len(node_ports) == 1, node_ports
 
