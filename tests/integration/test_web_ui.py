@@ -448,10 +448,16 @@ def test_a_browser_download_streams_the_chunks_as_they_arrive(
         with page.expect_download(timeout=STEP_TIMEOUT_MS) as download_info:
             page.fill("#fetch-link", shared_big.stdout.strip())
             page.press("#fetch-link", "Enter")
+            # Meanwhile my files are checked on the same node (concurrent actions share it).
+            page.click("#files-refresh")
         download = download_info.value
         assert download.failure() is None
         assert _sha256(Path(download.path())) == _sha256(big)
         expect(page.locator("#fetch-jobs .job.done")).to_have_count(1, timeout=STEP_TIMEOUT_MS)
+        expect(page.locator("#files-table td.health.healthy")).not_to_have_count(
+            0, timeout=STEP_TIMEOUT_MS
+        )
+        expect(page.locator("#files-table td.health.checking")).to_have_count(0)
         peak = _memory_kib(ui.pid)["VmHWM"] * 1024
         # Reported for the record (shown with -s).
         os.write(
