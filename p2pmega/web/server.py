@@ -524,10 +524,12 @@ async def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     on_ready: Callable[[Served], None],
 ) -> None:
-    """Run the web app on 127.0.0.1 until SIGINT or SIGTERM; ``on_ready`` gets its URL once it listens.
+    """Run a client node and the web app on 127.0.0.1 until SIGINT or SIGTERM; ``on_ready`` gets its URL once
+    it listens (the node joins in the background meanwhile).
 
     Raises:
         BadOption: ``max_upload_bytes`` is not positive.
+        BootstrapFailed: no bootstrap node given and no saved contact (nothing to join through).
         NetworkError: the port cannot be bound.
         StorageError: the data dir cannot be written.
     """
