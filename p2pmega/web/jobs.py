@@ -38,7 +38,9 @@ class Job:
 
     id: str
     kind: str  # "share" or "fetch"
-    workdir: Path  # private to this job; removed when the job is forgotten or the app stops
+    workdir: (
+        Path  # private to this job (a share's upload); removed once shared, or when the app stops
+    )
     state: str = RUNNING
     done_bytes: int = 0
     total_bytes: int = 0
@@ -74,12 +76,13 @@ class Jobs:
         self.root = root
         self.jobs: dict[str, Job] = {}
 
-    def new(self, kind: str) -> Job:
-        """A job with a fresh private directory, not started yet."""
+    def new(self, kind: str, *, workdir: bool = True) -> Job:
+        """A job, not started yet, with a fresh private directory unless ``workdir`` is false."""
         job_id = secrets.token_hex(8)
-        workdir = self.root / job_id
-        workdir.mkdir(mode=0o700)
-        job = Job(job_id, kind, workdir)
+        path = self.root / job_id
+        if workdir:
+            path.mkdir(mode=0o700)
+        job = Job(job_id, kind, path)
         self.jobs[job_id] = job
         return job
 

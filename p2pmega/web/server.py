@@ -38,7 +38,6 @@ from p2pmega.api.ls import (
 )
 from p2pmega.api.service import stop_signals
 from p2pmega.api.share import ShareResult, share_on
-from p2pmega.core.ids import Address
 from p2pmega.errors import (
     BadOption,
     InputFileError,
@@ -196,9 +195,9 @@ class WebApp:
             ],
         }
 
-    def _rejoin_if_alone(self, hints: tuple[Address, ...] = ()) -> None:
+    def _rejoin_if_alone(self) -> None:
         """Join again if the node's join failed (the network was down) or it lost every contact since."""
-        if self.node.dht_node.rejoin_in_background([*self.net.bootstrap, *hints]):
+        if self.node.dht_node.rejoin_in_background(self.net.bootstrap):
             log.info("joining the network again")
 
     async def _receive(self, request: web.Request, path: Path, length: int) -> None:
@@ -239,7 +238,7 @@ class WebApp:
         link = doc.get("link") if isinstance(doc, dict) else None
         if not isinstance(link, str):
             return _error(400, "no link given")
-        job = self.jobs.new("fetch")
+        job = self.jobs.new("fetch", workdir=False)  # a fetch writes nothing to disk
 
         async def run(job: Job) -> dict[str, Any]:
             self._rejoin_if_alone()
