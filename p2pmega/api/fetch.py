@@ -28,6 +28,7 @@ from p2pmega.errors import (
     OutputWriteFailed,
     UsageError,
 )
+from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
 from p2pmega.storage.part_file import (
@@ -101,6 +102,42 @@ async def fetch(
         IntegrityError: data that no holder can provide intact; UnsafePath: a folder path that could
             land outside the output (nothing is written).
     """
+    cap = await _read_cap(link, output, force, stream)
+    # With hints, the hinted holders are asked while the node joins: a file they hold needs no DHT at all.
+    async with client_node(net, hints=cap.peers, join_in_background=bool(cap.peers)) as node:
+        return await _fetch_on(node, cap, output, cwd, force, progress, on_part, stream)
+
+
+async def fetch_on(
+    node: Node,
+    link: str,
+    *,
+    output: Path | None = None,
+    cwd: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_part: Callable[[Path], None] | None = None,
+    stream: BinaryIO | None = None,
+) -> FetchResult:
+    """``fetch`` on a node already joined (the web app's), which it leaves running. Concurrent fetches and
+    shares may use the same node.
+
+    Raises:
+        BadLink, BadOption, OutputExists, ManifestNotFound, ChunkUnavailable, IntegrityError: as ``fetch``.
+    """
+    cap = await _read_cap(link, output, force, stream)
+    return await _fetch_on(node, cap, output, cwd, force, progress, on_part, stream)
+
+
+async def _read_cap(
+    link: str, output: Path | None, force: bool, stream: BinaryIO | None
+) -> ReadCap:
+    """The link's read capability, once the output is known not to be in the way (before joining).
+
+    Raises:
+        BadLink: the link is malformed or is a keep-alive link.
+        OutputExists: the output exists and ``force`` is false.
+    """
     cap = parse_link(link)
     if isinstance(cap, KeepCap):
         raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
@@ -111,40 +148,64 @@ async def fetch(
         and await asyncio.to_thread(_is_existing_file, output)
     ):
         raise OutputExists(f"{str(output)!r} exists; pass --force to overwrite it")
-    # With hints, the hinted holders are asked while the node joins: a file they hold needs no DHT at all.
-    async with client_node(net, hints=cap.peers, join_in_background=bool(cap.peers)) as node:
-        locator = HolderLocator(node, hints=cap.peers)
-        manifest = await walk_manifest(locator, cap)
-        if manifest.is_tree and stream is not None:
-            raise BadOption(
-                f"the link is a folder ({len(manifest.chunk_ids)} chunks): -o - streams one file only; "
-                "pass -o DIR"
-            )
-        if stream is not None or manifest.is_tree:
-            from p2pmega.api import fetch_stream, fetch_tree  # they use this module's download
+    return cap
 
-            try:
-                if stream is not None:
-                    return await fetch_stream.stream(locator, cap, manifest, stream, progress)
-                return await fetch_tree.fetch_tree(
-                    locator, cap, manifest, output, cwd or Path.cwd(), force, progress, on_part
-                )
-            finally:
-                await locator.close()
-        try:
-            target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
-            exists = await asyncio.to_thread(target.exists)
-        except OSError as exc:  # a path too long for this file system, a folder we may not read
-            where = output if output is not None else cwd or Path.cwd()
-            raise OutputWriteFailed(
-                f"cannot write the file in {str(where)!r}: {exc.strerror or exc}; pass -o PATH"
-            ) from exc
-        if exists and not force:
-            raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
-        try:
-            return await _download(locator, cap, manifest, target, progress, on_part)
-        finally:
-            await locator.close()
+
+async def _fetch_on(
+    node: Node,
+    cap: ReadCap,
+    output: Path | None,
+    cwd: Path | None,
+    force: bool,
+    progress: Progress | None,
+    on_part: Callable[[Path], None] | None,
+    stream: BinaryIO | None,
+) -> FetchResult:
+    locator = HolderLocator(node, hints=cap.peers)
+    try:
+        return await _fetch_with(locator, cap, output, cwd, force, progress, on_part, stream)
+    finally:
+        # Also when the manifest is not found: a node that outlives this fetch must not keep its search going.
+        await locator.close()
+
+
+async def _fetch_with(
+    locator: HolderLocator,
+    cap: ReadCap,
+    output: Path | None,
+    cwd: Path | None,
+    force: bool,
+    progress: Progress | None,
+    on_part: Callable[[Path], None] | None,
+    stream: BinaryIO | None,
+) -> FetchResult:
+    manifest = await walk_manifest(locator, cap)
+    if manifest.is_tree and stream is not None:
+        raise BadOption(
+            f"the link is a folder ({len(manifest.chunk_ids)} chunks): -o - streams one file only; "
+            "pass -o DIR"
+        )
+    if stream is not None:
+        from p2pmega.api import fetch_stream  # it uses this module's names
+
+        return await fetch_stream.stream(locator, cap, manifest, stream, progress)
+    if manifest.is_tree:
+        from p2pmega.api import fetch_tree  # it uses this module's download
+
+        return await fetch_tree.fetch_tree(
+            locator, cap, manifest, output, cwd or Path.cwd(), force, progress, on_part
+        )
+    try:
+        target = await asyncio.to_thread(_target, output, cwd or Path.cwd(), manifest, cap)
+        exists = await asyncio.to_thread(target.exists)
+    except OSError as exc:  # a path too long for this file system, a folder we may not read
+        where = output if output is not None else cwd or Path.cwd()
+        raise OutputWriteFailed(
+            f"cannot write the file in {str(where)!r}: {exc.strerror or exc}; pass -o PATH"
+        ) from exc
+    if exists and not force:
+        raise OutputExists(f"{str(target)!r} exists; pass --force to overwrite it")
+    return await _download(locator, cap, manifest, target, progress, on_part)
 
 
 def _is_existing_file(path: Path) -> bool:

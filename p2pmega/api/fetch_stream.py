@@ -2,21 +2,32 @@
 
 Each of FETCH_CONCURRENCY workers takes the next chunk index, fetches and opens it, waits until every
 earlier chunk is written, writes it and only then takes another. So at most FETCH_CONCURRENCY opened chunks
-are held at once (16 MiB with 2 MiB chunks), whatever the file's size, and a slow reader (a full pipe) holds
-the download back instead of filling memory. Nothing is resumable: a stream cannot be rewound.
+are held at once (16 MiB with 2 MiB chunks), whatever the file's size, and a slow reader (a full pipe, a browser
+reading an HTTP response) holds the download back instead of filling memory. Nothing is resumable: a stream
+cannot be rewound. ``open_stream`` is the same for the web app, which learns the name and size before the bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress
-from p2pmega.core.magnet import ReadCap
+from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress, safe_name
+from p2pmega.core.chunking import format_id
+from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest, decrypt_chunk_into
+from p2pmega.errors import BadLink
+from p2pmega.net.buffers import BufferPool, recycle
+from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.manifest import walk_manifest
+
+# Takes one chunk's plaintext, in order; returns once it may be reused (written, or copied into a bounded buffer).
+Write = Callable[[memoryview], Awaitable[None]]
 
 
 async def stream(
@@ -34,19 +45,44 @@ async def stream(
         BrokenPipeError: the reader went away (the CLI ends quietly).
         OSError: ``out`` refused a write.
     """
+
+    async def write(plain: memoryview) -> None:
+        await asyncio.to_thread(_write_all, out, plain)
+
+    return await stream_to(locator, cap, manifest, write, progress)
+
+
+async def stream_to(
+    locator: HolderLocator,
+    cap: ReadCap,
+    manifest: Manifest,
+    write: Write,
+    progress: Progress | None,
+) -> FetchResult:
+    """Give the file of ``manifest`` to ``write`` in order, chunk by chunk, each verified first.
+
+    Raises:
+        ChunkUnavailable: a chunk has no reachable holder (what came before it was written already).
+        IntegrityError: a chunk no holder can provide intact.
+        Exception: whatever ``write`` raised (the reader went away).
+    """
     ids = manifest.chunk_ids
     size = manifest.size or 0
-    writer = _OrderedWriter(out, size, progress)
+    writer = _OrderedWriter(write, size, progress)
     await locator.want(list(ids), near=cap.root)
     indexes = iter(range(len(ids)))
+    # Each worker's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
+    # thread than the one that made it, left the process ever larger (glibc keeps such memory in its arenas).
+    buffers = BufferPool(spare=FETCH_CONCURRENCY)
 
     async def worker() -> None:
         # next() on a shared iterator hands each index to exactly one worker, in order.
         for index in iter(functools.partial(next, indexes, None), None):
             plain = await locator.fetch_into(
-                ids[index], functools.partial(_open, cap, manifest, index), spread=index
+                ids[index], functools.partial(_open, cap, manifest, index, buffers), spread=index
             )
             await writer.write(index, plain)
+            recycle(plain, buffers)  # kept only if ``write`` holds no view of it
 
     writer.report()
     workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(ids)))]
@@ -59,11 +95,63 @@ async def stream(
     return FetchResult(Path("-"), size, len(ids), len(ids), 0)
 
 
+@dataclass(eq=False)
+class FileStream:
+    """A read link whose manifest was found: its name and size are known, its bytes not fetched yet.
+
+    ``write_to`` streams it once; ``close`` must follow (the web app's node outlives it).
+    """
+
+    locator: HolderLocator
+    cap: ReadCap
+    manifest: Manifest
+    name: str  # the manifest's name made safe as a file name (api.fetch.safe_name)
+    size: int
+
+    @property
+    def is_folder(self) -> bool:
+        return self.manifest.is_tree
+
+    async def write_to(self, write: Write, progress: Progress | None = None) -> FetchResult:
+        """The file's bytes, in order, to ``write`` (stream_to).
+
+        Raises:
+            ChunkUnavailable, IntegrityError: as stream_to; Exception: whatever ``write`` raised.
+        """
+        return await stream_to(self.locator, self.cap, self.manifest, write, progress)
+
+    async def close(self) -> None:
+        await self.locator.close()
+
+
+async def open_stream(node: Node, link: str) -> FileStream:
+    """Find the manifest of ``link`` through ``node`` (joined, and left running) for ``FileStream.write_to``.
+
+    A folder's link opens too (``is_folder``): what to do with it is the caller's choice.
+
+    Raises:
+        BadLink: the link is malformed or is a keep-alive link.
+        ManifestNotFound: no holder has the manifest.
+        IntegrityError: the manifest found does not authenticate under the link.
+    """
+    cap = parse_link(link)
+    if isinstance(cap, KeepCap):
+        raise BadLink("this is a keep-alive link: it can check and keep a file alive, not fetch it")
+    locator = HolderLocator(node, hints=cap.peers)
+    try:
+        manifest = await walk_manifest(locator, cap)
+    except BaseException:
+        await locator.close()
+        raise
+    name = safe_name(manifest.name, fallback=f"p2pmega-{format_id(cap.root)[:16]}")
+    return FileStream(locator, cap, manifest, name, manifest.size or 0)
+
+
 class _OrderedWriter:
     """Writes chunk plaintexts to ``out`` in index order; a chunk that comes early waits for its turn."""
 
-    def __init__(self, out: BinaryIO, size: int, progress: Progress | None) -> None:
-        self.out = out
+    def __init__(self, write: Write, size: int, progress: Progress | None) -> None:
+        self.write_out = write
         self.size = size
         self.progress = progress
         self.next = 0
@@ -73,7 +161,7 @@ class _OrderedWriter:
     async def write(self, index: int, plain: memoryview) -> None:
         async with self.turn:
             await self.turn.wait_for(lambda: self.next == index)
-        await asyncio.to_thread(_write_all, self.out, plain)
+        await self.write_out(plain)
         self.written += len(plain)
         self.report()
         async with self.turn:
@@ -85,9 +173,11 @@ class _OrderedWriter:
             self.progress(self.written, self.size)
 
 
-def _open(cap: ReadCap, manifest: Manifest, index: int, data: bytes | memoryview) -> memoryview:
+def _open(
+    cap: ReadCap, manifest: Manifest, index: int, buffers: BufferPool, data: bytes | memoryview
+) -> memoryview:
     # Opened straight out of the receive buffer into the chunk's own buffer: one copy of the plaintext.
-    out = bytearray(manifest.chunk_size or 0)
+    out = buffers.take(manifest.chunk_size or 0)
     length = decrypt_chunk_into(cap, manifest, index, data, out, id_verified=True)
     return memoryview(out)[:length]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -56,6 +57,8 @@ STATE_SAVE_INTERVAL_S = 1.0
 STATE_SAVE_COST_FACTOR = 20
 
 Progress = Callable[[int, int], None]
+# The node a share runs on: a client node of its own (``share``), or one the caller keeps running (``share_on``).
+OpenNode = Callable[[], contextlib.AbstractAsyncContextManager[Node]]
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,71 @@ async def share(
             of them failed during the upload (what was stored is kept for a rerun).
         StorageError: the share's state cannot be saved in the data dir.
     """
+    return await _share_path(
+        path,
+        lambda: client_node(net),
+        net=net,
+        replicas=replicas,
+        min_countries=min_countries,
+        min_blocs=min_blocs,
+        chunk_size=chunk_size,
+        lease_s=lease_s,
+        progress=progress,
+        rng=rng,
+        new=new,
+    )
+
+
+async def share_on(
+    node: Node,
+    path: Path,
+    *,
+    net: NetSettings,
+    replicas: int = 2,
+    min_countries: int = 2,
+    min_blocs: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    lease_s: float = DEFAULT_LEASE_S,
+    progress: Progress | None = None,
+    rng: random.Random | None = None,
+    new: bool = False,
+) -> ShareResult:
+    """``share`` on a node already joined (the web app's), which it leaves running; ``net`` gives the data dir,
+    geo and bloc tables. Concurrent shares and fetches may use the same node.
+
+    Raises:
+        InputFileError, BadOption, PlacementImpossible, StorageError: as ``share``.
+        BootstrapFailed: the node's join failed.
+    """
+    return await _share_path(
+        path,
+        lambda: contextlib.nullcontext(node),
+        net=net,
+        replicas=replicas,
+        min_countries=min_countries,
+        min_blocs=min_blocs,
+        chunk_size=chunk_size,
+        lease_s=lease_s,
+        progress=progress,
+        rng=rng,
+        new=new,
+    )
+
+
+async def _share_path(
+    path: Path,
+    open_node: OpenNode,
+    *,
+    net: NetSettings,
+    replicas: int,
+    min_countries: int,
+    min_blocs: int,
+    chunk_size: int,
+    lease_s: float,
+    progress: Progress | None,
+    rng: random.Random | None,
+    new: bool,
+) -> ShareResult:
     _check_options(replicas, min_countries, lease_s, min_blocs)
     rng = rng or random.Random()  # noqa: S311 - only spreads DHT probes, nothing secret
     source = await asyncio.to_thread(open_source, path)
@@ -148,6 +216,7 @@ async def share(
             source,
             state,
             StateWriter(where),
+            open_node,
             net,
             replicas,
             min_countries,
@@ -172,6 +241,7 @@ async def _share(
     source: FileSource | TreeSource,
     state: ShareState,
     writer: StateWriter,
+    open_node: OpenNode,
     net: NetSettings,
     replicas: int,
     min_countries: int,
@@ -188,7 +258,7 @@ async def _share(
         key=state.key,
         listing_bytes=source.listing_bytes,
     )
-    async with client_node(net) as node:
+    async with open_node() as node:
         placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
         # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
         credential = RenewCredential.from_file_key(state.key)

@@ -51,7 +51,7 @@ def ui_cmd(
     geo_table: GeoOpt = None,
     host: HostOpt = None,
 ) -> None:
-    """Run the web app on 127.0.0.1 and print its URL (the only line on stdout); stop it with Ctrl-C.
+    """Run a client node and the web app on 127.0.0.1, print its URL (the only line on stdout); stop with Ctrl-C.
 
     The page shares (pick or drop a file), fetches (paste a link, press Enter: your browser saves the file) and
     lists my files with their health, as share, fetch and ls do. Keys stay on this machine: the page talks only

@@ -207,6 +207,17 @@ class DHTNode(Service):
         """
         self._joining = self.server._proto().spawn(self.join(bootstrap))
 
+    def rejoin_in_background(self, bootstrap: Sequence[tuple[str, int]]) -> bool:
+        """Start :meth:`join_in_background` again if no join is under way and no contact is known; True if so.
+
+        For a client that lives long (the web app's): a join that failed when the network was down, or a routing
+        table emptied since, does not leave it unable to look anything up for the rest of its run.
+        """
+        if self.contacts() or (self._joining is not None and not self._joining.done()):
+            return False
+        self.join_in_background(bootstrap)
+        return True
+
     async def joined(self) -> None:
         """Wait for a join started in the background, if any.
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from p2pmega.core.chunking import CHUNK_ID_BYTES, ChunkId
 from p2pmega.core.crypto import KEY_BYTES
+from p2pmega.core.magnet import parse_link
 from p2pmega.core.placement import Candidate
-from p2pmega.errors import StorageError
+from p2pmega.errors import BadLink, StorageError
 from p2pmega.storage.atomic import write_atomically
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,49 @@ def load_state(path: Path) -> ShareState | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("share state %s is not a state this version reads; starting afresh", path)
         return None
+
+
+def remove_states_of(data_dir: Path, root: str) -> int:
+    """Delete every finished share's state whose read link is of file ``root`` (hex); returns how many.
+
+    This is how a forgotten file's key leaves the data dir. A state that does not decode, or is not finished (its
+    links, and so its root, do not exist yet), is left alone.
+
+    Raises:
+        StorageError: the shares directory cannot be read, or a state cannot be removed.
+    """
+    shares = data_dir / SHARES_DIR
+    removed = 0
+    try:
+        paths = sorted(shares.glob("*.json"))
+        for path in paths:
+            try:
+                done = _decode(json.loads(path.read_bytes())).completed
+                found = None if done is None else parse_link(done.read_link).root.hex()
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, BadLink):
+                continue
+            if found == root:
+                path.unlink(missing_ok=True)
+                removed += 1
+    except OSError as exc:
+        raise StorageError(f"cannot remove a share's state in {shares}: {exc.strerror}") from exc
+    return removed
+
+
+def remove_state(data_dir: Path, shared: Path) -> bool:
+    """Delete the state of the share of ``shared`` (a file that will not be shared again); False if none.
+
+    Raises:
+        StorageError: the state exists but cannot be removed.
+    """
+    path = state_path(data_dir, shared.resolve())
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot remove the share's state {path}: {exc.strerror}") from exc
+    return True
 
 
 class StateWriter:

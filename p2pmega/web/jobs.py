@@ -1,7 +1,8 @@
 """The web app's running shares and fetches: one task each, with the progress and outcome the page polls.
 
-A job wraps one call of the use case the CLI runs (``api.share.share``, ``api.fetch.fetch``); it only records what
-the call reports. Its files (an upload, a fetched file) live in the run's private directory until done with.
+A job wraps one call of the use case the CLI runs (``api.share.share_on``, ``api.fetch_stream.open_stream``); it
+only records what the call reports. An upload lives in the run's private directory until shared; a fetched file
+never touches the disk: the browser's download request streams it (web.server.WebApp.job_file).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pmega.errors import P2PMegaError
+
+if TYPE_CHECKING:
+    from p2pmega.api.fetch_stream import FileStream
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +33,25 @@ STOP_TIMEOUT_S = 10.0
 
 @dataclass(eq=False)
 class Job:
-    """One share or fetch as the page sees it. ``result`` is JSON-ready; ``file`` is a fetch's decrypted file."""
+    """One share or fetch as the page sees it. ``result`` is JSON-ready; a fetch's comes as soon as its manifest is
+    found (the page then starts the download), while the job still runs until the file is delivered."""
 
     id: str
     kind: str  # "share" or "fetch"
-    workdir: Path  # private to this job; removed when the job is forgotten or the app stops
+    workdir: (
+        Path  # private to this job (a share's upload); removed once shared, or when the app stops
+    )
     state: str = RUNNING
     done_bytes: int = 0
     total_bytes: int = 0
     error: str | None = None
     result: dict[str, Any] | None = None
     link: str | None = None  # a share's read link, for its QR code
-    file: Path | None = None
+    # A fetch's file, ready to stream; ``started`` once the browser asked for it (one download per fetch), then
+    # ``delivered`` ends with the outcome of that download.
+    stream: FileStream | None = field(default=None, repr=False)
+    started: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    delivered: asyncio.Future[None] | None = field(default=None, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def progress(self, done: int, total: int) -> None:
@@ -65,12 +76,13 @@ class Jobs:
         self.root = root
         self.jobs: dict[str, Job] = {}
 
-    def new(self, kind: str) -> Job:
-        """A job with a fresh private directory, not started yet."""
+    def new(self, kind: str, *, workdir: bool = True) -> Job:
+        """A job, not started yet, with a fresh private directory unless ``workdir`` is false."""
         job_id = secrets.token_hex(8)
-        workdir = self.root / job_id
-        workdir.mkdir(mode=0o700)
-        job = Job(job_id, kind, workdir)
+        path = self.root / job_id
+        if workdir:
+            path.mkdir(mode=0o700)
+        job = Job(job_id, kind, path)
         self.jobs[job_id] = job
         return job
 
@@ -100,12 +112,11 @@ class Jobs:
         return self.jobs.get(job_id)
 
     async def discard_files(self, job: Job) -> None:
-        """Remove a job's directory (its upload or fetched file); the job's record stays for the page."""
-        job.file = None
+        """Remove a job's directory (its upload); the job's record stays for the page."""
         await asyncio.to_thread(shutil.rmtree, job.workdir, True)
 
     async def stop(self) -> None:
-        """Cancel what still runs (shares and fetches save their state as on Ctrl-C), wait, drop every file."""
+        """Cancel what still runs (a share saves its state as on Ctrl-C), wait, drop every file."""
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         for task in tasks:
             task.cancel()

@@ -1,8 +1,9 @@
 """``p2pmega ui``'s web app: the page and its JSON API on 127.0.0.1, over the same use cases as the CLI.
 
-It renders and streams; sharing, fetching, checking and renewing are the ``api`` calls the commands make. A file
-given to the page is streamed into a private directory of the data dir, then shared as ``share FILE`` shares it; a
-fetched file is downloaded there, then streamed to the browser and deleted. Nothing logs a link or a key.
+It renders and streams; sharing, fetching, checking and renewing are the ``api`` calls the commands make, all on
+the one client node the app starts with. A file given to the page is streamed into a private directory of the data
+dir, then shared as ``share FILE`` shares it; a fetched file goes to the browser as its chunks arrive, in order
+(``fetch -o -``), never to disk. Nothing logs a link or a key.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from p2pmega.api.common import NetSettings
-from p2pmega.api.fetch import fetch, safe_name
-from p2pmega.api.ls import FileHealth, forget, health_of, keep_alive, my_files
+from p2pmega.api.common import NetSettings, client_node
+from p2pmega.api.fetch import safe_name
+from p2pmega.api.fetch_stream import open_stream
+from p2pmega.api.ls import (
+    FileHealth,
+    discard_share_state,
+    forget,
+    health_on,
+    keep_alive_on,
+    my_files,
+)
 from p2pmega.api.service import stop_signals
-from p2pmega.api.share import share
+from p2pmega.api.share import ShareResult, share_on
 from p2pmega.errors import (
     BadOption,
     InputFileError,
@@ -37,15 +46,18 @@ from p2pmega.errors import (
     StorageError,
     UsageError,
 )
+from p2pmega.node import Node
 from p2pmega.web.guard import Guard, add_security_headers, new_token
-from p2pmega.web.jobs import DONE, Job, Jobs
+from p2pmega.web.jobs import Job, Jobs
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # The browser sends a file in pieces of about this size; each is written from a worker thread.
 UPLOAD_READ_BYTES = 1 << 20
-DOWNLOAD_READ_BYTES = 1 << 20
+# A fetch whose file the browser has not started to download this long after the page was told is given up: the
+# page was closed. Far above the page's poll interval (250 ms) on a busy machine.
+DOWNLOAD_START_TIMEOUT_S = 60.0
 # An upload is refused unless the data dir keeps this much room besides it (the chunk store and state files).
 UPLOAD_DISK_MARGIN_BYTES = 256 * 1000**2
 # Default --max-upload: a file the page accepts is copied into the data dir before it is shared.
@@ -75,10 +87,11 @@ def _load_static() -> dict[str, bytes]:
 
 
 class WebApp:
-    """The routes of the page's API, bound to one network setting and one run directory."""
+    """The routes of the page's API, bound to one network setting, one client node and one run directory."""
 
-    def __init__(self, net: NetSettings, jobs: Jobs, *, max_upload_bytes: int) -> None:
+    def __init__(self, net: NetSettings, node: Node, jobs: Jobs, *, max_upload_bytes: int) -> None:
         self.net = net
+        self.node = node
         self.jobs = jobs
         self.max_upload_bytes = max_upload_bytes
         self.static = _load_static()
@@ -142,33 +155,50 @@ class WebApp:
 
         async def run(job: Job) -> dict[str, Any]:
             try:
-                result = await share(path, net=self.net, progress=job.progress)
+                self._rejoin_if_alone()
+                result = await share_on(self.node, path, net=self.net, progress=job.progress)
             finally:
+                # The upload goes, so its share state (which holds the key) could never resume or repeat
+                # this share: the link list keeps the link.
+                try:
+                    await discard_share_state(self.net.data_dir, path)
+                except StorageError as exc:
+                    log.warning("%s", exc)
                 await self.jobs.discard_files(job)
             job.link = result.read_link
-            countries: dict[str, int] = {}
-            for c in result.chunks:
-                for cc in {h.country or "??" for h in c.holders}:
-                    countries[cc] = countries.get(cc, 0) + 1
-            return {
-                "link": result.read_link,
-                "name": name,
-                "size": result.size,
-                "status": result.status,
-                "chunk_count": result.chunk_count,
-                "countries": dict(sorted(countries.items())),
-                "chunks": [
-                    {
-                        "kind": c.kind,
-                        "index": c.index,
-                        "countries": sorted({h.country or "??" for h in c.holders}),
-                    }
-                    for c in result.chunks
-                ],
-            }
+            return self.share_view(name, result)
 
         self.jobs.start(job, run)
         return web.json_response({"job": job.id})
+
+    def share_view(self, name: str, result: ShareResult) -> dict[str, Any]:
+        """What the page shows of a share: the link, and the countries and jurisdiction blocs of every chunk."""
+        countries: dict[str, int] = {}
+        for c in result.chunks:
+            for cc in {h.country or "??" for h in c.holders}:
+                countries[cc] = countries.get(cc, 0) + 1
+        return {
+            "link": result.read_link,
+            "name": name,
+            "size": result.size,
+            "status": result.status,
+            "chunk_count": result.chunk_count,
+            "countries": dict(sorted(countries.items())),
+            "chunks": [
+                {
+                    "kind": c.kind,
+                    "index": c.index,
+                    "countries": sorted({h.country or "??" for h in c.holders}),
+                    "blocs": self.net.blocs.spanned(h.country for h in c.holders),
+                }
+                for c in result.chunks
+            ],
+        }
+
+    def _rejoin_if_alone(self) -> None:
+        """Join again if the node's join failed (the network was down) or it lost every contact since."""
+        if self.node.dht_node.rejoin_in_background(self.net.bootstrap):
+            log.info("joining the network again")
 
     async def _receive(self, request: web.Request, path: Path, length: int) -> None:
         """Write the request body to ``path`` (new, 0600), exactly ``length`` bytes.
@@ -198,7 +228,7 @@ class WebApp:
         if received != length:
             raise InputFileError(f"the upload was {received:,} bytes, not the {length:,} announced")
 
-    # --- fetch: the job downloads into its directory, then the browser downloads from here ---
+    # --- fetch: the job finds the manifest, then the browser's download request streams the chunks ---
 
     async def start_fetch(self, request: web.Request) -> web.Response:
         try:
@@ -208,22 +238,39 @@ class WebApp:
         link = doc.get("link") if isinstance(doc, dict) else None
         if not isinstance(link, str):
             return _error(400, "no link given")
-        job = self.jobs.new("fetch")
+        job = self.jobs.new("fetch", workdir=False)  # a fetch writes nothing to disk
 
         async def run(job: Job) -> dict[str, Any]:
+            self._rejoin_if_alone()
+            opened = await open_stream(self.node, link.strip())
             try:
-                result = await fetch(
-                    link.strip(), net=self.net, output=job.workdir, progress=job.progress
-                )
-            except BaseException:
-                await self.jobs.discard_files(job)
-                raise
-            job.file = result.path
-            return {
-                "name": result.path.name,
-                "size": result.size,
-                "download": f"/api/jobs/{job.id}/file",
-            }
+                if opened.is_folder:
+                    raise BadOption(
+                        "this link is a folder: a browser saves single files only; fetch it with "
+                        "`p2pmega fetch LINK -o DIR`"
+                    )
+                job.total_bytes = opened.size
+                result = {
+                    "name": opened.name,
+                    "size": opened.size,
+                    "download": f"/api/jobs/{job.id}/file",
+                }
+                delivered = asyncio.get_running_loop().create_future()
+                job.stream, job.delivered = opened, delivered
+                # The page starts the browser's download once it sees this, then follows the job to its end.
+                job.result = result
+                try:
+                    async with asyncio.timeout(DOWNLOAD_START_TIMEOUT_S):
+                        await job.started.wait()
+                except TimeoutError:
+                    raise BrowserDownloadFailed(
+                        "the browser did not start the download (was the page closed?); fetch the link again"
+                    ) from None
+                await delivered
+                return result
+            finally:
+                job.stream = None
+                await opened.close()
 
         self.jobs.start(job, run)
         return web.json_response({"job": job.id})
@@ -248,26 +295,43 @@ class WebApp:
         return web.Response(body=svg, content_type="image/svg+xml")
 
     async def job_file(self, request: web.Request) -> web.StreamResponse:
+        """The fetched file, decrypted chunk by chunk in order as the chunks arrive (bounded memory, no disk).
+
+        A fetch that fails part way aborts the connection, so the browser shows a failed download rather than
+        saving a short file; the job carries the error for the page.
+        """
         job = self._job(request)
-        if job.kind != "fetch" or job.state != DONE:
-            raise web.HTTPNotFound(text="this job has no file\n")
-        path = job.file
-        if path is None:
+        if job.kind == "fetch" and job.started.is_set():
             raise web.HTTPGone(text="the file was downloaded already; fetch the link again\n")
+        opened, delivered = job.stream, job.delivered
+        if opened is None or delivered is None:
+            raise web.HTTPNotFound(text="this job has no file (or it failed)\n")
+        job.started.set()
         response = web.StreamResponse(
             headers={
                 "Content-Type": "application/octet-stream",
-                "Content-Disposition": content_disposition(path.name),
+                "Content-Disposition": content_disposition(opened.name),
             }
         )
-        with await asyncio.to_thread(path.open, "rb") as handle:
-            response.content_length = (await asyncio.to_thread(os.fstat, handle.fileno())).st_size
+        response.content_length = opened.size
+        try:
             await response.prepare(request)
-            while piece := await asyncio.to_thread(handle.read, DOWNLOAD_READ_BYTES):
-                await response.write(piece)
-        await response.write_eof()
-        # Delivered whole: the decrypted copy leaves the data dir (an interrupted download may be retried).
-        await self.jobs.discard_files(job)
+            await opened.write_to(response.write, job.progress)
+            await response.write_eof()
+        except P2PMegaError as exc:
+            _settle(delivered, exc)
+            _abort(request)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            _settle(delivered, BrowserDownloadFailed("the browser stopped the download"))
+            _abort(request)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        except BaseException as exc:
+            _settle(delivered, exc)  # a bug: the job logs its traceback
+            _abort(request)
+            raise
+        else:
+            _settle(delivered, None)
         return response
 
     # --- my files ---
@@ -292,7 +356,8 @@ class WebApp:
 
     async def files_health(self, request: web.Request) -> web.Response:
         try:
-            found = await health_of(await my_files(self.net.data_dir), net=self.net)
+            self._rejoin_if_alone()
+            found = await health_on(self.node, await my_files(self.net.data_dir), geo=self.net.geo)
         except P2PMegaError as exc:
             return _p2pmega_error(exc)
         return web.json_response([health_view(h) for h in found])
@@ -306,7 +371,8 @@ class WebApp:
     async def file_keep_alive(self, request: web.Request) -> web.Response:
         try:
             link = await self._entry_link(request.match_info["root"])
-            result = await keep_alive(link, net=self.net)
+            self._rejoin_if_alone()
+            result = await keep_alive_on(self.node, link, geo=self.net.geo)
         except P2PMegaError as exc:
             return _p2pmega_error(exc)
         return web.json_response(
@@ -319,6 +385,26 @@ class WebApp:
         except P2PMegaError as exc:
             return _p2pmega_error(exc)
         return web.json_response({"forgotten": forgotten})
+
+
+class BrowserDownloadFailed(NetworkError):
+    """The browser never asked for, or stopped reading, a fetched file."""
+
+
+def _settle(delivered: asyncio.Future[None], exc: BaseException | None) -> None:
+    """End a fetch job's wait for its download (unless the job was stopped meanwhile)."""
+    if delivered.done():
+        return
+    if exc is None:
+        delivered.set_result(None)
+    else:
+        delivered.set_exception(exc)
+
+
+def _abort(request: web.Request) -> None:
+    """Reset the connection of a response that cannot be finished, so the browser fails the download."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def health_view(h: FileHealth) -> dict[str, Any]:
@@ -437,10 +523,12 @@ async def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     on_ready: Callable[[Served], None],
 ) -> None:
-    """Run the web app on 127.0.0.1 until SIGINT or SIGTERM; ``on_ready`` gets its URL once it listens.
+    """Run a client node and the web app on 127.0.0.1 until SIGINT or SIGTERM; ``on_ready`` gets its URL once
+    it listens (the node joins in the background meanwhile).
 
     Raises:
         BadOption: ``max_upload_bytes`` is not positive.
+        BootstrapFailed: no bootstrap node given and no saved contact (nothing to join through).
         NetworkError: the port cannot be bound.
         StorageError: the data dir cannot be written.
     """
@@ -455,22 +543,41 @@ async def serve(
             ) from exc
         jobs = Jobs(run_dir)
         sock = bind(port)
-        bound = int(sock.getsockname()[1])
-        guard = Guard(host=HOST, port=bound, token=new_token())
-        app = web.Application(middlewares=[guard.middleware])
-        app.on_response_prepare.append(add_security_headers)
-        app.add_routes(WebApp(net, jobs, max_upload_bytes=max_upload_bytes).routes())
-        # No access log: a request line can hold the token.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         try:
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-            url = guard.url(HOST, bound)
-            opener = await asyncio.to_thread(_write_opener, run_dir, url)
-            on_ready(Served(url, opener))
-            await stop.wait()
+            # One client node for the whole run: every share, fetch, check and keep-alive of the page runs on
+            # it (the DHT is joined once). It joins in the background, so the page opens at once.
+            async with client_node(net, join_in_background=True) as node:
+                await _serve_on(node, net, jobs, sock, max_upload_bytes, run_dir, on_ready, stop)
         finally:
-            await jobs.stop()
-            await runner.cleanup()
             with contextlib.suppress(OSError):
                 sock.close()
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+
+
+async def _serve_on(
+    node: Node,
+    net: NetSettings,
+    jobs: Jobs,
+    sock: socket.socket,
+    max_upload_bytes: int,
+    run_dir: Path,
+    on_ready: Callable[[Served], None],
+    stop: asyncio.Event,
+) -> None:
+    bound = int(sock.getsockname()[1])
+    guard = Guard(host=HOST, port=bound, token=new_token())
+    app = web.Application(middlewares=[guard.middleware])
+    app.on_response_prepare.append(add_security_headers)
+    app.add_routes(WebApp(net, node, jobs, max_upload_bytes=max_upload_bytes).routes())
+    # No access log: a request line can hold the token.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        url = guard.url(HOST, bound)
+        opener = await asyncio.to_thread(_write_opener, run_dir, url)
+        on_ready(Served(url, opener))
+        await stop.wait()
+    finally:
+        await jobs.stop()
+        await runner.cleanup()

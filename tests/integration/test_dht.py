@@ -224,3 +224,29 @@ async def test_contacts_are_saved_periodically_and_a_bad_file_is_ignored(
     assert load_contacts(path) == []
     assert "unreadable saved-contacts file" in caplog.text
     assert load_contacts(tmp_path / "missing.json") == []
+
+
+async def test_a_client_whose_join_failed_joins_again_on_its_next_use() -> None:
+    """The web app's node lives for hours: a join that failed while the network was down is not final."""
+    async with swarm(48, 2, rpc_timeout_s=TIMEOUT_S) as nodes:
+        entry = [(nodes[0].host, nodes[0].port)]
+        client = DHTNode(
+            host=peer_address(48, 9),
+            node_id=os.urandom(20),
+            rpc_timeout_s=TIMEOUT_S,
+            read_only=True,
+        )
+        await client.start()
+        try:
+            async with asyncio.timeout(10):
+                client.join_in_background([(peer_address(48, 8), 9)])  # nobody answers there
+                with pytest.raises(BootstrapFailed):
+                    await client.joined()
+                assert client.rejoin_in_background(entry) is True
+                assert client.rejoin_in_background(entry) is False, "one join at a time"
+                await client.joined()
+                assert client.contacts()
+                assert client.rejoin_in_background(entry) is False, "joined: nothing to do"
+                assert await client.find_peers(os.urandom(20))
+        finally:
+            await client.stop()

@@ -6,9 +6,11 @@ except in CI, where it fails. Set P2PMEGA_UI_SCREENSHOT=docs/ui.png to keep the 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -16,11 +18,22 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.cli_helpers import P2PMEGA, RunningTestnet, run, running_testnet
+from p2pmega.storage.share_state import SHARES_DIR, state_path
+from tests.integration.cli_helpers import (
+    P2PMEGA,
+    RunningTestnet,
+    run,
+    running_testnet,
+    stored_chunk_files,
+)
+
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext, Playwright
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -49,6 +62,7 @@ class RunningUI:
     port: int
     token: str
     data_dir: Path
+    pid: int
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +93,7 @@ def ui(net: RunningTestnet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         parts = urlsplit(url)
         assert parts.port is not None
         token = parts.query.removeprefix("token=")
-        yield RunningUI(url, "127.0.0.1", parts.port, token, data_dir)
+        yield RunningUI(url, "127.0.0.1", parts.port, token, data_dir, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -170,6 +184,46 @@ def _chromium_or_skip() -> None:
     pytest.skip(message)
 
 
+@contextlib.contextmanager
+def _chromium(pw: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
+    browser = pw.chromium.launch_persistent_context(
+        str(tmp_path / "chromium-profile"),
+        executable_path=str(CHROMIUM),
+        args=CHROMIUM_ARGS,
+        headless=True,
+        accept_downloads=True,
+        viewport={"width": 1200, "height": 900},
+    )
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+def _udp_ports(pid: int) -> set[int]:
+    """The local ports of the UDP sockets process ``pid`` holds: a DHT node's (the app has no other UDP)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("udp", "udp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = (
+                    line.split()
+                )  # sl local_address rem_address st queues tr retrnsmt uid timeout inode
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _state_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / SHARES_DIR).glob("*.json"))
+
+
 def test_the_page_shares_fetches_and_lists_my_files(
     net: RunningTestnet, ui: RunningUI, tmp_path: Path
 ) -> None:
@@ -184,19 +238,16 @@ def test_the_page_shares_fetches_and_lists_my_files(
     assert shared.returncode == 0, shared.stderr
     cli_link = shared.stdout.strip()
 
-    with (
-        sync_playwright() as pw,
-        contextlib.closing(
-            pw.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"),
-                executable_path=str(CHROMIUM),
-                args=CHROMIUM_ARGS,
-                headless=True,
-                accept_downloads=True,
-                viewport={"width": 1200, "height": 900},
-            )
-        ) as browser,
-    ):
+    cli_state = state_path(ui.data_dir, by_cli.resolve())
+    assert _state_files(ui.data_dir) == [cli_state], "share keeps its state (with the key)"
+    folder = tmp_path / "a folder"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "inner" / "x.txt").write_bytes(b"in a folder")
+    shared_folder = run("share", str(folder), "--data-dir", str(tmp_path / "cli"), env=net.env)
+    assert shared_folder.returncode == 0, shared_folder.stderr
+    folder_link = shared_folder.stdout.strip()
+
+    with sync_playwright() as pw, _chromium(pw, tmp_path) as browser:
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -212,6 +263,14 @@ def test_the_page_shares_fetches_and_lists_my_files(
         page.wait_for_url(f"http://{ui.host}:{ui.port}/")
         expect(page.locator("h1")).to_have_text("p2pmega")
         assert urlsplit(page.url).query == "", "the token left the address bar"
+        # The app runs one client node from start to end: one DHT socket, the same before and after a share
+        # and a fetch (a node per action would show none while idle, or a new port each time). Idle: once the
+        # page's first check of my files is over.
+        expect(page.locator("#files-table td.health.checking")).to_have_count(
+            0, timeout=STEP_TIMEOUT_MS
+        )
+        node_ports = _udp_ports(ui.pid)
+        assert len(node_ports) == 1, node_ports
 
         # Share: pick a file; the link appears; the CLI fetches the same bytes.
         page.set_input_files("#share-file", str(picked))
@@ -226,6 +285,15 @@ def test_the_page_shares_fetches_and_lists_my_files(
         assert qr.evaluate("img => img.complete && img.naturalWidth > 0"), (
             "the QR code did not load"
         )
+        # Each chunk's countries and jurisdiction blocs (the testnet's countries are in the shipped bloc table
+        # or are blocs of their own).
+        where = page.locator("#share-jobs .job li").first.text_content() or ""
+        assert re.fullmatch(
+            r"data 0: [A-Z]{2}(, [A-Z]{2})+ \(blocs: [A-Z-]+(, [A-Z-]+)*\)", where
+        ), where
+        assert _udp_ports(ui.pid) == node_ports
+        # The upload is gone, so its share state would only keep its key on disk: the link list keeps the link.
+        assert _state_files(ui.data_dir) == [cli_state]
         out = tmp_path / "fetched-by-cli.bin"
         fetched = run(
             "fetch", link, "-o", str(out), "--data-dir", str(tmp_path / "cli"), env=net.env
@@ -241,6 +309,17 @@ def test_the_page_shares_fetches_and_lists_my_files(
         assert download.failure() is None
         assert download.suggested_filename == by_cli.name
         assert _sha256(Path(download.path())) == _sha256(by_cli)
+        expect(page.locator("#fetch-jobs .job.done")).to_have_count(1, timeout=STEP_TIMEOUT_MS)
+        assert _udp_ports(ui.pid) == node_ports
+
+        # A folder's link: the page says to use the CLI.
+        page.fill("#fetch-link", folder_link)
+        page.press("#fetch-link", "Enter")
+        expect(page.locator("#fetch-jobs .error").first).to_contain_text(
+            "this link is a folder: a browser saves single files only; fetch it with "
+            "`p2pmega fetch LINK -o DIR`",
+            timeout=STEP_TIMEOUT_MS,
+        )
 
         # A malformed link: a clear message on the page, no stack trace.
         page.fill("#fetch-link", "magnet:?xt=urn:p2pmega:not-a-link")
@@ -258,7 +337,9 @@ def test_the_page_shares_fetches_and_lists_my_files(
         )
         names = rows.locator("td.name").all_inner_texts()
         assert sorted(names) == sorted([picked.name, by_cli.name])
-        page.locator("#fetch-jobs .job.failed").evaluate("node => node.remove()")
+        page.locator("#fetch-jobs .job.failed").evaluate_all(
+            "nodes => nodes.forEach(n => n.remove())"
+        )
         shot = page.screenshot(full_page=True)
         if target := os.environ.get("P2PMEGA_UI_SCREENSHOT"):
             Path(target).write_bytes(shot)
@@ -280,7 +361,9 @@ def test_the_page_shares_fetches_and_lists_my_files(
         rows.filter(has_text=by_cli.name).locator("button.forget").click()
         expect(rows).to_have_count(1)
         assert "keep the encrypted chunks until their leases end" in dialogs[0]
+        assert "its key is deleted from this computer's data dir" in dialogs[0]
         assert by_cli.name not in (ui.data_dir / "links.json").read_text("utf-8")
+        assert _state_files(ui.data_dir) == [], "forget left the file's key in its share state"
 
         # Drag and drop onto the page shares too.
         page.evaluate(
@@ -299,6 +382,99 @@ def test_the_page_shares_fetches_and_lists_my_files(
         assert errors == []
     # The decrypted copy was streamed to the browser, then removed from the data dir.
     assert not [p for p in (ui.data_dir / "ui").rglob("*") if p.is_file() and p.name != "open.html"]
+
+
+MIB = 1 << 20
+# 80 chunks of 2 MiB: ten times what a fetch holds at once (FETCH_CONCURRENCY = 8 chunks, plus their receive
+# buffers), so a download that held the file would show.
+BIG_BYTES = 160 * MIB
+# What the app may add while it streams: 8 plaintext and 8 receive buffers of 2 MiB (32 MiB), the allocator's
+# slack on top. Measured: +45 to +49 MiB for 64, 160 and 400 MiB files (+31, +65, +90 MiB before buffers were
+# reused, which grew with the file).
+STREAM_RSS_BOUND_BYTES = 64 * MIB
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _chunk_hex(formatted: str) -> str:
+    return base64.b32decode(formatted.upper() + "=" * (-len(formatted) % 8)).hex()
+
+
+def test_a_browser_download_streams_the_chunks_as_they_arrive(
+    net: RunningTestnet, ui: RunningUI, tmp_path: Path
+) -> None:
+    """A big file downloads whole with the app's memory flat; a chunk no holder has cuts a download short.
+
+    The second part is what shows the streaming: the browser's download starts before the fetch has every chunk,
+    so a fetch that fails part way fails the download (a fetch to disk first would never start it).
+    """
+    _chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        for _ in range(BIG_BYTES // MIB):
+            f.write(os.urandom(MIB))
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(os.urandom(10 * 2 * MIB + 5))
+    cli_dir = str(tmp_path / "cli")
+    shared_big = run("share", str(big), "--data-dir", cli_dir, env=net.env)
+    shared_broken = run("share", str(broken), "--json", "--data-dir", cli_dir, env=net.env)
+    assert shared_big.returncode == 0, shared_big.stderr
+    assert shared_broken.returncode == 0, shared_broken.stderr
+    doc = json.loads(shared_broken.stdout)
+    (lost,) = [_chunk_hex(c["id"]) for c in doc["chunks"] if (c["kind"], c["index"]) == ("data", 6)]
+    removed = [p for p in stored_chunk_files(net.base_dir) if p.name == lost]
+    assert len(removed) >= 2
+    for path in removed:
+        path.unlink()
+
+    with sync_playwright() as pw, _chromium(pw, tmp_path) as browser:
+        page = browser.new_page()
+        page.goto(ui.url)
+        expect(page.locator("#files-table td.health.checking")).to_have_count(
+            0, timeout=STEP_TIMEOUT_MS
+        )
+        # From here VmHWM is the peak of the download alone ("5" resets it: proc(5), /proc/pid/clear_refs).
+        Path(f"/proc/{ui.pid}/clear_refs").write_text("5")
+        before = _memory_kib(ui.pid)["VmRSS"] * 1024
+        with page.expect_download(timeout=STEP_TIMEOUT_MS) as download_info:
+            page.fill("#fetch-link", shared_big.stdout.strip())
+            page.press("#fetch-link", "Enter")
+            # Meanwhile my files are checked on the same node (concurrent actions share it).
+            page.click("#files-refresh")
+        download = download_info.value
+        assert download.failure() is None
+        assert _sha256(Path(download.path())) == _sha256(big)
+        expect(page.locator("#fetch-jobs .job.done")).to_have_count(1, timeout=STEP_TIMEOUT_MS)
+        expect(page.locator("#files-table td.health.healthy")).not_to_have_count(
+            0, timeout=STEP_TIMEOUT_MS
+        )
+        expect(page.locator("#files-table td.health.checking")).to_have_count(0)
+        peak = _memory_kib(ui.pid)["VmHWM"] * 1024
+        # Reported for the record (shown with -s).
+        os.write(
+            2,
+            f"\nui RSS before the download {before / MIB:.1f} MiB, peak during the {BIG_BYTES // MIB} MiB "
+            f"download {peak / MIB:.1f} MiB (+{(peak - before) / MIB:.1f} MiB)\n".encode(),
+        )
+        assert peak - before < STREAM_RSS_BOUND_BYTES, (before, peak)
+
+        with page.expect_download(timeout=STEP_TIMEOUT_MS) as download_info:
+            page.fill("#fetch-link", doc["read_link"])
+            page.press("#fetch-link", "Enter")
+        cut = download_info.value
+        assert cut.failure() is not None, "a download missing a chunk was saved as if whole"
+        error = page.locator("#fetch-jobs .job.failed .error")
+        expect(error).to_contain_text("chunk", timeout=STEP_TIMEOUT_MS)
+        assert "Traceback" not in error.inner_text()
 
 
 def _sha256(path: Path) -> str:

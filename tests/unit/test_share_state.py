@@ -158,3 +158,30 @@ def test_shared_networks_are_named() -> None:
     text = shortfall(summary(4, 2, ("DE", "NZ"), 0, 2), 3, 2, geo_table=True)
     assert "found 4 storage peers on 2 distinct networks in DE, NZ" in text
     assert "lower --replicas to 2" in text
+
+
+def test_removing_the_states_of_a_root_leaves_other_files_and_unfinished_shares(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from p2pmega.core.magnet import ReadCap, format_link
+    from p2pmega.storage.share_state import remove_states_of
+
+    data = tmp_path / "data"
+    roots = [ChunkId(bytes([n]) * 32) for n in (7, 8)]
+    paths = []
+    for n, root in enumerate(roots):
+        state = a_state(tmp_path, completed=True)
+        assert state.completed is not None
+        link = format_link(ReadCap(root, KEY))
+        state.completed = replace(state.completed, read_link=link)
+        paths.append(state_path(data, Path(f"/shared/{n}")))
+        StateWriter(paths[-1]).save(state, state.chunks)
+    unfinished = state_path(data, Path("/shared/unfinished"))
+    StateWriter(unfinished).save(a_state(tmp_path, completed=False), {})
+
+    assert remove_states_of(data, roots[0].hex()) == 1
+    assert sorted(data.joinpath("shares").iterdir()) == sorted([paths[1], unfinished])
+    assert remove_states_of(data, roots[0].hex()) == 0
+    assert remove_states_of(tmp_path / "no data dir yet", roots[0].hex()) == 0

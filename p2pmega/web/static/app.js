@@ -131,7 +131,9 @@ function showShared(view, jobId, result) {
   const link = el("input", { class: "link", type: "text", readonly: "", value: result.link, "aria-label": "read link" });
   link.addEventListener("focus", () => link.select());
   const countries = Object.entries(result.countries).map(([cc, n]) => `${cc}: ${n}`).join(" · ");
-  const rows = result.chunks.map((c) => el("li", {}, `${c.kind} ${c.index}: ${c.countries.join(", ")}`));
+  const rows = result.chunks.map((c) =>
+    el("li", {}, `${c.kind} ${c.index}: ${c.countries.join(", ")}` + (c.blocs.length ? ` (blocs: ${c.blocs.join(", ")})` : "")),
+  );
   view.body.append(
     el("div", { class: "linkrow" }, link, copyButton(result.link)),
     el("div", { class: "shared" },
@@ -174,19 +176,32 @@ function shareFiles(files) {
 
 // --- fetch ---
 
+// The job finds the file's manifest; the page then starts the browser's download, which the app streams as the
+// chunks arrive, and follows the job (its progress, or the error that cut the download short) to its end.
 async function fetchLink(link) {
   const view = card(document.getElementById("fetch-jobs"), "fetching a link");
   try {
     const { job: jobId } = await api("POST", "/api/fetch", { link });
-    const job = await waitForJob(jobId, (done, total) => view.progress("downloading and decrypting", done, total));
-    if (job.state !== "done") throw new Error(job.error);
-    const r = job.result;
-    view.node.querySelector("h3").textContent = r.name;
-    const save = el("a", { href: r.download, download: r.name }, `save ${r.name} again`);
-    view.done(`${formatBytes(r.size)} fetched and verified; your browser saves it`);
-    view.body.append(save);
-    save.click();
-    save.remove();
+    let started = false;
+    for (;;) {
+      const job = await api("GET", `/api/jobs/${jobId}`);
+      if (job.state === "failed") throw new Error(job.error);
+      const r = job.result;
+      if (r && !started) {
+        started = true;
+        view.node.querySelector("h3").textContent = r.name;
+        const save = el("a", { href: r.download, download: r.name }, r.name);
+        view.body.append(save);
+        save.click();
+        save.remove();
+      }
+      if (job.state === "done") {
+        view.done(`${formatBytes(r.size)} fetched, verified and handed to your browser, which saves it`);
+        return;
+      }
+      view.progress(started ? "downloading and decrypting" : "finding the file", job.done, job.total);
+      await sleep(POLL_MS);
+    }
   } catch (err) {
     view.fail(err.message);
   }
@@ -265,7 +280,8 @@ async function keepAlive(file, button) {
 
 async function forgetFile(file, row) {
   const ok = window.confirm(
-    `Forget ${file.name || "this file"}? It leaves this list and is no longer kept alive from here. ` +
+    `Forget ${file.name || "this file"}? It leaves this list and is no longer kept alive from here, and its key ` +
+      "is deleted from this computer's data dir: keep its link if you may want the file again. " +
       "Its holders keep the encrypted chunks until their leases end, and its link keeps working until then.",
   );
   if (!ok) return;
