@@ -232,7 +232,7 @@ async def test_a_client_whose_join_failed_joins_again_on_its_next_use() -> None:
         entry = [(nodes[0].host, nodes[0].port)]
         client = DHTNode(
             host=peer_address(48, 9),
-            node_id=os.urandom(20),
+            seed=os.urandom(32),
             rpc_timeout_s=TIMEOUT_S,
             read_only=True,
         )
