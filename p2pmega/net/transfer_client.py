@@ -119,9 +119,12 @@ class TransferClient(Service):
     def expect_node_id(self, addr: Address, node_id: bytes) -> None:
         """Refuse a holder at ``addr`` unless its proven key gives ``node_id`` there (core.node_id).
 
-        Applies to connections opened from now on.
+        Applies to connections opened from now on; a pooled one that proved another id is dropped.
         """
         self._expected[addr] = node_id
+        for peer_conn in self._pool.get(addr, []):
+            if peer_conn.node_id is not None and peer_conn.node_id != node_id:
+                peer_conn.drop()
 
     async def start(self) -> None:
         """Nothing to do: connections open on first use."""

@@ -22,6 +22,7 @@ from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
 )
+from p2pmega.net.dht import Peer, Provider
 from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_of
 
@@ -63,7 +64,15 @@ class HolderLocator:
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
         self._expanding: asyncio.Task[None] | None = None
-        self.node_ids.update(((p.host, p.port), p.node_id) for p in self.node.dht_node.contacts())
+        self._learn_ids(self.node.dht_node.contacts())
+
+    def _learn_ids(self, peers: Iterable[Peer | Provider]) -> None:
+        """Remember each peer's node id, and have the transfer client hold it to it: a holder there must prove
+        the key that gives that id at that address (the channel handshake, core.node_id), or it is refused."""
+        for p in peers:
+            addr = (p.host, p.port)
+            self.node_ids[addr] = p.node_id
+            self.node.client.expect_node_id(addr, p.node_id)
 
     async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
         """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
@@ -96,7 +105,7 @@ class HolderLocator:
             closest = await self.node.dht_node.find_peers(dht_key_of(near))
         except NetworkError:
             return
-        self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+        self._learn_ids(closest)
         found = {(p.host, p.port) for p in closest[:EXPAND_PEERS]}
         self.peers.update(found)
         await self.confirm(self.wanted, found)
@@ -139,7 +148,7 @@ class HolderLocator:
                 log.debug("provider lookup failed: %s", exc)
                 providers = []
             found = {(p.host, p.port) for p in providers}
-            self.node_ids.update(((p.host, p.port), p.node_id) for p in providers)
+            self._learn_ids(providers)
             if not found - self.dead:
                 # No record yet (holders announce right after storing) or only stale ones: by the placement rule
                 # the holders are among the nodes closest to the chunk's key, so ask those directly.
@@ -148,7 +157,7 @@ class HolderLocator:
                 except NetworkError:
                     closest = []
                 found |= {(p.host, p.port) for p in closest}
-                self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
+                self._learn_ids(closest)
         new = found - self.peers
         self.peers.update(found)
         await self.confirm([chunk_id], found | set(self.hints))
@@ -164,7 +173,7 @@ class HolderLocator:
         contacts = sorted(
             self.node.dht_node.contacts(), key=lambda p: int.from_bytes(p.node_id, "big") ^ key
         )
-        self.node_ids.update(((p.host, p.port), p.node_id) for p in contacts)
+        self._learn_ids(contacts)
         order = [(p.host, p.port) for p in contacts] + sorted(self.peers)
         fresh = [
             a
@@ -194,7 +203,7 @@ class HolderLocator:
             except NetworkError:
                 return
             if node_id is not None:
-                self.node_ids[addr] = node_id
+                self._learn_ids([Peer(node_id, *addr)])
 
         await asyncio.gather(*(ping(a) for a in unknown))
 

@@ -10,6 +10,7 @@ import pytest
 
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.errors import ChunkUnavailable
+from p2pmega.net.dht import Peer
 from p2pmega.node import Node, NodeSettings
 from p2pmega.replicate.locator import HolderLocator
 from tests.integration.test_node_announce import holder, recorder, store_chunks
@@ -83,3 +84,29 @@ async def test_a_fetch_widens_its_search_when_lookups_name_no_holder(
                 monkeypatch.setattr(client.dht_node, "find_peers", nothing)
                 data = bytes(await HolderLocator(client).fetch(chunk_id))
                 assert chunk_id_of(data) == chunk_id
+
+
+async def test_a_holder_is_held_to_the_node_id_the_dht_named(tmp_path: Path) -> None:
+    # The DHT names a node id at the holder's address; the transfer channel must prove that id's key there.
+    # An impostor id (another key at the same address) makes the holder's chunks unreachable, not trusted.
+    async with recorder() as dht, asyncio.timeout(STEP_S):
+        node, _duties = holder(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
+        async with node:
+            [chunk_id] = await store_chunks(node, 1)
+            client_settings = NodeSettings(
+                host="127.71.5.1",
+                data_dir=tmp_path / "client",
+                bootstrap=[(dht.host, dht.port)],
+                persistent_identity=False,
+                rpc_timeout_s=1.0,
+            )
+            async with Node(client_settings) as client:
+                honest = HolderLocator(client, hints=[node.address])
+                await honest.identify([node.address])
+                assert honest.node_ids[node.address] == node.dht_node.node_id
+                assert chunk_id_of(bytes(await honest.fetch(chunk_id))) == chunk_id
+
+                lied = HolderLocator(client, hints=[node.address])
+                lied._learn_ids([Peer(os.urandom(20), *node.address)])
+                with pytest.raises(ChunkUnavailable):
+                    await lied.fetch(chunk_id)
