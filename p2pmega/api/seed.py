@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pmega.config import resolve_data_dir, resolve_geo_table
+from p2pmega.config import resolve_bloc_table, resolve_data_dir, resolve_geo_table
 from p2pmega.core.duration import parse_duration
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.magnet import KeepCap, parse_link
@@ -44,6 +44,7 @@ def seed_options(
     data_dir: Path | None,
     network_share: float = NETWORK_SHARE,
     network_rate: str | None = None,
+    blocs: Path | None = None,
 ) -> SeedOptions:
     """Parse and check everything ``seed`` was given.
 
@@ -53,6 +54,7 @@ def seed_options(
         InputFileError: the keep file cannot be read.
         StorageError: ``--keep-mine`` and the data dir's link list is unreadable.
         BadGeoTable: the geo table is malformed.
+        BadBlocTable: the bloc table is malformed.
     """
     if not 0 < lease_days <= MAX_LEASE_DAYS:
         raise BadOption(
@@ -75,7 +77,10 @@ def seed_options(
         geo=geo,
         gc_interval_s=parse_duration(gc_interval, option="--gc-interval"),
         reannounce_s=parse_duration(reannounce, option="--reannounce-interval"),
-        repair=RepairPolicy(interval_s=parse_duration(repair_interval, option="--repair-interval")),
+        repair=RepairPolicy(
+            interval_s=parse_duration(repair_interval, option="--repair-interval"),
+            blocs=resolve_bloc_table(blocs).mapping(),
+        ),
         keep=tuple(caps.values()),
         keep_lease_s=lease_days * 86400,
     )

@@ -17,6 +17,7 @@ from p2pmega.cli.base import (
     DEFAULT_QUOTA_BYTES,
     DEFAULT_REANNOUNCE_INTERVAL,
     DEFAULT_REPAIR_INTERVAL,
+    BlocsOpt,
     BootstrapOpt,
     DataDirOpt,
     GeoOpt,
@@ -168,6 +169,7 @@ def seed_cmd(
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
+    blocs: BlocsOpt = None,
 ) -> None:
     """Run a storage peer until Ctrl-C/SIGTERM: hold others' encrypted chunks, serve them, announce them, and
     repair them back to two countries when holders vanish. With --keep/--keep-file/--keep-mine it also keeps
@@ -188,6 +190,7 @@ def seed_cmd(
             data_dir=data_dir,
             network_share=network_share,
             network_rate=network_rate,
+            blocs=blocs,
         )
     except P2PMegaError as exc:
         _fail(exc)

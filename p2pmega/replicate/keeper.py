@@ -204,7 +204,9 @@ class Keeper:
     ) -> None:
         p = self.policy
         live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
-        placer = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, self.lease_s)
+        placer = Placer(
+            self.node, live_pool, self.geo, p.replicas, p.min_countries, self.lease_s, blocs=p.blocs
+        )
         placer.renew_key = kept.credential.public_key
         placer.silent.update(locator.dead)
         try:

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from p2pmega.core.geo import GeoTable
@@ -62,6 +62,8 @@ class RepairPolicy:
     jitter: float = 0.2
     replicas: int = DEFAULT_REPLICAS
     min_countries: int = DEFAULT_MIN_COUNTRIES
+    # Jurisdiction blocs (core.blocs): new copies go to another bloc whenever the peers allow, as share's do.
+    blocs: Mapping[str, str] | None = None
     # Chunks examined per round (a large store is walked over several rounds) and repaired per round at most.
     max_chunks_per_round: int = 20_000
     max_repairs_per_round: int = 512
@@ -254,7 +256,9 @@ class Repairer:
         self._short_rounds = short_rounds
         if work:
             # One Placer per chunk (each carries its chunk's lease), sharing what they learn about peers.
-            shared = Placer(self.node, live_pool, self.geo, p.replicas, p.min_countries, 0.0)
+            shared = Placer(
+                self.node, live_pool, self.geo, p.replicas, p.min_countries, 0.0, blocs=p.blocs
+            )
             shared.silent.update(locator.dead)
             gate = asyncio.Semaphore(p.concurrency)
             await asyncio.gather(*(self._repair(shared, gate, c, h, report) for c, h in work))

@@ -16,7 +16,7 @@ from p2pmega.api.seed import read_keep_file, seed_options
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.duration import format_duration, parse_duration
 from p2pmega.core.magnet import KeepCap, ReadCap, format_link
-from p2pmega.errors import BadLink, BadOption, StorageError
+from p2pmega.errors import BadBlocTable, BadLink, BadOption, StorageError
 from p2pmega.storage.links import LinkEntry, load_links, record_link
 from p2pmega.storage.sources import SourceLimits
 
@@ -176,3 +176,18 @@ def test_network_share_and_rate_reach_the_store_limits(tmp_path: Path) -> None:
 def test_a_network_share_outside_0_to_1_is_refused(tmp_path: Path, share: float) -> None:
     with pytest.raises(BadOption, match="network share"):
         options(tmp_path, network_share=share)
+
+
+def test_repair_counts_the_blocs_of_the_table_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("P2PMEGA_BLOCS", raising=False)
+    shipped = options(tmp_path)
+    assert shipped.duties.repair.blocs["NZ"] == "FIVE-EYES"  # type: ignore[attr-defined]
+    table = tmp_path / "blocs.txt"
+    table.write_text("ALLIES: DE NZ\n", "utf-8")
+    given = options(tmp_path, blocs=table)
+    assert given.duties.repair.blocs == {"DE": "ALLIES", "NZ": "ALLIES"}  # type: ignore[attr-defined]
+    table.write_text("ALLIES DE\n", "utf-8")
+    with pytest.raises(BadBlocTable, match="blocs.txt:1"):
+        options(tmp_path, blocs=table)
