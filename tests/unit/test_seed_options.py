@@ -189,5 +189,5 @@ def test_repair_counts_the_blocs_of_the_table_given(
     given = options(tmp_path, blocs=table)
     assert given.duties.repair.blocs == {"DE": "ALLIES", "NZ": "ALLIES"}  # type: ignore[attr-defined]
     table.write_text("ALLIES DE\n", "utf-8")
-    with pytest.raises(BadBlocTable, match="blocs.txt:1"):
+    with pytest.raises(BadBlocTable, match=r"blocs\.txt:1"):
         options(tmp_path, blocs=table)
