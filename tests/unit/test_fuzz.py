@@ -1,5 +1,6 @@
 """Fuzzing the decoders that take bytes from strangers (issue 16, item 6): the link parser, the frame decoder (both
-roles), the saved-contacts and DHT-contact decoders, and the DHT datagram handler.
+roles), the saved-contacts and DHT-contact decoders, the DHT datagram handler and the manifest decoder (the channel
+handshake's fuzz test is in test_channel.py, the folder listing's in test_tree.py).
 
 Each gets valid inputs mutated (bytes flipped, cut, duplicated, spliced) and random bytes, and may only answer
 with its documented, typed error. ``P2PMEGA_FUZZ_EXAMPLES`` (default 1,000 per decoder, about ten seconds for all in
@@ -18,8 +19,18 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pmega.core.chunking import ChunkId
+from p2pmega.core.chunking import (
+    FORMAT_VERSION,
+    KIND_ROOT,
+    ROOT_LEVEL,
+    ChunkId,
+    FileKeys,
+    make_aad,
+    open_chunk,
+    seal_chunk,
+)
 from p2pmega.core.magnet import KeepCap, ReadCap, format_link, parse_link
+from p2pmega.core.manifest import FileEncoder, ManifestWalker
 from p2pmega.core.record import decode_contacts, parse_contacts_file, parse_failed_contacts
 from p2pmega.core.wire import (
     NEED_DATA,
@@ -28,7 +39,7 @@ from p2pmega.core.wire import (
     Role,
     TransferConnection,
 )
-from p2pmega.errors import BadLink
+from p2pmega.errors import BadLink, P2PMegaError
 from tests.vectors.make_wire_vectors import VECTORS
 
 EXAMPLES = int(os.environ.get("P2PMEGA_FUZZ_EXAMPLES", "1000"))
@@ -177,3 +188,37 @@ def test_the_dht_datagram_handler_never_raises(datagrams: list[bytes]) -> None:
         return len(sent)
 
     asyncio.run(run())
+
+
+def _root_plaintexts() -> tuple[bytes, list[bytes]]:
+    """A file key and the opened root plaintexts of a few real files (a leaf root and a tree root)."""
+    key = b"\x05" * 32
+    out = []
+    for size, chunk_size in ((100, 64), (64 * 300, 64)):
+        encoder = FileEncoder(name="f.txt", size=size, chunk_size=chunk_size, key=key)
+        for i in range(-(-size // chunk_size)):
+            encoder.encode_chunk(i, bytes(min(chunk_size, size - i * chunk_size)))
+        cap, manifest_chunks = encoder.finish()
+        root = dict(manifest_chunks)[cap.root]
+        keys = FileKeys.from_file_key(key)
+        aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL, version=root[0])
+        out.append(open_chunk(keys.verify_key, KIND_ROOT, root, aad))
+    return key, out
+
+
+_ROOT_KEY, _ROOTS = _root_plaintexts()
+
+
+@FUZZ
+@given(st.one_of(mutated(_ROOTS), st.binary(max_size=400)))
+def test_the_manifest_decoder_takes_any_authentic_root_or_raises_a_typed_error(
+    plaintext: bytes,
+) -> None:
+    # The worst a root can be: authentic under the link's key (the sharer made it) but with any contents.
+    keys = FileKeys.from_file_key(_ROOT_KEY)
+    aad = make_aad(KIND_ROOT, keys.file_id, 0, final=True, level=ROOT_LEVEL, version=FORMAT_VERSION)
+    root_id, stored = seal_chunk(keys.verify_key, KIND_ROOT, plaintext, aad)
+    walker = ManifestWalker(ReadCap(root_id, _ROOT_KEY, name="f.txt"))
+    with contextlib.suppress(P2PMegaError):
+        walker.feed(root_id, stored)
+        assert all(len(c) == 32 for c in walker.wanted())
