@@ -17,7 +17,8 @@ from collections.abc import Callable
 import nacl.bindings
 
 from p2pmega.core.chunking import chunk_id_of
-from p2pmega.core.manifest import FileEncoder, ManifestWalker, decrypt_chunk_into
+from p2pmega.core.manifest import FileEncoder
+from p2pmega.core.manifest_walk import ManifestWalker, decrypt_chunk_into
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from typing import BinaryIO
 from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress, safe_name
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
-from p2pmega.core.manifest import Manifest, decrypt_chunk_into
+from p2pmega.core.manifest import Manifest
+from p2pmega.core.manifest_walk import decrypt_chunk_into
 from p2pmega.errors import BadLink
 from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.node import Node

@@ -15,7 +15,8 @@ from pathlib import Path
 from p2pmega.api.fetch import FetchResult, Progress, _Download, safe_name
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import Manifest, decrypt_chunk
+from p2pmega.core.manifest import Manifest
+from p2pmega.core.manifest_walk import decrypt_chunk
 from p2pmega.core.tree import RESERVED_NAME, Layout, TreeEntry, decode_listing
 from p2pmega.errors import BadManifest, OutputExists, OutputWriteFailed
 from p2pmega.replicate.locator import HolderLocator

@@ -6,7 +6,8 @@ import asyncio
 
 from p2pmega.core.chunking import short_id
 from p2pmega.core.magnet import KeepCap, ReadCap
-from p2pmega.core.manifest import Manifest, ManifestWalker
+from p2pmega.core.manifest import Manifest
+from p2pmega.core.manifest_walk import ManifestWalker
 from p2pmega.errors import ManifestNotFound, NotFoundError
 from p2pmega.replicate.locator import HolderLocator
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import Manifest, decrypt_chunk_into
+from p2pmega.core.manifest import Manifest
+from p2pmega.core.manifest_walk import decrypt_chunk_into
 from p2pmega.storage.atomic import write_atomically
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import Manifest, decrypt_chunk_into
+from p2pmega.core.manifest import Manifest
+from p2pmega.core.manifest_walk import decrypt_chunk_into
 from p2pmega.core.tree import RESERVED_NAME, Layout, TreeEntry
 from p2pmega.errors import OutputExists, UnsafePath
 from p2pmega.storage.part_file import ResumeState, umask

@@ -15,7 +15,8 @@ import pytest
 from p2pmega.api.fetch import _download
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.magnet import ReadCap
-from p2pmega.core.manifest import FileEncoder, Manifest, ManifestWalker
+from p2pmega.core.manifest import FileEncoder, Manifest
+from p2pmega.core.manifest_walk import ManifestWalker
 from p2pmega.errors import OutputWriteFailed
 from p2pmega.storage.part_file import PartWriter
 

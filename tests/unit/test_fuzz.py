@@ -30,7 +30,8 @@ from p2pmega.core.chunking import (
     seal_chunk,
 )
 from p2pmega.core.magnet import KeepCap, ReadCap, format_link, parse_link
-from p2pmega.core.manifest import FileEncoder, ManifestWalker
+from p2pmega.core.manifest import FileEncoder
+from p2pmega.core.manifest_walk import ManifestWalker
 from p2pmega.core.record import decode_contacts, parse_contacts_file, parse_failed_contacts
 from p2pmega.core.wire import (
     NEED_DATA,

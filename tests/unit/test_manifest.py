@@ -27,14 +27,8 @@ from p2pmega.core.chunking import (
 )
 from p2pmega.core.crypto import seal
 from p2pmega.core.magnet import KeepCap, ReadCap, format_link, parse_link
-from p2pmega.core.manifest import (
-    FileEncoder,
-    Manifest,
-    ManifestWalker,
-    decrypt_chunk,
-    decrypt_chunk_into,
-    level_counts,
-)
+from p2pmega.core.manifest import FileEncoder, Manifest, level_counts
+from p2pmega.core.manifest_walk import ManifestWalker, decrypt_chunk, decrypt_chunk_into
 from p2pmega.errors import (
     BadManifest,
     BadOption,

@@ -11,7 +11,8 @@ import pytest
 from p2pmega.api.share import _read_and_seal
 from p2pmega.api.share_source import pread_full
 from p2pmega.core.chunking import chunk_id_of
-from p2pmega.core.manifest import FileEncoder, ManifestWalker, decrypt_chunk
+from p2pmega.core.manifest import FileEncoder
+from p2pmega.core.manifest_walk import ManifestWalker, decrypt_chunk
 from p2pmega.errors import InputFileError
 
 

@@ -21,13 +21,8 @@ from p2pmega.core.chunking import (
     open_chunk,
 )
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
-from p2pmega.core.manifest import (
-    FileEncoder,
-    Manifest,
-    ManifestWalker,
-    StreamEncoder,
-    decrypt_chunk,
-)
+from p2pmega.core.manifest import FileEncoder, Manifest, StreamEncoder
+from p2pmega.core.manifest_walk import ManifestWalker, decrypt_chunk
 from p2pmega.core.tree import (
     RESERVED_NAME,
     Layout,
