@@ -24,7 +24,7 @@ from p2pmega.errors import NotFoundError, PlacementError
 if TYPE_CHECKING:
     from p2pmega.api.ls import FileHealth
     from p2pmega.storage.links import LinkEntry
-    from p2pmega.web.server import Served
+    from p2pmega.web.launch import Served
 
 # web.server.DEFAULT_MAX_UPLOAD_BYTES as --help shows it (tests/unit/test_startup.py checks they agree).
 DEFAULT_MAX_UPLOAD = "8GB"
@@ -58,7 +58,7 @@ def ui_cmd(
     to this process, which needs the URL's random per-run token, and nothing is loaded from the internet.
     """
     from p2pmega.storage.sizes import parse_size
-    from p2pmega.web.server import serve
+    from p2pmega.web.launch import serve
 
     def ready(served: "Served") -> None:
         _echo(served.url)

@@ -35,7 +35,9 @@ ONLY_IN: dict[str, frozenset[str]] = {
     "asyncio_dgram": frozenset({"p2pmega/net/lan.py"}),
     "iptocc": frozenset({"p2pmega/core/geo.py"}),
     # The web app's HTTP server stays in the web package, which never prints (the CLI prints its URL).
-    "aiohttp": frozenset({"p2pmega/web/server.py", "p2pmega/web/guard.py"}),
+    "aiohttp": frozenset(
+        {"p2pmega/web/server.py", "p2pmega/web/guard.py", "p2pmega/web/launch.py"}
+    ),
     "typer": CLI_FILES,
     "rich": CLI_FILES,
     # Never unpickle anything that crossed the network or the disk (STYLE.md section 5).
