@@ -17,7 +17,8 @@ from kademlia.node import Node
 
 from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.record import ProviderRecord
-from p2pmega.net.kademlia_protocol import HardenedProtocol, network_of
+from p2pmega.net.dht_wire import network_of
+from p2pmega.net.kademlia_protocol import HardenedProtocol
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from p2pmega.core.record import is_node_id, is_peer_ip, is_port
 from p2pmega.errors import BadOption, BootstrapFailed, NetworkError
 from p2pmega.net.announce import AnnouncePlan, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
-from p2pmega.net.kademlia_protocol import (
+from p2pmega.net.dht_wire import (
     DEFAULT_RECORD_TTL_S,
     DEFAULT_RPC_TIMEOUT_S,
     FAILED_TTL_S,

@@ -6,14 +6,12 @@ Handles datagrams and RPCs only; lookups are p2pmega.net.crawl, the node API is 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
-import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import umsgpack
@@ -21,144 +19,43 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
-from p2pmega.core.id_proof import NONCE_BYTES, check_id_proof, make_id_proof
+from p2pmega.core.id_proof import NONCE_BYTES, check_id_proof
 from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
 from p2pmega.core.liveness import Liveness
-from p2pmega.core.node_id import network_of as _network_of
 from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.rate_limit import NetworkRateLimit
 from p2pmega.core.record import (
-    FIND_PROVIDERS_REPLY_VERSION,
-    ProviderLimits,
     ProviderRecord,
     ProviderTable,
     decode_contacts,
     decode_find_providers_reply,
-    encode_provider_record,
     is_node_id,
-    is_peer_ip,
-    is_port,
 )
 from p2pmega.core.rtt import RttTable
-from p2pmega.defaults import REANNOUNCE_INTERVAL_S as DEFAULT_REANNOUNCE_INTERVAL_S
-from p2pmega.defaults import RECORD_TTL_S, RPC_TIMEOUT_S
 from p2pmega.errors import RemoteProtocolError
+from p2pmega.net.dht_wire import (
+    DHT_PROTOCOL_VERSION,
+    MAX_DATAGRAM_BYTES,
+    MAX_PROVING,
+    MAX_REMEMBERED_ADDRESSES,
+    MAX_REQUEST_BYTES,
+    PADDED_REQUEST_BYTES,
+    PADDED_RPCS,
+    PROOF_RETRY_S,
+    READ_ONLY_PREFIX,
+    READ_ONLY_RPCS,
+    DHTLimits,
+    DHTStats,
+    network_of,
+)
+from p2pmega.net.kademlia_serve import ServesRequests
 from p2pmega.net.routing import BoundedStorage, HardenedRoutingTable
 
 log = logging.getLogger(__name__)
 
 
-DEFAULT_RPC_TIMEOUT_S = RPC_TIMEOUT_S
-DEFAULT_RECORD_TTL_S = RECORD_TTL_S
-# Holders re-announce at half the record TTL, so one lost announce never makes a record lapse.
-REANNOUNCE_INTERVAL_S = DEFAULT_REANNOUNCE_INTERVAL_S
-MAX_MISSES = 3
-"""Consecutive unanswered RPCs before a contact is evicted; one lost datagram must not evict."""
-MAX_REQUEST_BYTES = 8192
-"""rpcudp's own cap on an encoded request ("cannot exceed 8K"); requests above it are never sent."""
-MAX_DATAGRAM_BYTES = 16384
-"""Largest datagram decoded; a full find_providers reply (64 records, 20 contacts) is ~4 KiB."""
-MAX_VALUE_BYTES = 1024
-"""Generic kademlia values are small pointers; anything bigger cannot be republished under 8 KiB."""
 _rng = random.SystemRandom()
 """Refresh targets need no reproducibility; SystemRandom also keeps ruff's S311 satisfied."""
-MAX_KEYS_PER_BATCH = 256
-"""Keys in one add_providers request: 256 x 22 bytes (msgpack bin8) is ~5.7 KiB, under the 8 KiB."""
-DHT_PROTOCOL_VERSION = 3
-"""First element of every request body: [3, name, args, padding] (docs/DHT.md, "Protocol 3")."""
-REFLECTION_FACTOR = 3
-"""A reply to an address that has not proven an id is at most this many times its request's
-datagram (QUIC's anti-amplification limit, RFC 9000 section 8.1), so a spoofed source cannot turn
-us into an amplifier."""
-PADDED_REQUEST_BYTES = 512
-"""Requests that ask for lists are padded to this many bytes, so even an unproven requester (a
-read-only client always is) gets replies of up to 1.5 KiB: 20 contacts and a dozen records."""
-_PADDED = frozenset(
-    {
-        "find_node",
-        "find_value",
-        "find_providers",
-        "ro_find_node",
-        "ro_find_value",
-        "ro_find_providers",
-    }
-)
-MAX_PROVING = 64
-"""Id proofs in flight at once; more unknown senders wait for a later message of theirs."""
-PROOF_RETRY_S = 600.0
-"""An address whose proof was false (a bad signature, an id not of its key and network) is not
-challenged again for this long; one that did not answer, for FAILED_TTL_S (a lost datagram)."""
-MAX_REMEMBERED_ADDRESSES = 4096
-"""Proven and failed addresses remembered (each an LRU of this size)."""
-_REQUEST_ARITY = {
-    "id_proof": 2,
-    "ping": 1,
-    "store": 3,
-    "find_node": 2,
-    "find_value": 2,
-    "add_provider": 3,
-    "find_providers": 2,
-    # Protocol 2 (docs/DHT.md): batched announcements, and the read-only requests, which carry no
-    # node id at all, so a receiver has nothing it could add to its table or hand to others.
-    "add_providers": 3,
-    "ro_ping": 0,
-    "ro_find_node": 1,
-    "ro_find_value": 1,
-    "ro_find_providers": 1,
-}
-_NO_SENDER_ID = frozenset({"id_proof"})
-"""Requests whose first argument is not the sender's node id (id_proof's is the challenger's, or b"")."""
-READ_ONLY_PREFIX = "ro_"
-"""A read-only node sends ``ro_<name>`` with the arguments of ``<name>`` minus the node id."""
-_READ_ONLY_RPCS = frozenset({"ping", "find_node", "find_value", "find_providers"})
-
-
-@functools.lru_cache(maxsize=4096)
-def network_of(ip: str) -> bytes:
-    """core.node_id.network_of, cached: every reply and admission looks at the same few addresses."""
-    return _network_of(ip)
-
-
-@dataclass(frozen=True)
-class DHTLimits:
-    """Every bound of a node, in one place so tests can shrink them."""
-
-    providers: ProviderLimits = field(default_factory=ProviderLimits)
-    max_values: int = 10_000
-    max_value_bytes: int = MAX_VALUE_BYTES
-    value_ttl_s: float = 86400.0
-    max_misses: int = MAX_MISSES
-    refresh_interval_s: float = 3600.0
-    save_interval_s: float = 600.0
-    max_per_network_in_bucket: int = 2
-    """Contacts of one /24 (/48) in one bucket: 40 sockets on one address fill at most 2 slots."""
-    max_per_network_in_table: int = 8
-    max_per_network_in_reply: int = 2
-    """Contacts of one /24 (/48) in one find_node/find_providers reply."""
-    requests_per_s: float = 500.0
-    """Requests served per second per source /24 (/48); an add_providers costs 1 + keys/8."""
-    request_burst: float = 1000.0
-
-
-@dataclass
-class DHTStats:
-    """Counters of one node's protocol; a lookup's cost is the difference of two snapshots."""
-
-    requests_sent: int = 0
-    replies_received: int = 0
-    timeouts: int = 0
-    bad_replies: int = 0
-    dropped_datagrams: int = 0
-    requests_served: int = 0
-    old_protocol: int = 0
-    rate_limited: int = 0
-    proofs_sent: int = 0
-    proofs_failed: int = 0
-    bad_ids: int = 0
-    """Ids refused by the cheap filter: not of the sender's network (core.node_id.prefix_matches)."""
-    shrunk_replies: int = 0
-    max_unproven_ratio: float = 0.0
-    """The largest reply/request size ratio sent to an address that had not proven an id."""
 
 
 @dataclass
@@ -174,7 +71,7 @@ class _Pending:
 STALL_FLOOR_S = 0.05
 
 
-class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
+class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
     """KademliaProtocol/RPCProtocol with validated requests and replies and no dangling tasks.
 
     Requests are handled synchronously inside datagram_received, so garbage can never become an
@@ -271,52 +168,6 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         else:
             raise RemoteProtocolError("unknown datagram kind")
 
-    def _serve(self, data: bytes, addr: tuple[str, int]) -> None:
-        request = umsgpack.unpackb(data[21:])
-        if isinstance(request, list) and len(request) == 2:
-            # [name, args]: protocols 1 and 2, whose ids are not bound to keys. Dropped: the old node
-            # sees a timeout, as from any node that does not speak its protocol (docs/DHT.md).
-            self.stats.old_protocol += 1
-            raise RemoteProtocolError("request of protocol 1 or 2")
-        if not (
-            isinstance(request, list)
-            and len(request) == 4
-            and request[0] == DHT_PROTOCOL_VERSION
-            and isinstance(request[2], list)
-            and isinstance(request[3], bytes)
-        ):
-            raise RemoteProtocolError("request is not [3, name, args, padding]")
-        _, name, args, _padding = request
-        if _REQUEST_ARITY.get(name) != len(args) or not (
-            name.startswith(READ_ONLY_PREFIX) or name in _NO_SENDER_ID or is_node_id(args[0])
-        ):
-            raise RemoteProtocolError("unknown RPC or wrong arguments")
-        if self.read_only:
-            raise RemoteProtocolError("a read-only node serves no requests")
-        cost = 1.0
-        if name == "add_providers" and isinstance(args[1], list):
-            # Recording costs 60-100 us a key (core/record.py, measured): a full batch of 256 costs 33
-            # tokens, so one /24 can make a node record ~3,900 keys a second, not 25,000.
-            cost += len(args[1]) / 8
-        if not self.rate_limit.allow(addr[0], cost, now=asyncio.get_running_loop().time()):
-            self.stats.rate_limited += 1
-            raise RemoteProtocolError("rate limited")
-        response = getattr(self, f"rpc_{name}")(addr, *args)
-        if response is None:
-            raise RemoteProtocolError("request refused")
-        body = umsgpack.packb(response)
-        if (addr[0], addr[1]) not in self._proven:
-            budget = REFLECTION_FACTOR * len(data) - 21
-            if len(body) > budget:
-                self.stats.shrunk_replies += 1
-                body = _shrink(response, budget)
-            self.stats.max_unproven_ratio = max(
-                self.stats.max_unproven_ratio, (21 + len(body)) / len(data)
-            )
-        self.stats.requests_served += 1
-        if self.transport is not None:
-            self.transport.sendto(b"\x01" + data[1:21] + body, addr)
-
     # --- outgoing calls --------------------------------------------------------------------------
 
     def request(
@@ -329,7 +180,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, object]] = loop.create_future()
         data = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, b""])
-        if name in _PADDED and len(data) + 21 < PADDED_REQUEST_BYTES:
+        if name in PADDED_RPCS and len(data) + 21 < PADDED_REQUEST_BYTES:
             # bin8/bin16 headers take 2-3 bytes; a byte more or less does not matter here.
             pad = b"\x00" * max(0, PADDED_REQUEST_BYTES - 21 - len(data) - 2)
             data = umsgpack.packb([DHT_PROTOCOL_VERSION, name, args, pad])
@@ -387,7 +238,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         """
         if not self.read_only:
             return name, [self.source_node.id, *args]
-        if name not in _READ_ONLY_RPCS:
+        if name not in READ_ONLY_RPCS:
             raise ValueError(f"a read-only DHT node cannot send {name}")
         return READ_ONLY_PREFIX + name, args
 
@@ -599,116 +450,6 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             return
         self.router.add_contact(node)
 
-    def _welcome(self, sender: tuple[str, int], nodeid: bytes) -> None:
-        if is_peer_ip(sender[0]) and is_port(sender[1]):
-            self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-
-    def _neighbours(self, sender: tuple[str, int], key: bytes) -> list[list[object]]:
-        # Contacts that missed their last call come last: they are probably gone, and handing them
-        # out would crowd live nodes out of the k contacts a reply may carry.
-        exclude = Node(key, sender[0], sender[1])
-        near = self.router.find_neighbors(Node(key), k=2 * self.ksize, exclude=exclude)
-        near.sort(key=lambda n: n.id in self._misses)  # stable: distance order within each group
-        per_network: Counter[bytes] = Counter()
-        chosen = []
-        for n in near:
-            network = network_of(n.ip)
-            if per_network[network] < self.limits.max_per_network_in_reply:
-                per_network[network] += 1
-                chosen.append([n.id, n.ip, n.port])
-        return chosen[: self.ksize]
-
-    # Each read-only handler serves its full counterpart without the sender's id, so the sender is
-    # never welcomed: it never enters the table, is never handed out, and never stores anything.
-
-    def rpc_id_proof(
-        self, sender: tuple[str, int], challenger: object, nonce: object
-    ) -> list[object] | None:
-        # Never welcomes the challenger: a proof is given, not asked for, by this request.
-        if not (isinstance(challenger, bytes) and isinstance(nonce, bytes)):
-            return None
-        try:
-            return make_id_proof(self._seed, bytes(self.source_node.id), nonce, challenger)
-        except ValueError:
-            return None  # a nonce or challenger id of the wrong length
-
-    def rpc_ro_ping(self, sender: tuple[str, int]) -> bytes:
-        return bytes(self.source_node.id)
-
-    def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
-        self._welcome(sender, nodeid)
-        return self.rpc_ro_ping(sender)
-
-    def rpc_store(
-        self, sender: tuple[str, int], nodeid: bytes, key: object, value: object
-    ) -> bool | None:
-        if not is_node_id(key):
-            return None
-        self._welcome(sender, nodeid)
-        if not self.storage.accepts(value):
-            return False  # well formed but refused: say so rather than let the caller time out
-        self.storage[key] = value
-        return True
-
-    def rpc_ro_find_node(self, sender: tuple[str, int], key: object) -> object:
-        return self._neighbours(sender, key) if is_node_id(key) else None
-
-    def rpc_find_node(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
-        return self._welcomed(sender, nodeid, self.rpc_ro_find_node(sender, key))
-
-    def rpc_ro_find_value(self, sender: tuple[str, int], key: object) -> object:
-        if not is_node_id(key):
-            return None
-        value = self.storage.get(key, None)
-        return self._neighbours(sender, key) if value is None else {"value": value}
-
-    def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
-        return self._welcomed(sender, nodeid, self.rpc_ro_find_value(sender, key))
-
-    def rpc_add_provider(
-        self, sender: tuple[str, int], nodeid: bytes, key: object, port: object
-    ) -> bool | None:
-        if not is_node_id(key) or not is_port(port) or not is_peer_ip(sender[0]):
-            return None
-        self._welcome(sender, nodeid)
-        if not prefix_matches(nodeid, sender[0]):
-            return False  # an id that cannot be the sender's: never handed out as a holder
-        return self.providers.add(key, nodeid, sender[0], port, now=time.monotonic())
-
-    def rpc_add_providers(
-        self, sender: tuple[str, int], nodeid: bytes, keys: object, port: object
-    ) -> list[bool] | None:
-        # The same checks and per-key, per-source and total caps as add_provider, key by key.
-        if not (
-            isinstance(keys, list)
-            and 1 <= len(keys) <= MAX_KEYS_PER_BATCH
-            and all(is_node_id(k) for k in keys)
-            and is_port(port)
-            and is_peer_ip(sender[0])
-        ):
-            return None
-        self._welcome(sender, nodeid)
-        if not prefix_matches(nodeid, sender[0]):
-            return [False] * len(keys)
-        now = time.monotonic()
-        return [self.providers.add(k, nodeid, sender[0], port, now=now) for k in keys]
-
-    def rpc_ro_find_providers(self, sender: tuple[str, int], key: object) -> object:
-        if not is_node_id(key):
-            return None
-        records = self.providers.get(key, now=time.monotonic())
-        wire = [encode_provider_record(r) for r in records]
-        return [FIND_PROVIDERS_REPLY_VERSION, wire, self._neighbours(sender, key)]
-
-    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: object) -> object:
-        return self._welcomed(sender, nodeid, self.rpc_ro_find_providers(sender, key))
-
-    def _welcomed(self, sender: tuple[str, int], nodeid: bytes, reply: object) -> object:
-        """``reply``, after welcoming the sender of a well-formed (non-None) request."""
-        if reply is not None:
-            self._welcome(sender, nodeid)
-        return reply
-
 
 def _check_bool(raw: object) -> bool:
     if not isinstance(raw, bool):
@@ -723,48 +464,3 @@ def _check_ping(node: Node) -> Callable[[object], bytes]:
         return raw
 
     return check
-
-
-def _entry_bytes(entry: object) -> int:
-    """An upper bound of a contact's or record's packed size (msgpack, without packing it).
-
-    Fields: ints of at most 5 bytes, a 20-byte id (22 packed), an address string (1 + length).
-    """
-    if not isinstance(entry, list):
-        return 1 << 16
-    return 1 + sum(len(f) + 3 if isinstance(f, bytes | str) else 5 for f in entry)
-
-
-def _fit(entries: list[Any], budget: int) -> list[Any]:
-    kept, used = [], 0
-    for entry in entries:
-        used += _entry_bytes(entry)
-        if used > budget:
-            break
-        kept.append(entry)
-    return kept
-
-
-def _shrink(response: object, budget: int) -> bytes:
-    """``response`` packed in at most ``budget`` bytes: contacts dropped first, then records.
-
-    A value that does not fit becomes an empty contact list (the requester asks a proven peer or
-    pads its request). Sizes are bounded from above without packing, so shrinking costs one pack.
-
-    Raises:
-        RemoteProtocolError: even the shortest form does not fit (the request is dropped).
-    """
-    headers = 12  # array headers of the reply and its lists, 3 bytes each at most
-    if isinstance(response, dict):
-        response = []
-    if isinstance(response, list) and len(response) == 3 and type(response[0]) is int:
-        version, records, contacts = response
-        records = _fit(records, budget - headers)
-        room = budget - headers - sum(_entry_bytes(r) for r in records)
-        response = [version, records, _fit(contacts, room)]
-    elif isinstance(response, list) and all(isinstance(c, list) for c in response):
-        response = _fit(response, budget - headers)
-    body: bytes = umsgpack.packb(response)
-    if len(body) > budget:
-        raise RemoteProtocolError("no reply fits the anti-amplification budget")
-    return body

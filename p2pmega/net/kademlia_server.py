@@ -30,13 +30,8 @@ from p2pmega.core.record import (
 )
 from p2pmega.errors import NetworkError
 from p2pmega.net.crawl import Crawl, LookupResult, Peer
-from p2pmega.net.kademlia_protocol import (
-    DEFAULT_RECORD_TTL_S,
-    DEFAULT_RPC_TIMEOUT_S,
-    DHTLimits,
-    HardenedProtocol,
-    _rng,
-)
+from p2pmega.net.dht_wire import DEFAULT_RECORD_TTL_S, DEFAULT_RPC_TIMEOUT_S, DHTLimits
+from p2pmega.net.kademlia_protocol import HardenedProtocol, _rng
 from p2pmega.net.routing import BoundedStorage
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,15 @@ PACKAGE = ROOT / "p2pmega"
 # net/dht.py (the node API callers import) and the machinery it is split into.
 _DHT_MODULES = frozenset(
     f"p2pmega/net/{name}.py"
-    for name in ("dht", "routing", "kademlia_protocol", "crawl", "kademlia_server")
+    for name in (
+        "dht",
+        "routing",
+        "kademlia_protocol",
+        "kademlia_serve",
+        "dht_wire",
+        "crawl",
+        "kademlia_server",
+    )
 )
 # The command line, the only package that prints or imports typer and rich.
 CLI_FILES = frozenset(

@@ -11,7 +11,7 @@ from kademlia.node import Node
 from p2pmega.core.node_id import node_id_for
 from p2pmega.core.rtt import RttTable
 from p2pmega.net.crawl import Crawl
-from p2pmega.net.kademlia_protocol import DHTLimits
+from p2pmega.net.dht_wire import DHTLimits
 
 K = 20
 ALPHA = 3
