@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
@@ -63,6 +63,8 @@ ChunkBytes = bytes | memoryview
 # (_reachable_first). Far above a connect across the world (one round trip, <= 0.3 s), far below the connect timeout.
 CONNECT_RACE_S: Final = 0.5
 _POOL_IDLE_S: Final = 20.0
+# Holders whose proven node ids a client remembers (a long-lived client, the web app, meets many).
+MAX_PROVEN_REMEMBERED: Final = 4096
 _POOL_SWEEP_INTERVAL_S: Final = 5.0
 
 
@@ -110,6 +112,8 @@ class TransferClient(Service):
         # Node ids the caller expects at an address (provider records, contacts): a holder there
         # that proves another key is refused (errors.PeerNotAuthentic).
         self._expected: dict[Address, bytes] = {}
+        # The id each holder proved in its last handshake (most recent MAX_PROVEN_REMEMBERED holders).
+        self._proven: OrderedDict[Address, bytes] = OrderedDict()
         self._pool: dict[Address, list[PeerConnection]] = {}
         self._opening: dict[Address, asyncio.Lock] = {}
         self._closed = False
@@ -119,12 +123,14 @@ class TransferClient(Service):
     def expect_node_id(self, addr: Address, node_id: bytes) -> None:
         """Refuse a holder at ``addr`` unless its proven key gives ``node_id`` there (core.node_id).
 
-        Applies to connections opened from now on; a pooled one that proved another id is dropped.
+        Applies to connections opened from now on. Only for ids already proven some other way: an id
+        from a provider record or a crawl reply is anyone's claim, and would let a liar block an honest holder.
         """
         self._expected[addr] = node_id
-        for peer_conn in self._pool.get(addr, []):
-            if peer_conn.node_id is not None and peer_conn.node_id != node_id:
-                peer_conn.drop()
+
+    def proven_node_id(self, addr: Address) -> bytes | None:
+        """The node id the holder at ``addr`` proved in its last channel handshake with us, if any."""
+        return self._proven.get(addr)
 
     async def start(self) -> None:
         """Nothing to do: connections open on first use."""
@@ -232,6 +238,10 @@ class TransferClient(Service):
                     "key; try another holder"
                 )
             peer_conn.node_id = node_id_for(key, addr[0])
+            self._proven[addr] = peer_conn.node_id
+            self._proven.move_to_end(addr)
+            while len(self._proven) > MAX_PROVEN_REMEMBERED:
+                self._proven.popitem(last=False)
         return peer_conn
 
     async def _request(

@@ -61,18 +61,30 @@ class HolderLocator:
     ask_new_peers_about_all: bool = True
 
     def __post_init__(self) -> None:
+        self._proven: set[Address] = set()
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
         self._expanding: asyncio.Task[None] | None = None
         self._learn_ids(self.node.dht_node.contacts())
 
     def _learn_ids(self, peers: Iterable[Peer | Provider]) -> None:
-        """Remember each peer's node id, and have the transfer client hold it to it: a holder there must prove
-        the key that gives that id at that address (the channel handshake, core.node_id), or it is refused."""
+        """Remember the node id the DHT names for each peer, as a hint only.
+
+        Provider records and crawl replies carry ids nobody proved (anyone can name a victim's address under an
+        id of its own): such an id never makes a holder refused, and is replaced by the id the transfer channel
+        proves (``_prove``) as soon as we talk to the holder. Renewals, placement and repair use the proven one.
+        """
         for p in peers:
             addr = (p.host, p.port)
-            self.node_ids[addr] = p.node_id
-            self.node.client.expect_node_id(addr, p.node_id)
+            if addr not in self._proven:
+                self.node_ids[addr] = p.node_id
+
+    def _prove(self, addr: Address) -> None:
+        """Take the node id the channel handshake proved at ``addr`` (core.node_id: its key at that address)."""
+        proven = self.node.client.proven_node_id(addr)
+        if proven is not None:
+            self.node_ids[addr] = proven
+            self._proven.add(addr)
 
     async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
         """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
@@ -126,6 +138,7 @@ class HolderLocator:
                 self.dead.add(peer)
                 return
             asked.update(todo)
+            self._prove(peer)
             for chunk_id, held in zip(todo, flags, strict=True):
                 if held:
                     where = self.holders.setdefault(chunk_id, [])

@@ -86,9 +86,9 @@ async def test_a_fetch_widens_its_search_when_lookups_name_no_holder(
                 assert chunk_id_of(data) == chunk_id
 
 
-async def test_a_holder_is_held_to_the_node_id_the_dht_named(tmp_path: Path) -> None:
-    # The DHT names a node id at the holder's address; the transfer channel must prove that id's key there.
-    # An impostor id (another key at the same address) makes the holder's chunks unreachable, not trusted.
+async def test_a_node_id_the_dht_names_is_a_hint_the_channel_replaces(tmp_path: Path) -> None:
+    # Anyone can name an honest holder's address under an id of its own (a provider record, a crawl reply): that
+    # must neither make the holder unreachable nor be the id renewals and placement use. The channel proves one.
     async with recorder() as dht, asyncio.timeout(STEP_S):
         node, _duties = holder(tmp_path, dht, announce_delay_s=600, announce_quiet_s=600)
         async with node:
@@ -101,12 +101,15 @@ async def test_a_holder_is_held_to_the_node_id_the_dht_named(tmp_path: Path) -> 
                 rpc_timeout_s=1.0,
             )
             async with Node(client_settings) as client:
-                honest = HolderLocator(client, hints=[node.address])
-                await honest.identify([node.address])
-                assert honest.node_ids[node.address] == node.dht_node.node_id
-                assert chunk_id_of(bytes(await honest.fetch(chunk_id))) == chunk_id
-
                 lied = HolderLocator(client, hints=[node.address])
-                lied._learn_ids([Peer(os.urandom(20), *node.address)])
-                with pytest.raises(ChunkUnavailable):
-                    await lied.fetch(chunk_id)
+                forged = os.urandom(20)
+                lied._learn_ids([Peer(forged, *node.address)])
+                assert chunk_id_of(bytes(await lied.fetch(chunk_id))) == chunk_id
+                await lied.confirm([chunk_id])
+                assert lied.node_ids[node.address] == node.dht_node.node_id
+                [candidate] = lied.candidates(chunk_id, None)
+                assert candidate.node_id == node.dht_node.node_id
+                lied._learn_ids(
+                    [Peer(forged, *node.address)]
+                )  # a later lie does not undo the proof
+                assert lied.node_ids[node.address] == node.dht_node.node_id
