@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
-from p2pmega.api.common import NetSettings, client_node
+from p2pmega.api.common import NetSettings, check_min_blocs, client_node
 from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import GeoTable
@@ -110,6 +110,7 @@ async def check(
         BadLink: the link is malformed.
         ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
     """
+    check_min_blocs(replicas, min_countries, min_blocs)
     cap = parse_link(link)
     async with client_node(net, hints=cap.peers) as node:
         return await check_on(

@@ -14,7 +14,7 @@ from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
 from p2pmega.defaults import RPC_TIMEOUT_S, TRANSFER_TIMEOUT_S
-from p2pmega.errors import BootstrapFailed
+from p2pmega.errors import BadOption, BootstrapFailed
 from p2pmega.net.dht import load_contacts
 from p2pmega.node import Node, NodeSettings
 
@@ -35,6 +35,19 @@ class NetSettings:
         TRANSFER_TIMEOUT_S  # idle time: a transfer fails when no data moved for this long
     )
     lan: bool = False
+
+
+def check_min_blocs(replicas: int, min_countries: int, min_blocs: int) -> None:
+    """Raises: BadOption: ``min_blocs`` is neither 1 nor from ``min_countries`` to ``replicas``.
+
+    Distinct blocs are distinct countries, so N blocs imply N countries; fewer blocs than countries (but more
+    than one) would need both counted at once, which the placement rule does not do (docs/JURISDICTIONS.md).
+    """
+    if not (min_blocs == 1 or min_countries <= min_blocs <= replicas):
+        raise BadOption(
+            f"--min-blocs {min_blocs}: give 1 (prefer as many blocs as countries when the peers allow) or "
+            f"from --min-countries ({min_countries}) to --replicas ({replicas})"
+        )
 
 
 def client_host(net: NetSettings) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pmega.api.common import NetSettings, client_node
+from p2pmega.api.common import NetSettings, check_min_blocs, client_node
 from p2pmega.api.share_peers import recheck, storage_peers
 from p2pmega.api.share_source import CHANGED_SIZE, FileSource, TreeSource, open_source
 from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
@@ -382,13 +382,7 @@ def _check_options(replicas: int, min_countries: int, lease_s: float, min_blocs:
             f"--replicas {replicas} --min-countries {min_countries}: need replicas >= 1 and "
             "1 <= min-countries <= replicas"
         )
-    # Distinct blocs are distinct countries, so N blocs imply N countries; fewer blocs than countries (but more
-    # than one) would need both counted at once, which the placement rule does not do.
-    if not (min_blocs == 1 or min_countries <= min_blocs <= replicas):
-        raise BadOption(
-            f"--min-blocs {min_blocs}: give 1 (prefer as many blocs as countries when the peers allow) or "
-            f"from --min-countries ({min_countries}) to --replicas ({replicas})"
-        )
+    check_min_blocs(replicas, min_countries, min_blocs)
     if not (math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S):
         raise BadOption(
             f"--lease-days {lease_s / 86400:g}: give more than 0 and at most {MAX_LEASE_DAYS:g} (holders keep a "

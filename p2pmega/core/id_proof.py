@@ -7,6 +7,7 @@ answer came from (core.node_id). Sending, waiting and caching live in p2pmega.ne
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from p2pmega.core import crypto
@@ -52,7 +53,11 @@ def make_id_proof(seed: bytes, node_id: bytes, nonce: bytes, challenger_id: byte
             malformed challenge the caller should drop).
     """
     signature = crypto.sign(seed, id_proof_message(nonce, challenger_id, node_id))
-    return [ID_PROOF_VERSION, crypto.public_key_of(seed), node_id, signature]
+    return [ID_PROOF_VERSION, _public_key_of(seed), node_id, signature]
+
+
+# A node answers every challenge with the same key: deriving it again each time doubled a proof's cost.
+_public_key_of = functools.lru_cache(maxsize=8)(crypto.public_key_of)
 
 
 def check_id_proof(raw: object, *, nonce: bytes, challenger_id: bytes, ip: str) -> ProvenId:

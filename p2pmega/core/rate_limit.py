@@ -11,6 +11,32 @@ from collections import OrderedDict
 from p2pmega.core.node_id import network_of
 
 
+class TokenBucket:
+    """At most ``rate_per_s`` cost units per second overall, with bursts of ``burst``."""
+
+    def __init__(self, *, rate_per_s: float, burst: float) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s and burst must be positive")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+        self.refused = 0
+
+    def allow(self, cost: float, *, now: float) -> bool:
+        """Spend ``cost``; False (and nothing spent) if the bucket is short."""
+        if self._at is not None:
+            self._tokens = min(
+                self.burst, self._tokens + max(0.0, now - self._at) * self.rate_per_s
+            )
+        self._at = now
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return True
+        self.refused += 1
+        return False
+
+
 class NetworkRateLimit:
     """At most ``rate_per_s`` cost units per second per source network, with bursts of ``burst``.
 

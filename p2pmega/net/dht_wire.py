@@ -109,6 +109,10 @@ class DHTLimits:
     requests_per_s: float = 500.0
     """Requests served per second per source /24 (/48); an add_providers costs 1 + keys/8."""
     request_burst: float = 1000.0
+    id_proof_cost: float = 10.0
+    """Tokens an id_proof request costs its /24: it makes us sign (Ed25519), ~10 ordinary requests' work."""
+    proofs_per_s: float = 400.0
+    """Id proofs signed per second over all requesters (~5 % of a core): many /24s cannot buy a busy node."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from p2pmega.core.id_proof import NONCE_BYTES, check_id_proof
 from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
 from p2pmega.core.liveness import Liveness
 from p2pmega.core.node_id import prefix_matches
-from p2pmega.core.rate_limit import NetworkRateLimit
+from p2pmega.core.rate_limit import NetworkRateLimit, TokenBucket
 from p2pmega.core.record import (
     ProviderRecord,
     ProviderTable,
@@ -108,6 +108,7 @@ class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
         self.rate_limit = NetworkRateLimit(
             rate_per_s=limits.requests_per_s, burst=limits.request_burst
         )
+        self.proof_budget = TokenBucket(rate_per_s=limits.proofs_per_s, burst=limits.proofs_per_s)
         # Addresses that proved an id (address -> id), proofs in flight, and failed proofs.
         self._proven: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._proving: dict[tuple[str, int], asyncio.Task[bytes | None]] = {}

@@ -17,7 +17,7 @@ from kademlia.node import Node
 from p2pmega.core.id_proof import make_id_proof
 from p2pmega.core.liveness import FAILED_TTL_S as FAILED_TTL_S
 from p2pmega.core.node_id import prefix_matches
-from p2pmega.core.rate_limit import NetworkRateLimit
+from p2pmega.core.rate_limit import NetworkRateLimit, TokenBucket
 from p2pmega.core.record import (
     FIND_PROVIDERS_REPLY_VERSION,
     ProviderTable,
@@ -54,6 +54,7 @@ class ServesRequests:
     stats: DHTStats
     read_only: bool
     rate_limit: NetworkRateLimit
+    proof_budget: TokenBucket
     transport: Any
     _seed: bytes
     _misses: dict[bytes, int]
@@ -84,7 +85,7 @@ class ServesRequests:
             raise RemoteProtocolError("unknown RPC or wrong arguments")
         if self.read_only:
             raise RemoteProtocolError("a read-only node serves no requests")
-        cost = 1.0
+        cost = self.limits.id_proof_cost if name == "id_proof" else 1.0
         if name == "add_providers" and isinstance(args[1], list):
             # Recording costs 60-100 us a key (core/record.py, measured): a full batch of 256 costs 33
             # tokens, so one /24 can make a node record ~3,900 keys a second, not 25,000.
@@ -135,6 +136,9 @@ class ServesRequests:
     ) -> list[object] | None:
         # Never welcomes the challenger: a proof is given, not asked for, by this request.
         if not (isinstance(challenger, bytes) and isinstance(nonce, bytes)):
+            return None
+        if not self.proof_budget.allow(1.0, now=asyncio.get_running_loop().time()):
+            self.stats.rate_limited += 1
             return None
         try:
             return make_id_proof(self._seed, bytes(self.source_node.id), nonce, challenger)

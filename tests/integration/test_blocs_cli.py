@@ -92,3 +92,10 @@ def test_a_bad_bloc_table_is_a_usage_error(net: RunningTestnet, tmp_path: Path) 
     proc = run("share", str(src), "--data-dir", str(tmp_path / "c"), "--blocs", blocs, env=net.env)
     assert proc.returncode == 2, proc.stderr
     assert "blocs.txt:2: DE is already in bloc ALLIES (line 1)" in proc.stderr
+
+
+def test_check_names_min_blocs_when_it_is_out_of_range(net: RunningTestnet, tmp_path: Path) -> None:
+    link = "magnet:?xt=urn:p2pmega-keep:" + "a" * 52 + "&x.vk=" + "b" * 52
+    proc = run("check", link, "--min-blocs", "3", "--data-dir", str(tmp_path / "c"), env=net.env)
+    assert proc.returncode == 2, proc.stderr
+    assert "--min-blocs 3: give 1" in proc.stderr

@@ -19,9 +19,10 @@ from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.id_proof import make_id_proof
 from p2pmega.core.node_id import network_of
 from p2pmega.net.dht import DHTNode
+from p2pmega.net.dht_wire import DHTLimits
 from tests.conftest import peer_address
 from tests.integration.dht_attack import ask, parse_any_request, sybils
-from tests.integration.dht_helpers import FakeKey
+from tests.integration.dht_helpers import FakeKey, request
 
 pytestmark = pytest.mark.integration
 
@@ -124,4 +125,33 @@ async def test_forty_proven_ids_on_one_address_fill_two_slots_per_bucket_and_eig
             assert max(per_bucket) <= 2
             assert 1 <= sum(per_bucket) <= 8
     finally:
+        await node.stop()
+
+
+async def test_id_proofs_cost_their_signature_per_network_and_overall() -> None:
+    # Each proof makes the node sign: one /24 buys at most burst / id_proof_cost of them at once, and all /24s
+    # together at most proofs_per_s (the review's flood: 8 /24s at 600/s each made a seed sign 2,600 a second).
+    limits = DHTLimits(request_burst=100.0, requests_per_s=1.0, proofs_per_s=15.0)
+    node = DHTNode(host=peer_address(57, 1), limits=limits)
+    await node.start()
+    socks = [await asyncio_dgram.bind((peer_address(58 + i, 1), 0)) for i in range(4)]
+    try:
+        answered = []
+        for sock in socks:  # all 120 requests first, so the overall budget barely refills meanwhile
+            for _ in range(30):
+                await sock.send(request("id_proof", [b"", os.urandom(32)]), (node.host, node.port))
+        for sock in socks:
+            got = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    await asyncio.wait_for(sock.recv(), timeout=0.5)
+                    got += 1
+            answered.append(got)
+        assert answered[0] == 10  # 100 tokens at 10 a proof, all 30 sent at once
+        assert (
+            sum(answered) <= 15 + 2
+        )  # the overall budget (plus what refilled meanwhile), not 4 x 10
+    finally:
+        for sock in socks:
+            sock.close()
         await node.stop()
