@@ -205,6 +205,26 @@ class Placer:
             + f"; {RERUN_HINT}"
         )
 
+    async def _lease_holds(self, addr: tuple[str, int], chunk_id: ChunkId) -> bool:
+        """Whether a copy ``addr`` already held will last: someone else may have stored it first, with a short
+        lease (a re-store never extends one, docs/STORAGE.md), and then it is no copy to count on."""
+        if self.lease_s <= 0:
+            return True  # a repair of a chunk whose lease is unknown here: any live copy counts
+        try:
+            [left_s] = await self.node.client.leases(addr, [chunk_id])
+        except P2PMegaError as exc:
+            log.debug("holder %s did not say the lease of %s: %s", addr, short_id(chunk_id), exc)
+            return True  # an older holder: as before the LEASES request existed
+        if left_s < self.lease_s / 2:
+            log.debug(
+                "holder %s already had %s for %d s only; placing it elsewhere",
+                addr,
+                short_id(chunk_id),
+                left_s,
+            )
+            return False
+        return True
+
     async def _store_one(self, cand: Candidate, chunk_id: ChunkId, data: bytes) -> bool:
         """Store on one holder, retrying what may pass; True once the holder confirmed the chunk."""
         addr = (cand.host, cand.port)
@@ -214,11 +234,14 @@ class Placer:
             try:
                 if self.ask_first and (await self.node.client.has(addr, [chunk_id]))[0]:
                     self.failures.pop(addr, None)
-                    return True
+                    return await self._lease_holds(addr, chunk_id)
                 self.bytes_sent += len(data)
-                await self.node.client.store(
+                newly = await self.node.client.store(
                     addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
                 )
+                if not newly:
+                    self.failures.pop(addr, None)
+                    return await self._lease_holds(addr, chunk_id)
             except QuotaExceeded as exc:
                 # Also SourceLimitExceeded: our network used its share of that holder (or its rate).
                 log.debug("store on %s refused, holder full for us: %s", addr, exc)

@@ -178,3 +178,33 @@ async def test_a_chunk_on_one_bloc_gets_a_copy_in_another_when_repaired() -> Non
     holders = await placing.place(chunk_id_of(b"x"), b"x", holding=[DE, NZ])
     assert holders == [DE, NZ, CH]
     assert client.calls == Counter({CH.address: 1})
+
+
+@dataclass
+class PrestoredClient(FakeClient):
+    """The holder at ``prestored`` already has every chunk, stored by someone else with ``left_s`` to live."""
+
+    prestored: Address = ("", 0)
+    left_s: int = 0
+
+    async def store(
+        self, addr: Address, chunk_id: ChunkId, data: bytes, lease_s: float, **_: object
+    ) -> bool:
+        self.calls[addr] += 1
+        return addr != self.prestored
+
+    async def leases(self, addr: Address, ids: list[ChunkId]) -> list[int]:
+        return [self.left_s if addr == self.prestored else 3600 for _ in ids]
+
+
+async def test_a_copy_someone_stored_first_with_a_short_lease_is_not_counted() -> None:
+    # Anyone with the ciphertext can store it first with a one-hour lease (a re-store never extends a lease):
+    # counting that copy would leave the chunk on one holder within the hour.
+    client = PrestoredClient(prestored=NZ.address, left_s=3600)
+    placing = Placer(cast(Node, FakeNode(client)), [DE, NZ, NZ2], None, 2, 2, 30 * 86400.0)
+    holders = await placing.place(chunk_id_of(b"x"), b"x")
+    assert NZ not in holders
+    assert NZ2 in holders
+    long_lived = PrestoredClient(prestored=NZ.address, left_s=30 * 86400)
+    placing = Placer(cast(Node, FakeNode(long_lived)), [DE, NZ], None, 2, 2, 30 * 86400.0)
+    assert NZ in await placing.place(chunk_id_of(b"x"), b"x")
