@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from p2pmega.cli.base import (
+    BlocsOpt,
     BootstrapOpt,
     DataDirOpt,
     GeoOpt,
@@ -49,6 +50,7 @@ def ui_cmd(
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
+    blocs: BlocsOpt = None,
     host: HostOpt = None,
 ) -> None:
     """Run a client node and the web app on 127.0.0.1, print its URL (the only line on stdout); stop with Ctrl-C.
@@ -77,7 +79,7 @@ def ui_cmd(
 
     async def go() -> None:
         await serve(
-            _net(bootstrap, data_dir, geo_table, host),
+            _net(bootstrap, data_dir, geo_table, host, blocs),
             port=port,
             max_upload_bytes=parse_size(max_upload),
             on_ready=ready,
@@ -104,6 +106,7 @@ def ls_cmd(
     bootstrap: BootstrapOpt = None,
     data_dir: DataDirOpt = None,
     geo_table: GeoOpt = None,
+    blocs: BlocsOpt = None,
     host: HostOpt = None,
 ) -> None:
     """List the files shared from this data dir, with their health; exit 0 only if all are healthy.
@@ -116,7 +119,7 @@ def ls_cmd(
     from p2pmega.api.ls import MISSING, SHORT, health_of, my_files
 
     async def go() -> "tuple[list[LinkEntry], list[FileHealth]]":
-        net = _net(bootstrap, data_dir, geo_table, host)
+        net = _net(bootstrap, data_dir, geo_table, host, blocs)
         entries = await my_files(net.data_dir)
         return entries, await health_of(
             entries, net=net, replicas=replicas, min_countries=min_countries
