@@ -274,4 +274,6 @@ def test_free_bytes_is_the_room_left_for_the_asking_network(tmp_path: Path) -> N
         assert store.free_bytes(NET_A) == cap
         assert store.free_bytes() == 10 * MIB - len(local_data)
     with open_store(tmp_path / "small", quota=MIB) as store:
-        assert store.free_bytes(NET_A) == MIB // 4  # less than one chunk of 2 MiB: this seed is full
+        assert (
+            store.free_bytes(NET_A) == MIB // 4
+        )  # less than one chunk of 2 MiB: this seed is full

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections import Counter
 from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pmega.api.share_peers import full_note, storage_peers
 from p2pmega.core.capacity import (
     MAX_WEIGHT,
     MIN_WEIGHT,
@@ -21,6 +23,8 @@ from p2pmega.core.capacity import (
 )
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.core.placement import Candidate, choose_holders
+from p2pmega.core.wire import SpaceReply
+from p2pmega.errors import PeerRefused, PeerUnreachable
 from p2pmega.node import Node
 from p2pmega.replicate.placer import Placer
 from tests.unit.test_placer import FakeClient, FakeNode
@@ -122,3 +126,57 @@ async def test_the_placer_stores_nothing_on_a_peer_without_room_for_the_chunk() 
         holders = await placer.place(chunk_id_of(DATA + bytes([n])), DATA)
         assert {h.host for h in holders} == {NZ.host, IS.host}
     assert client.calls[_addr(DE)] == 0
+
+
+class ProbedClient:
+    """SPACE and HAS answers by address: a free-byte count, an exception, or "old" (refuses SPACE as unknown)."""
+
+    def __init__(self, space: dict[tuple[str, int], int | str | Exception]) -> None:
+        self.answers = space
+
+    async def space(self, addr: tuple[str, int]) -> SpaceReply:
+        answer = self.answers[addr]
+        if answer == "old":
+            raise PeerUnreachable(
+                f"peer {addr} refused request: BAD_REQUEST unknown message type 0x08"
+            )
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, int)
+        return SpaceReply(1, answer, max(answer, 10**12))
+
+    async def has(self, addr: tuple[str, int], ids: list[ChunkId]) -> list[bool]:
+        answer = self.answers[addr]
+        if isinstance(answer, Exception):
+            raise answer
+        return [False] * len(ids)
+
+
+async def test_the_probe_weighs_storage_peers_and_leaves_full_ones_out() -> None:
+    fresh, nearly, full = DE, NZ, IS
+    old = Candidate(b"\x04" * 20, "127.4.1.1", 4004, "CH")
+    dht_only = Candidate(b"\x05" * 20, "127.5.1.1", 4005, "FR")
+    client = ProbedClient(
+        {
+            _addr(fresh): REFERENCE_FREE_BYTES,
+            _addr(nearly): 3 * len(DATA),
+            _addr(full): len(DATA) - 1,
+            _addr(old): "old",
+            _addr(dht_only): PeerRefused("nothing listens"),
+        }
+    )
+    node = cast(Node, FakeNode(cast(FakeClient, client)))
+    probe = await storage_peers(
+        node, [fresh, nearly, full, old, dht_only], random.Random(1), chunk_bytes=len(DATA)
+    )
+    weights = {c.host: c.weight for c in probe.live}
+    # An older holder answers `has` instead: a storage peer whose space is unknown, weighing as a fresh seed.
+    assert weights == {fresh.host: 1.0, nearly.host: MIN_WEIGHT, old.host: 1.0}
+    assert probe.full == [full]
+    assert probe.silent == [dht_only]
+    assert probe.space == {
+        _addr(fresh): REFERENCE_FREE_BYTES,
+        _addr(nearly): 3 * len(DATA),
+        _addr(full): len(DATA) - 1,
+    }
+    assert "left out as full: 1 peer (127.3.1.1:4003)" in full_note(probe, len(DATA))
