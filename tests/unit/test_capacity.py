@@ -26,6 +26,7 @@ from p2pmega.core.placement import Candidate, choose_holders
 from p2pmega.core.wire import SpaceReply
 from p2pmega.errors import PeerRefused, PeerUnreachable
 from p2pmega.node import Node
+from p2pmega.replicate.peers import ask_space
 from p2pmega.replicate.placer import Placer
 from tests.unit.test_placer import FakeClient, FakeNode
 
@@ -180,3 +181,12 @@ async def test_the_probe_weighs_storage_peers_and_leaves_full_ones_out() -> None
         _addr(full): len(DATA) - 1,
     }
     assert "left out as full: 1 peer (127.3.1.1:4003)" in full_note(probe, len(DATA))
+
+
+async def test_repair_and_keep_alive_learn_the_space_of_the_peers_that_answer() -> None:
+    client = ProbedClient(
+        {_addr(DE): 5 * 10**9, _addr(NZ): "old", _addr(IS): PeerRefused("nothing listens")}
+    )
+    node = cast(Node, FakeNode(cast(FakeClient, client)))
+    # Only answers count; the others keep the weight of unknown space (1.0) in the Placer.
+    assert await ask_space(node, [DE, NZ, IS]) == {_addr(DE): 5 * 10**9}
