@@ -73,6 +73,9 @@ async def storage_peers(
     it; it is asked the old probe, one batched ``has``, instead. Waits for every answer up to PROBE_TIMEOUT_S,
     but once the peers that answered are ``enough``, only PROBE_GRACE_S more: a firewalled contact that drops
     the connection then costs a share half a second, not three.
+
+    Returns:
+        The live, silent and full peers and the space each reported (a Probe).
     """
     probed = pool if len(pool) <= PROBE_PEERS else rng.sample(pool, PROBE_PEERS)
     probe = [ChunkId(rng.randbytes(32))]
@@ -83,9 +86,9 @@ async def storage_peers(
         try:
             return (await node.client.space(addr)).free_bytes
         except PeerUnreachable as exc:
-            if (
-                type(exc) is not PeerUnreachable
-            ):  # refused the connection, incompatible, not authentic
+            # Its subclasses say there is no usable holder there (refused connection, incompatible, not
+            # authentic); only a plain refusal of the request may be an older holder that does not know SPACE.
+            if type(exc) is not PeerUnreachable:
                 log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
                 return None
             log.debug("%s:%d refused SPACE, asking has: %s", cand.host, cand.port, exc)
