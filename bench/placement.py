@@ -15,6 +15,14 @@ candidates of a chunk are what a lookup returns, the ``--window`` nodes closest 
 large network. Reported: per-peer load max/mean and min/mean, with equal weights and with one peer at weight 2
 (its load against the mean of the others, ideal 2.00), and the share of copies and of chunks that change holders
 when one peer leaves or one joins (ideal: 1/N of the copies).
+
+Then, at each N <= 1000, ``capacity``: the same peers with a realistic spread of free space (quotas of 2 GB,
+10 GB, 100 GB and 1 TB, each between empty and full, one in ten nearly full; a sharer may use a quarter of each), weighed by
+core.capacity (weight = clamp(free / 2.5 GB, 1/256, 16)), and chunks of 2 MiB. Reported: each peer's load against
+its ideal share (total copies x weight / sum of weights) at the 5th, 50th and 95th percentile, the copies that go
+to nearly full peers (under 10 MB free), and how many peers were given more chunks than they have room for
+(they would refuse the rest, which the sharer places elsewhere). At N=8 the largest peers hold a copy of nearly
+every chunk and cannot take their whole share (a chunk has one copy per peer at most), so the others take more.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from p2pmega.core import placement
+from p2pmega.core.capacity import capacity_weight
 from p2pmega.core.placement import Candidate, choose_holders
 
 COUNTRIES = ["DE", "NZ", "IS", "CH"]
@@ -147,6 +156,41 @@ def main() -> None:
                 f"         {join_copies * 100:6.2f} % ({join_copies * (n + 1):4.2f})"
                 f"          {time.perf_counter() - started:4.0f}"
             )
+
+    for n in [int(x) for x in args.peers.split(",") if int(x) <= 1000]:
+        capacity(n, args.chunks, random.Random(args.seed))
+
+
+CHUNK_BYTES = 2 << 20
+QUOTAS = [(2 * 10**9, 0.25), (10 * 10**9, 0.5), (100 * 10**9, 0.2), (1000 * 10**9, 0.05)]
+
+
+def capacity(n: int, chunks: int, rng: random.Random) -> None:
+    """One line: placement by reported free space over a realistic spread of seeds (see the docstring)."""
+    free: list[int] = []
+    for _ in range(n):
+        quota = rng.choices([q for q, _ in QUOTAS], [w for _, w in QUOTAS])[0]
+        # One seed in ten is nearly full (under 20 MB left); the others anywhere between empty and full.
+        left = rng.uniform(0, 2 * 10**7) if rng.random() < 0.1 else quota * (1 - rng.random())
+        free.append(min(int(left), quota // 4))
+    peers = [
+        Candidate(rng.randbytes(20), f"10.{i // 250}.{i % 250}.1", 4000, COUNTRIES[i % 4], w)
+        for i, w in enumerate(capacity_weight(f) for f in free)
+    ]
+    load, _ = place_all(Network(peers, None), [rng.randbytes(32) for _ in range(chunks)], hrw_rule)
+    total = sum(load.values())
+    weights = sum(p.weight for p in peers)
+    # Peers whose ideal is under 10 copies are left out of the percentiles: noise, not balance.
+    ideal = {p.node_id: total * p.weight / weights for p in peers}
+    ratios = sorted(load[i] / ideal[i] for i in ideal if ideal[i] >= 10)
+    m = len(ratios)
+    near = sum(load[p.node_id] for p, f in zip(peers, free, strict=True) if f < 10**7)
+    over = sum(1 for p, f in zip(peers, free, strict=True) if load[p.node_id] * CHUNK_BYTES > f)
+    print(
+        f"capacity N={n}: load / ideal share p5 {ratios[m // 20]:.2f}, p50 {ratios[m // 2]:.2f},"
+        f" p95 {ratios[m - 1 - m // 20]:.2f}; {near} of {total} copies on nearly full peers"
+        f" ({sum(1 for f in free if f < 10**7)} peers); {over} peers given more than their room"
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from p2pmega.api.common import NetSettings, check_min_blocs, client_node
-from p2pmega.api.share_peers import recheck, storage_peers
+from p2pmega.api.share_peers import full_note, recheck, storage_peers
 from p2pmega.api.share_source import CHANGED_SIZE, FileSource, TreeSource, open_source
-from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
+from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
@@ -259,7 +259,17 @@ async def _share(
         listing_bytes=source.listing_bytes,
     )
     async with open_node() as node:
-        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
+        placer = await _placer(
+            node,
+            net,
+            name,
+            replicas,
+            min_countries,
+            lease_s,
+            rng,
+            min_blocs,
+            chunk_bytes=chunk_size + CHUNK_OVERHEAD_BYTES,
+        )
         # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
         credential = RenewCredential.from_file_key(state.key)
         placer.renew_key = credential.public_key
@@ -328,8 +338,12 @@ async def _placer(
     lease_s: float,
     rng: random.Random,
     min_blocs: int = 1,
+    *,
+    chunk_bytes: int = 1,
 ) -> Placer:
     """The storage peers found, as a Placer; refuses before storing anything if they cannot meet the rule.
+
+    Peers with less room than ``chunk_bytes`` (one stored chunk) are full: no candidates, named in the error.
 
     Raises:
         PlacementImpossible: even every storage peer found cannot meet the rule (or span ``min_blocs`` blocs).
@@ -339,18 +353,21 @@ async def _placer(
     )
     best_count, best_blocs = placer.rules()[0]
     pool = await candidate_pool(node, net.geo, rng)
-    live, silent = await storage_peers(
+    probe = await storage_peers(
         node,
         pool,
         rng,
         enough=lambda peers: meets_rule(
             peers, replicas=replicas, min_countries=best_count, blocs=best_blocs
         ),
+        chunk_bytes=chunk_bytes,
     )
+    live, silent = probe.live, probe.silent
     if not meets_rule(live, replicas=replicas, min_countries=min_countries):
         raise PlacementImpossible(
             f"cannot share {name!r}: "
             + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
+            + full_note(probe, chunk_bytes)
         )
     if min_blocs > 1 and not meets_rule(
         live, replicas=replicas, min_countries=best_count, blocs=best_blocs
@@ -361,9 +378,12 @@ async def _placer(
             f"jurisdiction blocs, but the storage peers found span {len(spanned)}: "
             f"{', '.join(_bloc_label(b, live, net) for b in spanned) or 'none'}; add storage peers in "
             "other blocs or lower --min-blocs (the blocs table: --blocs FILE)"
+            + full_note(probe, chunk_bytes)
         )
     placer.pool = live
     placer.silent.update((c.host, c.port) for c in silent)
+    placer.full.update((c.host, c.port) for c in probe.full)
+    placer.space = probe.space
     return placer
 
 

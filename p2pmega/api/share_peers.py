@@ -4,34 +4,57 @@ for a rule the peers found cannot meet. Used by api/share.py only; no placement 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from p2pmega.core.capacity import capacity_weight, is_full
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.core.renewal import RenewCredential
-from p2pmega.errors import P2PMegaError
+from p2pmega.core.words import counted
+from p2pmega.errors import P2PMegaError, PeerUnreachable
 from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_of
 from p2pmega.storage.share_state import PlacedChunk, ShareState
+from p2pmega.storage.sizes import format_size
 
 log = logging.getLogger(__name__)
 
-# Before anything is stored, each candidate is asked one batched `has`: only storage peers answer (a bootstrap
+# Before anything is stored, each candidate is asked its free space (SPACE): only storage peers answer (a bootstrap
 # node has no transfer server), and dead contacts drop out. A small network is probed whole (it is under
 # SMALL_NETWORK_NODES); a large one by a sample this big, enough to judge whether the rule can be met.
 PROBE_PEERS = 64
-# A storage peer answers `has` in one round trip; one that is silent this long is left out of the share. Far
+# A storage peer answers in one round trip; one that is silent this long is left out of the share. Far
 # above a round trip across the world (~0.3 s), far below the transfer timeout a dead peer would otherwise cost.
 PROBE_TIMEOUT_S = 3.0
 # Once the peers that answered can meet the rule, the others get this much longer: on a LAN or across a continent
 # every storage peer has answered by then.
 PROBE_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the storage-peer probe found (each list sorted by node id).
+
+    Attributes:
+        live: storage peers with room for a chunk, weighted by the free space they reported (core.capacity).
+        silent: contacts that did not answer (DHT-only nodes, dead contacts).
+        full: storage peers that said they have less room than one chunk: no candidates.
+        space: the free bytes each answering peer reported, by address (for ``Placer.space``); an older holder
+            that only answered ``has`` is missing and weighs 1.0.
+    """
+
+    live: list[Candidate]
+    silent: list[Candidate]
+    full: list[Candidate] = field(default_factory=list)
+    space: dict[Address, int] = field(default_factory=dict)
 
 
 async def storage_peers(
@@ -40,30 +63,47 @@ async def storage_peers(
     rng: random.Random,
     *,
     enough: Callable[[list[Candidate]], bool] = lambda _live: False,
-) -> tuple[list[Candidate], list[Candidate]]:
-    """Which of ``pool`` store chunks: one batched ``has`` each, in parallel (a sample of a large pool).
+    chunk_bytes: int = 1,
+) -> Probe:
+    """Which of ``pool`` store chunks, and how much room each has: one SPACE request each, in parallel.
 
     DHT-only nodes (a bootstrap node has no transfer server) and dead contacts do not answer; they can hold
-    nothing, so they must not count towards the rule. Waits for every answer up to PROBE_TIMEOUT_S, but once the
-    peers that answered are ``enough``, only PROBE_GRACE_S more: a firewalled contact that drops the connection
-    then costs a share half a second, not three.
+    nothing, so they must not count towards the rule. A peer with less room than ``chunk_bytes`` (one stored
+    chunk) is full: it gets no chunk and does not count either. A holder older than the SPACE message refuses
+    it; it is asked the old probe, one batched ``has``, instead. Waits for every answer up to PROBE_TIMEOUT_S,
+    but once the peers that answered are ``enough``, only PROBE_GRACE_S more: a firewalled contact that drops
+    the connection then costs a share half a second, not three.
 
     Returns:
-        The candidates that answered, and the ones that did not (both sorted by node id).
+        The live, silent and full peers and the space each reported (a Probe).
     """
     probed = pool if len(pool) <= PROBE_PEERS else rng.sample(pool, PROBE_PEERS)
     probe = [ChunkId(rng.randbytes(32))]
 
-    async def answers(cand: Candidate) -> bool:
+    async def answers(cand: Candidate) -> int | None:
+        """The free bytes ``cand`` reports; -1 if it stores chunks but does not say; None if it stores none."""
+        addr = (cand.host, cand.port)
         try:
-            await node.client.has((cand.host, cand.port), probe)
+            return (await node.client.space(addr)).free_bytes
+        except PeerUnreachable as exc:
+            # Its subclasses say there is no usable holder there (refused connection, incompatible, not
+            # authentic); only a plain refusal of the request may be an older holder that does not know SPACE.
+            if type(exc) is not PeerUnreachable:
+                log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
+                return None
+            log.debug("%s:%d refused SPACE, asking has: %s", cand.host, cand.port, exc)
         except P2PMegaError as exc:
             log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
-            return False
-        return True
+            return None
+        try:
+            await node.client.has(addr, probe)
+        except P2PMegaError as exc:
+            log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
+            return None
+        return -1
 
     tasks = {asyncio.create_task(answers(c)): c for c in probed}
-    live: list[Candidate] = []
+    found = Probe([], [])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + PROBE_TIMEOUT_S
     pending = set(tasks)
@@ -72,16 +112,49 @@ async def storage_peers(
             done, pending = await asyncio.wait(
                 pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
             )
-            live.extend(tasks[t] for t in done if t.result())
-            if enough(live):
+            for task in done:
+                cand, free = tasks[task], task.result()
+                if free is None:
+                    continue
+                if free < 0:
+                    found.live.append(cand)
+                    continue
+                found.space[(cand.host, cand.port)] = free
+                if is_full(free, chunk_bytes):
+                    found.full.append(cand)
+                else:
+                    found.live.append(dataclasses.replace(cand, weight=capacity_weight(free)))
+            if enough(found.live):
                 deadline = min(deadline, loop.time() + PROBE_GRACE_S)
     finally:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    answered = {id(c) for c in live}
-    silent = [c for c in probed if id(c) not in answered]
-    return sorted(live, key=lambda c: c.node_id), sorted(silent, key=lambda c: c.node_id)
+    answered = {(c.host, c.port) for c in [*found.live, *found.full]}
+    return Probe(
+        live=sorted(found.live, key=lambda c: c.node_id),
+        silent=sorted(
+            (c for c in probed if (c.host, c.port) not in answered), key=lambda c: c.node_id
+        ),
+        full=sorted(found.full, key=lambda c: c.node_id),
+        space=found.space,
+    )
+
+
+def full_note(probe: Probe, chunk_bytes: int) -> str:
+    """The clause a share error adds when storage peers were left out as full ("" when none was).
+
+    A full peer is never the reason a share fails; it just does not count, and the user should know why.
+    """
+    if not probe.full:
+        return ""
+    shown = ", ".join(c.label() for c in probe.full[:4]) + (", ..." if len(probe.full) > 4 else "")
+    every = "every storage peer found is full" if not probe.live else "left out as full"
+    return (
+        f"; {every}: {counted(len(probe.full), 'peer')} ({shown}) with less than one chunk "
+        f"({format_size(chunk_bytes)}) free for this network; their operators can raise --quota, or add "
+        "storage peers"
+    )
 
 
 async def recheck(

@@ -24,7 +24,7 @@ from p2pmega.api.share import (
     _holders,
     _placer,
 )
-from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId
+from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import StreamEncoder
@@ -65,7 +65,17 @@ async def share_stream(
     key = new_key()
     encoder = StreamEncoder(name=name, chunk_size=chunk_size, key=key)
     async with client_node(net) as node:
-        placer = await _placer(node, net, name, replicas, min_countries, lease_s, rng, min_blocs)
+        placer = await _placer(
+            node,
+            net,
+            name,
+            replicas,
+            min_countries,
+            lease_s,
+            rng,
+            min_blocs,
+            chunk_bytes=chunk_size + CHUNK_OVERHEAD_BYTES,
+        )
         # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
         placer.renew_key = RenewCredential.from_file_key(key).public_key
         placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)

@@ -39,6 +39,8 @@ from p2pmega.core.wire import (
     Reply,
     Request,
     Role,
+    SpaceReply,
+    SpaceRequest,
     StoreOK,
     StoreRequest,
 )
@@ -586,6 +588,24 @@ class TransferClient(Service):
             return reply.remaining_s
 
         return await _batched(ids, ask)
+
+    async def space(self, addr: Address) -> SpaceReply:
+        """The bytes ``addr`` says this node's network may still store there, and its quota.
+
+        Untrusted: the holder can claim anything up to its claimed quota (core.capacity bounds what
+        the claim is worth). A holder older than the SPACE message refuses it with BAD_REQUEST and
+        closes the connection (docs/PROTOCOL.md, "Versioning").
+
+        Raises:
+            errors.PeerUnreachable: the peer cannot be reached or refused the request (an old
+                holder that does not know SPACE).
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
+        """
+        reply = await self._request(addr, SpaceRequest)
+        if not isinstance(reply, SpaceReply):
+            raise AssertionError("core.wire matches SPACE with SPACE_REPLY")
+        return reply
 
 
 async def _batched(

@@ -31,6 +31,8 @@ from p2pmega.core.wire import (
     RenewSignedRequest,
     Reply,
     Request,
+    SpaceReply,
+    SpaceRequest,
     StoreOK,
     StoreRequest,
 )
@@ -120,6 +122,10 @@ def answer(
             # The wire carries a u32 of seconds: a longer lease (136 years) reads as the largest.
             remaining = (min(s, MAX_LEASE_S) for s in store.leases(event.ids))
             return LeasesReply(event.request_id, tuple(remaining))
+        if isinstance(event, SpaceRequest):
+            # The room for this requester's network: what decides whether its next store fits.
+            free = store.free_bytes(source)
+            return SpaceReply(event.request_id, free, store.quota_bytes)
         if isinstance(event, RenewSignedRequest):
             # Checked against this holder's own id: a renewal signed for another holder fails here.
             if holder_id is None:

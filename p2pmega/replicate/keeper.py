@@ -32,7 +32,7 @@ from p2pmega.errors import P2PMegaError, PlacementImpossible
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
-from p2pmega.replicate.peers import candidate_of, candidate_pool
+from p2pmega.replicate.peers import ask_space, candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
 from p2pmega.replicate.repair import RepairPolicy, RoundReport, bounded_round, locate
 
@@ -69,6 +69,8 @@ class Keeper:
     renewed: int = 0
     repaired: int = 0
     bytes_pushed: int = 0
+    # The free bytes the pool's peers reported this round (asked at its first repair, for all its files).
+    _space: dict[Address, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.files = [KeptFile(cap, RenewCredential.of(cap)) for cap in self.caps]
@@ -88,6 +90,7 @@ class Keeper:
     async def round(self) -> list[RoundReport]:
         """Renew and check every kept file once; one report per file (empty while its manifest is not found)."""
         pool = await candidate_pool(self.node, self.geo, self.rng)
+        self._space = None
         reports = []
         for kept in self.files:
             reports.append(await self._keep(kept, pool))
@@ -209,6 +212,10 @@ class Keeper:
         )
         placer.renew_key = kept.credential.public_key
         placer.silent.update(locator.dead)
+        # Weighted by free space as a share is (core.capacity): new copies go where there is room.
+        if self._space is None:
+            self._space = await ask_space(self.node, pool)
+        placer.space = self._space
         try:
             # Whether the live peers can meet the rule at all, before downloading the chunk to find out.
             plan_repair(

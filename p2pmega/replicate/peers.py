@@ -4,14 +4,20 @@ id, the address we connect to, its country), and the pool of peers a chunk may b
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 from p2pmega.core.geo import GeoTable, country_of
 from p2pmega.core.ids import Address, NodeId
 from p2pmega.core.placement import Candidate
-from p2pmega.errors import NetworkError
+from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.net.dht import Peer
 from p2pmega.node import Node
+
+log = logging.getLogger(__name__)
+
+# A SPACE request is one round trip; a peer silent this long keeps the weight of a peer whose space is unknown.
+SPACE_TIMEOUT_S = 3.0
 
 # A network with fewer DHT nodes than this is small enough that every chunk is placed among all of them; above it,
 # each chunk's candidates are the k closest nodes to its key, found by a crawl (twice kademlia's k of 20).
@@ -42,3 +48,29 @@ async def candidate_pool(node: Node, geo: GeoTable | None, rng: random.Random) -
             peers.setdefault(peer.node_id, candidate_of(peer.node_id, (peer.host, peer.port), geo))
     peers.pop(dht.node_id, None)
     return sorted(peers.values(), key=lambda c: c.node_id)
+
+
+async def ask_space(
+    node: Node, peers: list[Candidate], *, timeout_s: float = SPACE_TIMEOUT_S
+) -> dict[Address, int]:
+    """The free bytes each of ``peers`` reports for this node's network (a SPACE request each, in parallel).
+
+    What a Placer weighs its candidates by (``Placer.space``). A peer that does not answer within ``timeout_s``
+    (dead, a DHT-only node, older than the SPACE message) is left out: it keeps the weight of unknown space.
+
+    Returns:
+        address -> reported free bytes, untrusted (core.capacity bounds what it is worth).
+    """
+
+    async def one(cand: Candidate) -> tuple[Address, int] | None:
+        addr = (cand.host, cand.port)
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await node.client.space(addr)
+        except (P2PMegaError, TimeoutError) as exc:
+            log.debug("%s:%d did not say its free space: %s", cand.host, cand.port, exc)
+            return None
+        return addr, reply.free_bytes
+
+    answers = await asyncio.gather(*(one(c) for c in peers))
+    return dict(a for a in answers if a is not None)

@@ -4,11 +4,13 @@ that fail. A share places every chunk with it; repair places the copies a chunk 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from p2pmega.core.capacity import capacity_weight, is_full
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
 from p2pmega.core.geo import GeoTable
 from p2pmega.core.placement import (
@@ -75,6 +77,10 @@ class Placer:
     # before the announcement) rather than send the whole chunk again.
     ask_first: bool = False
     bytes_sent: int = 0
+    # The free bytes each peer reported to a SPACE request (replicate.peers.ask_space): its placement weight
+    # (core.capacity), and no chunk larger goes to it. A peer missing here (an older holder, or not asked)
+    # weighs 1.0, as a fresh default seed does.
+    space: dict[tuple[str, int], int] = field(default_factory=dict)
     # The closest nodes of the chunks placed lately (a copy made with dataclasses.replace shares it).
     _closest: OrderedDict[ChunkId, list[Candidate]] = field(default_factory=OrderedDict)
 
@@ -95,7 +101,13 @@ class Placer:
             while len(self._closest) > CLOSEST_REMEMBERED:
                 self._closest.popitem(last=False)
         skip = self.dead | self.full | self.silent
-        return [c for c in found if (c.host, c.port) not in skip]
+        return [self._weighed(c) for c in found if (c.host, c.port) not in skip]
+
+    def _weighed(self, cand: Candidate) -> Candidate:
+        free = self.space.get((cand.host, cand.port))
+        if free is None or cand.weight == (weight := capacity_weight(free)):
+            return cand  # unknown space, or weighed already (a share's probe did)
+        return dataclasses.replace(cand, weight=weight)
 
     async def place(
         self, chunk_id: ChunkId, data: bytes, holding: Sequence[Candidate] = ()
@@ -117,7 +129,12 @@ class Placer:
         # Holders that failed this chunk: the next round replaces them where the rule allows.
         failed: set[tuple[str, int]] = set()
         for _round in range(MAX_PLACEMENT_ROUNDS):
-            candidates = [c for c in await self.candidates_for(chunk_id) if c not in stored]
+            candidates = [
+                c
+                for c in await self.candidates_for(chunk_id)
+                if c not in stored
+                and not is_full(self.space.get((c.host, c.port), len(data)), len(data))
+            ]
             wanted = self._plan(chunk_id, stored, candidates, failed)
             if not wanted:
                 return stored

@@ -37,7 +37,7 @@ from p2pmega.defaults import REPAIR_INTERVAL_S
 from p2pmega.errors import P2PMegaError, PlacementImpossible
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
-from p2pmega.replicate.peers import candidate_of, candidate_pool
+from p2pmega.replicate.peers import ask_space, candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.sizes import format_size
 
@@ -260,6 +260,8 @@ class Repairer:
                 self.node, live_pool, self.geo, p.replicas, p.min_countries, 0.0, blocs=p.blocs
             )
             shared.silent.update(locator.dead)
+            # Weighted by free space as a share is (core.capacity): new copies go where there is room.
+            shared.space = await ask_space(self.node, live_pool)
             gate = asyncio.Semaphore(p.concurrency)
             await asyncio.gather(*(self._repair(shared, gate, c, h, report) for c, h in work))
         self.rounds += 1

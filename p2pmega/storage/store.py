@@ -308,6 +308,44 @@ class ChunkStore:
         rows = self._index.query("SELECT used_bytes FROM sources WHERE source = ?", (source,))
         return int(rows[0][0]) if rows else 0
 
+    def free_bytes(self, source: bytes | None = None) -> int:
+        """Bytes a new chunk from ``source`` may still take here: what a SPACE request answers.
+
+        Chunks whose lease ended count as free (a store collects them when it needs the room). From
+        the network, the room is also bounded by what is left of the source's share of the quota.
+
+        Args:
+            source: The asking network (core.node_id.network_of); None for this machine.
+
+        Returns:
+            0 .. quota_bytes.
+
+        Raises:
+            StorageError: the store is closed.
+        """
+        with self._cond:
+            self._check_open()
+            now = self._clock()
+            expired = self._expired_bytes_locked(now)
+            free = self._quota - self._used - self._reserved + expired
+            cap = self.limits.cap_bytes(self._quota)
+            if source is not None and cap < self._quota:
+                held = self._source_bytes_locked(source) + self._reserved_by_source.get(source, 0)
+                free = min(free, cap - held + self._expired_bytes_locked(now, source))
+            return max(0, min(free, self._quota))
+
+    def _expired_bytes_locked(self, now: float, source: bytes | None = None) -> int:
+        if source is None:
+            rows = self._index.query(
+                "SELECT coalesce(sum(size), 0) FROM chunks WHERE lease_expiry <= ?", (now,)
+            )
+        else:
+            rows = self._index.query(
+                "SELECT coalesce(sum(size), 0) FROM chunks WHERE lease_expiry <= ? AND source = ?",
+                (now, source),
+            )
+        return int(rows[0][0])
+
     def _check_source_locked(self, source: bytes, size: int, now: float) -> None:
         """Refuse a chunk that would take ``source`` past its share of the quota."""
         cap = self.limits.cap_bytes(self._quota)

@@ -296,14 +296,14 @@ async def test_the_probe_keeps_storage_peers_and_stops_waiting_once_they_suffice
             client_node(n.net) as node,
         ):
             pool = await candidate_pool(node, n.net.geo, random.Random(1))
-            live, silent = await share_peers.storage_peers(
+            probe = await share_peers.storage_peers(
                 node,
                 [*pool, mute],
                 random.Random(2),
                 enough=lambda peers: meets_rule(peers, replicas=2, min_countries=2),
             )
-        assert {c.host for c in live} == {s.settings.host for s in n.seeds}
-        assert {c.host for c in silent} == {n.boot.settings.host, mute.host}
+        assert {c.host for c in probe.live} == {s.settings.host for s in n.seeds}
+        assert {c.host for c in probe.silent} == {n.boot.settings.host, mute.host}
     finally:
         for writer in hung:
             writer.close()

@@ -253,3 +253,27 @@ def test_a_version_1_index_is_upgraded(tmp_path: Path) -> None:
     # Opening again changes nothing more.
     with open_store(tmp_path, clock=clock) as store:
         assert store.ids() == [good_id]
+
+
+def test_free_bytes_is_the_room_left_for_the_asking_network(tmp_path: Path) -> None:
+    # What a SPACE request answers (issue 18): the quota's room, bounded by the asker's share of it, with
+    # expired chunks counted as free (a store collects them when it needs the room).
+    clock = Clock()
+    with open_store(tmp_path, quota=10 * MIB, clock=clock) as store:
+        cap = int(10 * MIB * 0.25)
+        assert store.free_bytes() == 10 * MIB
+        assert store.free_bytes(NET_A) == store.free_bytes(NET_B) == cap
+        a_id, a_data = chunk()
+        store.put(a_id, a_data, lease_s=60, source=NET_A)
+        assert store.free_bytes(NET_A) == cap - len(a_data)
+        assert store.free_bytes(NET_B) == cap
+        local_id, local_data = chunk(4 * MIB)
+        store.put(local_id, local_data, lease_s=3600)
+        assert store.free_bytes() == 10 * MIB - len(a_data) - len(local_data)
+        clock.now += 61  # NET_A's chunk expired: its room is free again, for everyone
+        assert store.free_bytes(NET_A) == cap
+        assert store.free_bytes() == 10 * MIB - len(local_data)
+    with open_store(tmp_path / "small", quota=MIB) as store:
+        assert (
+            store.free_bytes(NET_A) == MIB // 4
+        )  # less than one chunk of 2 MiB: this seed is full

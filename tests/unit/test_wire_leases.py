@@ -37,11 +37,13 @@ def test_message_types_follow_the_existing_ones() -> None:
         5,
         6,
         7,
+        8,
         0x81,
         0x82,
         0x83,
         0x84,
         0x85,
+        0x88,
         0xFF,
     ]
     assert (int(MessageType.LEASES), int(MessageType.LEASES_REPLY)) == (0x05, 0x85)

@@ -29,11 +29,13 @@ def test_vectors_cover_every_message_type() -> None:
         "LeasesRequest",
         "KeyedStoreRequest",
         "RenewSignedRequest",
+        "SpaceRequest",
         "StoreOK",
         "ChunkData",
         "HasReply",
         "RenewReply",
         "LeasesReply",
+        "SpaceReply",
         "Error",
     }
     assert STORED["protocol_version"] == PROTOCOL_VERSION

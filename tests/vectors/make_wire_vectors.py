@@ -27,6 +27,8 @@ from p2pmega.core.wire import (
     RenewRequest,
     RenewSignedRequest,
     Role,
+    SpaceReply,
+    SpaceRequest,
     StoreOK,
     StoreRequest,
     TransferConnection,
@@ -87,6 +89,9 @@ def exchanges() -> list[tuple[str, Any, Any]]:
     for code in (c for c in ErrorCode if c > ErrorCode.INTERNAL):
         rid = 100 + int(code)
         cases.append((f"error-{code.name.lower()}", FetchRequest(rid, CID), Error(rid, code, "")))
+    # Free space for placement by capacity (issue 18): one new request, answered by its own reply.
+    cases.append(("space", SpaceRequest(12), SpaceReply(12, 2_500_000_000, 10_000_000_000)))
+    cases.append(("space-full", SpaceRequest(13), SpaceReply(13, 0, 2**64 - 1)))
     return cases
 
 

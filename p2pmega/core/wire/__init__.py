@@ -49,6 +49,8 @@ from p2pmega.core.wire.events import (
     Request,
     Role,
     Sentinel,
+    SpaceReply,
+    SpaceRequest,
     StoreOK,
     StoreRequest,
 )
@@ -90,6 +92,8 @@ __all__ = [
     "Role",
     "Sentinel",
     "ServerDeadlines",
+    "SpaceReply",
+    "SpaceRequest",
     "StoreOK",
     "StoreRequest",
     "TimedOut",

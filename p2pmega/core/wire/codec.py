@@ -35,6 +35,8 @@ from p2pmega.core.wire.events import (
     RenewSignedRequest,
     Reply,
     Request,
+    SpaceReply,
+    SpaceRequest,
     StoreOK,
     StoreRequest,
 )
@@ -48,6 +50,7 @@ _RENEW_FIXED: Final = struct.Struct(">IH")  # lease seconds, id count
 _COUNT: Final = struct.Struct(">H")
 _SECONDS: Final = struct.Struct(">I")
 _ERROR_FIXED: Final = struct.Struct(">B")
+_SPACE: Final = struct.Struct(">QQ")  # free bytes, quota bytes
 assert HEADER.size == HEADER_BYTES  # noqa: S101 - events.py states the size without struct
 assert PREFIX_BYTES == 4  # noqa: S101 - the u32 that opens HEADER
 
@@ -255,6 +258,16 @@ def decode_leases_request(request_id: int, body: memoryview, data: bool = True) 
     return LeasesRequest(request_id, _decode_ids(MessageType.LEASES, request_id, body, 0))
 
 
+def encode_space_request(event: SpaceRequest) -> Body:
+    return b"", b""
+
+
+def decode_space_request(request_id: int, body: memoryview, data: bool = True) -> SpaceRequest:
+    if len(body):
+        raise bad("SPACE frame must be empty", request_id)
+    return SpaceRequest(request_id)
+
+
 # Replies.
 
 
@@ -312,6 +325,25 @@ def decode_leases_reply(request_id: int, body: memoryview, data: bool = True) ->
     return LeasesReply(request_id, struct.unpack_from(f">{count}I", body, _COUNT.size))
 
 
+def encode_space_reply(event: SpaceReply) -> Body:
+    if not 0 <= event.free_bytes <= event.quota_bytes < 2**64:
+        raise ValueError(
+            f"free bytes {event.free_bytes} must be 0..quota bytes {event.quota_bytes} < 2**64"
+        )
+    return _SPACE.pack(event.free_bytes, event.quota_bytes), b""
+
+
+def decode_space_reply(request_id: int, body: memoryview, data: bool = True) -> SpaceReply:
+    if len(body) != _SPACE.size:
+        raise bad(f"SPACE_REPLY must hold two u64, got {len(body)} bytes", request_id)
+    free_bytes, quota_bytes = _SPACE.unpack_from(body)
+    if free_bytes > quota_bytes:
+        raise bad(
+            f"SPACE_REPLY claims {free_bytes} bytes free of a {quota_bytes}-byte quota", request_id
+        )
+    return SpaceReply(request_id, free_bytes, quota_bytes)
+
+
 def encode_error(event: Error) -> Body:
     message = event.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
     return _ERROR_FIXED.pack(event.code) + message, b""
@@ -338,11 +370,13 @@ ENCODERS: Final[dict[type[Request | Reply], tuple[MessageType, Callable[[Any], B
     LeasesRequest: (MessageType.LEASES, encode_leases_request),
     KeyedStoreRequest: (MessageType.STORE_KEYED, encode_keyed_store_request),
     RenewSignedRequest: (MessageType.RENEW_SIGNED, encode_renew_signed_request),
+    SpaceRequest: (MessageType.SPACE, encode_space_request),
     StoreOK: (MessageType.STORE_OK, encode_store_ok),
     ChunkData: (MessageType.CHUNK_DATA, encode_chunk_data),
     HasReply: (MessageType.HAS_REPLY, encode_has_reply),
     RenewReply: (MessageType.RENEW_REPLY, encode_renew_reply),
     LeasesReply: (MessageType.LEASES_REPLY, encode_leases_reply),
+    SpaceReply: (MessageType.SPACE_REPLY, encode_space_reply),
     Error: (MessageType.ERROR, encode_error),
 }
 DECODERS: Final[dict[MessageType, Decoder]] = {
@@ -353,11 +387,13 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
     MessageType.LEASES: decode_leases_request,
     MessageType.STORE_KEYED: decode_keyed_store_request,
     MessageType.RENEW_SIGNED: decode_renew_signed_request,
+    MessageType.SPACE: decode_space_request,
     MessageType.STORE_OK: decode_store_ok,
     MessageType.CHUNK_DATA: decode_chunk_data,
     MessageType.HAS_REPLY: decode_has_reply,
     MessageType.RENEW_REPLY: decode_renew_reply,
     MessageType.LEASES_REPLY: decode_leases_reply,
+    MessageType.SPACE_REPLY: decode_space_reply,
     MessageType.ERROR: decode_error,
 }
 # How many bytes of a hand-over frame's body precede its data (see buffer.py).

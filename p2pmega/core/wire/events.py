@@ -54,11 +54,15 @@ class MessageType(enum.IntEnum):
     LEASES = 0x05  # new in version 1 (docs/PROTOCOL.md, "Versioning")
     STORE_KEYED = 0x06  # a STORE carrying the file's renewal key; answered by STORE_OK
     RENEW_SIGNED = 0x07  # a renewal signed with that key; answered by RENEW_REPLY
+    SPACE = (
+        0x08  # how many bytes may the requester still store here (issue 18, placement by capacity)
+    )
     STORE_OK = 0x81
     CHUNK_DATA = 0x82
     HAS_REPLY = 0x83
     RENEW_REPLY = 0x84
     LEASES_REPLY = 0x85
+    SPACE_REPLY = 0x88
     ERROR = 0xFF
 
 
@@ -161,6 +165,13 @@ class LeasesRequest:
 
 
 @dataclass(frozen=True)
+class SpaceRequest:
+    """How many bytes may the requester's network still store here? An empty body."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
 class StoreOK:
     """The chunk is durably stored; ``newly_stored`` is False if it was already held."""
 
@@ -206,6 +217,19 @@ class LeasesReply:
 
 
 @dataclass(frozen=True)
+class SpaceReply:
+    """The holder's answer to a SpaceRequest, as it claims it (untrusted: core.capacity bounds its use).
+
+    ``free_bytes``: what the requester's network may still store here now, within the quota and its
+    share of it (expired chunks count as free: a store collects them); at most ``quota_bytes``.
+    """
+
+    request_id: int
+    free_bytes: int
+    quota_bytes: int
+
+
+@dataclass(frozen=True)
 class Error:
     """A typed refusal of one request (or of the connection when request_id is 0)."""
 
@@ -220,9 +244,15 @@ class ConnectionClosed:
 
 
 Request = (
-    StoreRequest | FetchRequest | HasRequest | RenewRequest | LeasesRequest | RenewSignedRequest
+    StoreRequest
+    | FetchRequest
+    | HasRequest
+    | RenewRequest
+    | LeasesRequest
+    | RenewSignedRequest
+    | SpaceRequest
 )
-Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | Error
+Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | SpaceReply | Error
 Event = Request | Reply | ConnectionClosed
 
 # The reply type that answers each request type (besides ERROR, which answers any).
@@ -234,6 +264,7 @@ REPLY_FOR: Final[dict[MessageType, MessageType]] = {
     MessageType.LEASES: MessageType.LEASES_REPLY,
     MessageType.STORE_KEYED: MessageType.STORE_OK,
     MessageType.RENEW_SIGNED: MessageType.RENEW_REPLY,
+    MessageType.SPACE: MessageType.SPACE_REPLY,
 }
 # The request types, for isinstance checks.
 REQUEST_TYPES: Final = (
@@ -243,6 +274,7 @@ REQUEST_TYPES: Final = (
     RenewRequest,
     LeasesRequest,
     RenewSignedRequest,
+    SpaceRequest,
 )
 
 
