@@ -157,7 +157,19 @@ def build(net: Network) -> None:
         )
         sh("ip", "netns", "add", host.namespace)
         net.hosts.append(host)
-        sh("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.namespace)
+        sh(
+            "ip",
+            "link",
+            "add",
+            host.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            host.namespace,
+        )
         sh("ip", "link", "set", host.veth, "master", net.bridge, "up")
         inside = ("ip", "netns", "exec", host.namespace)
         sh(*inside, "ip", "link", "set", "lo", "up")
@@ -251,10 +263,11 @@ def wait_listening(hosts: Sequence[Host]) -> None:
         time.sleep(0.05)
 
 
-def run(net: Network, python: str, *args: str) -> tuple[float, str]:
-    """Run a client command in the client's namespace; (wall seconds, stdout)."""
+def run(net: Network, python: str, *args: str, log_to: Path | None = None) -> tuple[float, str]:
+    """Run a client command in the client's namespace; (wall seconds, stdout). With ``log_to``, at -vv and
+    its stderr saved there."""
     client = net.client
-    cmd = p2pmega(python, client, *args)
+    cmd = p2pmega(python, client, *(["-vv"] if log_to else []), *args)
     cmd += ["--bootstrap", net.bootstrap.endpoint, "--geo-table", str(net.work / "geo-table.txt")]
     cmd += ["--host", client.address]
     start = time.perf_counter()
@@ -268,6 +281,8 @@ def run(net: Network, python: str, *args: str) -> tuple[float, str]:
         check=False,
     )
     wall = time.perf_counter() - start
+    if log_to is not None:
+        log_to.write_bytes(proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"p2pmega {args[0]} failed: {proc.stderr.decode()[-500:]}")
     return wall, proc.stdout.decode().strip()
@@ -341,14 +356,18 @@ class Result:
     fetch_limit_s: float
 
 
-def run_scenario(net: Network, python: str, sc: Scenario, mib: int, runs: int) -> Result:
+def run_scenario(
+    net: Network, python: str, sc: Scenario, mib: int, runs: int, debug_log: bool = False
+) -> Result:
     for seed, mbit in zip(net.seeds, sc.seed_mbit, strict=True):
         shape(seed, mbit)
     shape(net.client, sc.client_mbit)
     shape(net.bootstrap, 200.0)
     src = net.work / f"{sc.name}.bin"
     src.write_bytes(os.urandom(mib * MIB))
-    share_s, out = run(net, python, "share", str(src), "--json", "--data-dir", str(net.client.data_dir))
+    share_s, out = run(
+        net, python, "share", str(src), "--json", "--data-dir", str(net.client.data_dir)
+    )
     doc = json.loads(out)
     src.unlink()
     rate_of = {
@@ -366,7 +385,10 @@ def run_scenario(net: Network, python: str, sc: Scenario, mib: int, runs: int) -
     times = []
     for r in range(runs):
         dest = net.work / f"out-{sc.name}-{r}"
-        fetch_s, _ = run(net, python, "fetch", doc["read_link"], "-o", str(dest), "--force")
+        log_to = net.work / "logs" / f"fetch-{sc.name}-{r}.log" if debug_log else None
+        fetch_s, _ = run(
+            net, python, "fetch", doc["read_link"], "-o", str(dest), "--force", log_to=log_to
+        )
         if dest.stat().st_size != doc["size"]:
             raise SystemExit(f"fetch wrote {dest.stat().st_size} bytes, not {doc['size']}")
         dest.unlink()
@@ -376,7 +398,9 @@ def run_scenario(net: Network, python: str, sc: Scenario, mib: int, runs: int) -
 
 def report(results: Sequence[Result], mib: int) -> None:
     fast = next((r for r in results if r.scenario.name == "fast"), None)
-    print(f"{mib} MiB, {len(results[0].fetch_s)} fetch runs per scenario; ratio = physical limit / time")
+    print(
+        f"{mib} MiB, {len(results[0].fetch_s)} fetch runs per scenario; ratio = physical limit / time"
+    )
     for r in results:
         print(f"\n{r.scenario.name}: {r.scenario.title}")
         print(
@@ -416,14 +440,23 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter whose p2pmega runs")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument(
+        "--debug-log",
+        action="store_true",
+        help="fetch with -vv; its stderr goes to logs/fetch-*.log",
+    )
     args = parser.parse_args()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if unknown := [s for s in chosen if s not in names]:
         parser.error(f"unknown scenarios {unknown}; choose from {names}")
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
-        print("bench/wan.py: needs root and iproute2 (ip, tc) to build network namespaces", file=sys.stderr)
+        print(
+            "bench/wan.py: needs root and iproute2 (ip, tc) to build network namespaces",
+            file=sys.stderr,
+        )
         return 1
-    base = args.work_dir or Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+    shm = Path("/dev/shm")  # noqa: S108 (a private mkdtemp inside it, as the docstring says)
+    base = args.work_dir or (shm if shm.is_dir() else Path(tempfile.gettempdir()))
     work = Path(tempfile.mkdtemp(prefix="p2pmega-wan-", dir=base))
     net: Network | None = None
     results: list[Result] = []
@@ -435,7 +468,9 @@ def main() -> int:
             start_peers(net, args.python)
             table = scenarios(len(net.seeds))
             for name in chosen:
-                results.append(run_scenario(net, args.python, table[name], args.mib, args.runs))
+                results.append(
+                    run_scenario(net, args.python, table[name], args.mib, args.runs, args.debug_log)
+                )
                 print(f"[{name} done]", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("bench/wan.py: interrupted; removing the network", file=sys.stderr)

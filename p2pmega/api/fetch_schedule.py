@@ -1,0 +1,359 @@
+"""Which holder each chunk of a fetch is asked of: by measured throughput, with hedged requests near the end.
+
+Each holder's rate is measured as its chunks arrive. A holder with a free slot takes the first waiting chunk it
+holds if it is that chunk's fastest holder, or if it would still deliver it before the fetch is expected to end;
+a holder with nothing to take asks for a chunk that is still on its way from a slower holder (near the end, or
+when that request runs far past its expected time). The first verified copy is written, the other request is
+cancelled (which closes its connection, docs/PROTOCOL.md "Cancelling a request"). No I/O but the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.core.ids import Address
+from p2pmega.errors import ChunkHashMismatch, ChunkNotStored, ChunkUnavailable, NetworkError
+from p2pmega.replicate.locator import HolderLocator
+
+log = logging.getLogger(__name__)
+
+# Requests one holder has under way at once: two keep its link busy while a reply is verified and written.
+SLOTS_PER_HOLDER: Final = 2
+# A holder's rate before its first chunk arrived: optimistic (100 MiB/s), so every holder gets a first request
+# and is measured; a slow one costs at most SLOTS_PER_HOLDER chunks that faster holders then ask for too.
+PRIOR_RATE_BYTES_S: Final = 100 * 1024 * 1024
+# Weight of the newest sample in a holder's rate (an exponential moving average: a few chunks adapt it).
+RATE_WEIGHT: Final = 0.5
+# A request running this many times its expected duration is asked of another holder too, endgame or not.
+OVERDUE_FACTOR: Final = 2.0
+# Requests asked of a second holder at once (each one may waste up to a chunk of someone's upload).
+MAX_HEDGES: Final = 4
+# Holder searches (DHT lookups) at once for chunks with no holder known; one usually finds them all.
+MAX_SEARCHES: Final = 4
+# How often the schedule looks again without a reply arriving (overdue requests, holders found meanwhile).
+TICK_S: Final = 0.1
+
+Consume = Callable[[int, bytes | memoryview], int]
+
+
+@dataclass(eq=False)
+class _Request:
+    index: int
+    addr: Address | None  # None: the locator's own fetch (a chunk with no holder known yet)
+    started: float
+    expected_end: float
+    hedge: bool
+    task: asyncio.Task[int | None] = field(init=False)
+
+
+@dataclass
+class _Holder:
+    rate_bytes_s: float = PRIOR_RATE_BYTES_S
+    measured: bool = False
+    in_flight: int = 0
+    last_reply: float = 0.0
+    dropped_at: float = (
+        -1.0
+    )  # when we last cancelled a request of its (which closes that connection)
+
+
+class FetchSchedule:
+    """Fetches chunks ``todo`` of ``ids``: ``consume(index, bytes)`` writes a verified chunk exactly once.
+
+    ``on_done(index, written)`` runs (in the loop) after each chunk is written. ``max_in_flight`` bounds the
+    first requests; hedged ones add at most MAX_HEDGES. ``cancelled`` counts requests cancelled because another
+    holder delivered the chunk first (tests assert on it).
+    """
+
+    def __init__(
+        self,
+        locator: HolderLocator,
+        ids: Sequence[ChunkId],
+        todo: Sequence[int],
+        sizes: Sequence[int],
+        consume: Consume,
+        on_done: Callable[[int, int], Awaitable[None]],
+        *,
+        max_in_flight: int,
+    ) -> None:
+        self.locator, self.ids, self.sizes = locator, ids, sizes
+        self.consume, self.on_done, self.max_in_flight = consume, on_done, max_in_flight
+        self.waiting: list[int] = sorted(todo)  # not asked of anyone yet
+        self.requests: dict[int, list[_Request]] = {}
+        self.holders: dict[Address, _Holder] = {}
+        self.refused: dict[int, set[Address]] = {}  # holders that failed a chunk, per chunk
+        self.missing: list[tuple[int, ChunkUnavailable]] = []
+        self.cancelled = 0
+        self.hedged = 0
+        self._claimed: set[int] = set()
+        # Cancelled or lost requests, awaited at the end.
+        self._abandoned: list[asyncio.Task[int | None]] = []
+        # Chunk -> its holder search (locator.discover): a chunk with no holder known waits for it, and only a
+        # chunk the search found no holder for goes to the locator's own fetch (which searches once more).
+        self.searches: dict[int, asyncio.Task[None]] = {}
+        self.searched: set[int] = set()
+        self._lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+
+    async def run(self) -> None:
+        """Fetch every chunk or find it missing (``self.missing``).
+
+        Raises:
+            Whatever ``consume`` or ``on_done`` raises first: no chunk is asked for after it, but the requests
+            under way finish (and are recorded) before it is raised.
+        """
+        failure: BaseException | None = None
+        try:
+            while self.waiting or self.requests:
+                if failure is not None:
+                    self.waiting.clear()
+                else:
+                    self._assign()
+                tasks = [r.task for rs in self.requests.values() for r in rs]
+                tasks += list(self.searches.values())
+                if not tasks and not self.waiting:
+                    break
+                if not tasks:
+                    # Nothing under way or searched, yet chunks wait (their holders all refused or failed): the locator
+                    # searches again and fails over itself.
+                    self._start(self.waiting.pop(0), None, self._loop.time(), hedge=False)
+                    continue
+                done, _ = await asyncio.wait(
+                    tasks, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                for index, search in list(self.searches.items()):
+                    if search in done:
+                        del self.searches[index]
+                        self.searched.add(index)
+                        search.result()  # discover() catches the network's errors itself
+                for request in [r for rs in list(self.requests.values()) for r in rs]:
+                    if request.task in done:
+                        try:
+                            await self._finished(request)
+                        except Exception as exc:  # raised once the requests under way are done
+                            failure = failure or exc
+            if failure is not None:
+                raise failure
+            log.debug(
+                "schedule: %d hedged, %d cancelled; rates %s",
+                self.hedged,
+                self.cancelled,
+                {
+                    f"{a[0]}:{a[1]}": f"{h.rate_bytes_s / 2**20:.1f} MiB/s"
+                    for a, h in self.holders.items()
+                },
+            )
+        finally:
+            leftover = [r.task for rs in self.requests.values() for r in rs] + self._abandoned
+            leftover += list(self.searches.values())
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+
+    # -- choosing -------------------------------------------------------------------------------------
+
+    def _holder(self, addr: Address) -> _Holder:
+        return self.holders.setdefault(addr, _Holder())
+
+    def _live(self, index: int) -> list[Address]:
+        refused = self.refused.get(index, set())
+        return [a for a in self.locator.live_holders(self.ids[index]) if a not in refused]
+
+    def _finish_at(self, addr: Address, index: int, now: float) -> float:
+        """When ``addr`` would deliver chunk ``index`` if asked now: after what it is sending, at its rate."""
+        holder = self._holder(addr)
+        busy_until = max(
+            (
+                r.expected_end
+                for rs in self.requests.values()
+                for r in rs
+                if r.addr == addr and r.expected_end > now
+            ),
+            default=now,
+        )
+        return busy_until + self.sizes[index] / holder.rate_bytes_s
+
+    def _projected_end(self, now: float) -> float:
+        """When the chunks not asked yet would be done if every known holder shared them by its rate."""
+        rates = sum(h.rate_bytes_s for a, h in self.holders.items() if a not in self.locator.dead)
+        waiting_bytes = sum(self.sizes[i] for i in self.waiting)
+        return now + waiting_bytes / max(rates, 1.0)
+
+    def _assign(self) -> None:
+        now = self._loop.time()
+        for index in list(self.waiting):
+            live = self._live(index)
+            for addr in live:
+                self._holder(addr)
+            if live or index in self.searches:
+                continue
+            if index not in self.searched:
+                # A few searches at a time: the peers one finds are asked about every wanted chunk at once.
+                if len(self.searches) < MAX_SEARCHES:
+                    chunk_id = self.ids[index]
+                    self.searches[index] = asyncio.create_task(self.locator.discover(chunk_id))
+            elif self._primary_count() < self.max_in_flight:
+                # Searched and still no holder: the locator's own fetch searches again and fails over.
+                self.waiting.remove(index)
+                self._start(index, None, now, hedge=False)
+        end = self._projected_end(now)
+        order = sorted(
+            (a for a in self.holders if a not in self.locator.dead),
+            key=lambda a: -self.holders[a].rate_bytes_s,
+        )
+        for addr in order:
+            while self._holder(addr).in_flight < SLOTS_PER_HOLDER:
+                if not self._take_waiting(addr, now, end) and not self._hedge(addr, now):
+                    break
+
+    def _primary_count(self) -> int:
+        return sum(1 for rs in self.requests.values() for r in rs if not r.hedge)
+
+    def _take_waiting(self, addr: Address, now: float, end: float) -> bool:
+        if self._primary_count() >= self.max_in_flight:
+            return False
+        rate = self._holder(addr).rate_bytes_s
+        for index in self.waiting:
+            live = self._live(index)
+            if addr not in live:
+                continue
+            fastest = max(self._holder(a).rate_bytes_s for a in live)
+            if rate >= fastest or self._finish_at(addr, index, now) <= end:
+                self.waiting.remove(index)
+                self._start(index, addr, now, hedge=False)
+                return True
+        return False
+
+    def _hedge(self, addr: Address, now: float) -> bool:
+        """Ask ``addr`` for a chunk under way at a slower holder, if it would deliver it first.
+
+        Only in the endgame (nothing left to take) or for a request far past its expected time.
+        """
+        if sum(1 for rs in self.requests.values() for r in rs if r.hedge) >= MAX_HEDGES:
+            return False
+        endgame = not self.waiting
+        best: tuple[float, int] | None = None
+        for index, requests in self.requests.items():
+            if len(requests) != 1 or requests[0].addr in (None, addr):
+                continue
+            if addr not in self._live(index):
+                continue
+            (other,) = requests
+            expected = other.expected_end
+            overdue = now - other.started > OVERDUE_FACTOR * max(expected - other.started, TICK_S)
+            if overdue:
+                expected = max(expected, now + (now - other.started))
+            if not (endgame or overdue):
+                continue
+            mine = self._finish_at(addr, index, now)
+            if mine < expected and (best is None or expected > best[0]):
+                best = (expected, index)
+        if best is None:
+            return False
+        self.hedged += 1
+        self._start(best[1], addr, now, hedge=True)
+        return True
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def _start(self, index: int, addr: Address | None, now: float, *, hedge: bool) -> None:
+        expected = now if addr is None else self._finish_at(addr, index, now)
+        request = _Request(index, addr, now, expected, hedge)
+        request.task = asyncio.create_task(self._fetch(index, addr))
+        self.requests.setdefault(index, []).append(request)
+        if addr is not None:
+            self._holder(addr).in_flight += 1
+
+    async def _fetch(self, index: int, addr: Address | None) -> int | None:
+        def consume(data: bytes | memoryview) -> int | None:
+            # Two holders may deliver the same chunk at once: the first verified copy is written, and only once.
+            with self._lock:
+                if index in self._claimed:
+                    return None
+                self._claimed.add(index)
+            return self.consume(index, data)
+
+        chunk_id = self.ids[index]
+        if addr is None:
+            return await self.locator.fetch_into(chunk_id, consume, spread=index)
+        return await self.locator.node.client.fetch_into(
+            addr, chunk_id, consume, drop_on_cancel=True
+        )
+
+    async def _finished(self, request: _Request) -> None:
+        index, addr = request.index, request.addr
+        now = self._loop.time()
+        siblings = self.requests.get(index, [])
+        if request not in siblings:
+            return  # cancelled in this same round, after another copy was written
+        siblings.remove(request)
+        if not siblings:
+            self.requests.pop(index, None)
+        holder = self._holder(addr) if addr is not None else None
+        if holder is not None:
+            holder.in_flight -= 1
+        task = request.task
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            written = task.result()
+            if holder is not None:
+                self._measure(holder, request, now)
+            if written is None:
+                return  # the other copy won the race to be written
+            for other in self.requests.pop(index, []):
+                self._cancel(other, now)
+            await self.on_done(index, written)
+            return
+        if isinstance(exc, ChunkUnavailable) and addr is None:
+            self.missing.append((index, exc))
+            return
+        if not isinstance(exc, ChunkNotStored | ChunkHashMismatch | NetworkError):
+            raise exc  # the writer's failure, or a decryption failure: the fetch stops
+        if addr is None or holder is None:
+            raise exc  # the locator's own fetch gives up with ChunkUnavailable only; anything else stops the fetch
+        log.debug("holder %s failed chunk %s: %s", addr, short_id(self.ids[index]), exc)
+        self.refused.setdefault(index, set()).add(addr)
+        ours = holder.dropped_at >= request.started  # its connection closed by one of our cancels
+        if not ours and not isinstance(exc, ChunkNotStored):
+            self.locator.dead.add(
+                addr
+            )  # timed out, unreachable or sent bad bytes: out for this fetch
+        if ours:
+            self.refused[index].discard(addr)
+        if index not in self.requests and index not in self._claimed:
+            self.waiting.append(index)
+            self.waiting.sort()
+
+    def _cancel(self, request: _Request, now: float) -> None:
+        request.task.cancel()
+        self._abandoned.append(request.task)
+        self.cancelled += 1
+        if request.addr is not None:
+            holder = self._holder(request.addr)
+            holder.in_flight -= 1
+            holder.dropped_at = now
+            # It did not deliver in the time it had: its rate is at most this (so an unmeasured slow holder
+            # is not asked again at the optimistic prior rate).
+            bound = self.sizes[request.index] / max(
+                now - max(request.started, holder.last_reply), 1e-3
+            )
+            if bound < holder.rate_bytes_s:
+                holder.rate_bytes_s, holder.measured = bound, True
+
+    def _measure(self, holder: _Holder, request: _Request, now: float) -> None:
+        """A pipelined holder's rate: bytes over the time since its previous reply (or since this request)."""
+        since = max(request.started, holder.last_reply)
+        holder.last_reply = now
+        sample = self.sizes[request.index] / max(now - since, 1e-3)
+        if not holder.measured:
+            holder.rate_bytes_s, holder.measured = sample, True
+        else:
+            holder.rate_bytes_s += RATE_WEIGHT * (sample - holder.rate_bytes_s)
