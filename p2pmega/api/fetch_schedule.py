@@ -91,6 +91,10 @@ class FetchSchedule:
         self.missing: list[tuple[int, ChunkUnavailable]] = []
         self.cancelled = 0
         self.hedged = 0
+        # Copies verified after another copy of their chunk was claimed for writing, and dropped; ``on_late``
+        # is told each one's index (in the verifying thread).
+        self.late = 0
+        self.on_late: Callable[[int], None] | None = None
         self._claimed: set[int] = set()
         # Cancelled or lost requests, awaited at the end.
         self._abandoned: list[asyncio.Task[int | None]] = []
@@ -275,6 +279,9 @@ class FetchSchedule:
             # Two holders may deliver the same chunk at once: the first verified copy is written, and only once.
             with self._lock:
                 if index in self._claimed:
+                    self.late += 1
+                    if self.on_late is not None:
+                        self.on_late(index)
                     return None
                 self._claimed.add(index)
             return self.consume(index, data)
