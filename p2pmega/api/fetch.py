@@ -293,7 +293,9 @@ class _Download:
             min(self.chunk_size, resume.size - i * self.chunk_size) for i in resume.done
         )
         self.missing: list[tuple[int, ChunkUnavailable]] = []
-        self.schedule: FetchSchedule | None = None  # the last run's (tests read what it cancelled)
+        self.schedule: FetchSchedule[int] | None = (
+            None  # the last run's (tests read what it cancelled)
+        )
 
     async def run(self) -> None:
         ids = self.manifest.chunk_ids

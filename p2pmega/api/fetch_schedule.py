@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Generic, TypeVar, cast
 
 from p2pmega.core.chunking import ChunkId, short_id
 from p2pmega.core.ids import Address
@@ -28,18 +28,16 @@ SLOTS_PER_HOLDER: Final = 2
 # A holder's rate before its first chunk arrived: optimistic (100 MiB/s), so every holder gets a first request
 # and is measured; a slow one costs at most SLOTS_PER_HOLDER chunks that faster holders then ask for too.
 PRIOR_RATE_BYTES_S: Final = 100 * 1024 * 1024
-# Weight of the newest sample in a holder's rate (an exponential moving average: a few chunks adapt it).
-RATE_WEIGHT: Final = 0.5
 # A request running this many times its expected duration is asked of another holder too, endgame or not.
 OVERDUE_FACTOR: Final = 2.0
 # Requests asked of a second holder at once (each one may waste up to a chunk of someone's upload).
-MAX_HEDGES: Final = 4
+MAX_HEDGES: Final = 8
 # Holder searches (DHT lookups) at once for chunks with no holder known; one usually finds them all.
 MAX_SEARCHES: Final = 4
 # How often the schedule looks again without a reply arriving (overdue requests, holders found meanwhile).
 TICK_S: Final = 0.1
 
-Consume = Callable[[int, bytes | memoryview], int]
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
@@ -49,26 +47,40 @@ class _Request:
     started: float
     expected_end: float
     hedge: bool
-    task: asyncio.Task[int | None] = field(init=False)
+    task: asyncio.Task[object] = field(init=False)
 
 
 @dataclass
 class _Holder:
+    """What the schedule knows about one holder: its measured rate and what it has under way."""
+
     rate_bytes_s: float = PRIOR_RATE_BYTES_S
     measured: bool = False
     in_flight: int = 0
-    last_reply: float = 0.0
-    dropped_at: float = (
-        -1.0
-    )  # when we last cancelled a request of its (which closes that connection)
+    # Its rate is bytes delivered over time busy (some request under way): requests under way at once share
+    # its link, so the time per request would count that link several times over.
+    delivered_bytes: int = 0
+    busy_s: float = 0.0
+    busy_mark: float = 0.0
+    # When we last cancelled a request of its (which closes that connection).
+    dropped_at: float = -1.0
+
+    def count_busy(self, now: float) -> None:
+        """Add the time since the last change to busy_s if something was under way; call before each change."""
+        if self.in_flight > 0:
+            self.busy_s += now - self.busy_mark
+        self.busy_mark = now
 
 
-class FetchSchedule:
-    """Fetches chunks ``todo`` of ``ids``: ``consume(index, bytes)`` writes a verified chunk exactly once.
+class FetchSchedule(Generic[_T]):
+    """Fetches chunks ``todo`` of ``ids``: ``consume(index, bytes)`` takes a verified chunk exactly once.
 
-    ``on_done(index, written)`` runs (in the loop) after each chunk is written. ``max_in_flight`` bounds the
-    first requests; hedged ones add at most MAX_HEDGES. ``cancelled`` counts requests cancelled because another
-    holder delivered the chunk first (tests assert on it).
+    ``consume`` runs in the thread that hash-checked the bytes; ``on_done(index, result)`` runs in the loop
+    after it, with what it returned. ``max_in_flight`` bounds the first requests; hedged ones add at most
+    MAX_HEDGES. With ``window``, no chunk at or past ``window()`` is asked for (a stream's bounded memory): call
+    ``kick`` when it moves. With ``stop_on_missing``, a chunk no holder has ends the run at once (ChunkUnavailable)
+    instead of being counted in ``missing``. ``cancelled`` counts requests cancelled because another holder
+    delivered the chunk first.
     """
 
     def __init__(
@@ -77,13 +89,17 @@ class FetchSchedule:
         ids: Sequence[ChunkId],
         todo: Sequence[int],
         sizes: Sequence[int],
-        consume: Consume,
-        on_done: Callable[[int, int], Awaitable[None]],
+        consume: Callable[[int, bytes | memoryview], _T],
+        on_done: Callable[[int, _T], Awaitable[None]],
         *,
         max_in_flight: int,
+        window: Callable[[], int] | None = None,
+        stop_on_missing: bool = False,
     ) -> None:
         self.locator, self.ids, self.sizes = locator, ids, sizes
         self.consume, self.on_done, self.max_in_flight = consume, on_done, max_in_flight
+        self.window, self.stop_on_missing = window, stop_on_missing
+        self._kicked = asyncio.Event()
         self.waiting: list[int] = sorted(todo)  # not asked of anyone yet
         self.requests: dict[int, list[_Request]] = {}
         self.holders: dict[Address, _Holder] = {}
@@ -97,7 +113,7 @@ class FetchSchedule:
         self.on_late: Callable[[int], None] | None = None
         self._claimed: set[int] = set()
         # Cancelled or lost requests, awaited at the end.
-        self._abandoned: list[asyncio.Task[int | None]] = []
+        self._abandoned: list[asyncio.Task[object]] = []
         # Chunk -> its holder search (locator.discover): a chunk with no holder known waits for it, and only a
         # chunk the search found no holder for goes to the locator's own fetch (which searches once more).
         self.searches: dict[int, asyncio.Task[None]] = {}
@@ -113,21 +129,29 @@ class FetchSchedule:
             under way finish (and are recorded) before it is raised.
         """
         failure: BaseException | None = None
+        kick_wait: asyncio.Task[object] | None = None
         try:
             while self.waiting or self.requests:
                 if failure is not None:
                     self.waiting.clear()
                 else:
                     self._assign()
-                tasks = [r.task for rs in self.requests.values() for r in rs]
+                tasks: list[asyncio.Task[object]] = [
+                    r.task for rs in self.requests.values() for r in rs
+                ]
                 tasks += list(self.searches.values())
                 if not tasks and not self.waiting:
                     break
-                if not tasks:
-                    # Nothing under way or searched, yet chunks wait (their holders all refused or failed): the locator
-                    # searches again and fails over itself.
+                if not tasks and self.waiting[0] < self._limit():
+                    # Nothing under way or searched, yet chunks wait (their holders all refused or failed): the
+                    # locator searches again and fails over itself.
                     self._start(self.waiting.pop(0), None, self._loop.time(), hedge=False)
                     continue
+                if self.window is not None:
+                    if kick_wait is None or kick_wait.done():
+                        self._kicked.clear()
+                        kick_wait = asyncio.create_task(self._kicked.wait())
+                    tasks.append(kick_wait)
                 done, _ = await asyncio.wait(
                     tasks, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -156,9 +180,18 @@ class FetchSchedule:
         finally:
             leftover = [r.task for rs in self.requests.values() for r in rs] + self._abandoned
             leftover += list(self.searches.values())
+            if kick_wait is not None:
+                leftover.append(kick_wait)
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
+
+    def kick(self) -> None:
+        """The ``window`` moved: look again now."""
+        self._kicked.set()
+
+    def _limit(self) -> int:
+        return len(self.ids) if self.window is None else self.window()
 
     # -- choosing -------------------------------------------------------------------------------------
 
@@ -191,7 +224,10 @@ class FetchSchedule:
 
     def _assign(self) -> None:
         now = self._loop.time()
+        limit = self._limit()
         for index in list(self.waiting):
+            if index >= limit:
+                break  # waiting is sorted
             live = self._live(index)
             for addr in live:
                 self._holder(addr)
@@ -223,7 +259,10 @@ class FetchSchedule:
         if self._primary_count() >= self.max_in_flight:
             return False
         rate = self._holder(addr).rate_bytes_s
+        limit = self._limit()
         for index in self.waiting:
+            if index >= limit:
+                break
             live = self._live(index)
             if addr not in live:
                 continue
@@ -241,7 +280,7 @@ class FetchSchedule:
         """
         if sum(1 for rs in self.requests.values() for r in rs if r.hedge) >= MAX_HEDGES:
             return False
-        endgame = not self.waiting
+        endgame = not self.waiting or self.waiting[0] >= self._limit()  # nothing left it may take
         best: tuple[float, int] | None = None
         for index, requests in self.requests.items():
             if len(requests) != 1 or requests[0].addr in (None, addr):
@@ -272,10 +311,11 @@ class FetchSchedule:
         request.task = asyncio.create_task(self._fetch(index, addr))
         self.requests.setdefault(index, []).append(request)
         if addr is not None:
+            self._holder(addr).count_busy(now)
             self._holder(addr).in_flight += 1
 
-    async def _fetch(self, index: int, addr: Address | None) -> int | None:
-        def consume(data: bytes | memoryview) -> int | None:
+    async def _fetch(self, index: int, addr: Address | None) -> _T | None:
+        def consume(data: bytes | memoryview) -> _T | None:
             # Two holders may deliver the same chunk at once: the first verified copy is written, and only once.
             with self._lock:
                 if index in self._claimed:
@@ -304,15 +344,24 @@ class FetchSchedule:
             self.requests.pop(index, None)
         holder = self._holder(addr) if addr is not None else None
         if holder is not None:
+            holder.count_busy(now)
             holder.in_flight -= 1
         task = request.task
         if task.cancelled():
             return
         exc = task.exception()
         if exc is None:
-            written = task.result()
+            written = cast("_T | None", task.result())
             if holder is not None:
-                self._measure(holder, request, now)
+                self._measure(holder, request)
+            log.debug(
+                "chunk %d from %s in %.2f s (expected %.2f s)%s",
+                index,
+                addr,
+                now - request.started,
+                request.expected_end - request.started,
+                " (hedge)" if request.hedge else "",
+            )
             if written is None:
                 return  # the other copy won the race to be written
             for other in self.requests.pop(index, []):
@@ -320,6 +369,8 @@ class FetchSchedule:
             await self.on_done(index, written)
             return
         if isinstance(exc, ChunkUnavailable) and addr is None:
+            if self.stop_on_missing:
+                raise exc
             self.missing.append((index, exc))
             return
         if not isinstance(exc, ChunkNotStored | ChunkHashMismatch | NetworkError):
@@ -345,22 +396,17 @@ class FetchSchedule:
         self.cancelled += 1
         if request.addr is not None:
             holder = self._holder(request.addr)
+            holder.count_busy(now)
             holder.in_flight -= 1
             holder.dropped_at = now
-            # It did not deliver in the time it had: its rate is at most this (so an unmeasured slow holder
-            # is not asked again at the optimistic prior rate).
-            bound = self.sizes[request.index] / max(
-                now - max(request.started, holder.last_reply), 1e-3
-            )
+            # In the time it was busy it did not deliver this chunk on top of what it did: its rate is at most
+            # that (so an unmeasured slow holder is not asked again at the optimistic prior rate).
+            bound = (holder.delivered_bytes + self.sizes[request.index]) / max(holder.busy_s, 1e-3)
             if bound < holder.rate_bytes_s:
                 holder.rate_bytes_s, holder.measured = bound, True
 
-    def _measure(self, holder: _Holder, request: _Request, now: float) -> None:
-        """A pipelined holder's rate: bytes over the time since its previous reply (or since this request)."""
-        since = max(request.started, holder.last_reply)
-        holder.last_reply = now
-        sample = self.sizes[request.index] / max(now - since, 1e-3)
-        if not holder.measured:
-            holder.rate_bytes_s, holder.measured = sample, True
-        else:
-            holder.rate_bytes_s += RATE_WEIGHT * (sample - holder.rate_bytes_s)
+    def _measure(self, holder: _Holder, request: _Request) -> None:
+        """Its rate so far: every byte it delivered over the time it was busy (count_busy was just called)."""
+        holder.delivered_bytes += self.sizes[request.index]
+        holder.rate_bytes_s = holder.delivered_bytes / max(holder.busy_s, 1e-3)
+        holder.measured = True
