@@ -34,6 +34,9 @@ OVERDUE_FACTOR: Final = 2.0
 MAX_HEDGES: Final = 8
 # Holder searches (DHT lookups) at once for chunks with no holder known; one usually finds them all.
 MAX_SEARCHES: Final = 4
+# Waiting chunks a free holder chooses among (the first ones it holds): enough to find the ones only it holds,
+# few enough that choosing stays cheap for a file of thousands of chunks.
+SCAN_CHUNKS: Final = 64
 # How often the schedule looks again without a reply arriving (overdue requests, holders found meanwhile).
 TICK_S: Final = 0.1
 
@@ -100,6 +103,7 @@ class FetchSchedule(Generic[_T]):
         self.consume, self.on_done, self.max_in_flight = consume, on_done, max_in_flight
         self.window, self.stop_on_missing = window, stop_on_missing
         self._kicked = asyncio.Event()
+        self._t0 = asyncio.get_running_loop().time()
         self.waiting: list[int] = sorted(todo)  # not asked of anyone yet
         self.requests: dict[int, list[_Request]] = {}
         self.holders: dict[Address, _Holder] = {}
@@ -202,8 +206,9 @@ class FetchSchedule(Generic[_T]):
         refused = self.refused.get(index, set())
         return [a for a in self.locator.live_holders(self.ids[index]) if a not in refused]
 
-    def _finish_at(self, addr: Address, index: int, now: float) -> float:
-        """When ``addr`` would deliver chunk ``index`` if asked now: after what it is sending, at its rate."""
+    def _finish_at(self, addr: Address, index: int | None, now: float) -> float:
+        """When ``addr`` would deliver chunk ``index`` if asked now: after what it is sending, at its rate
+        (``index`` None: when it is done with what it is sending)."""
         holder = self._holder(addr)
         busy_until = max(
             (
@@ -214,7 +219,7 @@ class FetchSchedule(Generic[_T]):
             ),
             default=now,
         )
-        return busy_until + self.sizes[index] / holder.rate_bytes_s
+        return busy_until + (0 if index is None else self.sizes[index] / holder.rate_bytes_s)
 
     def _projected_end(self, now: float) -> float:
         """When the chunks not asked yet would be done if every known holder shared them by its rate."""
@@ -256,22 +261,35 @@ class FetchSchedule(Generic[_T]):
         return sum(1 for rs in self.requests.values() for r in rs if not r.hedge)
 
     def _take_waiting(self, addr: Address, now: float, end: float) -> bool:
+        """Start the waiting chunk ``addr`` should take, if any: of those it holds, the one whose other holders
+        are slowest (a chunk only it holds first), provided it is that chunk's fastest holder or would deliver
+        it before the fetch is expected to end."""
         if self._primary_count() >= self.max_in_flight:
             return False
         rate = self._holder(addr).rate_bytes_s
+        busy_until = self._finish_at(addr, None, now)
         limit = self._limit()
+        best: tuple[float, int] | None = None
+        looked = 0
         for index in self.waiting:
-            if index >= limit:
+            if index >= limit or looked >= SCAN_CHUNKS:
                 break
             live = self._live(index)
             if addr not in live:
                 continue
-            fastest = max(self._holder(a).rate_bytes_s for a in live)
-            if rate >= fastest or self._finish_at(addr, index, now) <= end:
-                self.waiting.remove(index)
-                self._start(index, addr, now, hedge=False)
-                return True
-        return False
+            looked += 1
+            fastest_other = max(
+                (self._holder(a).rate_bytes_s for a in live if a != addr), default=0.0
+            )
+            if rate < fastest_other and busy_until + self.sizes[index] / rate > end:
+                continue
+            if best is None or (fastest_other, index) < best:
+                best = (fastest_other, index)
+        if best is None:
+            return False
+        self.waiting.remove(best[1])
+        self._start(best[1], addr, now, hedge=False)
+        return True
 
     def _hedge(self, addr: Address, now: float) -> bool:
         """Ask ``addr`` for a chunk under way at a slower holder, if it would deliver it first.
@@ -280,6 +298,8 @@ class FetchSchedule(Generic[_T]):
         """
         if sum(1 for rs in self.requests.values() for r in rs if r.hedge) >= MAX_HEDGES:
             return False
+        if not self._holder(addr).measured:
+            return False  # its rate is a guess: a slow holder would spend its link on a copy not needed
         endgame = not self.waiting or self.waiting[0] >= self._limit()  # nothing left it may take
         best: tuple[float, int] | None = None
         for index, requests in self.requests.items():
@@ -307,6 +327,15 @@ class FetchSchedule(Generic[_T]):
 
     def _start(self, index: int, addr: Address | None, now: float, *, hedge: bool) -> None:
         expected = now if addr is None else self._finish_at(addr, index, now)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "chunk %d asked of %s at %.2f s%s; holders %s",
+                index,
+                addr and addr[0],
+                now - self._t0,
+                " (hedge)" if hedge else "",
+                [(a[0], round(self._holder(a).rate_bytes_s / 2**20, 1)) for a in self._live(index)],
+            )
         request = _Request(index, addr, now, expected, hedge)
         request.task = asyncio.create_task(self._fetch(index, addr))
         self.requests.setdefault(index, []).append(request)
@@ -354,14 +383,16 @@ class FetchSchedule(Generic[_T]):
             written = cast("_T | None", task.result())
             if holder is not None:
                 self._measure(holder, request)
-            log.debug(
-                "chunk %d from %s in %.2f s (expected %.2f s)%s",
-                index,
-                addr,
-                now - request.started,
-                request.expected_end - request.started,
-                " (hedge)" if request.hedge else "",
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "chunk %d from %s at %.2f s: took %.2f s (expected %.2f s)%s",
+                    index,
+                    addr and addr[0],
+                    now - self._t0,
+                    now - request.started,
+                    request.expected_end - request.started,
+                    " (hedge)" if request.hedge else "",
+                )
             if written is None:
                 return  # the other copy won the race to be written
             for other in self.requests.pop(index, []):
