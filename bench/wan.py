@@ -445,12 +445,13 @@ def report(results: Sequence[Result], mib: int) -> None:
 
 @contextlib.contextmanager
 def interrupts_as_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise like Ctrl-C does, so the network is always torn down."""
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (even where SIGINT was ignored, as in a background
+    job), so the network is always torn down."""
 
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -503,6 +504,9 @@ def main() -> int:
         print("bench/wan.py: interrupted; removing the network", file=sys.stderr)
         return 130
     finally:
+        signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # a second Ctrl-C must not leave namespaces behind
         if net is not None:
             teardown(net)
         if not args.keep:
