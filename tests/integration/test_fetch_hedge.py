@@ -20,6 +20,7 @@ import pytest
 from p2pmega.api.fetch import _download
 from p2pmega.api.fetch_schedule import FetchSchedule
 from p2pmega.core.chunking import ChunkId
+from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import FileEncoder
 from p2pmega.core.wire import (
     NEED_DATA,
@@ -123,7 +124,7 @@ async def slow_holder(host: str, store: dict[ChunkId, bytes]) -> AsyncIterator[S
 
 def _encoded(
     seed: int,
-) -> tuple[bytes, object, list[tuple[ChunkId, bytes]], list[tuple[ChunkId, bytes]]]:
+) -> tuple[bytes, ReadCap, list[tuple[ChunkId, bytes]], list[tuple[ChunkId, bytes]]]:
     plaintext = os.urandom(CHUNK * CHUNKS - 100)
     encoder = FileEncoder(name=f"f{seed}.bin", size=len(plaintext), chunk_size=CHUNK)
     stored = [
@@ -232,5 +233,7 @@ async def test_a_fetch_finishes_without_waiting_for_a_holder_that_never_answers(
             await slow.closed_with_pending.wait()
         assert target.read_bytes() == plaintext
         data_ids = {c for c, _ in stored}
-        assert slow.requested & data_ids, "it was asked for data (at first it is not known to be slow)"
+        assert slow.requested & data_ids, (
+            "it was asked for data (at first it is not known to be slow)"
+        )
         assert not slow.sent & data_ids, "yet no data chunk waited for it"
