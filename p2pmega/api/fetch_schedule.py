@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # Requests one holder has under way at once: two keep its link busy while a reply is verified and written.
 SLOTS_PER_HOLDER: Final = 2
 # A holder's rate before its first chunk arrived: optimistic (100 MiB/s), so every holder gets a first request
-# and is measured; a slow one costs at most SLOTS_PER_HOLDER chunks that faster holders then ask for too.
+# and is measured. Until then it has one request at a time: a slow one costs one chunk that faster holders then
+# ask for too.
 PRIOR_RATE_BYTES_S: Final = 100 * 1024 * 1024
 # A request running this many times its expected duration is asked of another holder too, endgame or not.
 OVERDUE_FACTOR: Final = 2.0
@@ -253,7 +254,8 @@ class FetchSchedule(Generic[_T]):
             key=lambda a: -self.holders[a].rate_bytes_s,
         )
         for addr in order:
-            while self._holder(addr).in_flight < SLOTS_PER_HOLDER:
+            holder = self._holder(addr)
+            while holder.in_flight < (SLOTS_PER_HOLDER if holder.measured else 1):
                 if not self._take_waiting(addr, now, end) and not self._hedge(addr, now):
                     break
 
