@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from p2pmega.api.common import NetSettings, client_node
+from p2pmega.api.fetch_schedule import FetchSchedule
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest
@@ -266,9 +266,9 @@ async def _download(
 
 
 class _Download:
-    """One run of a download: workers take chunk indexes from a queue, fetch, decrypt and write each one.
+    """One run of a download: a FetchSchedule asks each chunk of its holders, then it is decrypted and written.
 
-    The first failure stops every worker from taking a new chunk, but the chunks under way are finished and
+    The first failure stops the schedule from asking for a new chunk, but the chunks under way are finished and
     recorded (a rerun does not fetch them again), then the failure is raised. A chunk no holder has is not such a
     failure: the others are still fetched (and kept for a rerun), and the missing ones are counted exactly.
     """
@@ -292,9 +292,10 @@ class _Download:
         self.done_bytes = sum(
             min(self.chunk_size, resume.size - i * self.chunk_size) for i in resume.done
         )
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
-        self.failures: list[Exception] = []
         self.missing: list[tuple[int, ChunkUnavailable]] = []
+        self.schedule: FetchSchedule[int] | None = (
+            None  # the last run's (tests read what it cancelled)
+        )
 
     async def run(self) -> None:
         ids = self.manifest.chunk_ids
@@ -304,20 +305,23 @@ class _Download:
         try:
             # Learn in one batch per likely holder which chunks each one has, before asking the DHT chunk by chunk.
             await self.locator.want([ids[i] for i in todo], near=self.cap.root)
-            for i in todo:
-                self.queue.put_nowait(i)
-            workers = [
-                asyncio.create_task(self._worker())
-                for _ in range(min(FETCH_CONCURRENCY, len(todo)))
+            sizes = [
+                max(1, min(self.chunk_size, self.resume.size - i * self.chunk_size))
+                for i in range(len(ids))
             ]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-            if self.failures:
-                raise self.failures[0]
+            # Each chunk goes to the holder expected to deliver it first, by measured rates; near the end a chunk
+            # still on its way from a slow holder is asked of another too (api/fetch_schedule.py).
+            self.schedule = FetchSchedule(
+                self.locator,
+                ids,
+                todo,
+                sizes,
+                self._write,
+                self._done,
+                max_in_flight=FETCH_CONCURRENCY,
+            )
+            await self.schedule.run()
+            self.missing = self.schedule.missing
             if self.missing:
                 first = min(self.missing, key=lambda m: m[0])[1]
                 raise _unavailable(len(self.missing), len(ids), self.resume, first) from first
@@ -328,23 +332,7 @@ class _Download:
                 with contextlib.suppress(OutputWriteFailed):
                     await self._save()
 
-    async def _worker(self) -> None:
-        try:
-            while not self.failures and not self.queue.empty():
-                await self._one(self.queue.get_nowait())
-        except Exception as exc:  # raised by run() once every worker has stopped
-            self.failures.append(exc)
-
-    async def _one(self, index: int) -> None:
-        # The bytes are hash-checked against the chunk id, then decrypted (which authenticates them again) and
-        # written, all in one worker-thread hop.
-        try:
-            written = await self.locator.fetch_into(
-                self.manifest.chunk_ids[index], functools.partial(self._write, index), spread=index
-            )
-        except ChunkUnavailable as exc:
-            self.missing.append((index, exc))
-            return
+    async def _done(self, index: int, written: int) -> None:
         self.resume.done.add(index)
         self.fetched += 1
         self.unsaved += 1

@@ -1,9 +1,10 @@
 """Fetching a file to a stream (``fetch -o -``): chunks in parallel, written strictly in order, memory bounded.
 
-Each of FETCH_CONCURRENCY workers takes the next chunk index, fetches and opens it, waits until every
-earlier chunk is written, writes it and only then takes another. So at most FETCH_CONCURRENCY opened chunks
-are held at once (16 MiB with 2 MiB chunks), whatever the file's size, and a slow reader (a full pipe, a browser
-reading an HTTP response) holds the download back instead of filling memory. Nothing is resumable: a stream
+A FetchSchedule (api/fetch_schedule.py) asks each chunk of the holder expected to deliver it first, but never a
+chunk FETCH_CONCURRENCY or more past the first one not yet written; each is opened as it arrives and written
+once every earlier one is. So at most FETCH_CONCURRENCY opened chunks are held at once (16 MiB with 2 MiB
+chunks), whatever the file's size, and a slow reader (a full pipe, a browser reading an HTTP response) holds the
+download back instead of filling memory. Nothing is resumable: a stream
 cannot be rewound. ``open_stream`` is the same for the web app, which learns the name and size before the bytes.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress, safe_name
+from p2pmega.api.fetch_schedule import FetchSchedule
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link
 from p2pmega.core.manifest import Manifest
@@ -69,30 +71,51 @@ async def stream_to(
     """
     ids = manifest.chunk_ids
     size = manifest.size or 0
+    chunk_size = manifest.chunk_size or 1
     writer = _OrderedWriter(write, size, progress)
     await locator.want(list(ids), near=cap.root)
-    indexes = iter(range(len(ids)))
-    # Each worker's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
+    # Each chunk's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
     # thread than the one that made it, left the process ever larger (glibc keeps such memory in its arenas).
     buffers = BufferPool(spare=FETCH_CONCURRENCY)
+    ready: dict[int, memoryview] = {}
+    arrived = asyncio.Event()
 
-    async def worker() -> None:
-        # next() on a shared iterator hands each index to exactly one worker, in order.
-        for index in iter(functools.partial(next, indexes, None), None):
-            plain = await locator.fetch_into(
-                ids[index], functools.partial(_open, cap, manifest, index, buffers), spread=index
-            )
-            await writer.write(index, plain)
-            recycle(plain, buffers)  # kept only if ``write`` holds no view of it
+    async def on_done(index: int, plain: memoryview) -> None:
+        ready[index] = plain
+        arrived.set()
+
+    schedule = FetchSchedule(
+        locator,
+        ids,
+        range(len(ids)),
+        [max(1, min(chunk_size, size - i * chunk_size)) for i in range(len(ids))],
+        functools.partial(_open, cap, manifest, buffers),
+        on_done,
+        max_in_flight=FETCH_CONCURRENCY,
+        window=lambda: writer.next + FETCH_CONCURRENCY,
+        stop_on_missing=True,
+    )
+
+    async def drain() -> None:
+        while writer.next < len(ids):
+            await arrived.wait()
+            arrived.clear()
+            while writer.next in ready:
+                plain = ready.pop(writer.next)
+                await writer.write(plain)
+                recycle(plain, buffers)  # kept only if ``write`` holds no view of it
+                schedule.kick()
 
     writer.report()
-    workers = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(ids)))]
+    tasks = [asyncio.create_task(schedule.run()), asyncio.create_task(drain())]
     try:
-        await asyncio.gather(*workers)  # the first failure is raised; the finally stops the others
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # the first failure is raised; the finally stops the other task
     finally:
-        for task in workers:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return FetchResult(Path("-"), size, len(ids), len(ids), 0)
 
 
@@ -149,7 +172,7 @@ async def open_stream(node: Node, link: str) -> FileStream:
 
 
 class _OrderedWriter:
-    """Writes chunk plaintexts to ``out`` in index order; a chunk that comes early waits for its turn."""
+    """Writes chunk plaintexts to ``out`` in index order, and reports the progress."""
 
     def __init__(self, write: Write, size: int, progress: Progress | None) -> None:
         self.write_out = write
@@ -157,17 +180,12 @@ class _OrderedWriter:
         self.progress = progress
         self.next = 0
         self.written = 0
-        self.turn = asyncio.Condition()
 
-    async def write(self, index: int, plain: memoryview) -> None:
-        async with self.turn:
-            await self.turn.wait_for(lambda: self.next == index)
+    async def write(self, plain: memoryview) -> None:
         await self.write_out(plain)
         self.written += len(plain)
+        self.next += 1
         self.report()
-        async with self.turn:
-            self.next += 1
-            self.turn.notify_all()
 
     def report(self) -> None:
         if self.progress is not None:
@@ -175,7 +193,7 @@ class _OrderedWriter:
 
 
 def _open(
-    cap: ReadCap, manifest: Manifest, index: int, buffers: BufferPool, data: bytes | memoryview
+    cap: ReadCap, manifest: Manifest, buffers: BufferPool, index: int, data: bytes | memoryview
 ) -> memoryview:
     # Opened straight out of the receive buffer into the chunk's own buffer: one copy of the plaintext.
     out = buffers.take(manifest.chunk_size or 0)

@@ -247,7 +247,12 @@ class TransferClient(Service):
         return peer_conn
 
     async def _request(
-        self, addr: Address, event: Callable[[int], Request], chunk_id: bytes = b""
+        self,
+        addr: Address,
+        event: Callable[[int], Request],
+        chunk_id: bytes = b"",
+        *,
+        drop_on_cancel: bool = False,
     ) -> Reply:
         # No deadline around the request: its connection fails it (and every other request on
         # it, and is not reused) once no data moved for timeout_s (PeerConnection.request).
@@ -255,6 +260,12 @@ class TransferClient(Service):
         reused = peer_conn.answered > 0
         try:
             reply = await peer_conn.request(event)
+        except asyncio.CancelledError:
+            if drop_on_cancel:
+                # The protocol has no CANCEL: closing the connection is what stops the holder sending a
+                # chunk nobody wants (docs/PROTOCOL.md, "Cancelling a request").
+                peer_conn.drop()
+            raise
         except errors.PeerUnreachable:
             if not reused:
                 raise
@@ -322,9 +333,18 @@ class TransferClient(Service):
         return await self._fetch(addr, chunk_id, _as_is, reuse=False)
 
     async def fetch_into(
-        self, addr: Address, chunk_id: ChunkId, consume: Callable[[ChunkBytes], _T]
+        self,
+        addr: Address,
+        chunk_id: ChunkId,
+        consume: Callable[[ChunkBytes], _T],
+        *,
+        drop_on_cancel: bool = False,
     ) -> _T:
         """`fetch`, then ``consume(data)`` in the worker thread that verified it; return its result.
+
+        With ``drop_on_cancel``, cancelling the call while the reply is on its way closes the
+        connection it was sent on, so the holder stops sending; other requests pending on that
+        connection fail (or are retried once on a fresh connection, as for any dropped connection).
 
         One thread hop per chunk for hashing and whatever the caller does with the bytes next
         (fetch decrypts and writes them). ``consume`` runs only on bytes that match ``chunk_id``;
@@ -334,7 +354,7 @@ class TransferClient(Service):
         Raises:
             As `fetch`, and whatever ``consume`` raises.
         """
-        return await self._fetch(addr, chunk_id, consume, reuse=True)
+        return await self._fetch(addr, chunk_id, consume, reuse=True, drop_on_cancel=drop_on_cancel)
 
     async def _fetch(
         self,
@@ -343,8 +363,11 @@ class TransferClient(Service):
         consume: Callable[[ChunkBytes], _T],
         *,
         reuse: bool,
+        drop_on_cancel: bool = False,
     ) -> _T:
-        reply = await self._request(addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id)
+        reply = await self._request(
+            addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id, drop_on_cancel=drop_on_cancel
+        )
         if not isinstance(reply, ChunkData):
             raise AssertionError("core.wire matches FETCH with CHUNK_DATA")
         try:

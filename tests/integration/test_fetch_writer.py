@@ -94,6 +94,15 @@ class _Holders:
     def __init__(self, store: dict[ChunkId, bytes]) -> None:
         self.store = store
         self.fetched = 0
+        self.dead: set[tuple[str, int]] = set()
+
+    def live_holders(self, chunk_id: ChunkId) -> list[tuple[str, int]]:
+        """None known: the fetch schedule hands every chunk to fetch_into, the locator's own failover."""
+        del chunk_id
+        return []
+
+    async def discover(self, chunk_id: ChunkId) -> None:
+        del chunk_id
 
     async def want(self, ids: list[ChunkId], *, near: bytes) -> None:
         del ids, near
