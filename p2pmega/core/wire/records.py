@@ -26,7 +26,8 @@ _GATHER_BYTES: Final = 64 << 10
 # The receive buffer starts this small and doubles only when a read fills all the room it was lent,
 # up to two largest records by default. A client, which receives chunks from a few holders it chose,
 # lets it grow to four: reads of up to ~1 MiB then bring several records each (4.9 reads per MiB
-# of chunks before, 1.9 now; bench/transfer.py in one process, 0.1 ms less CPU per MiB).
+# of chunks before, 1.9 now; bench/transfer.py in one process, 0.1 ms less CPU per MiB; a fetch peaks
+# ~12 MiB higher, docs/PROTOCOL.md "Cost").
 _MIN_RECEIVE_BYTES: Final = 64 << 10
 _LARGEST_RECORD_BYTES: Final = MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES
 MAX_RECEIVE_BYTES: Final = 2 * _LARGEST_RECORD_BYTES
