@@ -417,10 +417,11 @@ def seal_record_into(
     size = len(plaintext) + RECORD_TAG_BYTES
     if len(out) < size or len(key) != KEY_BYTES:
         raise ValueError("record output buffer too small or key of the wrong length")
-    written = _ffi.new("unsigned long long *")
+    # libsodium takes NULL for the length it would write back: it is the size above, and
+    # allocating a cffi cell per record is measurable at ~4 records per MiB each way.
     _lib.crypto_aead_aegis256_encrypt(
         _ffi.from_buffer(out, require_writable=True),
-        written,
+        _ffi.NULL,
         _ffi.from_buffer(plaintext),
         len(plaintext),
         _ffi.from_buffer(aad),
@@ -429,7 +430,7 @@ def seal_record_into(
         _record_nonce(counter),
         key,
     )
-    return int(written[0])
+    return size
 
 
 def open_record_into(
@@ -462,10 +463,9 @@ def open_record_into(
     size = len(sealed) - RECORD_TAG_BYTES
     if len(out) < size or len(key) != KEY_BYTES:
         raise ValueError("record output buffer too small or key of the wrong length")
-    written = _ffi.new("unsigned long long *")
     status = _lib.crypto_aead_aegis256_decrypt(
         _ffi.from_buffer(out, require_writable=True),
-        written,
+        _ffi.NULL,  # the plaintext length is ``size``, as for seal_record_into
         _ffi.NULL,
         _ffi.from_buffer(sealed),
         len(sealed),
@@ -476,7 +476,7 @@ def open_record_into(
     )
     if status != 0:
         raise DecryptionFailed(_NOT_AUTHENTIC)
-    return int(written[0])
+    return size
 
 
 def transcript_hash(data: bytes | bytearray | memoryview) -> bytes:

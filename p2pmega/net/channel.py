@@ -14,7 +14,13 @@ from p2pmega.core import crypto
 from p2pmega.core.wire import TransferConnection
 from p2pmega.core.wire.events import Role
 from p2pmega.core.wire.handshake import MAX_HANDSHAKE_FRAME_BYTES, Handshake, HandshakeFailed
-from p2pmega.core.wire.records import RecordError, RecordReader, RecordWriter
+from p2pmega.core.wire.records import (
+    CLIENT_RECEIVE_BYTES,
+    MAX_RECEIVE_BYTES,
+    RecordError,
+    RecordReader,
+    RecordWriter,
+)
 from p2pmega.net.buffers import BufferPool
 from p2pmega.net.pump import Layer, LayerStack
 
@@ -92,7 +98,10 @@ class ChannelLayer:
         assert keys is not None  # noqa: S101 - done means keys
         self._handshake = None
         self._room = bytearray()
-        self._reader = reader = RecordReader(keys.receive_key)
+        # A client reads chunks from holders it chose: a larger buffer lets a read bring several
+        # records. A server keeps the smaller one (strangers connect to it).
+        receive_bytes = CLIENT_RECEIVE_BYTES if handshake.role is Role.CLIENT else MAX_RECEIVE_BYTES
+        self._reader = reader = RecordReader(keys.receive_key, max_buffer_bytes=receive_bytes)
         self._writer = RecordWriter(keys.send_key)
         self.peer_public_key = keys.peer_public_key
         self.ready = True
@@ -106,10 +115,16 @@ class ChannelLayer:
 
     def _open_records(self, reader: RecordReader) -> None:
         conn = self._conn
-        while (size := reader.next_plaintext_bytes()) is not None:
+        size = reader.next_plaintext_bytes()
+        while size is not None:
+            # The wire lends at least this record's room, mostly the rest of its frame: the records
+            # that follow and fit are opened into the same room, with one call each way per room.
+            opened = 0
             with conn.get_buffer(size) as room:
-                reader.open_into(room[:size])
-            conn.buffer_updated(size)
+                while size is not None and opened + size <= len(room):
+                    opened += reader.open_into(room[opened : opened + size])
+                    size = reader.next_plaintext_bytes()
+            conn.buffer_updated(opened)
 
     def eof_received(self) -> None:
         if self._handshake is not None:

@@ -23,6 +23,8 @@ from p2pmega.core.wire.handshake import (
     HandshakeFailed,
 )
 from p2pmega.core.wire.records import (
+    CLIENT_RECEIVE_BYTES,
+    MAX_RECEIVE_BYTES,
     MAX_RECORD_PLAINTEXT_BYTES,
     RECORD_OVERHEAD_BYTES,
     RecordError,
@@ -216,6 +218,71 @@ def test_large_writes_are_split_into_records_and_oversized_records_refused() -> 
     reader.receive_data((MAX_RECORD_PLAINTEXT_BYTES + 33).to_bytes(4, "big"))
     with pytest.raises(RecordError, match="outside"):
         reader.next_plaintext_bytes()
+
+
+def read_greedily(reader: RecordReader, records: bytes) -> tuple[bytes, int, int]:
+    """Feed ``records`` as a busy socket does (each read fills all the room lent); open as they come.
+
+    Returns:
+        The plaintext, the number of reads and the largest buffer the reader had.
+    """
+    out, reads, largest = bytearray(), 0, reader.size
+    while records:
+        with reader.get_buffer() as room:
+            size = min(len(room), len(records))
+            assert size  # never an empty room: asyncio refuses one
+            room[:size] = records[:size]
+        reader.buffer_updated(size)
+        records, reads, largest = records[size:], reads + 1, max(largest, reader.size)
+        while (plain := reader.next_plaintext_bytes()) is not None:
+            opened_room = bytearray(plain)
+            assert reader.open_into(memoryview(opened_room)) == plain
+            out += opened_room
+    assert not reader.buffered_bytes
+    return bytes(out), reads, largest
+
+
+@pytest.mark.parametrize("limit", [MAX_RECEIVE_BYTES, CLIENT_RECEIVE_BYTES])
+def test_a_read_brings_several_records_and_the_buffer_stays_within_its_limit(limit: int) -> None:
+    client, server, _ = transcript()
+    assert client.keys is not None
+    assert server.keys is not None
+    data = bytes(range(256)) * (16 * MAX_RECORD_PLAINTEXT_BYTES // 256 + 5)
+    writer = RecordWriter(client.keys.send_key)
+    sealed = b"".join(bytes(writer.seal([b"head", memoryview(data)])) for _ in range(3))
+    records = 3 * (-(-(len(data) + 4) // MAX_RECORD_PLAINTEXT_BYTES))
+    reader = RecordReader(server.keys.receive_key, max_buffer_bytes=limit)
+    got, reads, largest = read_greedily(reader, sealed)
+    assert got == 3 * (b"head" + data)
+    assert largest <= limit
+    # Reads that stopped at every record's end took one read per record (and more while growing).
+    assert reads < records * MAX_RECEIVE_BYTES // limit
+
+
+def test_records_split_anywhere_open_the_same() -> None:
+    client, server, _ = transcript()
+    assert client.keys is not None
+    assert server.keys is not None
+    data = bytes(range(251)) * (3 * MAX_RECORD_PLAINTEXT_BYTES // 251)
+    sealed = bytes(RecordWriter(client.keys.send_key).seal([b"x", memoryview(data), b"y"]))
+    for step in (1000, 65_536 + 3, MAX_RECORD_PLAINTEXT_BYTES + RECORD_OVERHEAD_BYTES + 1):
+        reader = RecordReader(server.keys.receive_key, max_buffer_bytes=CLIENT_RECEIVE_BYTES)
+        out = bytearray()
+        for at in range(0, len(sealed), step):
+            piece = sealed[at : at + step]
+            while piece:
+                piece = piece[reader.receive_data(piece) :]
+                while (size := reader.next_plaintext_bytes()) is not None:
+                    room = bytearray(size)
+                    reader.open_into(memoryview(room))
+                    out += room
+        assert bytes(out) == b"x" + data + b"y"
+        assert reader.size <= CLIENT_RECEIVE_BYTES
+
+
+def test_a_record_buffer_must_hold_two_largest_records() -> None:
+    with pytest.raises(ValueError, match="at least"):
+        RecordReader(bytes(32), max_buffer_bytes=MAX_RECEIVE_BYTES - 1)
 
 
 # -- versions and refusals -------------------------------------------------------------------------
