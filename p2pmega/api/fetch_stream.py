@@ -25,6 +25,7 @@ from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from p2pmega.replicate.peers import batch_keys
 
 # Takes one chunk's plaintext, in order; returns once it may be reused (written, or copied into a bounded buffer).
 Write = Callable[[memoryview], Awaitable[None]]
@@ -69,7 +70,7 @@ async def stream_to(
     ids = manifest.chunk_ids
     size = manifest.size or 0
     writer = _OrderedWriter(write, size, progress)
-    await locator.want(list(ids), near=cap.root)
+    await locator.want(list(ids), placed_near=batch_keys(ids))
     indexes = iter(range(len(ids)))
     # Each worker's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
     # thread than the one that made it, left the process ever larger (glibc keeps such memory in its arenas).
