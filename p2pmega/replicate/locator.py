@@ -110,9 +110,14 @@ class HolderLocator:
         await asyncio.gather(*searches, return_exceptions=True)
 
     async def _expand_run(self, key: bytes, run: list[ChunkId]) -> None:
-        """Ask the nodes closest to ``key`` about the chunks placed near it, in one batch each."""
+        """Ask the nodes closest to ``key`` about the chunks placed near it, in one batch each.
+
+        A file of many runs (128 MiB each) starts all its searches at once; LOOKUP_CONCURRENCY run, in the order
+        the runs were wanted (the semaphore is fair), so the first chunks' holders are found first.
+        """
         try:
-            closest = await self.node.dht_node.find_peers(key)
+            async with self._lookups:
+                closest = await self.node.dht_node.find_peers(key)
         except NetworkError:
             return
         self.node_ids.update(((p.host, p.port), p.node_id) for p in closest)
