@@ -22,6 +22,7 @@ from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from p2pmega.replicate.peers import batch_keys
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,11 @@ async def check_on(
 
         # One batched question to every peer known so far; then the DHT only for chunks still short of the
         # rule, and one more batched question to the peers that turned up.
-        await locator.want(ids, near=cap.root)
+        # A share placed the manifest with the first run of data chunks (replicate.peers.batch_keys).
+        placed_near = batch_keys(manifest.chunk_ids)
+        if manifest.chunk_ids:
+            placed_near |= dict.fromkeys(manifest.manifest_ids, placed_near[manifest.chunk_ids[0]])
+        await locator.want(ids, near=cap.root, placed_near=placed_near)
         await locator.settle()
         await locator.identify(a for c in ids for a in locator.live_holders(c))
         short = [c.chunk_id for c in health() if not c.meets_rule]

@@ -31,6 +31,7 @@ from p2pmega.errors import (
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from p2pmega.replicate.peers import batch_keys
 from p2pmega.storage.part_file import (
     PART_SUFFIX,
     STATE_SUFFIX,
@@ -304,7 +305,7 @@ class _Download:
         finished = False
         try:
             # Learn in one batch per likely holder which chunks each one has, before asking the DHT chunk by chunk.
-            await self.locator.want([ids[i] for i in todo], near=self.cap.root)
+            await self.locator.want([ids[i] for i in todo], placed_near=batch_keys(ids))
             sizes = [
                 max(1, min(self.chunk_size, self.resume.size - i * self.chunk_size))
                 for i in range(len(ids))

@@ -28,6 +28,7 @@ from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
+from p2pmega.replicate.peers import batch_keys
 
 # Takes one chunk's plaintext, in order; returns once it may be reused (written, or copied into a bounded buffer).
 Write = Callable[[memoryview], Awaitable[None]]
@@ -73,7 +74,7 @@ async def stream_to(
     size = manifest.size or 0
     chunk_size = manifest.chunk_size or 1
     writer = _OrderedWriter(write, size, progress)
-    await locator.want(list(ids), near=cap.root)
+    await locator.want(list(ids), placed_near=batch_keys(ids))
     # Each chunk's plaintext buffer is reused chunk after chunk: a fresh 2 MiB per chunk, freed by another
     # thread than the one that made it, left the process ever larger (glibc keeps such memory in its arenas).
     buffers = BufferPool(spare=FETCH_CONCURRENCY)

@@ -15,24 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from p2pmega.api.common import NetSettings, check_min_blocs, client_node
-from p2pmega.api.share_peers import full_note, recheck, storage_peers
+from p2pmega.api.share_peers import recheck
+from p2pmega.api.share_pool import PoolFinder
 from p2pmega.api.share_source import CHANGED_SIZE, FileSource, TreeSource, open_source
-from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId
+from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import FileEncoder
-from p2pmega.core.placement import Candidate, meets_rule, summarize
+from p2pmega.core.placement import Candidate
 from p2pmega.core.renewal import RenewCredential
 from p2pmega.defaults import LEASE_S, MAX_LEASE_DAYS, MAX_LEASE_S
 from p2pmega.errors import (
     BadOption,
     InputFileError,
-    PlacementImpossible,
     StorageError,
 )
 from p2pmega.node import Node
-from p2pmega.replicate.peers import candidate_pool
-from p2pmega.replicate.placer import Placer, shortfall
+from p2pmega.replicate.peers import PLACEMENT_BATCH_CHUNKS
+from p2pmega.replicate.placer import Placer
 from p2pmega.storage.links import LinkEntry, record_link
 from p2pmega.storage.share_state import (
     Completed,
@@ -259,7 +259,7 @@ async def _share(
         listing_bytes=source.listing_bytes,
     )
     async with open_node() as node:
-        placer = await _placer(
+        placer = _placer(
             node,
             net,
             name,
@@ -289,8 +289,10 @@ async def _share(
             placements = await _upload(encoder, source, size, chunk_size, placer, progress, keeper)
             cap, manifest_chunks = encoder.finish()
             manifest: list[PlacedChunk] = []
+            # The manifest goes with the first run of data chunks: the peers found for it are known already.
+            first_run = dht_key_of(state.chunks[0].chunk_id) if state.chunks else None
             for i, (chunk_id, data) in enumerate(manifest_chunks):
-                stored = await placer.place(chunk_id, data)
+                stored = await placer.place(chunk_id, data, near=first_run)
                 manifest.append(PlacedChunk(chunk_id, _holders(stored)))
                 placements.append(ChunkPlacement(chunk_id, "manifest", i, _holders(stored)))
             # The root's holders travel in the link as hints, so a fetch can start before any DHT lookup.
@@ -312,6 +314,8 @@ async def _share(
             except StorageError as exc:
                 log.warning("%s", exc)
             raise
+        finally:
+            await placer.close()
         await keeper.save()
     entry = LinkEntry(done.read_link, cap.root.hex(), name, size, time.time())
     try:
@@ -329,7 +333,7 @@ async def _share(
     )
 
 
-async def _placer(
+def _placer(
     node: Node,
     net: NetSettings,
     name: str,
@@ -341,58 +345,26 @@ async def _placer(
     *,
     chunk_bytes: int = 1,
 ) -> Placer:
-    """The storage peers found, as a Placer; refuses before storing anything if they cannot meet the rule.
-
-    Peers with less room than ``chunk_bytes`` (one stored chunk) are full: no candidates, named in the error.
-
-    Raises:
-        PlacementImpossible: even every storage peer found cannot meet the rule (or span ``min_blocs`` blocs).
-    """
+    """A Placer that finds each run of chunks' candidates near its key (api/share_pool.py); its first search
+    refuses, before anything is stored, a rule the storage peers found cannot meet (PlacementImpossible)."""
     placer = Placer(
         node, [], net.geo, replicas, min_countries, lease_s, net.blocs.mapping(), min_blocs
     )
-    best_count, best_blocs = placer.rules()[0]
-    pool = await candidate_pool(node, net.geo, rng)
-    probe = await storage_peers(
+    placer.finder = PoolFinder(
         node,
-        pool,
+        net,
+        name,
         rng,
-        enough=lambda peers: meets_rule(
-            peers, replicas=replicas, min_countries=best_count, blocs=best_blocs
-        ),
+        replicas,
+        min_countries,
+        min_blocs,
+        placer.rules()[0],
+        placer.silent,
         chunk_bytes=chunk_bytes,
+        full=placer.full,
+        space=placer.space,
     )
-    live, silent = probe.live, probe.silent
-    if not meets_rule(live, replicas=replicas, min_countries=min_countries):
-        raise PlacementImpossible(
-            f"cannot share {name!r}: "
-            + shortfall(summarize(live), replicas, min_countries, geo_table=net.geo is not None)
-            + full_note(probe, chunk_bytes)
-        )
-    if min_blocs > 1 and not meets_rule(
-        live, replicas=replicas, min_countries=best_count, blocs=best_blocs
-    ):
-        spanned = net.blocs.spanned(c.country for c in live)
-        raise PlacementImpossible(
-            f"cannot share {name!r}: --min-blocs {min_blocs} needs {replicas} holders in {min_blocs} "
-            f"jurisdiction blocs, but the storage peers found span {len(spanned)}: "
-            f"{', '.join(_bloc_label(b, live, net) for b in spanned) or 'none'}; add storage peers in "
-            "other blocs or lower --min-blocs (the blocs table: --blocs FILE)"
-            + full_note(probe, chunk_bytes)
-        )
-    placer.pool = live
-    placer.silent.update((c.host, c.port) for c in silent)
-    placer.full.update((c.host, c.port) for c in probe.full)
-    placer.space = probe.space
     return placer
-
-
-def _bloc_label(bloc: str, live: list[Candidate], net: NetSettings) -> str:
-    """``EU-EEA (DE, NZ)``, or ``CH`` for a country in no bloc."""
-    members = sorted(
-        {c.country for c in live if c.country and net.blocs.bloc_of(c.country) == bloc}
-    )
-    return bloc if members == [bloc] else f"{bloc} ({', '.join(members)})"
 
 
 def _check_options(replicas: int, min_countries: int, lease_s: float, min_blocs: int = 1) -> None:
@@ -494,6 +466,14 @@ async def _upload(
         progress(done_bytes, size)
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
     tasks: list[asyncio.Task[None]] = []
+    # Each run of PLACEMENT_BATCH_CHUNKS chunks is placed near its first chunk's key (replicate/peers.py): known
+    # once that chunk is sealed (or from the state, when it was placed by an earlier run of the share).
+    loop = asyncio.get_running_loop()
+    heads: dict[int, asyncio.Future[bytes]] = {}
+    for head in range(0, encoder.chunk_count, PLACEMENT_BATCH_CHUNKS):
+        heads[head] = loop.create_future()
+        if head in placed:
+            heads[head].set_result(dht_key_of(placed[head].chunk_id))
 
     async def one(index: int) -> None:
         nonlocal done_bytes
@@ -502,7 +482,11 @@ async def _upload(
             chunk_id, sealed, length = await asyncio.to_thread(
                 _read_and_seal, encoder, source.read_at, index, chunk_size, size
             )
-            stored = await placer.place(chunk_id, sealed)
+            head = heads[index - index % PLACEMENT_BATCH_CHUNKS]
+            if index % PLACEMENT_BATCH_CHUNKS == 0:
+                head.set_result(dht_key_of(chunk_id))
+            # Chunks are started in order, so a run's first chunk is sealed before the others wait for it.
+            stored = await placer.place(chunk_id, sealed, near=await asyncio.shield(head))
             keeper.record(index, PlacedChunk(chunk_id, _holders(stored)))
             done_bytes += length
             if progress is not None:

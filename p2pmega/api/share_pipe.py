@@ -24,12 +24,13 @@ from p2pmega.api.share import (
     _holders,
     _placer,
 )
-from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId
+from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import StreamEncoder
 from p2pmega.core.renewal import RenewCredential
 from p2pmega.errors import InputFileError, StorageError
+from p2pmega.replicate.peers import PLACEMENT_BATCH_CHUNKS
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.links import LinkEntry, record_link
 
@@ -65,7 +66,7 @@ async def share_stream(
     key = new_key()
     encoder = StreamEncoder(name=name, chunk_size=chunk_size, key=key)
     async with client_node(net) as node:
-        placer = await _placer(
+        placer = _placer(
             node,
             net,
             name,
@@ -78,11 +79,16 @@ async def share_stream(
         )
         # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
         placer.renew_key = RenewCredential.from_file_key(key).public_key
-        placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)
-        cap, manifest_chunks = encoder.finish()
-        for i, (chunk_id, data) in enumerate(manifest_chunks):
-            stored = await placer.place(chunk_id, data)
-            placements.append(ChunkPlacement(chunk_id, "manifest", i, _holders(stored)))
+        try:
+            placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)
+            cap, manifest_chunks = encoder.finish()
+            # The manifest goes with the first run of data chunks, as for a file (api/share.py).
+            first_run = dht_key_of(placements[0].chunk_id) if placements else None
+            for i, (chunk_id, data) in enumerate(manifest_chunks):
+                stored = await placer.place(chunk_id, data, near=first_run)
+                placements.append(ChunkPlacement(chunk_id, "manifest", i, _holders(stored)))
+        finally:
+            await placer.close()
     # The root's holders travel in the link as hints, as for a file.
     root_holders = placements[-len(manifest_chunks)].holders
     cap = dataclasses.replace(cap, peers=tuple(h.address for h in root_holders))
@@ -120,11 +126,12 @@ async def _upload_stream(
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
     tasks: list[asyncio.Task[None]] = []
     done_bytes = 0
+    run_key = b""  # each run of PLACEMENT_BATCH_CHUNKS goes near its first chunk's key (replicate/peers.py)
 
-    async def place(index: int, chunk_id: ChunkId, sealed: bytes, length: int) -> None:
+    async def place(index: int, chunk_id: ChunkId, sealed: bytes, length: int, near: bytes) -> None:
         nonlocal done_bytes
         try:
-            stored = await placer.place(chunk_id, sealed)
+            stored = await placer.place(chunk_id, sealed, near=near)
             placed[index] = ChunkPlacement(chunk_id, "data", index, _holders(stored))
             done_bytes += length
             if progress is not None:
@@ -148,7 +155,9 @@ async def _upload_stream(
             chunk_id, sealed = await asyncio.to_thread(
                 functools.partial(encoder.encode_chunk, index, pending, final=final)
             )
-            tasks.append(asyncio.create_task(place(index, chunk_id, sealed, len(pending))))
+            if index % PLACEMENT_BATCH_CHUNKS == 0:
+                run_key = dht_key_of(chunk_id)
+            tasks.append(asyncio.create_task(place(index, chunk_id, sealed, len(pending), run_key)))
             if final:
                 break
             pending, index = ahead, index + 1

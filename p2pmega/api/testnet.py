@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -27,7 +28,11 @@ DEFAULT_COUNTRIES = ("DE", "NZ", "IS", "CH")
 # Loopback has room for 255 "countries" of 255 peers; the CLI keeps well inside that.
 MAX_COUNTRIES = 50
 MAX_PEERS_PER_COUNTRY = 50
+# How long one peer may take from its spawn to listening. At most STARTING_AT_ONCE peers start at a time, so a
+# 200-seed network on 2 cores gives each the same time as a small one (every start imports Python and p2pmega:
+# ~0.4 s of CPU each, measured; all 200 at once took each far past this).
 START_TIMEOUT_S = 30.0
+STARTING_AT_ONCE = 8 * (os.cpu_count() or 1)
 STOP_TIMEOUT_S = 10.0
 BOOTSTRAP_HOST = "127.0.0.1"
 
@@ -137,6 +142,7 @@ class TestNet(Service):
             PeerStartFailed: a peer exited, or did not listen within START_TIMEOUT_S (its log is named).
         """
         await asyncio.to_thread(self._prepare)
+        raise_open_files_limit()
         self.bootstrap = self._peer("bootstrap", None, BOOTSTRAP_HOST)
         await self._spawn(self.bootstrap, ["bootstrap"])
         await self._wait_listening([self.bootstrap])
@@ -144,9 +150,30 @@ class TestNet(Service):
             for n in range(1, self.peers_per_country + 1):
                 peer = self._peer(f"{code.lower()}{n}", code, f"127.{c}.{n}.1")
                 self.seeds.append(peer)
-        await asyncio.gather(*(self._spawn(p, self._seed_command()) for p in self.seeds))
-        await self._wait_listening(self.seeds)
+        await self._start_all([(p, self._seed_command()) for p in self.seeds])
         await asyncio.to_thread(self._write_peer_list)
+
+    async def _start_all(self, runs: Sequence[tuple[Peer, list[str]]]) -> None:
+        """Spawn each peer with its arguments, STARTING_AT_ONCE at a time, each until it listens.
+
+        Raises:
+            PeerStartFailed: a peer exited, or did not listen within START_TIMEOUT_S of its spawn.
+        """
+        starting = asyncio.Semaphore(STARTING_AT_ONCE)
+
+        async def one(peer: Peer, args: list[str]) -> None:
+            async with starting:
+                await self._spawn(peer, args)
+                await self._wait_listening([peer])
+
+        tasks = [asyncio.create_task(one(peer, args)) for peer, args in runs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # The first failure ends the start: the peers not spawned yet are not spawned at all.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _seed_command(self, *extra: str) -> list[str]:
         args = ["seed", "--bootstrap", self.bootstrap_address, "--geo-table", str(self.geo_table)]
@@ -210,8 +237,7 @@ class TestNet(Service):
         Raises:
             PeerStartFailed: a peer exited, or did not listen within START_TIMEOUT_S.
         """
-        await asyncio.gather(*(self._spawn(p, p.args) for p in peers))
-        await self._wait_listening(peers)
+        await self._start_all([(p, p.args) for p in peers])
         await asyncio.to_thread(self._write_peer_list)
 
     async def _spawn(self, peer: Peer, args: list[str]) -> None:
@@ -304,6 +330,21 @@ class TestNet(Service):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit; the peers it spawns inherit it.
+
+    A client that shares to hundreds of seeds keeps a connection to each holder, and each seed one to each
+    peer that stores on it; a soft limit of 1024 (common) is then near. The hard limit is what the system
+    allows without privileges, so nothing is asked for that the user could not set with ``ulimit -n``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if (
+        soft != hard
+    ):  # on macOS an unlimited hard limit is refused (ValueError): keep the soft one then
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _read_text(path: Path, offset: int = 0) -> str:

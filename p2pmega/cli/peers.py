@@ -287,6 +287,9 @@ def run_testnet_cmd(
         raise
     finally:
         if data_dir is None:
+            # Each seed's store has 256 fan-out folders: 200 seeds leave ~50,000 entries, a minute or more to
+            # remove on a slow disk, so say what the wait is.
+            _err(f"testnet: removing {base}")
             _remove_temp_dir(base, keep_logs=failed)
 
 

@@ -121,6 +121,10 @@ class TransferClient(Service):
         self._closed = False
         self._next_sweep = 0.0
         self._buffers = BufferPool()
+        # What this client cost the network so far (bench/scale.py reports them per chunk): requests sent,
+        # and connections opened (each one an authenticated channel handshake).
+        self.requests_sent = 0
+        self.connections_opened = 0
 
     def expect_node_id(self, addr: Address, node_id: bytes) -> None:
         """Refuse a holder at ``addr`` unless its proven key gives ``node_id`` there (core.node_id).
@@ -209,6 +213,7 @@ class TransferClient(Service):
         layers = self._layers
         if layers is None:
             layers = channel_layers(Role.CLIENT, self.identity_seed, self._buffers)
+        self.connections_opened += 1
         try:
             _, peer_conn = await loop.create_connection(
                 functools.partial(
@@ -258,6 +263,7 @@ class TransferClient(Service):
         # it, and is not reused) once no data moved for timeout_s (PeerConnection.request).
         peer_conn = await self._connection(addr)
         reused = peer_conn.answered > 0
+        self.requests_sent += 1
         try:
             reply = await peer_conn.request(event)
         except asyncio.CancelledError:

@@ -4,9 +4,8 @@ fetching a chunk from them with failover."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -65,6 +64,10 @@ class HolderLocator:
         self.peers.update(self.hints)
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
         self._expanding: asyncio.Task[None] | None = None
+        # The search near each key a share placed a run of chunks near (replicate.peers.batch_keys), and the key
+        # of each wanted chunk: a chunk with no holder known yet waits for its run's search before the DHT.
+        self._runs: dict[bytes, asyncio.Task[None]] = {}
+        self._run_of: dict[ChunkId, bytes] = {}
         self._learn_ids(self.node.dht_node.contacts())
 
     def _learn_ids(self, peers: Iterable[Peer | Provider]) -> None:
@@ -86,31 +89,68 @@ class HolderLocator:
             self.node_ids[addr] = proven
             self._proven.add(addr)
 
-    async def want(self, ids: Sequence[ChunkId], near: ChunkId | None = None) -> None:
+    async def want(
+        self,
+        ids: Sequence[ChunkId],
+        near: ChunkId | None = None,
+        placed_near: Mapping[ChunkId, bytes] | None = None,
+    ) -> None:
         """Say which chunks will be needed, and ask the peers likely to hold them in one batch each.
 
         The known peers (a link's hints) are asked at once. The nodes closest to ``near`` (in a small network,
         nearly everyone) are looked up meanwhile and asked too once found, so a fetch from hinted holders never
-        waits on the DHT; :meth:`settle` waits for them. Peers found later by
-        :meth:`discover` are asked about all of ``ids`` at once too, so the DHT is consulted about once per
-        holder rather than once per chunk.
+        waits on the DHT; :meth:`settle` waits for them. ``placed_near`` maps chunks to the key their share
+        placed them near (replicate.peers.batch_keys): the nodes closest to each such key are looked up once and
+        asked about that key's chunks. Peers found later by :meth:`discover` are asked about all of ``ids`` at
+        once too, so the DHT is consulted about once per holder rather than once per chunk.
         """
         self.wanted = list(ids)
         if near is not None and self._expanding is None:
             self._expanding = asyncio.create_task(self._expand(near))
+        runs: dict[bytes, list[ChunkId]] = {}
+        for chunk_id in self.wanted:
+            if placed_near is not None and chunk_id in placed_near:
+                runs.setdefault(placed_near[chunk_id], []).append(chunk_id)
+        for key, run in runs.items():
+            self._run_of.update(dict.fromkeys(run, key))
+            if key not in self._runs:
+                self._runs[key] = asyncio.create_task(self._expand_run(key, run))
         await self.confirm(self.wanted)
 
     async def settle(self) -> None:
-        """Wait until the peers near the ``want`` key have been found and asked."""
-        if self._expanding is not None:
-            await self._expanding
+        """Wait until the peers near the ``want`` keys have been found and asked."""
+        searches = [t for t in [self._expanding, *self._runs.values()] if t is not None]
+        if searches:
+            await asyncio.gather(*searches)
 
     async def close(self) -> None:
-        """Stop the search near the ``want`` key if it is still running (a fetch its hints served)."""
-        if self._expanding is not None and not self._expanding.done():
-            self._expanding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expanding
+        """Stop the searches near the ``want`` keys still running (a fetch its hints served)."""
+        searches = [t for t in [self._expanding, *self._runs.values()] if t is not None]
+        for task in searches:
+            task.cancel()
+        await asyncio.gather(*searches, return_exceptions=True)
+
+    async def _expand_run(self, key: bytes, run: list[ChunkId]) -> None:
+        """Ask the nodes closest to ``key`` about the chunks placed near it, in one batch each.
+
+        A file of many runs (128 MiB each) starts all its searches at once; LOOKUP_CONCURRENCY run, in the order
+        the runs were wanted (the semaphore is fair), so the first chunks' holders are found first.
+        """
+        try:
+            async with self._lookups:
+                closest = await self.node.dht_node.find_peers(key)
+        except NetworkError:
+            return
+        self._learn_ids(closest)
+        found = {(p.host, p.port) for p in closest[:EXPAND_PEERS]}
+        self.peers.update(found)
+        await self.confirm(run, found)
+
+    async def _run_searched(self, chunk_id: ChunkId) -> None:
+        """Wait for the search near the key ``chunk_id`` was placed near, if one runs (never cancelling it)."""
+        task = self._runs.get(self._run_of.get(chunk_id, b""))
+        if task is not None and not task.done():
+            await asyncio.wait([task])
 
     async def _expand(self, near: ChunkId) -> None:
         try:
@@ -250,6 +290,10 @@ class HolderLocator:
             if not addrs and attempt == 0 and self.hints:
                 # The link names the root's holders: ask them before searching the DHT.
                 await self.confirm([chunk_id], self.hints)
+                addrs = self.live_holders(chunk_id)
+            if not addrs and attempt == 0:
+                # The search near the chunk's run asks its likely holders about every chunk of the run at once.
+                await self._run_searched(chunk_id)
                 addrs = self.live_holders(chunk_id)
             if not addrs:
                 await self.discover(chunk_id)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 
 from p2pmega.core.geo import GeoTable, country_of
-from p2pmega.core.ids import Address, NodeId
+from p2pmega.core.ids import Address, ChunkId, NodeId, dht_key_of
 from p2pmega.core.placement import Candidate
 from p2pmega.errors import NetworkError, P2PMegaError
 from p2pmega.net.dht import Peer
@@ -22,6 +23,20 @@ SPACE_TIMEOUT_S = 3.0
 # A network with fewer DHT nodes than this is small enough that every chunk is placed among all of them; above it,
 # each chunk's candidates are the k closest nodes to its key, found by a crawl (twice kademlia's k of 20).
 SMALL_NETWORK_NODES = 40
+# A share places each run of this many data chunks (128 MiB of 2 MiB chunks), and a file's manifest chunks with the
+# first run, among the storage peers closest to the DHT key of the run's first chunk: one crawl per run, not per
+# chunk, and a fetcher that knows the chunk ids (the manifest) finds every holder of a run with one crawl and one
+# batched `has` per peer. Weighted rendezvous hashing (core.placement) balances a run's chunks over its peers; the
+# runs of all files, keyed by random chunk ids, balance over the network (docs/SCALE.md).
+PLACEMENT_BATCH_CHUNKS = 64
+
+
+def batch_keys(chunk_ids: Sequence[ChunkId]) -> dict[ChunkId, bytes]:
+    """The DHT key each data chunk of a file was placed near: its run's first chunk's (PLACEMENT_BATCH_CHUNKS)."""
+    return {
+        chunk_id: dht_key_of(chunk_ids[i - i % PLACEMENT_BATCH_CHUNKS])
+        for i, chunk_id in enumerate(chunk_ids)
+    }
 
 
 def candidate_of(node_id: NodeId | bytes, address: Address, geo: GeoTable | None) -> Candidate:

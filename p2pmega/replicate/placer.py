@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2pmega.core.capacity import capacity_weight, is_full
@@ -50,6 +50,9 @@ CLOSEST_REMEMBERED = 256
 
 RERUN_HINT = "the chunks stored so far are kept: rerun the same command to resume"
 
+# The live storage peers near a DHT key, as a share finds them (api/share_pool.py).
+Finder = Callable[[bytes], Awaitable[list[Candidate]]]
+
 
 @dataclass
 class Placer:
@@ -81,16 +84,27 @@ class Placer:
     # (core.capacity), and no chunk larger goes to it. A peer missing here (an older holder, or not asked)
     # weighs 1.0, as a fresh default seed does.
     space: dict[tuple[str, int], int] = field(default_factory=dict)
+    # A share's way to find candidates (replicate.peers.PLACEMENT_BATCH_CHUNKS): the live storage peers near the
+    # key a chunk is placed near, found once per key and shared by every chunk placed near it. None: ``pool``.
+    finder: Finder | None = None
     # The closest nodes of the chunks placed lately (a copy made with dataclasses.replace shares it).
     _closest: OrderedDict[ChunkId, list[Candidate]] = field(default_factory=OrderedDict)
+    _near: OrderedDict[bytes, asyncio.Task[list[Candidate]]] = field(default_factory=OrderedDict)
 
-    async def candidates_for(self, chunk_id: ChunkId) -> list[Candidate]:
+    async def candidates_for(self, chunk_id: ChunkId, near: bytes | None = None) -> list[Candidate]:
         """The peers ``chunk_id`` may go to, less those that failed, are full or never answered.
 
-        In a large network they are the nodes closest to the chunk's key: one crawl per chunk, remembered for
-        the next placement round of the same chunk (and a repair's feasibility check before it).
+        With a ``finder`` (a share): the peers it finds near ``near`` (default: the chunk's own key), found
+        once for every chunk placed near the same key. Otherwise, in a large network they are the nodes closest
+        to the chunk's key: one crawl per chunk, remembered for the next placement round of the same chunk (and a
+        repair's feasibility check before it); in a small one, the whole pool.
+
+        Raises:
+            PlacementImpossible: the finder found peers that cannot meet the rule.
         """
-        if len(self.pool) < SMALL_NETWORK_NODES:
+        if self.finder is not None:
+            found = await self._found_near(dht_key_of(chunk_id) if near is None else near)
+        elif len(self.pool) < SMALL_NETWORK_NODES:
             found = self.pool
         elif (known := self._closest.get(chunk_id)) is not None:
             found = known
@@ -109,8 +123,32 @@ class Placer:
             return cand  # unknown space, or weighed already (a share's probe did)
         return dataclasses.replace(cand, weight=weight)
 
+    async def _found_near(self, key: bytes) -> list[Candidate]:
+        """The finder's peers near ``key``: one search, however many chunks ask for it at once."""
+        assert self.finder is not None  # noqa: S101 - candidates_for checked it
+        task = self._near.get(key)
+        if task is None:
+            task = self._near[key] = asyncio.ensure_future(self.finder(key))
+            while len(self._near) > CLOSEST_REMEMBERED:
+                _key, old = self._near.popitem(last=False)
+                old.cancel()  # only a search nobody waits for any more: the latest are kept
+        else:
+            self._near.move_to_end(key)
+        # Shielded: one placement cancelled (the share stopping) must not cancel the others' search.
+        return list(await asyncio.shield(task))
+
+    async def close(self) -> None:
+        """Stop the searches still running (a share that failed or was cancelled)."""
+        for task in self._near.values():
+            task.cancel()
+        await asyncio.gather(*self._near.values(), return_exceptions=True)
+
     async def place(
-        self, chunk_id: ChunkId, data: bytes, holding: Sequence[Candidate] = ()
+        self,
+        chunk_id: ChunkId,
+        data: bytes,
+        holding: Sequence[Candidate] = (),
+        near: bytes | None = None,
     ) -> list[Candidate]:
         """Store ``data`` until holders meeting the rule have confirmed it.
 
@@ -118,6 +156,7 @@ class Placer:
             chunk_id: the chunk.
             data: its stored bytes.
             holding: live holders that already have it (a repair); only the copies the rule still lacks are made.
+            near: the DHT key whose nearby peers the chunk goes to (``finder`` only; default: its own).
 
         Returns:
             Every holder, ``holding`` first.
@@ -131,7 +170,7 @@ class Placer:
         for _round in range(MAX_PLACEMENT_ROUNDS):
             candidates = [
                 c
-                for c in await self.candidates_for(chunk_id)
+                for c in await self.candidates_for(chunk_id, near)
                 if c not in stored
                 and not is_full(self.space.get((c.host, c.port), len(data)), len(data))
             ]

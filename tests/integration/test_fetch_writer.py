@@ -6,7 +6,7 @@ import asyncio
 import errno
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,8 +104,8 @@ class _Holders:
     async def discover(self, chunk_id: ChunkId) -> None:
         del chunk_id
 
-    async def want(self, ids: list[ChunkId], *, near: bytes) -> None:
-        del ids, near
+    async def want(self, ids: list[ChunkId], *, placed_near: Mapping[ChunkId, bytes]) -> None:
+        del ids, placed_near
 
     async def fetch_into(
         self, chunk_id: ChunkId, consume: Callable[[bytes], int], *, spread: int = 0

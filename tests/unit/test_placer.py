@@ -3,6 +3,7 @@ when it refuses connections or keeps failing. The network is a fake client; no s
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
@@ -208,3 +209,31 @@ async def test_a_copy_someone_stored_first_with_a_short_lease_is_not_counted() -
     long_lived = PrestoredClient(prestored=NZ.address, left_s=30 * 86400)
     placing = Placer(cast(Node, FakeNode(long_lived)), [DE, NZ], None, 2, 2, 30 * 86400.0)
     assert NZ in await placing.place(chunk_id_of(b"x"), b"x")
+
+
+async def test_chunks_placed_near_one_key_share_one_search() -> None:
+    """A share's run of chunks (issue 19): the candidates near a key are searched once, however many chunks of
+    the run are placed at once, and a peer that failed is left out of the run's candidates from then on."""
+    searched: list[bytes] = []
+    gate = asyncio.Event()
+
+    async def finder(key: bytes) -> list[Candidate]:
+        searched.append(key)
+        await gate.wait()  # every chunk asks while the search runs
+        return [DE, NZ, NZ2]
+
+    client = FakeClient(script={addr(NZ): [PeerRefused("nothing listens")]})
+    p = placer(client, [])
+    p.finder = finder
+    run_key, other_key = b"\x0a" * 20, b"\x0b" * 20
+    chunks = [chunk_id_of(bytes([i])) for i in range(6)]
+    placing = [asyncio.create_task(p.place(c, b"x", near=run_key)) for c in chunks]
+    await asyncio.sleep(0)
+    gate.set()
+    placed = await asyncio.gather(*placing)
+    assert searched == [run_key]
+    assert all({h.country for h in holders} == {"DE", "NZ"} for holders in placed)
+    assert NZ not in await p.candidates_for(chunks[0], run_key)
+    await p.place(chunk_id_of(b"next run"), b"y", near=other_key)
+    assert searched == [run_key, other_key]
+    await p.close()
