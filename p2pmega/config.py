@@ -15,7 +15,7 @@ from pathlib import Path
 from p2pmega.core.blocs import DEFAULT_BLOCS, BlocTable, parse_bloc_table
 from p2pmega.core.geo import GeoTable, parse_geo_table
 from p2pmega.core.ids import Address
-from p2pmega.errors import BadBlocTable, BadGeoTable, BadOption
+from p2pmega.errors import BadBlocTable, BadGeoTable, BadOption, UsageError
 
 ENV_DATA_DIR = "P2PMEGA_DATA_DIR"
 ENV_BOOTSTRAP = "P2PMEGA_BOOTSTRAP"
@@ -99,25 +99,10 @@ def resolve_geo_table(option: Path | None, env: Mapping[str, str] = os.environ) 
     Raises:
         BadGeoTable: the file is missing, too large, not UTF-8, or has a bad line.
     """
-    path = (
-        option
-        if option is not None
-        else (Path(env[ENV_GEO_TABLE]) if env.get(ENV_GEO_TABLE) else None)
-    )
+    path = _table_path(option, env, ENV_GEO_TABLE)
     if path is None:
         return None
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_GEO_TABLE_BYTES + 1)
-    except OSError as exc:
-        raise BadGeoTable(f"geo table {str(path)!r} cannot be read: {exc.strerror}") from exc
-    if len(raw) > MAX_GEO_TABLE_BYTES:
-        raise BadGeoTable(f"geo table {str(path)!r} is larger than {MAX_GEO_TABLE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadGeoTable(f"geo table {str(path)!r} is not UTF-8 text") from exc
-    return parse_geo_table(text, source=str(path))
+    return parse_geo_table(_read_table(path, "geo table", BadGeoTable), source=str(path))
 
 
 def resolve_bloc_table(option: Path | None, env: Mapping[str, str] = os.environ) -> BlocTable:
@@ -126,21 +111,35 @@ def resolve_bloc_table(option: Path | None, env: Mapping[str, str] = os.environ)
     Raises:
         BadBlocTable: the file is missing, too large, not UTF-8, or has a bad line.
     """
-    path = option if option is not None else (Path(env[ENV_BLOCS]) if env.get(ENV_BLOCS) else None)
+    path = _table_path(option, env, ENV_BLOCS)
     if path is None:
         return DEFAULT_BLOCS
+    return parse_bloc_table(_read_table(path, "bloc table", BadBlocTable), source=str(path))
+
+
+def _table_path(option: Path | None, env: Mapping[str, str], variable: str) -> Path | None:
+    if option is not None:
+        return option
+    return Path(env[variable]) if env.get(variable) else None
+
+
+def _read_table(path: Path, what: str, error: type[UsageError]) -> str:
+    """The text of a small table file, read at most MAX_GEO_TABLE_BYTES.
+
+    Raises:
+        ``error``: the file cannot be read, is larger than the limit, or is not UTF-8.
+    """
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_GEO_TABLE_BYTES + 1)
     except OSError as exc:
-        raise BadBlocTable(f"bloc table {str(path)!r} cannot be read: {exc.strerror}") from exc
+        raise error(f"{what} {str(path)!r} cannot be read: {exc.strerror}") from exc
     if len(raw) > MAX_GEO_TABLE_BYTES:
-        raise BadBlocTable(f"bloc table {str(path)!r} is larger than {MAX_GEO_TABLE_BYTES} bytes")
+        raise error(f"{what} {str(path)!r} is larger than {MAX_GEO_TABLE_BYTES} bytes")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadBlocTable(f"bloc table {str(path)!r} is not UTF-8 text") from exc
-    return parse_bloc_table(text, source=str(path))
+        raise error(f"{what} {str(path)!r} is not UTF-8 text") from exc
 
 
 def local_address_towards(remote: Address) -> str:
