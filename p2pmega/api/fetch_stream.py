@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from p2pmega.api.fetch import FETCH_CONCURRENCY, FetchResult, Progress, safe_name
+from p2pmega.api.download import FETCH_CONCURRENCY, FetchResult, Progress, safe_name
 from p2pmega.api.fetch_schedule import FetchSchedule
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import KeepCap, ReadCap, parse_link

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from p2pmega.api.fetch import FetchResult, Progress, _Download, safe_name
+from p2pmega.api.download import FetchResult, Progress, _Download, safe_name
 from p2pmega.core.chunking import format_id
 from p2pmega.core.magnet import ReadCap
 from p2pmega.core.manifest import Manifest

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from p2pmega.api.common import NetSettings
-from p2pmega.api.fetch import safe_name
+from p2pmega.api.download import safe_name
 from p2pmega.api.fetch_stream import open_stream
 from p2pmega.api.ls import (
     FileHealth,

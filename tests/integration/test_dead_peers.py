@@ -16,7 +16,8 @@ import pytest
 import umsgpack
 
 from p2pmega.api.common import NetSettings
-from p2pmega.api.fetch import FETCH_CONCURRENCY, _download, fetch
+from p2pmega.api.download import FETCH_CONCURRENCY
+from p2pmega.api.fetch import _download, fetch
 from p2pmega.api.share import share
 from p2pmega.core.chunking import chunk_id_of
 from p2pmega.core.geo import parse_geo_table

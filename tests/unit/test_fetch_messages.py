@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pmega.api.fetch import _unavailable, safe_name
+from p2pmega.api.download import _unavailable, safe_name
 from p2pmega.errors import ChunkUnavailable
 from p2pmega.storage.part_file import ResumeState
 
