@@ -259,6 +259,7 @@ async def _share(
         listing_bytes=source.listing_bytes,
     )
     async with open_node() as node:
+        credential = RenewCredential.from_file_key(state.key)
         placer = _placer(
             node,
             net,
@@ -268,11 +269,9 @@ async def _share(
             lease_s,
             rng,
             min_blocs,
-            chunk_bytes=chunk_size + CHUNK_OVERHEAD_BYTES,
+            chunk_size,
+            credential,
         )
-        # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
-        credential = RenewCredential.from_file_key(state.key)
-        placer.renew_key = credential.public_key
         started_at = time.time()
         recorded = len(state.chunks)
         if state.chunks:
@@ -341,15 +340,20 @@ def _placer(
     min_countries: int,
     lease_s: float,
     rng: random.Random,
-    min_blocs: int = 1,
-    *,
-    chunk_bytes: int = 1,
+    min_blocs: int,
+    chunk_size: int,
+    credential: RenewCredential,
 ) -> Placer:
     """A Placer that finds each run of chunks' candidates near its key (api/share_pool.py); its first search
-    refuses, before anything is stored, a rule the storage peers found cannot meet (PlacementImpossible)."""
+    refuses, before anything is stored, a rule the storage peers found cannot meet (PlacementImpossible).
+
+    Every chunk it stores carries the file's renewal key (``credential``'s public half): only the file's keepers
+    can extend its leases. Peers without room for one stored chunk of ``chunk_size`` are full.
+    """
     placer = Placer(
         node, [], net.geo, replicas, min_countries, lease_s, net.blocs.mapping(), min_blocs
     )
+    placer.renew_key = credential.public_key
     placer.finder = PoolFinder(
         node,
         net,
@@ -360,7 +364,7 @@ def _placer(
         min_blocs,
         placer.rules()[0],
         placer.silent,
-        chunk_bytes=chunk_bytes,
+        chunk_bytes=chunk_size + CHUNK_OVERHEAD_BYTES,
         full=placer.full,
         space=placer.space,
     )

@@ -24,7 +24,7 @@ from p2pmega.api.share import (
     _holders,
     _placer,
 )
-from p2pmega.core.chunking import CHUNK_OVERHEAD_BYTES, DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
+from p2pmega.core.chunking import DEFAULT_CHUNK_SIZE, ChunkId, dht_key_of
 from p2pmega.core.crypto import new_key
 from p2pmega.core.magnet import format_link
 from p2pmega.core.manifest import StreamEncoder
@@ -66,6 +66,7 @@ async def share_stream(
     key = new_key()
     encoder = StreamEncoder(name=name, chunk_size=chunk_size, key=key)
     async with client_node(net) as node:
+        credential = RenewCredential.from_file_key(key)
         placer = _placer(
             node,
             net,
@@ -75,10 +76,9 @@ async def share_stream(
             lease_s,
             rng,
             min_blocs,
-            chunk_bytes=chunk_size + CHUNK_OVERHEAD_BYTES,
+            chunk_size,
+            credential,
         )
-        # Holders keep the file's renewal key with each chunk: only its keepers can extend the leases.
-        placer.renew_key = RenewCredential.from_file_key(key).public_key
         try:
             placements = await _upload_stream(encoder, stream, chunk_size, placer, progress)
             cap, manifest_chunks = encoder.finish()
