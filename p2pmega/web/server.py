@@ -81,6 +81,8 @@ class WebApp:
         return [
             web.get("/", self.index),
             web.get("/static/{name}", self.static_file),
+            # Chromium sometimes asks for /favicon.ico before it reads the page's icon link: the same icon, not a 404.
+            web.get("/favicon.ico", self.favicon),
             web.get("/api/limits", self.limits),
             web.post("/api/share", self.start_share),
             web.post("/api/fetch", self.start_fetch),
@@ -103,6 +105,9 @@ class WebApp:
         if name not in STATIC_FILES or name == "index.html":
             raise web.HTTPNotFound()
         return web.Response(body=self.static[name], content_type=STATIC_FILES[name])
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.static["icon.svg"], content_type=STATIC_FILES["icon.svg"])
 
     async def limits(self, request: web.Request) -> web.Response:
         """What the page checks before it sends a file (a refused upload would only show as a reset)."""
