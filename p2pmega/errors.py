@@ -174,6 +174,10 @@ class SourceLimitExceeded(QuotaExceeded):
     """The sender's /24 (IPv6 /48) holds its share of the quota, or stored too fast: store elsewhere."""
 
 
+class ForwardNotExpected(StorageError):
+    """A forwarded copy that no sharer asked this holder to accept (no live EXPECT), or on other terms."""
+
+
 class StoreCorrupt(StorageError):
     """The store's index or files are inconsistent beyond automatic repair."""
 

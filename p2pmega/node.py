@@ -32,7 +32,7 @@ from p2pmega.storage import DEFAULT_QUOTA_BYTES
 if TYPE_CHECKING:
     # A holder's parts load when a holder starts: share, fetch and check never need them.
     from p2pmega.net.lan import LANDiscovery
-    from p2pmega.net.transfer_server import TransferServer
+    from p2pmega.net.transfer_server import Forward, TransferServer
     from p2pmega.storage.sources import SourceLimits
     from p2pmega.storage.store import ChunkStore
 
@@ -89,6 +89,8 @@ class Node(Service):
     server: TransferServer | None = None
     # Called with each chunk the transfer server stored (the announcer listens).
     stored_listeners: list[Callable[[ChunkId], None]] = field(default_factory=list)
+    # Takes the chunks sharers ask this holder to forward (replicate/forward.py); None: it forwards none.
+    forwarder: Forward | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -148,6 +150,7 @@ class Node(Service):
             read_only=self.store is None and not s.persistent_identity,
             store=self.store,
             on_stored=self._stored,
+            on_forward=self.forwarder,
             identity_seed=identity.seed,
         )
         if s.lan:

@@ -354,6 +354,7 @@ def _placer(
         node, [], net.geo, replicas, min_countries, lease_s, net.blocs.mapping(), min_blocs
     )
     placer.renew_key = credential.public_key
+    placer.forwarding = True  # upload each chunk once; its first holder forwards the second copy
     placer.finder = PoolFinder(
         node,
         net,

@@ -11,7 +11,7 @@ from p2pmega.errors import NetworkError
 from p2pmega.net.dht import DHTNode
 
 if TYPE_CHECKING:
-    from p2pmega.net.transfer_server import TransferServer
+    from p2pmega.net.transfer_server import Forward, TransferServer
     from p2pmega.storage.store import ChunkStore
 
 # With port 0 the UDP side picks a number that the TCP side may find taken: this many tries.
@@ -29,6 +29,7 @@ async def bind_endpoints(
     read_only: bool,
     store: ChunkStore | None,
     on_stored: Callable[[ChunkId], None],
+    on_forward: Forward | None = None,
     identity_seed: bytes | None = None,
 ) -> tuple[DHTNode, TransferServer | None]:
     """Start the DHT node and, when there is a ``store`` to serve, the transfer server on the same port number.
@@ -57,6 +58,7 @@ async def bind_endpoints(
             port=dht.port,
             node_id=dht.node_id,  # the id a signed renewal names: our DHT id, as keepers learn it
             on_stored=on_stored,
+            on_forward=on_forward,
             identity_seed=identity_seed,
         )
         try:

@@ -251,6 +251,19 @@ class TransferClient(Service):
                 self._proven.popitem(last=False)
         return peer_conn
 
+    async def ask(
+        self, addr: Address, event: Callable[[int], Request], chunk_id: bytes = b""
+    ) -> Reply:
+        """Send the request ``event(request_id)`` to ``addr`` and return its reply (net.forward_requests).
+
+        Raises:
+            errors.P2PMegaError: the reply was an Error (the exception net.wire_errors names for it).
+            errors.PeerUnreachable: the peer cannot be reached or refused the request.
+            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
+                ``connect_timeout_s``.
+        """
+        return await self._request(addr, event, chunk_id)
+
     async def _request(
         self,
         addr: Address,

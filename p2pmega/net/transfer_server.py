@@ -11,6 +11,7 @@ loop in batches, with one wake-up for all that finished meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from p2pmega.core.wire import (
     Error,
     ErrorCode,
     Expiry,
+    ForwardOK,
+    ForwardStoreRequest,
     ProtocolViolation,
     Reply,
     Request,
@@ -45,9 +48,13 @@ from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.net.channel import channel_layers
 from p2pmega.net.pump import LayerStack, Pump
 from p2pmega.net.transfer_workers import Chunk, Workers
+from p2pmega.storage.expect import Expectations
 
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
+
+# Offered a chunk a sharer asked to be forwarded, with the requester's address: True if it will be forwarded.
+Forward = Callable[[ForwardStoreRequest, str], bool]
 
 log = logging.getLogger("p2pmega.net.transfer")
 
@@ -113,6 +120,7 @@ class TransferServer:
         port: int,
         node_id: bytes | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
+        on_forward: Forward | None = None,
         limits: ServerLimits = ServerLimits(),
         identity_seed: bytes | None = None,
         layers: LayerStack | None = None,
@@ -124,6 +132,8 @@ class TransferServer:
                 channel handshake (a throwaway one if None: the holder then has no lasting id).
             layers: Between each socket and its wire; the authenticated channel unless a test
                 passes another stack (net.pump.PlainLayer exercises the wire alone).
+            on_forward: Takes each chunk a STORE_FORWARD newly stored (replicate.forward); without
+                it every STORE_FORWARD is answered "not forwarding".
         """
         self._store = store
         # What a signed renewal must name (core.renewal); a server without one refuses them all.
@@ -131,6 +141,9 @@ class TransferServer:
         self._host = host
         self._requested_port = port
         self._on_stored = on_stored
+        self._on_forward = on_forward
+        # The forwarded copies sharers announced (EXPECT), until their forwarder delivers them.
+        self.expected = Expectations()
         self.limits = limits
         self.buffers = BufferPool()
         if layers is None:
@@ -174,7 +187,9 @@ class TransferServer:
         """
         loop = asyncio.get_running_loop()
         # Workers first: the server accepts connections as soon as it is bound.
-        self._workers = Workers(loop, self._store, self.buffers, holder_id=self.node_id)
+        self._workers = Workers(
+            loop, self._store, self.buffers, holder_id=self.node_id, expected=self.expected
+        )
         try:
             self._server = await loop.create_server(
                 lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
@@ -312,6 +327,16 @@ class TransferServer:
     def submit(self, connection: _Connection, event: Request) -> None:
         assert self._workers is not None  # noqa: S101 - connections exist only while started
         self._workers.submit(connection, event)
+
+    def forward(self, event: ForwardStoreRequest, requester: str) -> bool:
+        """Hand a newly stored chunk to the forwarder; whether it took it."""
+        if self._on_forward is None:
+            return False
+        try:
+            return self._on_forward(event, requester)
+        except Exception:
+            log.exception("on_forward callback failed for chunk %s", short_id(event.chunk_id))
+            return False
 
     def stored(self, chunk_id: ChunkId) -> None:
         if self._on_stored is None:
@@ -527,6 +552,13 @@ class _Connection(Pump):
             recycle(event.data, buffers)
             if isinstance(reply, StoreOK) and reply.newly_stored:
                 self.server.stored(event.chunk_id)
+            if isinstance(event, ForwardStoreRequest) and isinstance(reply, StoreOK):
+                # Only the request that newly stored the chunk is its sharer's: a chunk held already
+                # (stored by someone, maybe a stranger replaying it) is never forwarded on request.
+                # The data went back to the pool above: the forwarder reads the stored copy.
+                job = dataclasses.replace(event, data=b"")
+                forwarding = reply.newly_stored and self.server.forward(job, self.ip)
+                reply = ForwardOK(request_id, reply.newly_stored, forwarding)
         transport = self.transport
         if transport is None or transport.is_closing() or self.conn.failed:
             if isinstance(reply, Chunk):

@@ -20,7 +20,9 @@ from p2pmega.core.wire import (
     MAX_LEASE_S,
     Error,
     ErrorCode,
+    ExpectRequest,
     FetchRequest,
+    ForwardedStoreRequest,
     HasReply,
     HasRequest,
     KeyedStoreRequest,
@@ -36,12 +38,13 @@ from p2pmega.core.wire import (
     StoreOK,
     StoreRequest,
 )
-from p2pmega.errors import BadSignature
+from p2pmega.errors import BadSignature, ForwardNotExpected
 from p2pmega.net.buffers import BufferPool
 from p2pmega.net.wire_errors import error_reply
 
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
+    from p2pmega.storage.expect import Expectations
 
 log = logging.getLogger("p2pmega.net.transfer")
 
@@ -81,13 +84,24 @@ def answer(
     *,
     source: bytes,
     holder_id: bytes | None,
+    expected: Expectations | None = None,
 ) -> Reply | Chunk:
     """Run one request against the store (in a worker thread); every failure becomes an Error.
 
     ``source`` is the requester's network, ``holder_id`` this holder's node id (what a signed
-    renewal must name).
+    renewal must name), ``expected`` the forwards sharers announced (None: none are accepted).
     """
     try:
+        if isinstance(event, ForwardedStoreRequest):
+            return _store_forwarded(store, event, expected)
+        if isinstance(event, ExpectRequest):
+            # The copies will count against the requester's network: it must have room for some.
+            if expected is None or store.free_bytes(source) <= 0:
+                return RenewReply(event.request_id, (False,) * len(event.ids))
+            flags = expected.expect(
+                source, event.ids, lease_s=event.lease_s, renew_key=event.renew_key
+            )
+            return RenewReply(event.request_id, tuple(flags))
         if isinstance(event, StoreRequest):
             renew_key = event.renew_key if isinstance(event, KeyedStoreRequest) else None
             newly = store.put(
@@ -146,6 +160,30 @@ def answer(
         return refusal
 
 
+def _store_forwarded(
+    store: ChunkStore, event: ForwardedStoreRequest, expected: Expectations | None
+) -> StoreOK:
+    """Keep a forwarded copy on the terms its sharer announced (EXPECT), counted against the sharer."""
+    terms = expected.take(event.chunk_id) if expected is not None else None
+    if terms is None or terms.lease_s != event.lease_s:
+        if terms is not None and expected is not None:
+            expected.put_back(event.chunk_id, terms)
+        raise ForwardNotExpected("no live expectation on these terms")
+    try:
+        newly = store.put(
+            event.chunk_id,
+            event.data,
+            lease_s=terms.lease_s,
+            source=terms.source,
+            renew_key=terms.renew_key,
+        )
+    except Exception:
+        assert expected is not None  # noqa: S101 - terms came from it
+        expected.put_back(event.chunk_id, terms)  # bad bytes: the right ones may still come
+        raise
+    return StoreOK(event.request_id, newly)
+
+
 _Done = tuple[Requester, Request, Reply | Chunk]
 
 
@@ -164,10 +202,12 @@ class Workers:
         buffers: BufferPool,
         *,
         holder_id: bytes | None,
+        expected: Expectations | None = None,
     ) -> None:
         self._loop = loop
         self._store = store
         self._holder_id = holder_id
+        self._expected = expected
         self.buffers = buffers
         self._jobs: queue.SimpleQueue[tuple[Requester, Request] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -190,9 +230,17 @@ class Workers:
 
     def _work(self) -> None:
         store, buffers, jobs, holder_id = self._store, self.buffers, self._jobs, self._holder_id
+        expected = self._expected
         while (job := jobs.get()) is not None:
             connection, event = job
-            reply = answer(store, event, buffers, source=connection.source, holder_id=holder_id)
+            reply = answer(
+                store,
+                event,
+                buffers,
+                source=connection.source,
+                holder_id=holder_id,
+                expected=expected,
+            )
             with self._lock:
                 self._done.append((connection, event, reply))
                 wake = not self._wake_pending

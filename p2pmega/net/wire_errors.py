@@ -25,6 +25,11 @@ _REPLIES: Final[tuple[tuple[type[Exception], ErrorCode, Callable[[Exception], st
         lambda _: "your network's share of the quota or store rate is used up",
     ),
     (errors.BadSignature, ErrorCode.BAD_RENEWAL, lambda _: "renewal signature does not verify"),
+    (
+        errors.ForwardNotExpected,
+        ErrorCode.NOT_EXPECTED,
+        lambda _: "no sharer asked this holder to accept that forward",
+    ),
     (errors.QuotaExceeded, ErrorCode.QUOTA_FULL, lambda _: "store quota is full"),
     (errors.UsageError, ErrorCode.BAD_REQUEST, lambda exc: f"refused: {type(exc).__name__}"),
     (errors.StorageError, ErrorCode.INTERNAL, lambda exc: f"store failed: {type(exc).__name__}"),
@@ -43,6 +48,7 @@ EXCEPTION_OF: Final[dict[ErrorCode, type[errors.P2PMegaError]]] = {
     ErrorCode.BAD_CHUNK: errors.BadChunk,
     ErrorCode.SOURCE_LIMIT: errors.SourceLimitExceeded,
     ErrorCode.BAD_RENEWAL: errors.BadSignature,
+    ErrorCode.NOT_EXPECTED: errors.ForwardNotExpected,
 }
 
 
@@ -70,6 +76,8 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         errors.BadChunk: BAD_CHUNK.
         errors.SourceLimitExceeded: SOURCE_LIMIT (a QuotaExceeded: store elsewhere).
         errors.BadSignature: BAD_RENEWAL.
+        errors.ForwardNotExpected: NOT_EXPECTED.
+        errors.PeerIncompatible: BAD_REQUEST (a message type newer than the holder, say).
         errors.PeerUnreachable: any other code (the holder refused the request).
     """
     what = f"chunk {short_id(chunk_id)}" if chunk_id else "request"
@@ -90,4 +98,9 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         )
     if kind is errors.BadSignature:
         raise kind(f"peer {where} refused the renewal of {what}: its signature does not verify")
+    if reply.code is ErrorCode.BAD_REQUEST:
+        # A request the holder does not understand: most often a message type newer than it.
+        raise errors.PeerIncompatible(f"peer {where} refused {what}: BAD_REQUEST {reply.message}")
+    if kind is errors.ForwardNotExpected:
+        raise kind(f"peer {where} refused the forward of {what}: its sharer did not ask it to")
     raise errors.PeerUnreachable(f"peer {where} refused {what}: {reply.code.name} {reply.message}")

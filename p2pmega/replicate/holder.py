@@ -11,6 +11,7 @@ from p2pmega.core.magnet import KeepCap
 from p2pmega.defaults import GC_INTERVAL_S, LEASE_S, REANNOUNCE_INTERVAL_S
 from p2pmega.node import Duty, Node, NodeSettings
 from p2pmega.replicate.duties import Announcer, GarbageCollector, Reannouncer, Summary
+from p2pmega.replicate.forward import Forwarder
 from p2pmega.replicate.keeper import Keeper
 from p2pmega.replicate.repair import Repairer, RepairPolicy
 
@@ -54,6 +55,7 @@ class Duties:
         self.summary.announcer = announcer
         duties: list[Duty] = [
             announcer,
+            Forwarder(node),
             GarbageCollector(node, c.gc_interval_s),
             Reannouncer(node, announcer, c.reannounce_s),
         ]

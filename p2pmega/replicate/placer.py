@@ -25,10 +25,12 @@ from p2pmega.core.words import counted
 from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
+    PeerIncompatible,
     PeerRefused,
     PlacementImpossible,
     QuotaExceeded,
 )
+from p2pmega.net.forward_requests import Target, expect, store_forward
 from p2pmega.node import Node
 from p2pmega.replicate.peers import SMALL_NETWORK_NODES, candidate_of
 
@@ -44,6 +46,14 @@ STORE_RETRY_DELAY_S = 0.5
 # A holder that failed this many chunks in a row (each after its attempts) is left out for the rest of the share;
 # one that refuses connections (nothing listens) at once.
 MAX_HOLDER_FAILURES = 2
+
+# Pipelined replication (docs/PROTOCOL.md, "Forwarding"): the second copy a first holder forwards must be confirmed
+# by the second holder within this long, or this many times as long as the upload to the first took, whichever is
+# more; else the sharer uploads it too. Its polls start after FORWARD_POLL_S and double up to FORWARD_POLL_MAX_S.
+FORWARD_WAIT_MIN_S = 2.0
+FORWARD_WAIT_FACTOR = 2.0
+FORWARD_POLL_S = 0.02
+FORWARD_POLL_MAX_S = 0.5
 
 # Chunks whose closest nodes a Placer remembers: a few per chunk placed at once, far fewer than a file's chunks.
 CLOSEST_REMEMBERED = 256
@@ -84,6 +94,11 @@ class Placer:
     # (core.capacity), and no chunk larger goes to it. A peer missing here (an older holder, or not asked)
     # weighs 1.0, as a fresh default seed does.
     space: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Upload each chunk once: its first holder forwards the second copy (a share; needs ``renew_key``).
+    forwarding: bool = False
+    # Holders that do not forward or accept forwards (older ones), or whose forward failed: stores go direct.
+    no_forward: set[tuple[str, int]] = field(default_factory=set)
+    forwarded: int = 0  # copies a first holder forwarded and their holder confirmed
     # A share's way to find candidates (replicate.peers.PLACEMENT_BATCH_CHUNKS): the live storage peers near the
     # key a chunk is placed near, found once per key and shared by every chunk placed near it. None: ``pool``.
     finder: Finder | None = None
@@ -177,9 +192,7 @@ class Placer:
             wanted = self._plan(chunk_id, stored, candidates, failed)
             if not wanted:
                 return stored
-            outcomes = await asyncio.gather(
-                *(self._store_one(c, chunk_id, data) for c in wanted), return_exceptions=True
-            )
+            outcomes = await self._store_all(wanted, chunk_id, data)
             for cand, outcome in zip(wanted, outcomes, strict=True):
                 if outcome is True:
                     stored.append(cand)
@@ -261,6 +274,91 @@ class Placer:
             + f"; {RERUN_HINT}"
         )
 
+    async def _store_all(
+        self, wanted: list[Candidate], chunk_id: ChunkId, data: bytes
+    ) -> list[bool | BaseException]:
+        """Store on every holder of ``wanted``: the first two as a forwarding pair when forwarding."""
+        pair = wanted[:2] if self.forwarding and self.renew_key is not None else []
+        if len(pair) < 2 or any((c.host, c.port) in self.no_forward for c in pair):
+            pair = []
+        rest = wanted[len(pair) :]
+        jobs: list[Awaitable[object]] = [self._store_one(c, chunk_id, data) for c in rest]
+        if pair:
+            jobs.insert(0, self._store_pair(pair[0], pair[1], chunk_id, data))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        outcomes: list[bool | BaseException] = []
+        if pair:
+            first = results.pop(0)
+            outcomes += list(first) if isinstance(first, tuple) else [first, first]  # type: ignore[list-item]
+        outcomes += [r for r in results]  # type: ignore[misc]
+        return outcomes
+
+    async def _store_pair(
+        self, first: Candidate, second: Candidate, chunk_id: ChunkId, data: bytes
+    ) -> tuple[bool, bool]:
+        """Upload ``data`` once to ``first``, which forwards it to ``second``; upload again only if that fails.
+
+        ``second`` is told to expect the copy before ``first`` gets it, and confirms it to us directly (LEASES),
+        so ``first`` is trusted with nothing: a forward dropped, corrupted or late only costs the second upload.
+        """
+        assert self.renew_key is not None  # noqa: S101 - _store_all checked it
+        second_addr = (second.host, second.port)
+        client = self.node.client
+        try:
+            [accepted] = await expect(
+                client, second_addr, [chunk_id], self.lease_s, renew_key=self.renew_key
+            )
+        except P2PMegaError as exc:
+            log.debug("holder %s takes no forwards: %s", second_addr, exc)
+            self.no_forward.add(second_addr)
+            accepted = False
+        if not accepted:
+            one, two = await asyncio.gather(
+                self._store_one(first, chunk_id, data), self._store_one(second, chunk_id, data)
+            )
+            return one, two
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        forwarding: list[bool] = []
+        first_ok = await self._store_one(
+            first, chunk_id, data, forward_to=second, forwarding=forwarding
+        )
+        if first_ok and forwarding:
+            wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * (loop.time() - started))
+            if await self._confirm(second_addr, chunk_id, wait_s):
+                self.forwarded += 1
+                self.failures.pop(second_addr, None)
+                return True, True
+            # The forwarder did not deliver in time (or at all): it forwards no more of this share's chunks.
+            log.debug(
+                "forward of %s by %s:%d not confirmed by %s within %.1f s; uploading it",
+                short_id(chunk_id),
+                first.host,
+                first.port,
+                second_addr,
+                wait_s,
+            )
+            self.no_forward.add((first.host, first.port))
+        return first_ok, await self._store_one(second, chunk_id, data)
+
+    async def _confirm(self, addr: tuple[str, int], chunk_id: ChunkId, wait_s: float) -> bool:
+        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        delay_s = FORWARD_POLL_S
+        while True:
+            await asyncio.sleep(max(0.0, min(delay_s, deadline - loop.time())))
+            try:
+                [left_s] = await self.node.client.leases(addr, [chunk_id])
+            except P2PMegaError as exc:
+                log.debug("holder %s did not confirm %s: %s", addr, short_id(chunk_id), exc)
+                return False
+            if left_s >= self.lease_s / 2:
+                return True
+            if loop.time() >= deadline:
+                return False
+            delay_s = min(delay_s * 2, FORWARD_POLL_MAX_S)
+
     async def _lease_holds(self, addr: tuple[str, int], chunk_id: ChunkId) -> bool:
         """Whether a copy ``addr`` already held will last: someone else may have stored it first, with a short
         lease (a re-store never extends one, docs/STORAGE.md), and then it is no copy to count on."""
@@ -281,8 +379,20 @@ class Placer:
             return False
         return True
 
-    async def _store_one(self, cand: Candidate, chunk_id: ChunkId, data: bytes) -> bool:
-        """Store on one holder, retrying what may pass; True once the holder confirmed the chunk."""
+    async def _store_one(
+        self,
+        cand: Candidate,
+        chunk_id: ChunkId,
+        data: bytes,
+        *,
+        forward_to: Candidate | None = None,
+        forwarding: list[bool] | None = None,
+    ) -> bool:
+        """Store on one holder, retrying what may pass; True once the holder confirmed the chunk.
+
+        With ``forward_to``, ask the holder to forward the chunk there (STORE_FORWARD); ``forwarding`` gets True
+        appended if it will. A holder that does not know the request is stored on plainly from then on.
+        """
         addr = (cand.host, cand.port)
         for attempt in range(STORE_ATTEMPTS):
             if addr in self.dead:
@@ -292,9 +402,12 @@ class Placer:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
                 self.bytes_sent += len(data)
-                newly = await self.node.client.store(
-                    addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
-                )
+                if forward_to is not None and addr not in self.no_forward:
+                    newly = await self._store_forward(addr, chunk_id, data, forward_to, forwarding)
+                else:
+                    newly = await self.node.client.store(
+                        addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
+                    )
                 if not newly:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
@@ -322,6 +435,36 @@ class Placer:
         if self.failures[addr] >= MAX_HOLDER_FAILURES:
             self.dead.add(addr)
         return False
+
+    async def _store_forward(
+        self,
+        addr: tuple[str, int],
+        chunk_id: ChunkId,
+        data: bytes,
+        target: Candidate,
+        forwarding: list[bool] | None,
+    ) -> bool:
+        """STORE_FORWARD to ``addr``; a holder that does not know it gets a plain store from now on."""
+        assert self.renew_key is not None  # noqa: S101 - only a forwarding pair gets here
+        try:
+            reply = await store_forward(
+                self.node.client,
+                addr,
+                chunk_id,
+                data,
+                self.lease_s,
+                renew_key=self.renew_key,
+                target=Target(target.node_id, target.host, target.port),
+            )
+        except PeerIncompatible as exc:
+            log.debug("holder %s does not forward: %s", addr, exc)
+            self.no_forward.add(addr)
+            return await self.node.client.store(
+                addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
+            )
+        if reply.forwarding and forwarding is not None:
+            forwarding.append(True)
+        return reply.newly_stored
 
 
 def shortfall(summary: PoolSummary, replicas: int, min_countries: int, *, geo_table: bool) -> str:

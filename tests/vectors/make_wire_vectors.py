@@ -17,7 +17,11 @@ from p2pmega.core.wire import (
     ChunkData,
     Error,
     ErrorCode,
+    ExpectRequest,
     FetchRequest,
+    ForwardedStoreRequest,
+    ForwardOK,
+    ForwardStoreRequest,
     HasReply,
     HasRequest,
     KeyedStoreRequest,
@@ -86,12 +90,50 @@ def exchanges() -> list[tuple[str, Any, Any]]:
             RenewReply(11, (True, False)),
         )
     )
-    for code in (c for c in ErrorCode if c > ErrorCode.INTERNAL):
+    for code in (c for c in ErrorCode if ErrorCode.INTERNAL < c <= ErrorCode.BAD_RENEWAL):
         rid = 100 + int(code)
         cases.append((f"error-{code.name.lower()}", FetchRequest(rid, CID), Error(rid, code, "")))
     # Free space for placement by capacity (issue 18): one new request, answered by its own reply.
     cases.append(("space", SpaceRequest(12), SpaceReply(12, 2_500_000_000, 10_000_000_000)))
     cases.append(("space-full", SpaceRequest(13), SpaceReply(13, 0, 2**64 - 1)))
+    # Pipelined replication (issue 20): three requests, one new reply, one new code.
+    cases.append(
+        (
+            "store-forward",
+            ForwardStoreRequest(
+                14,
+                CID,
+                3600,
+                BODY,
+                renew_key=renew_key,
+                target_id=bytes(range(100, 120)),
+                target_host="127.3.2.1",
+                target_port=4242,
+            ),
+            ForwardOK(14, True, True),
+        )
+    )
+    cases.append(
+        (
+            "store-forward-ipv6-not-forwarding",
+            ForwardStoreRequest(
+                15,
+                CID,
+                60,
+                BODY,
+                renew_key=renew_key,
+                target_id=bytes(20),
+                target_host="2001:db8::7",
+                target_port=65535,
+            ),
+            ForwardOK(15, False, False),
+        )
+    )
+    cases.append(("expect", ExpectRequest(16, _ids(2), 3600, renew_key), RenewReply(16, (True, False))))
+    cases.append(("forwarded-store", ForwardedStoreRequest(17, CID, 3600, BODY), StoreOK(17, True)))
+    for code in (c for c in ErrorCode if c > ErrorCode.BAD_RENEWAL):
+        rid = 100 + int(code)
+        cases.append((f"error-{code.name.lower()}", FetchRequest(rid, CID), Error(rid, code, "")))
     return cases
 
 

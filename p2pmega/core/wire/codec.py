@@ -6,6 +6,7 @@ its request is the connection's business (connection.py). The layout is in docs/
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -22,7 +23,11 @@ from p2pmega.core.wire.events import (
     Error,
     ErrorCode,
     Event,
+    ExpectRequest,
     FetchRequest,
+    ForwardedStoreRequest,
+    ForwardOK,
+    ForwardStoreRequest,
     HasReply,
     HasRequest,
     KeyedStoreRequest,
@@ -51,6 +56,11 @@ _COUNT: Final = struct.Struct(">H")
 _SECONDS: Final = struct.Struct(">I")
 _ERROR_FIXED: Final = struct.Struct(">B")
 _SPACE: Final = struct.Struct(">QQ")  # free bytes, quota bytes
+# STORE_KEYED's fields, then the target: node id, IPv6 address (IPv4 mapped), port.
+STORE_FORWARD_FIXED: Final = struct.Struct(">32sI32s20s16sH")
+_EXPECT_FIXED: Final = struct.Struct(">I32s")  # lease seconds, renewal key; then the ids
+_FORWARD_OK: Final = struct.Struct(">BB")  # newly stored, forwarding
+TARGET_ID_BYTES: Final = 20
 assert HEADER.size == HEADER_BYTES  # noqa: S101 - events.py states the size without struct
 assert PREFIX_BYTES == 4  # noqa: S101 - the u32 that opens HEADER
 
@@ -186,6 +196,88 @@ def decode_keyed_store_request(
     return KeyedStoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk, renew_key=renew_key)
 
 
+def _pack_host(host: str) -> bytes:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed).packed
+    return address.packed
+
+
+def _unpack_host(packed: bytes) -> str:
+    address = ipaddress.IPv6Address(packed)
+    return str(address.ipv4_mapped or address)
+
+
+def encode_store_forward_request(event: ForwardStoreRequest) -> Body:
+    fixed, data = encode_keyed_store_request(event)
+    if len(event.target_id) != TARGET_ID_BYTES:
+        raise ValueError(f"a target node id is {TARGET_ID_BYTES} bytes, got {len(event.target_id)}")
+    if not 0 < event.target_port < 2**16:
+        raise ValueError(f"target port {event.target_port} is not 1..65535")
+    target = event.target_id + _pack_host(event.target_host)
+    return fixed + target + event.target_port.to_bytes(2, "big"), data
+
+
+def decode_store_forward_request(
+    request_id: int, body: memoryview, data: bool = True
+) -> ForwardStoreRequest:
+    if len(body) < STORE_FORWARD_FIXED.size:
+        raise bad("STORE_FORWARD frame is too short", request_id)
+    chunk_id, lease_s, renew_key, target_id, host, port = STORE_FORWARD_FIXED.unpack_from(body)
+    if lease_s == 0:
+        raise bad("STORE_FORWARD lease must be at least 1 second", request_id)
+    if port == 0:
+        raise bad("STORE_FORWARD target port must not be 0", request_id)
+    if len(body) - STORE_FORWARD_FIXED.size > MAX_SEALED_CHUNK_BYTES:
+        raise bad(
+            f"chunk of {len(body) - STORE_FORWARD_FIXED.size} bytes exceeds the maximum",
+            request_id,
+            ErrorCode.TOO_LARGE,
+        )
+    chunk = bytes(body[STORE_FORWARD_FIXED.size :]) if data else b""
+    return ForwardStoreRequest(
+        request_id,
+        ChunkId(chunk_id),
+        lease_s,
+        chunk,
+        renew_key=renew_key,
+        target_id=target_id,
+        target_host=_unpack_host(host),
+        target_port=port,
+    )
+
+
+def encode_forwarded_store_request(event: ForwardedStoreRequest) -> Body:
+    return encode_store_request(event)
+
+
+def decode_forwarded_store_request(
+    request_id: int, body: memoryview, data: bool = True
+) -> ForwardedStoreRequest:
+    if len(body) < STORE_FIXED.size:
+        raise bad("FORWARDED_STORE frame is too short", request_id)
+    plain = decode_store_request(request_id, body, data)
+    return ForwardedStoreRequest(request_id, plain.chunk_id, plain.lease_s, plain.data)
+
+
+def encode_expect_request(event: ExpectRequest) -> Body:
+    check_ids(event.ids)
+    check_lease(event.lease_s)
+    if len(event.renew_key) != 32:
+        raise ValueError(f"a renewal key is 32 bytes, got {len(event.renew_key)}")
+    return _EXPECT_FIXED.pack(event.lease_s, event.renew_key) + _encode_ids(event.ids), b""
+
+
+def decode_expect_request(request_id: int, body: memoryview, data: bool = True) -> ExpectRequest:
+    if len(body) < _EXPECT_FIXED.size + _COUNT.size:
+        raise bad("EXPECT frame is too short", request_id)
+    lease_s, renew_key = _EXPECT_FIXED.unpack_from(body)
+    if lease_s == 0:
+        raise bad("EXPECT lease must be at least 1 second", request_id)
+    ids = _decode_ids(MessageType.EXPECT, request_id, body, _EXPECT_FIXED.size)
+    return ExpectRequest(request_id, ids, lease_s, renew_key)
+
+
 def encode_fetch_request(event: FetchRequest) -> Body:
     check_chunk_id(event.chunk_id)
     return bytes(event.chunk_id), b""
@@ -281,6 +373,16 @@ def decode_store_ok(request_id: int, body: memoryview, data: bool = True) -> Sto
     return StoreOK(request_id, body[0] == 1)
 
 
+def encode_forward_ok(event: ForwardOK) -> Body:
+    return _FORWARD_OK.pack(event.newly_stored, event.forwarding), b""
+
+
+def decode_forward_ok(request_id: int, body: memoryview, data: bool = True) -> ForwardOK:
+    if len(body) != _FORWARD_OK.size or body[0] > 1 or body[1] > 1:
+        raise bad("FORWARD_OK must hold two 0/1 bytes", request_id)
+    return ForwardOK(request_id, body[0] == 1, body[1] == 1)
+
+
 def encode_chunk_data(event: ChunkData) -> Body:
     check_chunk_id(event.chunk_id)
     return bytes(event.chunk_id), event.data
@@ -371,6 +473,10 @@ ENCODERS: Final[dict[type[Request | Reply], tuple[MessageType, Callable[[Any], B
     KeyedStoreRequest: (MessageType.STORE_KEYED, encode_keyed_store_request),
     RenewSignedRequest: (MessageType.RENEW_SIGNED, encode_renew_signed_request),
     SpaceRequest: (MessageType.SPACE, encode_space_request),
+    ForwardStoreRequest: (MessageType.STORE_FORWARD, encode_store_forward_request),
+    ExpectRequest: (MessageType.EXPECT, encode_expect_request),
+    ForwardedStoreRequest: (MessageType.FORWARDED_STORE, encode_forwarded_store_request),
+    ForwardOK: (MessageType.FORWARD_OK, encode_forward_ok),
     StoreOK: (MessageType.STORE_OK, encode_store_ok),
     ChunkData: (MessageType.CHUNK_DATA, encode_chunk_data),
     HasReply: (MessageType.HAS_REPLY, encode_has_reply),
@@ -388,6 +494,10 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
     MessageType.STORE_KEYED: decode_keyed_store_request,
     MessageType.RENEW_SIGNED: decode_renew_signed_request,
     MessageType.SPACE: decode_space_request,
+    MessageType.STORE_FORWARD: decode_store_forward_request,
+    MessageType.EXPECT: decode_expect_request,
+    MessageType.FORWARDED_STORE: decode_forwarded_store_request,
+    MessageType.FORWARD_OK: decode_forward_ok,
     MessageType.STORE_OK: decode_store_ok,
     MessageType.CHUNK_DATA: decode_chunk_data,
     MessageType.HAS_REPLY: decode_has_reply,
@@ -400,5 +510,7 @@ DECODERS: Final[dict[MessageType, Decoder]] = {
 DATA_OFFSET: Final[dict[MessageType, int]] = {
     MessageType.STORE: STORE_FIXED.size,
     MessageType.STORE_KEYED: STORE_KEYED_FIXED.size,
+    MessageType.STORE_FORWARD: STORE_FORWARD_FIXED.size,
+    MessageType.FORWARDED_STORE: STORE_FIXED.size,
     MessageType.CHUNK_DATA: CHUNK_ID_BYTES,
 }

@@ -30,6 +30,7 @@ from p2pmega.core.wire.events import (
     Error,
     ErrorCode,
     Event,
+    ExpectRequest,
     FetchRequest,
     HasReply,
     HasRequest,
@@ -49,7 +50,14 @@ from p2pmega.core.wire.events import (
 
 # Which large frames each role receives with their data handed over (no copy of the chunk).
 _HANDED_OVER: Final = {
-    Role.SERVER: frozenset({MessageType.STORE, MessageType.STORE_KEYED}),
+    Role.SERVER: frozenset(
+        {
+            MessageType.STORE,
+            MessageType.STORE_KEYED,
+            MessageType.STORE_FORWARD,
+            MessageType.FORWARDED_STORE,
+        }
+    ),
     Role.CLIENT: frozenset({MessageType.CHUNK_DATA}),
 }
 
@@ -66,7 +74,9 @@ class _Outstanding:
 def _outstanding(kind: MessageType, event: Request) -> _Outstanding:
     if isinstance(event, FetchRequest):
         return _Outstanding(kind, chunk_id=event.chunk_id)
-    if isinstance(event, HasRequest | RenewRequest | LeasesRequest | RenewSignedRequest):
+    if isinstance(
+        event, HasRequest | RenewRequest | LeasesRequest | RenewSignedRequest | ExpectRequest
+    ):
         return _Outstanding(kind, count=len(event.ids))
     return _Outstanding(kind)
 

@@ -57,12 +57,21 @@ class MessageType(enum.IntEnum):
     SPACE = (
         0x08  # how many bytes may the requester still store here (issue 18, placement by capacity)
     )
+    # Pipelined replication (issue 20, docs/PROTOCOL.md "Forwarding"): a sharer uploads a chunk once.
+    STORE_FORWARD = (
+        0x09  # a STORE_KEYED whose holder then forwards the chunk, once, to a named holder
+    )
+    EXPECT = (
+        0x0A  # to that second holder: accept these ids from a forwarder; answered by RENEW_REPLY
+    )
+    FORWARDED_STORE = 0x0B  # the forwarder's store, accepted only where an EXPECT asked for it
     STORE_OK = 0x81
     CHUNK_DATA = 0x82
     HAS_REPLY = 0x83
     RENEW_REPLY = 0x84
     LEASES_REPLY = 0x85
     SPACE_REPLY = 0x88
+    FORWARD_OK = 0x89
     ERROR = 0xFF
 
 
@@ -80,6 +89,7 @@ class ErrorCode(enum.IntEnum):
     BAD_CHUNK = 9  # the data is not shaped like a stored chunk (header, size)
     SOURCE_LIMIT = 10  # the sender's /24 (/48) used its share of the quota, or its store rate
     BAD_RENEWAL = 11  # a signed renewal whose signature does not verify at this holder
+    NOT_EXPECTED = 12  # a FORWARDED_STORE that no live EXPECT of the chunk's sharer asked for
 
 
 class Sentinel(enum.Enum):
@@ -114,6 +124,44 @@ class KeyedStoreRequest(StoreRequest):
     """
 
     renew_key: bytes = field(default=b"", kw_only=True)
+
+
+@dataclass(frozen=True)
+class ForwardStoreRequest(KeyedStoreRequest):
+    """A KeyedStoreRequest after which the holder forwards the chunk to the holder named here.
+
+    The holder forwards only a chunk this request newly stored, once, with the same lease
+    (FORWARDED_STORE); the second holder keeps it only if its sharer told it to (EXPECT).
+    ``target_host`` is an IPv4 or IPv6 address, ``target_id`` the node id the forwarder must find
+    proven there (core.node_id).
+    """
+
+    target_id: bytes = field(default=b"", kw_only=True)
+    target_host: str = field(default="", kw_only=True)
+    target_port: int = field(default=0, kw_only=True)
+
+
+@dataclass(frozen=True)
+class ForwardedStoreRequest(StoreRequest):
+    """A forwarder's store of a chunk a sharer asked it to forward here.
+
+    Kept only against a live ExpectRequest for ``chunk_id`` with the same ``lease_s``; the copy is
+    then stored with the expectation's renewal key and counted against the sharer's network.
+    """
+
+
+@dataclass(frozen=True)
+class ExpectRequest:
+    """Accept FORWARDED_STORE of ``ids`` for a while, kept ``lease_s`` with ``renew_key``.
+
+    Sent by a sharer to the second holder of each chunk: the copies count against the sharer's
+    network, as if it had stored them itself. At most MAX_BATCH_IDS ids.
+    """
+
+    request_id: int
+    ids: tuple[ChunkId, ...]
+    lease_s: int
+    renew_key: bytes
 
 
 @dataclass(frozen=True)
@@ -177,6 +225,20 @@ class StoreOK:
 
     request_id: int
     newly_stored: bool
+
+
+@dataclass(frozen=True)
+class ForwardOK:
+    """A StoreOK for a ForwardStoreRequest, and whether the holder will forward the chunk.
+
+    ``forwarding`` is False when the holder will not (the chunk was held already, so this request is
+    not its sharer's first store; or its forward queue is full; or the target is refused): the
+    sharer then stores the second copy itself.
+    """
+
+    request_id: int
+    newly_stored: bool
+    forwarding: bool
 
 
 @dataclass(frozen=True)
@@ -251,8 +313,9 @@ Request = (
     | LeasesRequest
     | RenewSignedRequest
     | SpaceRequest
+    | ExpectRequest
 )
-Reply = StoreOK | ChunkData | HasReply | RenewReply | LeasesReply | SpaceReply | Error
+Reply = StoreOK | ForwardOK | ChunkData | HasReply | RenewReply | LeasesReply | SpaceReply | Error
 Event = Request | Reply | ConnectionClosed
 
 # The reply type that answers each request type (besides ERROR, which answers any).
@@ -265,6 +328,9 @@ REPLY_FOR: Final[dict[MessageType, MessageType]] = {
     MessageType.STORE_KEYED: MessageType.STORE_OK,
     MessageType.RENEW_SIGNED: MessageType.RENEW_REPLY,
     MessageType.SPACE: MessageType.SPACE_REPLY,
+    MessageType.STORE_FORWARD: MessageType.FORWARD_OK,
+    MessageType.EXPECT: MessageType.RENEW_REPLY,
+    MessageType.FORWARDED_STORE: MessageType.STORE_OK,
 }
 # The request types, for isinstance checks.
 REQUEST_TYPES: Final = (
@@ -275,6 +341,7 @@ REQUEST_TYPES: Final = (
     LeasesRequest,
     RenewSignedRequest,
     SpaceRequest,
+    ExpectRequest,
 )
 
 

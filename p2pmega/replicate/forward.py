@@ -1,0 +1,146 @@
+"""Forwarder: a holder's duty of passing on the chunks a sharer uploads once (docs/PROTOCOL.md, "Forwarding").
+
+A sharer sends a chunk to its first holder with STORE_FORWARD, naming the second holder; the first stores it, answers,
+and then sends it on (FORWARDED_STORE), as a GFS/HDFS replica pipeline does. The second holder keeps it only if the
+sharer told it to (EXPECT), and the sharer confirms that copy with the second holder itself before it counts it, so
+this holder is trusted with nothing: one that drops, corrupts or delays a forward only makes the sharer upload
+that copy too. What this holder does limit is its own work: only chunks a request newly stored (so the requester
+is that copy's sharer), each at most once, with the sharer's lease, to a target in the requester's own address
+scope (a sharer on the internet cannot aim this holder at a loopback or private address), a bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2pmega.core.chunking import ChunkId, short_id
+from p2pmega.core.wire import ForwardStoreRequest
+from p2pmega.errors import P2PMegaError
+from p2pmega.net.forward_requests import forwarded_store
+from p2pmega.net.transfer_client import TransferClient
+from p2pmega.node import Node
+
+log = logging.getLogger(__name__)
+
+# Forwards waiting at once: a sharer keeps a few chunks in flight per holder; past this it uploads the copy itself.
+FORWARD_QUEUE: Final = 64
+# Forwards sent at once: as many as a sharer's stores in flight to one holder, so forwarding keeps pace.
+FORWARDS_AT_ONCE: Final = 4
+# A forward still unanswered after this is abandoned (the sharer stopped waiting for it long before).
+FORWARD_TIMEOUT_S: Final = 120.0
+# Chunks remembered as forwarded, so no request makes this holder forward one twice.
+FORWARDED_REMEMBERED: Final = 65536
+
+
+def _scope(host: str) -> str:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_multicast or address.is_unspecified or address.is_reserved:
+        return "other"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_private or address.is_link_local:
+        return "private"
+    if address.is_global:
+        return "global"
+    return "other"
+
+
+def same_scope(requester: str, target: str) -> bool:
+    """Whether ``target`` is an address the sharer at ``requester`` could reach itself (loopback, private, global).
+
+    A forward goes where the sharer points it; this keeps a sharer from aiming a holder at addresses behind it
+    (its loopback, its LAN) that the sharer could not reach, as SSRF guards do. Reserved and multicast: never.
+    """
+    try:
+        scope = _scope(requester)
+        return scope != "other" and scope == _scope(target)
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Job:
+    chunk_id: ChunkId
+    lease_s: int
+    target_id: bytes
+    addr: tuple[str, int]
+
+
+@dataclass(eq=False)
+class Forwarder:
+    """Forwards the chunks sharers ask this holder to pass on, each once, a few at a time."""
+
+    node: Node
+    name: str = "forwarder"
+    forwarded: int = 0  # confirmed by the target
+    failed: int = 0
+    refused: int = 0  # offers turned down (target out of scope, queue full, forwarded already)
+    _queue: asyncio.Queue[_Job] = field(default_factory=asyncio.Queue)
+    _seen: OrderedDict[ChunkId, None] = field(default_factory=OrderedDict)
+    _client: TransferClient | None = None
+
+    def __post_init__(self) -> None:
+        self.node.forwarder = self.offer
+
+    def offer(self, event: ForwardStoreRequest, requester: str) -> bool:
+        """Take a chunk a STORE_FORWARD newly stored; False if it will not be forwarded (the sharer then uploads)."""
+        addr = (event.target_host, event.target_port)
+        if event.chunk_id in self._seen:
+            reason = "forwarded already"
+        elif self._queue.qsize() >= FORWARD_QUEUE:
+            reason = "queue full"
+        elif not same_scope(requester, event.target_host):
+            reason = f"target {event.target_host} is outside {requester}'s address scope"
+        elif addr == (self.node.settings.host, self.node.port):
+            reason = "target is this holder"
+        else:
+            self._seen[event.chunk_id] = None
+            while len(self._seen) > FORWARDED_REMEMBERED:
+                self._seen.popitem(last=False)
+            self._queue.put_nowait(_Job(event.chunk_id, event.lease_s, event.target_id, addr))
+            return True
+        self.refused += 1
+        log.debug("not forwarding %s: %s", short_id(event.chunk_id), reason)
+        return False
+
+    async def run(self) -> None:
+        # Its own client: a target's node id is the sharer's claim, so it must not enter the node's client (where
+        # a wrong one would refuse that holder for every later request of this node, repair's included).
+        s = self.node.settings
+        self._client = TransferClient(local_host=s.host, timeout_s=s.transfer_timeout_s)
+        self._client.identity_seed = self.node.client.identity_seed
+        await asyncio.gather(*(self._work() for _ in range(FORWARDS_AT_ONCE)))
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                async with asyncio.timeout(FORWARD_TIMEOUT_S):
+                    await self._forward(job)
+                self.forwarded += 1
+            except (P2PMegaError, TimeoutError) as exc:
+                self.failed += 1
+                log.debug("forward of %s to %s failed: %s", short_id(job.chunk_id), job.addr, exc)
+
+    async def _forward(self, job: _Job) -> None:
+        store, client = self.node.store, self._client
+        if store is None or client is None:
+            return
+        data = await asyncio.to_thread(store.get, job.chunk_id)
+        client.expect_node_id(job.addr, job.target_id)
+        await forwarded_store(client, job.addr, job.chunk_id, data, job.lease_s)
+
+    async def close(self) -> None:
+        """Drop what is queued (each sharer uploads those copies itself) and close the connections."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
