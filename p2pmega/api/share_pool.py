@@ -19,7 +19,7 @@ from p2pmega.core.placement import Blocs, Candidate, meets_rule, summarize
 from p2pmega.errors import NetworkError, PlacementImpossible
 from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_of, candidate_pool
-from p2pmega.replicate.placer import shortfall
+from p2pmega.replicate.shortfall import shortfall
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +17,6 @@ from p2pmega.core.geo import GeoTable
 from p2pmega.core.placement import (
     Blocs,
     Candidate,
-    PoolSummary,
     meets_rule,
     plan_repair,
     summarize,
@@ -33,6 +33,7 @@ from p2pmega.errors import (
 from p2pmega.net.forward_requests import Target, expect, store_forward
 from p2pmega.node import Node
 from p2pmega.replicate.peers import SMALL_NETWORK_NODES, candidate_of
+from p2pmega.replicate.shortfall import shortfall
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ MAX_HOLDER_FAILURES = 2
 
 # Pipelined replication (docs/PROTOCOL.md, "Forwarding"): the second copy a first holder forwards must be confirmed
 # by the second holder within this long, or this many times as long as the upload to the first took, whichever is
-# more; else the sharer uploads it too. Its polls start after FORWARD_POLL_S and double up to FORWARD_POLL_MAX_S.
+# more; else the sharer uploads it too. It polls after about as long as the last forwards took (FORWARD_POLL_S at
+# first), then more often, backing off up to FORWARD_POLL_MAX_S.
 FORWARD_WAIT_MIN_S = 2.0
 FORWARD_WAIT_FACTOR = 2.0
-FORWARD_POLL_S = 0.02
+FORWARD_POLL_S = 0.005
+FORWARD_POLL_MIN_S = 0.002
 FORWARD_POLL_MAX_S = 0.5
 
 # Chunks whose closest nodes a Placer remembers: a few per chunk placed at once, far fewer than a file's chunks.
@@ -94,11 +97,17 @@ class Placer:
     # (core.capacity), and no chunk larger goes to it. A peer missing here (an older holder, or not asked)
     # weighs 1.0, as a fresh default seed does.
     space: dict[tuple[str, int], int] = field(default_factory=dict)
-    # Upload each chunk once: its first holder forwards the second copy (a share; needs ``renew_key``).
+    # Upload each chunk once: its first holder forwards the second copy (a share; needs ``renew_key``). Not when
+    # both holders are on loopback (every peer on this machine: no link to save, and the pipeline's latency cost a
+    # loopback share ~40 % of its rate) unless ``forward_loopback`` (tests of the pipeline itself).
     forwarding: bool = False
+    forward_loopback: bool = False
     # Holders that do not forward or accept forwards (older ones), or whose forward failed: stores go direct.
     no_forward: set[tuple[str, int]] = field(default_factory=set)
     forwarded: int = 0  # copies a first holder forwarded and their holder confirmed
+    _forward_s: float | None = (
+        None  # how long confirmed forwards took after the upload (a moving average)
+    )
     # A share's way to find candidates (replicate.peers.PLACEMENT_BATCH_CHUNKS): the live storage peers near the
     # key a chunk is placed near, found once per key and shared by every chunk placed near it. None: ``pool``.
     finder: Finder | None = None
@@ -278,9 +287,7 @@ class Placer:
         self, wanted: list[Candidate], chunk_id: ChunkId, data: bytes
     ) -> list[bool | BaseException]:
         """Store on every holder of ``wanted``: the first two as a forwarding pair when forwarding."""
-        pair = wanted[:2] if self.forwarding and self.renew_key is not None else []
-        if len(pair) < 2 or any((c.host, c.port) in self.no_forward for c in pair):
-            pair = []
+        pair = wanted[:2] if self._may_forward(wanted[:2]) else []
         rest = wanted[len(pair) :]
         jobs: list[Awaitable[object]] = [self._store_one(c, chunk_id, data) for c in rest]
         if pair:
@@ -293,6 +300,13 @@ class Placer:
         outcomes += [r for r in results]  # type: ignore[misc]
         return outcomes
 
+    def _may_forward(self, pair: list[Candidate]) -> bool:
+        if not self.forwarding or self.renew_key is None or len(pair) < 2:
+            return False
+        if any((c.host, c.port) in self.no_forward for c in pair):
+            return False
+        return self.forward_loopback or not all(_loopback(c.host) for c in pair)
+
     async def _store_pair(
         self, first: Candidate, second: Candidate, chunk_id: ChunkId, data: bytes
     ) -> tuple[bool, bool]:
@@ -303,28 +317,32 @@ class Placer:
         """
         assert self.renew_key is not None  # noqa: S101 - _store_all checked it
         second_addr = (second.host, second.port)
-        client = self.node.client
-        try:
-            [accepted] = await expect(
-                client, second_addr, [chunk_id], self.lease_s, renew_key=self.renew_key
+        # Told at the same time as the upload starts: the forward leaves the first holder only once the whole
+        # chunk is there, long after this small request. Should it lose the race, the forward is refused and
+        # the copy uploaded, as for any failed forward.
+        told = asyncio.ensure_future(
+            expect(
+                self.node.client, second_addr, [chunk_id], self.lease_s, renew_key=self.renew_key
             )
-        except P2PMegaError as exc:
-            log.debug("holder %s takes no forwards: %s", second_addr, exc)
-            self.no_forward.add(second_addr)
-            accepted = False
-        if not accepted:
-            one, two = await asyncio.gather(
-                self._store_one(first, chunk_id, data), self._store_one(second, chunk_id, data)
-            )
-            return one, two
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         forwarding: list[bool] = []
-        first_ok = await self._store_one(
-            first, chunk_id, data, forward_to=second, forwarding=forwarding
-        )
-        if first_ok and forwarding:
-            wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * (loop.time() - started))
+        try:
+            first_ok = await self._store_one(
+                first, chunk_id, data, forward_to=second, forwarding=forwarding
+            )
+            try:
+                [accepted] = await told
+            except P2PMegaError as exc:
+                log.debug("holder %s takes no forwards: %s", second_addr, exc)
+                self.no_forward.add(second_addr)
+                accepted = False
+        finally:
+            told.cancel()
+        if first_ok and forwarding and accepted:
+            stored_s = loop.time() - started
+            wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * stored_s)
             if await self._confirm(second_addr, chunk_id, wait_s):
                 self.forwarded += 1
                 self.failures.pop(second_addr, None)
@@ -342,10 +360,16 @@ class Placer:
         return first_ok, await self._store_one(second, chunk_id, data)
 
     async def _confirm(self, addr: tuple[str, int], chunk_id: ChunkId, wait_s: float) -> bool:
-        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES)."""
+        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES).
+
+        The first poll comes when recent forwards took to arrive, the next ones at a quarter of that, doubling.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        delay_s = FORWARD_POLL_S
+        now = loop.time()
+        deadline = now + wait_s
+        typical_s = self._forward_s
+        delay_s = FORWARD_POLL_S if typical_s is None else max(FORWARD_POLL_MIN_S, 0.8 * typical_s)
+        step_s = FORWARD_POLL_S if typical_s is None else max(FORWARD_POLL_MIN_S, typical_s / 4)
         while True:
             await asyncio.sleep(max(0.0, min(delay_s, deadline - loop.time())))
             try:
@@ -354,10 +378,12 @@ class Placer:
                 log.debug("holder %s did not confirm %s: %s", addr, short_id(chunk_id), exc)
                 return False
             if left_s >= self.lease_s / 2:
+                took_s = loop.time() - now
+                self._forward_s = took_s if typical_s is None else 0.8 * typical_s + 0.2 * took_s
                 return True
             if loop.time() >= deadline:
                 return False
-            delay_s = min(delay_s * 2, FORWARD_POLL_MAX_S)
+            delay_s, step_s = step_s, min(step_s * 2, FORWARD_POLL_MAX_S)
 
     async def _lease_holds(self, addr: tuple[str, int], chunk_id: ChunkId) -> bool:
         """Whether a copy ``addr`` already held will last: someone else may have stored it first, with a short
@@ -467,57 +493,8 @@ class Placer:
         return reply.newly_stored
 
 
-def shortfall(summary: PoolSummary, replicas: int, min_countries: int, *, geo_table: bool) -> str:
-    """What the storage peers found lack for the rule, and which option (or peers) would help.
-
-    Args:
-        summary: what the storage peers offer (core.placement.summarize).
-        replicas: the rule's holders per chunk.
-        min_countries: the rule's countries per chunk.
-        geo_table: whether a geo table was given (unknown countries then need lines in it, not the option).
-
-    Returns:
-        One clause for a share error: "need ..., but found ...; <what to do>".
-    """
-    need = (
-        f"need {replicas} holders on distinct /24 (IPv6 /48) networks in {min_countries} countries"
-    )
-    found = _found(summary)
-    if summary.short_of_holders(replicas):
-        if summary.networks == 0:
-            hint = "start storage peers (p2pmega seed) or check --bootstrap"
-        else:
-            hint = f"lower --replicas to {summary.networks} or add storage peers"
-    elif summary.short_of_countries(min_countries):
-        lower = (
-            f" or lower --min-countries to {summary.max_countries}"
-            if summary.max_countries >= 1
-            else ""
-        )
-        if summary.unknown and not geo_table:
-            hint = (
-                "unknown never counts as a country: pass --geo-table FILE (or set P2PMEGA_GEO_TABLE) "
-                f"mapping their addresses to countries{lower}"
-            )
-        elif summary.unknown:
-            hint = f"unknown never counts as a country: add their networks to the geo table{lower}"
-        else:
-            hint = f"lower --min-countries to {summary.max_countries} or add storage peers in other countries"
-    else:
-        # Enough networks and enough countries, but not both at once (the countries sit on shared networks).
-        hint = "lower --replicas or --min-countries, or add storage peers in other countries"
-    return f"{need}, but {found}; {hint}"
-
-
-def _found(summary: PoolSummary) -> str:
-    if summary.peers == 0:
-        return "found no storage peer"
-    peers = f"{summary.peers} storage peer{'s' if summary.peers != 1 else ''}"
-    if summary.networks < summary.peers:
-        peers += f" on {summary.networks} distinct networks"
-    if not summary.countries:
-        return f"found {peers}, all of unknown country"
-    where = f"found {peers} in {', '.join(summary.countries)}"
-    if summary.unknown:
-        where += f" and {summary.unknown} of unknown country"
-    return where
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -52,6 +52,7 @@ class Net:
         placing = Placer(self.sharer, pool, self.geo, 2, 2, LEASE_S)
         placing.renew_key = RENEW_KEY
         placing.forwarding = True
+        placing.forward_loopback = True  # every peer here is on loopback
         return placing
 
     def holding(self, chunk_id: ChunkId) -> set[str]:
@@ -203,10 +204,26 @@ async def test_a_holder_asked_to_forward_by_a_stranger_refuses(tmp_path: Path) -
             )
             assert (reply.newly_stored, reply.forwarding) == (True, True)
             forwarder = net.forwarder("de")
-            while forwarder.failed == 0:
+            while forwarder.failed == 0:  # noqa: ASYNC110 - the count is all there is to wait on
                 await asyncio.sleep(0.02)
             assert net.holding(other_id) == {"de"}
             assert net.holding(chunk_id) == {"de", "nz"}
+
+
+async def test_on_loopback_a_share_uploads_both_copies_itself(tmp_path: Path) -> None:
+    """Every peer on one machine: no link to save, so no pipeline (and none of its latency)."""
+    data = chunk_bytes(60_000)
+    chunk_id = chunk_id_of(data)
+    async with network(tmp_path) as net, asyncio.timeout(STEP_S):
+        placing = net.placer("de", "nz")
+        placing.forward_loopback = False
+        await placing.place(chunk_id, data)
+        assert placing.bytes_sent == 2 * len(data)
+        assert (placing.forwarded, [net.forwarder(n).forwarded for n in ("de", "nz")]) == (
+            0,
+            [0, 0],
+        )
+        assert net.holding(chunk_id) == {"de", "nz"}
 
 
 async def test_a_holder_without_a_forwarder_makes_the_sharer_upload_both(

@@ -12,7 +12,7 @@ import pytest
 from p2pmega.core.chunking import ChunkId
 from p2pmega.core.placement import Candidate, PoolSummary
 from p2pmega.errors import StorageError
-from p2pmega.replicate.placer import shortfall
+from p2pmega.replicate.shortfall import shortfall
 from p2pmega.storage.share_state import (
     Completed,
     FileIdentity,

@@ -129,7 +129,9 @@ def exchanges() -> list[tuple[str, Any, Any]]:
             ForwardOK(15, False, False),
         )
     )
-    cases.append(("expect", ExpectRequest(16, _ids(2), 3600, renew_key), RenewReply(16, (True, False))))
+    cases.append(
+        ("expect", ExpectRequest(16, _ids(2), 3600, renew_key), RenewReply(16, (True, False)))
+    )
     cases.append(("forwarded-store", ForwardedStoreRequest(17, CID, 3600, BODY), StoreOK(17, True)))
     for code in (c for c in ErrorCode if c > ErrorCode.BAD_RENEWAL):
         rid = 100 + int(code)
