@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # memory stays at a few MiB per chunk whatever the file size. Measured with 256 MiB to 8 seeds, 2 MiB chunks:
 # 3 -> 1.65-2.02 s, 4 -> 1.26-1.32 s, 6 -> 1.23-1.52 s (with 1 MiB chunks 6 was best, 10 and 16 slower).
 SHARE_CONCURRENCY = 4
+# Chunks whose upload is done but whose forwarded copy (replicate/placer.py, "Forwarding") is not confirmed yet do
+# not hold one of those places; at most this many chunks are in the air in all.
+SHARE_PENDING = 3 * SHARE_CONCURRENCY
 DEFAULT_LEASE_S = LEASE_S
 # The share's state is saved at most this often while chunks are placed (and always at the end), and never more
 # often than every STATE_SAVE_COST_FACTOR times the last save took: a huge file's state costs more to write, and
@@ -470,6 +473,7 @@ async def _upload(
     if progress is not None and placed:
         progress(done_bytes, size)
     sem = asyncio.Semaphore(SHARE_CONCURRENCY)
+    pending = asyncio.Semaphore(SHARE_PENDING)
     tasks: list[asyncio.Task[None]] = []
     # Each run of PLACEMENT_BATCH_CHUNKS chunks is placed near its first chunk's key (replicate/peers.py): known
     # once that chunk is sealed (or from the state, when it was placed by an earlier run of the share).
@@ -482,6 +486,14 @@ async def _upload(
 
     async def one(index: int) -> None:
         nonlocal done_bytes
+        uploading = True
+
+        def uploaded() -> None:
+            nonlocal uploading
+            if uploading:
+                uploading = False
+                sem.release()
+
         try:
             # One worker-thread hop reads and seals the chunk (chunks are read with pread, in any order).
             chunk_id, sealed, length = await asyncio.to_thread(
@@ -491,21 +503,26 @@ async def _upload(
             if index % PLACEMENT_BATCH_CHUNKS == 0:
                 head.set_result(dht_key_of(chunk_id))
             # Chunks are started in order, so a run's first chunk is sealed before the others wait for it.
-            stored = await placer.place(chunk_id, sealed, near=await asyncio.shield(head))
+            stored = await placer.place(
+                chunk_id, sealed, near=await asyncio.shield(head), uploaded=uploaded
+            )
             keeper.record(index, PlacedChunk(chunk_id, _holders(stored)))
             done_bytes += length
             if progress is not None:
                 progress(done_bytes, size)
             await keeper.save_soon()
         finally:
-            sem.release()
+            uploaded()
+            pending.release()
 
     try:
         for index in todo:
+            await pending.acquire()
             await sem.acquire()
             failed = [t for t in tasks if t.done() and t.exception() is not None]
             if failed:
                 sem.release()
+                pending.release()
                 break
             tasks.append(asyncio.create_task(one(index)))
         await asyncio.gather(*tasks)

@@ -173,6 +173,7 @@ class Placer:
         data: bytes,
         holding: Sequence[Candidate] = (),
         near: bytes | None = None,
+        uploaded: Callable[[], None] | None = None,
     ) -> list[Candidate]:
         """Store ``data`` until holders meeting the rule have confirmed it.
 
@@ -181,6 +182,8 @@ class Placer:
             data: its stored bytes.
             holding: live holders that already have it (a repair); only the copies the rule still lacks are made.
             near: the DHT key whose nearby peers the chunk goes to (``finder`` only; default: its own).
+            uploaded: called when our upload is done and only a forward's confirmation is awaited (a share then
+                starts the next chunk's upload meanwhile).
 
         Returns:
             Every holder, ``holding`` first.
@@ -201,7 +204,7 @@ class Placer:
             wanted = self._plan(chunk_id, stored, candidates, failed)
             if not wanted:
                 return stored
-            outcomes = await self._store_all(wanted, chunk_id, data)
+            outcomes = await self._store_all(wanted, chunk_id, data, uploaded)
             for cand, outcome in zip(wanted, outcomes, strict=True):
                 if outcome is True:
                     stored.append(cand)
@@ -284,14 +287,19 @@ class Placer:
         )
 
     async def _store_all(
-        self, wanted: list[Candidate], chunk_id: ChunkId, data: bytes
+        self,
+        wanted: list[Candidate],
+        chunk_id: ChunkId,
+        data: bytes,
+        uploaded: Callable[[], None] | None = None,
     ) -> list[bool | BaseException]:
         """Store on every holder of ``wanted``: the first two as a forwarding pair when forwarding."""
         pair = wanted[:2] if self._may_forward(wanted[:2]) else []
         rest = wanted[len(pair) :]
         jobs: list[Awaitable[object]] = [self._store_one(c, chunk_id, data) for c in rest]
         if pair:
-            jobs.insert(0, self._store_pair(pair[0], pair[1], chunk_id, data))
+            done = uploaded if not rest else None  # other uploads still run: not done
+            jobs.insert(0, self._store_pair(pair[0], pair[1], chunk_id, data, done))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         outcomes: list[bool | BaseException] = []
         if pair:
@@ -308,7 +316,12 @@ class Placer:
         return self.forward_loopback or not all(_loopback(c.host) for c in pair)
 
     async def _store_pair(
-        self, first: Candidate, second: Candidate, chunk_id: ChunkId, data: bytes
+        self,
+        first: Candidate,
+        second: Candidate,
+        chunk_id: ChunkId,
+        data: bytes,
+        uploaded: Callable[[], None] | None = None,
     ) -> tuple[bool, bool]:
         """Upload ``data`` once to ``first``, which forwards it to ``second``; upload again only if that fails.
 
@@ -341,6 +354,8 @@ class Placer:
         finally:
             told.cancel()
         if first_ok and forwarding and accepted:
+            if uploaded is not None:
+                uploaded()
             stored_s = loop.time() - started
             wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * stored_s)
             if await self._confirm(second_addr, chunk_id, wait_s):
