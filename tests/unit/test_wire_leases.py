@@ -38,12 +38,16 @@ def test_message_types_follow_the_existing_ones() -> None:
         6,
         7,
         8,
+        9,
+        10,
+        11,
         0x81,
         0x82,
         0x83,
         0x84,
         0x85,
         0x88,
+        0x89,
         0xFF,
     ]
     assert (int(MessageType.LEASES), int(MessageType.LEASES_REPLY)) == (0x05, 0x85)
