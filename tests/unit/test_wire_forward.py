@@ -135,7 +135,7 @@ def test_malformed_expect_is_refused(body: bytes, match: str) -> None:
 
 def test_a_sender_cannot_name_a_bad_target() -> None:
     client, _server = pair()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="target port 0"):
         client.send(forward_request(client.new_request_id(), port=0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
         client.send(forward_request(client.new_request_id(), host="example.org"))
