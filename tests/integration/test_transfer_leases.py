@@ -94,8 +94,8 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
 ) -> None:
     """What a version-1 holder older than LEASES does with it (docs/PROTOCOL.md, "Versioning").
 
-    0x09 is unknown to this holder as 0x05 (LEASES), 0x06/0x07 (STORE_KEYED, RENEW_SIGNED) and 0x08 (SPACE) were to
-    the holders before them: the request is
+    0x0C is unknown to this holder as 0x05 (LEASES), 0x06/0x07 (STORE_KEYED, RENEW_SIGNED), 0x08 (SPACE) and
+    0x09-0x0B (STORE_FORWARD, EXPECT, FORWARDED_STORE) were to the holders before them: the request is
     answered with BAD_REQUEST under its own id, and the connection is closed.
     """
     host = peer_address(1, 3)
@@ -103,14 +103,14 @@ async def test_a_type_the_holder_does_not_know_gets_a_typed_error_then_a_close(
         stream = await open_secure(host, server.port, local=peer_address(2, 3))
         try:
             body = struct.pack(">H", 1) + bytes(32)
-            stream.write([struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x09, 5) + body])
+            stream.write([struct.pack(">IBBI", 6 + len(body), PROTOCOL_VERSION, 0x0C, 5) + body])
             received = b""
             async with asyncio.timeout(STEP_S):
                 while data := await stream.read():  # until the holder closes
                     received += data
         finally:
             stream.writer.close()
-        message = b"unknown message type 0x09"
+        message = b"unknown message type 0x0c"
         error = struct.pack(
             ">IBBIB", 7 + len(message), PROTOCOL_VERSION, 0xFF, 5, ErrorCode.BAD_REQUEST
         )
