@@ -217,3 +217,34 @@ async def test_announce_plan_crawls_once_in_a_network_seen_whole_and_per_key_oth
         key: [p.node_id for p in closest(key)[:k]] for key in keys
     }
     assert plan.crawls == (1 if network < k else 50)
+
+
+async def test_a_read_only_client_joins_without_refreshing_far_buckets() -> None:
+    """A share or fetch joins, looks a few keys up and exits: the refresh (a crawl per far bucket) costs more.
+
+    Its lookups still find the closest nodes from the table of its own id's neighbourhood.
+    """
+    async with swarm(47, 40, rpc_timeout_s=TIMEOUT_S) as nodes, asyncio.timeout(60):
+        entry = nodes[0]
+        sent: dict[bool, int] = {}
+        for read_only in (False, True):
+            client = DHTNode(
+                host=peer_address(48, 1 + read_only), rpc_timeout_s=TIMEOUT_S, read_only=read_only
+            )
+            await client.start()
+            try:
+                await client.join([(entry.host, entry.port)])
+                sent[read_only] = client.stats.requests_sent
+                key = os.urandom(20)
+                found = await client.find_peers(key)
+                expected = sorted(
+                    nodes,
+                    key=lambda n: int.from_bytes(n.node_id, "big") ^ int.from_bytes(key, "big"),
+                )
+                assert [p.node_id for p in found] == [n.node_id for n in expected[: len(found)]]
+                assert len(found) == 20
+            finally:
+                await client.stop()
+        assert sent[True] < sent[False], (
+            f"join messages: read-only {sent[True]}, full {sent[False]}"
+        )
