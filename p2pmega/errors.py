@@ -4,7 +4,7 @@
     ├─ UsageError       exit 2   bad link, missing file, bad option, bad geo table, output exists
     │  ├─ BadLink, BadGeoTable, InputFileError, OutputExists, BadOption
     ├─ NetworkError     exit 3   nothing reachable
-    │  ├─ BootstrapFailed, PeerUnreachable (PeerRefused, PeerIncompatible, PeerNotAuthentic), TransferTimeout
+    │  ├─ BootstrapFailed, PeerUnreachable (PeerRefused, PeerIncompatible, PeerNotAuthentic, RequestUnknown), TransferTimeout
     ├─ NotFoundError    exit 4   no holder has a needed chunk
     │  ├─ ManifestNotFound, ChunkUnavailable, ChunkNotStored
     ├─ IntegrityError   exit 5   decryption or hash failure no other holder could fix
@@ -88,6 +88,10 @@ class PeerUnreachable(NetworkError):
 
 class PeerRefused(PeerUnreachable):
     """Nothing listens at a peer's address (connection refused): it is gone, not slow."""
+
+
+class RequestUnknown(PeerUnreachable):
+    """The peer refused a request as one it does not understand (BAD_REQUEST): most often it is older than it."""
 
 
 class PeerIncompatible(PeerUnreachable):

@@ -19,7 +19,7 @@ from p2pmega.core.ids import Address
 from p2pmega.core.placement import Candidate, meets_rule
 from p2pmega.core.renewal import RenewCredential
 from p2pmega.core.words import counted
-from p2pmega.errors import P2PMegaError, PeerUnreachable
+from p2pmega.errors import P2PMegaError, PeerUnreachable, RequestUnknown
 from p2pmega.node import Node
 from p2pmega.replicate.peers import candidate_of
 from p2pmega.storage.share_state import PlacedChunk, ShareState
@@ -87,8 +87,8 @@ async def storage_peers(
             return (await node.client.space(addr)).free_bytes
         except PeerUnreachable as exc:
             # Its subclasses say there is no usable holder there (refused connection, incompatible, not
-            # authentic); only a plain refusal of the request may be an older holder that does not know SPACE.
-            if type(exc) is not PeerUnreachable:
+            # authentic); only a refusal of the request may be an older holder that does not know SPACE.
+            if type(exc) not in (PeerUnreachable, RequestUnknown):
                 log.debug("%s:%d is no storage peer: %s", cand.host, cand.port, exc)
                 return None
             log.debug("%s:%d refused SPACE, asking has: %s", cand.host, cand.port, exc)

@@ -134,6 +134,10 @@ class TransferClient(Service):
         """
         self._expected[addr] = node_id
 
+    def forget_node_id(self, addr: Address) -> None:
+        """Stop expecting a node id at ``addr`` (one set for a single request on someone else's word)."""
+        self._expected.pop(addr, None)
+
     def proven_node_id(self, addr: Address) -> bytes | None:
         """The node id the holder at ``addr`` proved in its last channel handshake with us, if any."""
         return self._proven.get(addr)

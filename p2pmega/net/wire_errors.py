@@ -77,7 +77,7 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         errors.SourceLimitExceeded: SOURCE_LIMIT (a QuotaExceeded: store elsewhere).
         errors.BadSignature: BAD_RENEWAL.
         errors.ForwardNotExpected: NOT_EXPECTED.
-        errors.PeerIncompatible: BAD_REQUEST (a message type newer than the holder, say).
+        errors.RequestUnknown: BAD_REQUEST (a message type newer than the holder, say).
         errors.PeerUnreachable: any other code (the holder refused the request).
     """
     what = f"chunk {short_id(chunk_id)}" if chunk_id else "request"
@@ -100,7 +100,7 @@ def raise_for(reply: Error, addr: Address, chunk_id: bytes = b"") -> NoReturn:
         raise kind(f"peer {where} refused the renewal of {what}: its signature does not verify")
     if reply.code is ErrorCode.BAD_REQUEST:
         # A request the holder does not understand: most often a message type newer than it.
-        raise errors.PeerIncompatible(f"peer {where} refused {what}: BAD_REQUEST {reply.message}")
+        raise errors.RequestUnknown(f"peer {where} refused {what}: BAD_REQUEST {reply.message}")
     if kind is errors.ForwardNotExpected:
         raise kind(f"peer {where} refused the forward of {what}: its sharer did not ask it to")
     raise errors.PeerUnreachable(f"peer {where} refused {what}: {reply.code.name} {reply.message}")

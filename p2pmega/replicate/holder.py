@@ -53,9 +53,11 @@ class Duties:
         if c.announce_delay_s is not None:
             announcer.delay_s = c.announce_delay_s
         self.summary.announcer = announcer
+        forwarder = Forwarder(node)
+        self.summary.extra.append(forwarder.summary)
         duties: list[Duty] = [
             announcer,
-            Forwarder(node),
+            forwarder,
             GarbageCollector(node, c.gc_interval_s),
             Reannouncer(node, announcer, c.reannounce_s),
         ]

@@ -25,10 +25,10 @@ from p2pmega.core.words import counted
 from p2pmega.errors import (
     NetworkError,
     P2PMegaError,
-    PeerIncompatible,
     PeerRefused,
     PlacementImpossible,
     QuotaExceeded,
+    RequestUnknown,
 )
 from p2pmega.net.forward_requests import Target, expect, store_forward
 from p2pmega.node import Node
@@ -358,11 +358,14 @@ class Placer:
                 uploaded()
             stored_s = loop.time() - started
             wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * stored_s)
-            if await self._confirm(second_addr, chunk_id, wait_s):
+            confirmed = await self._confirm(second_addr, chunk_id, wait_s)
+            if confirmed:
                 self.forwarded += 1
                 self.failures.pop(second_addr, None)
                 return True, True
-            # The forwarder did not deliver in time (or at all): it forwards no more of this share's chunks.
+            # The forwarder did not deliver in time (or at all): it forwards no more of this share's chunks. If the
+            # second holder failed to answer, it is the one left out of forwards instead.
+            blamed = (first.host, first.port) if confirmed is False else second_addr
             log.debug(
                 "forward of %s by %s:%d not confirmed by %s within %.1f s; uploading it",
                 short_id(chunk_id),
@@ -371,11 +374,14 @@ class Placer:
                 second_addr,
                 wait_s,
             )
-            self.no_forward.add((first.host, first.port))
+            self.no_forward.add(blamed)
         return first_ok, await self._store_one(second, chunk_id, data)
 
-    async def _confirm(self, addr: tuple[str, int], chunk_id: ChunkId, wait_s: float) -> bool:
-        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES).
+    async def _confirm(
+        self, addr: tuple[str, int], chunk_id: ChunkId, wait_s: float
+    ) -> bool | None:
+        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES);
+        None if ``addr`` did not answer.
 
         The first poll comes when recent forwards took to arrive, the next ones at a quarter of that, doubling.
         """
@@ -391,7 +397,7 @@ class Placer:
                 [left_s] = await self.node.client.leases(addr, [chunk_id])
             except P2PMegaError as exc:
                 log.debug("holder %s did not confirm %s: %s", addr, short_id(chunk_id), exc)
-                return False
+                return None
             if left_s >= self.lease_s / 2:
                 took_s = loop.time() - now
                 self._forward_s = took_s if typical_s is None else 0.8 * typical_s + 0.2 * took_s
@@ -497,7 +503,7 @@ class Placer:
                 renew_key=self.renew_key,
                 target=Target(target.node_id, target.host, target.port),
             )
-        except PeerIncompatible as exc:
+        except RequestUnknown as exc:
             log.debug("holder %s does not forward: %s", addr, exc)
             self.no_forward.add(addr)
             return await self.node.client.store(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -37,7 +37,11 @@ class Expected:
 
 
 class Expectations:
-    """Live expectations by chunk id, bounded per source network and in all, each until its deadline."""
+    """Live expectations by chunk id, bounded per source network and in all, each until its deadline.
+
+    When the table is full, a newcomer takes the place of the oldest expectation of the network holding most (as the
+    transfer server treats connections): a few networks flooding it with ids cannot keep others' forwards out.
+    """
 
     def __init__(
         self,
@@ -52,8 +56,9 @@ class Expectations:
         self.total = total
         self._clock = clock
         self._lock = threading.Lock()
-        self._by_id: OrderedDict[ChunkId, Expected] = OrderedDict()  # oldest deadline first
-        self._per_source: Counter[bytes] = Counter()
+        self._by_id: dict[ChunkId, Expected] = {}
+        # Each network's ids, oldest first: its count, and what to drop when it is the most crowded.
+        self._of_source: dict[bytes, OrderedDict[ChunkId, None]] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -61,58 +66,86 @@ class Expectations:
     def expect(
         self, source: bytes, ids: Sequence[ChunkId], *, lease_s: int, renew_key: bytes
     ) -> list[bool]:
-        """Accept forwards of ``ids`` for ``ttl_s``; False for each id past a cap (or held for another source)."""
+        """Accept forwards of ``ids`` for ``ttl_s``; False for each id past its network's cap (or expected by another)."""
         now = self._clock()
         flags: list[bool] = []
         with self._lock:
-            self._expire_locked(now)
             for chunk_id in ids:
-                old = self._by_id.get(chunk_id)
+                old = self._live_locked(chunk_id, now)
                 if old is not None and old.source != source:
                     # Another network expects it already: the first sharer's terms stand until they lapse.
                     flags.append(False)
                     continue
-                if old is None and (
-                    len(self._by_id) >= self.total or self._per_source[source] >= self.per_source
+                mine = self._of_source.get(source)
+                if old is None and mine is not None and len(mine) >= self.per_source:
+                    self._drop_locked(
+                        next(iter(mine))
+                    )  # its own oldest: a sharer moves on through a file
+                elif (
+                    old is None
+                    and len(self._by_id) >= self.total
+                    and not self._make_room_locked(source, now)
                 ):
                     flags.append(False)
                     continue
-                if old is None:
-                    self._per_source[source] += 1
-                else:
-                    del self._by_id[chunk_id]
-                self._by_id[chunk_id] = Expected(source, lease_s, renew_key, now + self.ttl_s)
+                self._put_locked(chunk_id, Expected(source, lease_s, renew_key, now + self.ttl_s))
                 flags.append(True)
         return flags
 
     def take(self, chunk_id: ChunkId) -> Expected | None:
         """The live expectation of ``chunk_id``, removed (one forward fulfils it); None if there is none."""
-        now = self._clock()
         with self._lock:
-            self._expire_locked(now)
-            expected = self._by_id.pop(chunk_id, None)
+            expected = self._live_locked(chunk_id, self._clock())
             if expected is not None:
-                self._drop_count_locked(expected.source)
+                self._drop_locked(chunk_id)
             return expected
 
     def put_back(self, chunk_id: ChunkId, expected: Expected) -> None:
         """Restore an expectation whose forward failed (bad bytes): the right bytes may still come in time."""
         with self._lock:
-            if chunk_id in self._by_id:
+            now = self._clock()
+            if expected.until <= now or self._live_locked(chunk_id, now) is not None:
                 return
-            self._by_id[chunk_id] = expected
-            self._per_source[expected.source] += 1
+            mine = self._of_source.get(expected.source)
+            if len(self._by_id) >= self.total or (
+                mine is not None and len(mine) >= self.per_source
+            ):
+                return  # its place was taken meanwhile: the sharer uploads that copy itself
+            self._put_locked(chunk_id, expected)
 
-    def _expire_locked(self, now: float) -> None:
-        # Deadlines grow with insertion (a renewed id moves to the end), so expired ones lead.
-        while self._by_id:
-            chunk_id, expected = next(iter(self._by_id.items()))
-            if expected.until > now:
-                break
-            del self._by_id[chunk_id]
-            self._drop_count_locked(expected.source)
+    def _live_locked(self, chunk_id: ChunkId, now: float) -> Expected | None:
+        expected = self._by_id.get(chunk_id)
+        if expected is not None and expected.until <= now:
+            self._drop_locked(chunk_id)
+            return None
+        return expected
 
-    def _drop_count_locked(self, source: bytes) -> None:
-        self._per_source[source] -= 1
-        if self._per_source[source] <= 0:
-            del self._per_source[source]
+    def _make_room_locked(self, source: bytes, now: float) -> bool:
+        """Free one place: a lapsed expectation, else the oldest of the network holding most (never ``source``'s
+        own unless it holds most); False if ``source`` itself is that network (its per-network cap decides)."""
+        crowded = max(self._of_source, key=lambda s: len(self._of_source[s]))
+        mine = self._of_source.get(source)
+        if mine is not None and len(mine) >= len(self._of_source[crowded]):
+            return False
+        for ids in (
+            self._of_source.values()
+        ):  # the oldest of each network first: a lapsed one costs nobody
+            oldest = next(iter(ids))
+            if self._by_id[oldest].until <= now:
+                self._drop_locked(oldest)
+                return True
+        self._drop_locked(next(iter(self._of_source[crowded])))
+        return True
+
+    def _put_locked(self, chunk_id: ChunkId, expected: Expected) -> None:
+        if chunk_id in self._by_id:
+            self._drop_locked(chunk_id)
+        self._by_id[chunk_id] = expected
+        self._of_source.setdefault(expected.source, OrderedDict())[chunk_id] = None
+
+    def _drop_locked(self, chunk_id: ChunkId) -> None:
+        expected = self._by_id.pop(chunk_id)
+        ids = self._of_source[expected.source]
+        del ids[chunk_id]
+        if not ids:
+            del self._of_source[expected.source]

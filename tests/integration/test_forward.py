@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from p2pmega import errors
+from p2pmega.api.share_peers import storage_peers
 from p2pmega.core.chunking import ChunkId, chunk_id_of
 from p2pmega.core.geo import GeoTable, parse_geo_table
 from p2pmega.core.node_id import network_of
+from p2pmega.core.wire import MessageType, codec
 from p2pmega.net.forward_requests import Target, forwarded_store, store_forward
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
@@ -241,3 +244,89 @@ async def test_a_holder_without_a_forwarder_makes_the_sharer_upload_both(
         assert placing.bytes_sent == 2 * len(data)
         assert placing.forwarded == 0
         assert net.holding(chunk_id) == {"de", "nz"}
+
+
+async def test_a_holder_older_than_space_is_still_a_storage_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older holder refuses SPACE as unknown (BAD_REQUEST): the probe asks `has` instead, as before forwarding.
+
+    Review finding: BAD_REQUEST once became PeerIncompatible, and the probe then called such holders silent.
+    """
+
+    def unknown(request_id: int, body: memoryview, data: bool = True) -> object:
+        raise codec.bad("unknown message type 0x08", request_id)
+
+    async with network(tmp_path) as net, asyncio.timeout(STEP_S):
+        monkeypatch.setitem(codec.DECODERS, MessageType.SPACE, unknown)  # only holders decode SPACE
+        nz = net.holders["nz"]
+        with pytest.raises(errors.RequestUnknown, match="BAD_REQUEST unknown message type 0x08"):
+            await net.sharer.client.space(nz.address)
+        pool = [candidate_of(nz.dht_node.node_id, nz.address, net.geo)]
+        probe = await storage_peers(net.sharer, pool, random.Random(1))
+        assert [c.host for c in probe.live] == [nz.settings.host]
+        assert not probe.silent
+
+
+async def test_a_late_expect_does_not_cost_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: EXPECT reaching the target after a small chunk's forward made the sharer wait and upload."""
+    from p2pmega.net.forward_requests import expect as real_expect
+
+    async def late(*args: object, **kwargs: object) -> list[bool]:
+        await asyncio.sleep(0.25)  # as over a long path from the sharer to the target
+        return await real_expect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(placer, "expect", late)
+    data = chunk_bytes(2000)
+    chunk_id = chunk_id_of(data)
+    async with network(tmp_path) as net, asyncio.timeout(STEP_S):
+        placing = net.placer("de", "nz")
+        await placing.place(chunk_id, data)
+        assert (placing.forwarded, placing.bytes_sent, placing.no_forward) == (1, len(data), set())
+        assert net.holding(chunk_id) == {"de", "nz"}
+
+
+async def test_one_network_cannot_fill_a_holders_forward_queue(tmp_path: Path) -> None:
+    """Review finding: a stranger's forwards to a target that never answers held every place in the queue."""
+    silent_host = "127.53.9.1"
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_speaks(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    listener = await asyncio.start_server(never_speaks, silent_host, 0)
+    silent = Target(bytes(20), silent_host, listener.sockets[0].getsockname()[1])
+    try:
+        async with network(tmp_path) as net, asyncio.timeout(STEP_S):
+            de = net.holders["de"]
+            async with TransferClient(local_host=STRANGER) as stranger:
+                answers = []
+                for n in range(forward.FORWARDS_PER_NETWORK + 2):
+                    small = chunk_bytes(200, seed=100 + n)
+                    reply = await store_forward(
+                        stranger,
+                        de.address,
+                        chunk_id_of(small),
+                        small,
+                        LEASE_S,
+                        renew_key=bytes(32),
+                        target=silent,
+                    )
+                    answers.append(reply.forwarding)
+            assert answers == [True] * forward.FORWARDS_PER_NETWORK + [False, False]
+            # A sharer of another network still gets its chunk forwarded by that holder.
+            data = chunk_bytes(20_000)
+            placing = net.placer("de", "nz")
+            de_first, nz_second = placing.pool
+            assert await placing._store_pair(de_first, nz_second, chunk_id_of(data), data) == (
+                True,
+                True,
+            )
+            assert (placing.bytes_sent, placing.forwarded) == (len(data), 1)
+    finally:
+        listener.close()
+        for writer in accepted:
+            writer.close()
+        await listener.wait_closed()
