@@ -220,6 +220,8 @@ class FetchSchedule(Generic[_T]):
         return [a for a in self.locator.live_holders(self.ids[index]) if a not in refused]
 
     def _account(self, now: float) -> None:
+        if not self.holders:
+            return  # every chunk so far went to the locator's own fetch
         client = self.locator.node.client
         for addr, holder in self.holders.items():
             if holder.account(now, client.received_bytes(addr)):
