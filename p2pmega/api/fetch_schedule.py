@@ -26,9 +26,8 @@ from p2pmega.core.fetch_plan import (
     ChunkGroup,
     HolderLoad,
     Plan,
+    choose_moves,
     make_plan,
-    plan_moves,
-    worth_moving,
 )
 from p2pmega.core.ids import Address
 from p2pmega.errors import ChunkHashMismatch, ChunkNotStored, ChunkUnavailable, NetworkError
@@ -373,34 +372,25 @@ class FetchSchedule(Generic[_T]):
             group = ChunkGroup((addr, *others), 1, request.size, sent_by=addr, sent_bytes=sent)
             under_way.append((group, remaining_s))
             requests.append(request)
-        if not requests:
-            return False
-        after = plan_moves(self._groups, loads, under_way)
-        if not worth_moving(self._plan, after):
-            return False
+        moves, gain_s = choose_moves(self._groups, loads, self._plan, under_way)
         moved = False
-        for k, request in enumerate(requests):
-            g = len(self._groups) + k
-            target = next(a for a, mine in after.counts.items() if mine.get(g))
-            if target == request.addr:
-                continue
+        for move in moves:
+            request = requests[move.position]
             assert request.addr is not None  # noqa: S101 - only requests with a holder are planned
-            # It has other chunks to send: it stops this one now, so they get its whole link; else it races.
-            busy = any(grp < len(self._groups) for grp in after.counts.get(request.addr, {}))
-            if not busy and self._hedges() >= MAX_HEDGES:
+            if not move.stop and self._hedges() >= MAX_HEDGES:
                 continue
             log.debug(
                 "chunk %d moved from %s to %s at %.2f s%s: the plan ends %.2f s sooner",
                 request.index,
                 request.addr[0],
-                target[0],
+                move.target[0],
                 now - self._t0,
-                "" if busy else " (racing)",
-                self._plan.makespan_s - after.makespan_s,
+                "" if move.stop else " (racing)",
+                gain_s,
             )
             self.moved += 1
             moved = True
-            self._reassign(request, target, now, stop=busy)
+            self._reassign(request, move.target, now, stop=move.stop)
         return moved
 
     def _hedges(self) -> int:

@@ -229,3 +229,39 @@ def worth_moving(before: Plan[H], after: Plan[H]) -> bool:
     wastes (what the holder sent of the chunk so far)."""
     gain_s = before.makespan_s - after.makespan_s
     return gain_s > max(MOVE_GAIN_S, MOVE_GAIN_FRACTION * before.makespan_s)
+
+
+@dataclass(frozen=True)
+class Move(Generic[H]):
+    """Chunk ``position`` of the chunks under way goes to ``target``; ``stop``: its holder has waiting chunks
+    planned, so it stops sending this one at once (else it may race the target)."""
+
+    position: int
+    target: H
+    stop: bool
+
+
+def choose_moves(
+    groups: Sequence[ChunkGroup[H]],
+    loads: Mapping[H, HolderLoad],
+    current: Plan[H],
+    under_way: Sequence[tuple[ChunkGroup[H], float]],
+) -> tuple[list[Move[H]], float]:
+    """The chunks under way (as plan_moves takes them) that a plan letting them move puts on another holder, and
+    how much sooner that plan ends than ``current``; no moves unless that pays (worth_moving).
+
+    Raises:
+        KeyError: a group names a holder not in ``loads``.
+    """
+    after = plan_moves(groups, loads, under_way)
+    gain_s = current.makespan_s - after.makespan_s
+    if not under_way or not worth_moving(current, after):
+        return [], gain_s
+    moves: list[Move[H]] = []
+    for k, (group, _) in enumerate(under_way):
+        g = len(groups) + k
+        target = next(h for h, mine in after.counts.items() if mine.get(g))
+        if target != group.sent_by and group.sent_by is not None:
+            waiting = any(other < len(groups) for other in after.counts.get(group.sent_by, {}))
+            moves.append(Move(k, target, waiting))
+    return moves, gain_s

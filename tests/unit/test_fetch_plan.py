@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from p2pmega.core.fetch_plan import (
     ChunkGroup,
     HolderLoad,
+    Move,
+    choose_moves,
     make_plan,
     plan_moves,
     worth_moving,
@@ -81,7 +83,11 @@ def test_moving_a_slow_holders_chunk_pays_when_the_plan_needs_that_holder() -> N
     after = plan_moves(groups, loads, [(sending, remaining_s)])
     assert after.counts["f"] == {1: 1}, "the chunk under way goes to the fast holder"
     assert worth_moving(before, after)
-    assert after.next_group("s1") is not None, "the slow holder has chunks of its own to send"
+    moves, gain_s = choose_moves(groups, loads, before, [(sending, remaining_s)])
+    assert moves == [Move(0, "f", stop=True)], (
+        "it stops: it has a chunk only slow holders hold to send"
+    )
+    assert gain_s > 1.0
 
 
 def test_moving_is_not_worth_it_when_the_chunk_is_nearly_done() -> None:
@@ -93,6 +99,16 @@ def test_moving_is_not_worth_it_when_the_chunk_is_nearly_done() -> None:
     after = plan_moves(groups, loads, [(sending, remaining_s)])
     assert after.counts["s"] == {1: 1}, "it stays where it is nearly done"
     assert not worth_moving(before, after)
+    assert choose_moves(groups, loads, before, [(sending, remaining_s)])[0] == []
+
+
+def test_a_slow_holder_with_nothing_else_to_send_races_the_fast_one() -> None:
+    remaining_s = 0.9 * CHUNK / SLOW
+    loads = {"f": HolderLoad(FAST), "s": HolderLoad(SLOW, busy_s=remaining_s)}
+    groups = [ChunkGroup(("f",), 3, CHUNK)]
+    sending = ChunkGroup(("s", "f"), 1, CHUNK, sent_by="s", sent_bytes=CHUNK // 10)
+    moves, _ = choose_moves(groups, loads, make_plan(groups, loads), [(sending, remaining_s)])
+    assert moves == [Move(0, "f", stop=False)]
 
 
 def _best_makespan(
