@@ -73,8 +73,8 @@ class FetchSchedule(Generic[_T]):
     """Fetches chunks ``todo`` of ``ids``: ``consume(index, bytes)`` takes a verified chunk exactly once.
 
     ``consume`` runs in the thread that hash-checked the bytes; ``on_done(index, result)`` runs in the loop
-    after it, with what it returned. ``max_in_flight`` bounds the first requests; hedged ones add at most
-    MAX_HEDGES. With ``window``, no chunk at or past ``window()`` is asked for (a stream's bounded memory): call
+    after it, with what it returned. ``max_in_flight`` bounds the requests under way (a holder sending nothing
+    may get one up to twice that); hedged ones add at most MAX_HEDGES. With ``window``, no chunk at or past ``window()`` is asked for (a stream's bounded memory): call
     ``kick`` when it moves. With ``stop_on_missing``, a chunk no holder has ends the run at once (ChunkUnavailable)
     instead of being counted in ``missing``. ``cancelled`` counts requests cancelled because another holder
     delivered the chunk first or was asked instead; ``moved`` counts requests asked of another holder while under
