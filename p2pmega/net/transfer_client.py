@@ -125,6 +125,8 @@ class TransferClient(Service):
         # and connections opened (each one an authenticated channel handshake).
         self.requests_sent = 0
         self.connections_opened = 0
+        # Bytes received from each holder so far, whole replies or not (received_bytes).
+        self._received: Counter[Address] = Counter()
 
     def expect_node_id(self, addr: Address, node_id: bytes) -> None:
         """Refuse a holder at ``addr`` unless its proven key gives ``node_id`` there (core.node_id).
@@ -137,6 +139,15 @@ class TransferClient(Service):
     def forget_node_id(self, addr: Address) -> None:
         """Stop expecting a node id at ``addr`` (one set for a single request on someone else's word)."""
         self._expected.pop(addr, None)
+
+    def received_bytes(self, addr: Address) -> int:
+        """Bytes received from ``addr`` so far, over all connections, including replies still arriving (back to
+        0 once its connections were idle and closed).
+
+        A fetch measures a holder's rate with it long before a 2 MiB reply from a slow holder is complete
+        (api/fetch_schedule.py).
+        """
+        return self._received[addr]
 
     def proven_node_id(self, addr: Address) -> bytes | None:
         """The node id the holder at ``addr`` proved in its last channel handshake with us, if any."""
@@ -175,6 +186,7 @@ class TransferClient(Service):
                 self._pool[addr] = keep
                 continue
             del self._pool[addr]
+            self._received.pop(addr, None)  # a long-lived client meets many holders
             lock = self._opening.get(addr)
             if lock is not None and not lock.locked():
                 del self._opening[addr]
@@ -221,7 +233,12 @@ class TransferClient(Service):
         try:
             _, peer_conn = await loop.create_connection(
                 functools.partial(
-                    PeerConnection, addr, self._buffers, self.timeout_s, layers=layers
+                    PeerConnection,
+                    addr,
+                    self._buffers,
+                    self.timeout_s,
+                    layers=layers,
+                    received=self._received,
                 ),
                 addr[0],
                 addr[1],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
@@ -59,8 +60,11 @@ class PeerConnection(Pump):
         idle_timeout_s: float,
         *,
         layers: LayerStack,
+        received: Counter[Address] | None = None,
     ) -> None:
         self.addr = addr
+        # Bytes received from each holder, over all of a client's connections (TransferClient.received_bytes).
+        self._received = received if received is not None else Counter()
         # Progress watchdog: while requests are pending, the bytes the holder acknowledged plus the
         # bytes it sent us must grow at least once every idle_timeout_s, however large the request.
         self.deadlines = ClientDeadlines(
@@ -106,6 +110,10 @@ class PeerConnection(Pump):
         return self.peer_public_key
 
     # -- the pump's hooks ----------------------------------------------------------------------------
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received[self.addr] += nbytes
+        super().buffer_updated(nbytes)
 
     def channel_ready(self) -> None:
         if not self._secured.done():

@@ -1,7 +1,8 @@
-"""Hedged fetch requests (api/fetch_schedule.py) against a real holder and a slow one, over real sockets.
+"""Hedged and moved fetch requests (api/fetch_schedule.py) against real holders and slow ones, over real sockets.
 
-The slow holder speaks the real protocol (channel and wire) but answers a fetch only when the test releases
-that chunk, so "slow" needs no timing: the fast holder always delivers first.
+The slow holder speaks the real protocol (channel and wire) but finishes a reply only when the test releases
+that chunk, so "slow" needs no timing: the fast holder always delivers first. A trickling one sends most of each
+reply a little at a time first, so the client can measure it as slow while its replies are still arriving.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ STEP_S = 20.0
 SLOW_HOLDER_TIMEOUT_S = 120.0
 CHUNK = 4096
 CHUNKS = 40
+# A trickling holder sends this much of a reply at a time, this often (~5 KB/s: a 4 KiB chunk takes ~0.8 s),
+# and holds back the last TRICKLE_HELD_BYTES until the chunk is released.
+TRICKLE_PIECE_BYTES = 128
+TRICKLE_EVERY_S = 0.025
+TRICKLE_HELD_BYTES = 64
 
 
 @dataclass
@@ -60,14 +66,19 @@ class SlowHolder:
     sent: set[ChunkId] = field(default_factory=set)
     # Set once the client closed a connection while fetches on it were still unanswered (a cancel, or a timeout).
     closed_with_pending: asyncio.Event = field(default_factory=asyncio.Event)
+    trickle: bool = False
+    # Set whenever a fetch request arrives.
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def release(self, chunk_id: ChunkId) -> None:
         self.released.setdefault(chunk_id, asyncio.Event()).set()
 
 
 @contextlib.asynccontextmanager
-async def slow_holder(host: str, store: dict[ChunkId, bytes]) -> AsyncIterator[SlowHolder]:
-    slow = SlowHolder(store)
+async def slow_holder(
+    host: str, store: dict[ChunkId, bytes], *, trickle: bool = False
+) -> AsyncIterator[SlowHolder]:
+    slow = SlowHolder(store, trickle=trickle)
     handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -75,10 +86,28 @@ async def slow_holder(host: str, store: dict[ChunkId, bytes]) -> AsyncIterator[S
         stream = SecureStream(reader, writer, role=Role.SERVER)
         pending: set[asyncio.Task[None]] = set()
 
+        # Replies go out whole, one after another: records must reach the client in the order they were sealed.
+        replying = asyncio.Lock()
+
         async def answer(request_id: int, chunk_id: ChunkId) -> None:
-            await slow.released.setdefault(chunk_id, asyncio.Event()).wait()
-            stream.write(conn.send(ChunkData(request_id, chunk_id, slow.store[chunk_id])))
-            slow.sent.add(chunk_id)
+            released = slow.released.setdefault(chunk_id, asyncio.Event())
+            async with replying:
+                if not slow.trickle:
+                    await released.wait()
+                    stream.write(conn.send(ChunkData(request_id, chunk_id, slow.store[chunk_id])))
+                    slow.sent.add(chunk_id)
+                    return
+                sealed = stream.sealed(
+                    conn.send(ChunkData(request_id, chunk_id, slow.store[chunk_id]))
+                )
+                at = 0
+                while at < len(sealed) - TRICKLE_HELD_BYTES and not released.is_set():
+                    stream.writer.write(sealed[at : at + TRICKLE_PIECE_BYTES])
+                    at += TRICKLE_PIECE_BYTES
+                    await asyncio.sleep(TRICKLE_EVERY_S)
+                await released.wait()
+                stream.writer.write(sealed[at:])
+                slow.sent.add(chunk_id)
 
         try:
             await stream.run_handshake()
@@ -90,6 +119,7 @@ async def slow_holder(host: str, store: dict[ChunkId, bytes]) -> AsyncIterator[S
                         stream.write(conn.send(HasReply(event.request_id, flags)))
                     elif isinstance(event, FetchRequest):
                         slow.requested.add(event.chunk_id)
+                        slow.asked.set()
                         task = asyncio.create_task(answer(event.request_id, event.chunk_id))
                         pending.add(task)
                         task.add_done_callback(pending.discard)
@@ -237,3 +267,83 @@ async def test_a_fetch_finishes_without_waiting_for_a_holder_that_never_answers(
             "it was asked for data (at first it is not known to be slow)"
         )
         assert not slow.sent & data_ids, "yet no data chunk waited for it"
+
+
+async def test_a_slow_holder_is_moved_off_a_chunk_the_fast_one_holds_to_one_only_slow_holders_hold(
+    tmp_path: Path,
+) -> None:
+    """Two trickling holders and a fast one: chunks 0-3 on the fast one and the first slow one, 4-5 only on the two
+    slow ones. The first slow holder starts on a chunk the fast one also holds; once its rate shows it is slow,
+    that chunk goes to the fast holder and the slow one is asked for a chunk only the slow ones hold, so both
+    slow holders send those at once. Before: it kept sending its first chunk (here until released, which the test
+    does only once both slow-only chunks were asked for) and chunk 5 waited behind it.
+    """
+    _, _, stored, _ = _encoded(3)
+    stored = stored[:6]
+    data = dict(stored)
+    ids = [c for c, _ in stored]
+    shared, only_slow = set(ids[:4]), set(ids[4:])
+    fast_host = peer_address(74, 1)
+    async with (
+        holder(tmp_path, fast_host) as (server, store),
+        slow_holder(peer_address(74, 2), data, trickle=True) as slow1,
+        slow_holder(peer_address(74, 3), {c: data[c] for c in only_slow}, trickle=True) as slow2,
+    ):
+        for chunk_id in shared:
+            store.put(chunk_id, data[chunk_id], lease_s=3600)
+        fast = (fast_host, server.port)
+        writes: Counter[int] = Counter()
+        out: dict[int, bytes] = {}
+        lock = threading.Lock()
+
+        def consume(index: int, blob: bytes | memoryview) -> int:
+            with lock:
+                writes[index] += 1
+                out[index] = bytes(blob)
+            return len(blob)
+
+        async def on_done(index: int, written: int) -> None:
+            del index, written
+
+        async with _client(tmp_path, peer_address(74, 4)) as client, asyncio.timeout(STEP_S):
+            locator = HolderLocator(client, hints=[slow1.addr, slow2.addr, fast])
+            await locator.want(ids)
+            schedule = FetchSchedule(
+                locator,
+                ids,
+                range(len(ids)),
+                [len(data[c]) for c in ids],
+                consume,
+                on_done,
+                max_in_flight=8,
+            )
+            run = asyncio.create_task(schedule.run())
+            try:
+                while True:
+                    slow1.asked.clear()
+                    slow2.asked.clear()
+                    if (
+                        slow1.requested & only_slow
+                        and slow2.requested & only_slow
+                        and only_slow <= slow1.requested | slow2.requested
+                    ):
+                        break
+                    asked = [asyncio.create_task(e.wait()) for e in (slow1.asked, slow2.asked)]
+                    try:
+                        await asyncio.wait([run, *asked], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in asked:
+                            task.cancel()
+                    assert not run.done(), "the fetch ended before both slow-only chunks were asked"
+                for chunk_id in ids:
+                    slow1.release(chunk_id)
+                    slow2.release(chunk_id)
+                await run
+            finally:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+    assert slow1.requested & shared, "the first slow holder started on a chunk the fast one holds"
+    assert schedule.moved >= 1
+    assert not slow1.sent & shared, "that chunk came from the fast holder"
+    assert writes == Counter(range(len(ids))), "every chunk written exactly once"
+    assert all(out[i] == data[ids[i]] for i in range(len(ids))), "byte-identical"
