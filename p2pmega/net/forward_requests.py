@@ -127,8 +127,12 @@ async def forwarded_store(
         errors.ForwardNotExpected: ``addr`` has no expectation of it on these terms.
         errors.P2PMegaError: as TransferClient.store.
     """
+    # Cancelled (a forwarder's deadline), the connection closes: the rest of the chunk must not keep its uplink busy.
     reply = await client.ask(
-        addr, lambda rid: ForwardedStoreRequest(rid, chunk_id, lease_s, data), chunk_id
+        addr,
+        lambda rid: ForwardedStoreRequest(rid, chunk_id, lease_s, data),
+        chunk_id,
+        drop_on_cancel=True,
     )
     if not isinstance(reply, StoreOK):
         raise AssertionError("core.wire matches FORWARDED_STORE with STORE_OK")

@@ -273,9 +273,16 @@ class TransferClient(Service):
         return peer_conn
 
     async def ask(
-        self, addr: Address, event: Callable[[int], Request], chunk_id: bytes = b""
+        self,
+        addr: Address,
+        event: Callable[[int], Request],
+        chunk_id: bytes = b"",
+        *,
+        drop_on_cancel: bool = False,
     ) -> Reply:
         """Send the request ``event(request_id)`` to ``addr`` and return its reply (net.forward_requests).
+
+        With ``drop_on_cancel``, cancelling the call closes the connection, so a large request stops going out.
 
         Raises:
             errors.P2PMegaError: the reply was an Error (the exception net.wire_errors names for it).
@@ -283,7 +290,7 @@ class TransferClient(Service):
             errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
                 ``connect_timeout_s``.
         """
-        return await self._request(addr, event, chunk_id)
+        return await self._request(addr, event, chunk_id, drop_on_cancel=drop_on_cancel)
 
     async def _request(
         self,

@@ -40,10 +40,15 @@ RUNNING_PER_NETWORK: Final = 2
 FORWARDS_PER_NETWORK: Final = 8
 # Opening the connection to a target (TCP and channel handshake) must take no longer.
 FORWARD_CONNECT_TIMEOUT_S: Final = 3.0
-# A target that did not expect the chunk yet (the sharer's EXPECT still on its way) is asked once more after this.
-FORWARD_RETRY_S: Final = 0.5
-# A forward still unanswered after this is abandoned (the sharer stopped waiting for it long before).
-FORWARD_TIMEOUT_S: Final = 120.0
+# A target that did not expect the chunk yet (the sharer's EXPECT still on its way) is asked again after these waits:
+# a longer path from the sharer costs a round trip or so; the sharer waits at least 0.25 s (replicate/placer.py).
+FORWARD_RETRIES_S: Final = (0.05, 0.1)
+# A forward must be done this soon after it was accepted, queueing included, and at this rate at least (8 Mbit/s: a
+# 1 MiB chunk in 1 s), or it is abandoned, its connection closed: forwarding pays only when it beats the sharer's own
+# upload (the sharer waits less, replicate/placer.py), and an uplink kept full of forwards nobody waits for any more
+# starved even the acknowledgements of what this holder receives (one 2 Mbit/s seed made a 64 MiB share take 38 s).
+FORWARD_MIN_S: Final = 1.0
+FORWARD_MIN_RATE_BYTES_S: Final = 1 << 20
 # Chunks remembered as forwarded, so no request makes this holder forward one twice.
 FORWARDED_REMEMBERED: Final = 65536
 
@@ -85,6 +90,7 @@ class _Job:
     target_id: bytes
     addr: tuple[str, int]
     network: bytes  # the requester's
+    accepted_at: float  # loop time
 
 
 @dataclass(eq=False)
@@ -121,6 +127,7 @@ class Forwarder:
             network = network_of(requester)
         except ValueError:
             network = requester.encode()
+        now = asyncio.get_running_loop().time()
         if event.chunk_id in self._seen:
             reason = "forwarded already"
         elif self._queued >= FORWARD_QUEUE:
@@ -136,7 +143,7 @@ class Forwarder:
             while len(self._seen) > FORWARDED_REMEMBERED:
                 self._seen.popitem(last=False)
             self._per_network[network] += 1
-            job = _Job(event.chunk_id, event.lease_s, event.target_id, addr, network)
+            job = _Job(event.chunk_id, event.lease_s, event.target_id, addr, network, now)
             self._waiting.setdefault(network, deque()).append(job)
             self._queued += 1
             self._wake.set()
@@ -185,8 +192,7 @@ class Forwarder:
 
     async def _one(self, job: _Job) -> None:
         try:
-            async with asyncio.timeout(FORWARD_TIMEOUT_S):
-                await self._forward(job)
+            await self._forward(job)
             self.forwarded += 1
         except (P2PMegaError, TimeoutError) as exc:
             self.failed += 1
@@ -203,17 +209,25 @@ class Forwarder:
         if store is None or client is None:
             return
         data = await asyncio.to_thread(store.get, job.chunk_id)
+        allowed_s = max(FORWARD_MIN_S, len(data) / FORWARD_MIN_RATE_BYTES_S)
         client.expect_node_id(job.addr, job.target_id)
         try:
-            try:
-                await forwarded_store(client, job.addr, job.chunk_id, data, job.lease_s)
-            except ForwardNotExpected:
-                # The sharer sends EXPECT as it starts the upload; over a longer path than ours to the target
-                # it can arrive after a small chunk's forward.
-                await asyncio.sleep(FORWARD_RETRY_S)
-                await forwarded_store(client, job.addr, job.chunk_id, data, job.lease_s)
+            async with asyncio.timeout_at(job.accepted_at + allowed_s):
+                await self._send(client, job, data)
         finally:
             client.forget_node_id(job.addr)  # the sharer's word, good for this forward only
+
+    async def _send(self, client: TransferClient, job: _Job, data: bytes) -> None:
+        for retry_s in (*FORWARD_RETRIES_S, None):
+            try:
+                await forwarded_store(client, job.addr, job.chunk_id, data, job.lease_s)
+                return
+            except ForwardNotExpected:
+                # The sharer sends EXPECT as it starts the upload; over a longer path than ours to the target it
+                # can arrive after a small chunk's forward.
+                if retry_s is None:
+                    raise
+                await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
         """Drop what is queued (each sharer uploads those copies itself) and close the connections."""

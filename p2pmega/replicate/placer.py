@@ -10,6 +10,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from p2pmega.core.capacity import capacity_weight, is_full
 from p2pmega.core.chunking import ChunkId, dht_key_of, short_id
@@ -50,10 +51,19 @@ MAX_HOLDER_FAILURES = 2
 
 # Pipelined replication (docs/PROTOCOL.md, "Forwarding"): the second copy a first holder forwards must be confirmed
 # by the second holder within this long, or this many times as long as the upload to the first took, whichever is
-# more; else the sharer uploads it too. It polls after about as long as the last forwards took (FORWARD_POLL_S at
+# more; else the sharer uploads it too, and that holder forwards no more of the share. Forwarding pays only where
+# the sharer's upload is the slow part: a forwarder slower than that (a 2 Mbit/s seed when the sharer has 1 Gbit/s)
+# made a 64 MiB share take 22 s instead of 1.4 s with a 2 s floor here (bench/wan.py, "slow"). It polls after about as long as the last forwards took (FORWARD_POLL_S at
 # first), then more often, backing off up to FORWARD_POLL_MAX_S.
-FORWARD_WAIT_MIN_S = 2.0
-FORWARD_WAIT_FACTOR = 2.0
+FORWARD_WAIT_MIN_S = 0.25
+FORWARDS_PER_FORWARDER = 4
+# A share forwards only while its own upload is slow: once FORWARD_DECIDE_BYTES went up faster than this (about
+# 170 Mbit/s), holders' uplinks would rarely forward faster, and one slower than the sharer's held a share back
+# (bench/wan.py "slow": a 2 Mbit/s seed's forwards filled its uplink, its acknowledgements of our uploads to it
+# were dropped, and the share took 10.8 s instead of 1.4 s). Home uplinks are far below it.
+FORWARD_DECIDE_BYTES = 2 << 20
+FORWARD_FAST_UPLINK_BYTES_S = 20 << 20
+FORWARD_WAIT_FACTOR = 3.0
 FORWARD_POLL_S = 0.005
 FORWARD_POLL_MIN_S = 0.002
 FORWARD_POLL_MAX_S = 0.5
@@ -104,6 +114,15 @@ class Placer:
     forward_loopback: bool = False
     # Holders that do not forward or accept forwards (older ones), or whose forward failed: stores go direct.
     no_forward: set[tuple[str, int]] = field(default_factory=set)
+    # Holders whose forward was not confirmed in time: they may still receive forwards, but forward none.
+    slow_forwarders: set[tuple[str, int]] = field(default_factory=set)
+    # Forwards under way per forwarder, and the forwarders that delivered one: a holder gets one forward at a time
+    # until it has delivered one in time, then up to FORWARDS_PER_FORWARDER (TCP's slow start, per holder): a slow
+    # forwarder (its uplink below the sharer's) then costs one chunk's wait, not a burst of them.
+    _forwarding: Counter[tuple[str, int]] = field(default_factory=Counter)
+    _delivered: set[tuple[str, int]] = field(default_factory=set)
+    _upload_began: float | None = None  # loop time of our first upload
+    _uploaded_bytes: int = 0  # confirmed by their holders
     forwarded: int = 0  # copies a first holder forwarded and their holder confirmed
     _forward_s: float | None = (
         None  # how long confirmed forwards took after the upload (a moving average)
@@ -294,18 +313,28 @@ class Placer:
         uploaded: Callable[[], None] | None = None,
     ) -> list[bool | BaseException]:
         """Store on every holder of ``wanted``: the first two as a forwarding pair when forwarding."""
-        pair = wanted[:2] if self._may_forward(wanted[:2]) else []
+        pair, swapped = wanted[:2], False
+        if len(pair) == 2 and not self._may_forward(pair):
+            pair, swapped = [pair[1], pair[0]], True  # the other may forward instead
+        if not self._may_forward(pair):
+            pair, swapped = [], False
         rest = wanted[len(pair) :]
         jobs: list[Awaitable[object]] = [self._store_one(c, chunk_id, data) for c in rest]
         if pair:
             done = uploaded if not rest else None  # other uploads still run: not done
-            jobs.insert(0, self._store_pair(pair[0], pair[1], chunk_id, data, done))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+            jobs.insert(0, self._forwarded_pair(pair[0], pair[1], chunk_id, data, done))
+        results = cast(
+            list[bool | tuple[bool, bool] | BaseException],
+            await asyncio.gather(*jobs, return_exceptions=True),
+        )
         outcomes: list[bool | BaseException] = []
         if pair:
             first = results.pop(0)
-            outcomes += list(first) if isinstance(first, tuple) else [first, first]  # type: ignore[list-item]
-        outcomes += [r for r in results]  # type: ignore[misc]
+            both: list[bool | BaseException] = (
+                list(first) if isinstance(first, tuple) else [first, first]
+            )
+            outcomes += both[::-1] if swapped else both
+        outcomes += [r for r in results if not isinstance(r, tuple)]
         return outcomes
 
     def _may_forward(self, pair: list[Candidate]) -> bool:
@@ -313,7 +342,43 @@ class Placer:
             return False
         if any((c.host, c.port) in self.no_forward for c in pair):
             return False
+        forwarder = (pair[0].host, pair[0].port)
+        if forwarder in self.slow_forwarders:
+            return False
+        limit = FORWARDS_PER_FORWARDER if forwarder in self._delivered else 1
+        if self._forwarding[forwarder] >= limit:
+            return False
         return self.forward_loopback or not all(_loopback(c.host) for c in pair)
+
+    def _uploaded(self, size: int) -> None:
+        """Count a confirmed upload; once enough went up, stop forwarding if our own uplink is fast."""
+        self._uploaded_bytes += size
+        if not self.forwarding or self._upload_began is None:
+            return
+        if self._uploaded_bytes < FORWARD_DECIDE_BYTES:
+            return
+        elapsed_s = asyncio.get_running_loop().time() - self._upload_began
+        if elapsed_s > 0 and self._uploaded_bytes / elapsed_s > FORWARD_FAST_UPLINK_BYTES_S:
+            log.debug(
+                "uploading at %.0f MiB/s: the holders would forward no faster; uploading both copies",
+                self._uploaded_bytes / elapsed_s / (1 << 20),
+            )
+            self.forwarding = False
+
+    async def _forwarded_pair(
+        self,
+        first: Candidate,
+        second: Candidate,
+        chunk_id: ChunkId,
+        data: bytes,
+        uploaded: Callable[[], None] | None,
+    ) -> tuple[bool, bool]:
+        forwarder = (first.host, first.port)
+        self._forwarding[forwarder] += 1
+        try:
+            return await self._store_pair(first, second, chunk_id, data, uploaded)
+        finally:
+            self._forwarding[forwarder] -= 1
 
     async def _store_pair(
         self,
@@ -360,12 +425,16 @@ class Placer:
             wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * stored_s)
             confirmed = await self._confirm(second_addr, chunk_id, wait_s)
             if confirmed:
+                self._delivered.add((first.host, first.port))
                 self.forwarded += 1
                 self.failures.pop(second_addr, None)
                 return True, True
             # The forwarder did not deliver in time (or at all): it forwards no more of this share's chunks. If the
             # second holder failed to answer, it is the one left out of forwards instead.
-            blamed = (first.host, first.port) if confirmed is False else second_addr
+            if confirmed is False:
+                self.slow_forwarders.add((first.host, first.port))
+            else:
+                self.no_forward.add(second_addr)
             log.debug(
                 "forward of %s by %s:%d not confirmed by %s within %.1f s; uploading it",
                 short_id(chunk_id),
@@ -374,7 +443,6 @@ class Placer:
                 second_addr,
                 wait_s,
             )
-            self.no_forward.add(blamed)
         return first_ok, await self._store_one(second, chunk_id, data)
 
     async def _confirm(
@@ -449,12 +517,15 @@ class Placer:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
                 self.bytes_sent += len(data)
+                if self._upload_began is None:
+                    self._upload_began = asyncio.get_running_loop().time()
                 if forward_to is not None and addr not in self.no_forward:
                     newly = await self._store_forward(addr, chunk_id, data, forward_to, forwarding)
                 else:
                     newly = await self.node.client.store(
                         addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
                     )
+                self._uploaded(len(data))
                 if not newly:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
