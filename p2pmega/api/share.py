@@ -32,6 +32,7 @@ from p2pmega.errors import (
 )
 from p2pmega.node import Node
 from p2pmega.replicate.peers import PLACEMENT_BATCH_CHUNKS
+from p2pmega.replicate.pipeline import Pipeline
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.links import LinkEntry, record_link
 from p2pmega.storage.share_state import (
@@ -357,7 +358,8 @@ def _placer(
         node, [], net.geo, replicas, min_countries, lease_s, net.blocs.mapping(), min_blocs
     )
     placer.renew_key = credential.public_key
-    placer.forwarding = True  # upload each chunk once; its first holder forwards the second copy
+    # Upload each chunk once; its first holder forwards the second copy (docs/PROTOCOL.md, "Forwarding").
+    placer.pipeline = Pipeline(placer, credential.public_key)
     placer.finder = PoolFinder(
         node,
         net,

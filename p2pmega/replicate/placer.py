@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,11 +28,10 @@ from p2pmega.errors import (
     PeerRefused,
     PlacementImpossible,
     QuotaExceeded,
-    RequestUnknown,
 )
-from p2pmega.net.forward_requests import Target, expect, store_forward
 from p2pmega.node import Node
 from p2pmega.replicate.peers import SMALL_NETWORK_NODES, candidate_of
+from p2pmega.replicate.pipeline import Pipeline
 from p2pmega.replicate.shortfall import shortfall
 
 log = logging.getLogger(__name__)
@@ -48,25 +46,6 @@ STORE_RETRY_DELAY_S = 0.5
 # A holder that failed this many chunks in a row (each after its attempts) is left out for the rest of the share;
 # one that refuses connections (nothing listens) at once.
 MAX_HOLDER_FAILURES = 2
-
-# Pipelined replication (docs/PROTOCOL.md, "Forwarding"): the second copy a first holder forwards must be confirmed
-# by the second holder within this long, or this many times as long as the upload to the first took, whichever is
-# more; else the sharer uploads it too, and that holder forwards no more of the share. Forwarding pays only where
-# the sharer's upload is the slow part: a forwarder slower than that (a 2 Mbit/s seed when the sharer has 1 Gbit/s)
-# made a 64 MiB share take 22 s instead of 1.4 s with a 2 s floor here (bench/wan.py, "slow"). It polls after about as long as the last forwards took (FORWARD_POLL_S at
-# first), then more often, backing off up to FORWARD_POLL_MAX_S.
-FORWARD_WAIT_MIN_S = 0.25
-FORWARDS_PER_FORWARDER = 4
-# A share forwards only while its own upload is slow: once FORWARD_DECIDE_BYTES went up faster than this (about
-# 170 Mbit/s), holders' uplinks would rarely forward faster, and one slower than the sharer's held a share back
-# (bench/wan.py "slow": a 2 Mbit/s seed's forwards filled its uplink, its acknowledgements of our uploads to it
-# were dropped, and the share took 10.8 s instead of 1.4 s). Home uplinks are far below it.
-FORWARD_DECIDE_BYTES = 2 << 20
-FORWARD_FAST_UPLINK_BYTES_S = 20 << 20
-FORWARD_WAIT_FACTOR = 3.0
-FORWARD_POLL_S = 0.005
-FORWARD_POLL_MIN_S = 0.002
-FORWARD_POLL_MAX_S = 0.5
 
 # Chunks whose closest nodes a Placer remembers: a few per chunk placed at once, far fewer than a file's chunks.
 CLOSEST_REMEMBERED = 256
@@ -107,32 +86,20 @@ class Placer:
     # (core.capacity), and no chunk larger goes to it. A peer missing here (an older holder, or not asked)
     # weighs 1.0, as a fresh default seed does.
     space: dict[tuple[str, int], int] = field(default_factory=dict)
-    # Upload each chunk once: its first holder forwards the second copy (a share; needs ``renew_key``). Not when
-    # both holders are on loopback (every peer on this machine: no link to save, and the pipeline's latency cost a
-    # loopback share ~40 % of its rate) unless ``forward_loopback`` (tests of the pipeline itself).
-    forwarding: bool = False
-    forward_loopback: bool = False
-    # Holders that do not forward or accept forwards (older ones), or whose forward failed: stores go direct.
-    no_forward: set[tuple[str, int]] = field(default_factory=set)
-    # Holders whose forward was not confirmed in time: they may still receive forwards, but forward none.
-    slow_forwarders: set[tuple[str, int]] = field(default_factory=set)
-    # Forwards under way per forwarder, and the forwarders that delivered one: a holder gets one forward at a time
-    # until it has delivered one in time, then up to FORWARDS_PER_FORWARDER (TCP's slow start, per holder): a slow
-    # forwarder (its uplink below the sharer's) then costs one chunk's wait, not a burst of them.
-    _forwarding: Counter[tuple[str, int]] = field(default_factory=Counter)
-    _delivered: set[tuple[str, int]] = field(default_factory=set)
-    _upload_began: float | None = None  # loop time of our first upload
-    _uploaded_bytes: int = 0  # confirmed by their holders
-    forwarded: int = 0  # copies a first holder forwarded and their holder confirmed
-    _forward_s: float | None = (
-        None  # how long confirmed forwards took after the upload (a moving average)
-    )
+    # A share's replica pipeline (replicate/pipeline.py): each chunk uploaded once, its first holder forwarding the
+    # second copy. None: every copy uploaded (repair, keep-alive, a share on loopback).
+    pipeline: Pipeline | None = None
     # A share's way to find candidates (replicate.peers.PLACEMENT_BATCH_CHUNKS): the live storage peers near the
     # key a chunk is placed near, found once per key and shared by every chunk placed near it. None: ``pool``.
     finder: Finder | None = None
     # The closest nodes of the chunks placed lately (a copy made with dataclasses.replace shares it).
     _closest: OrderedDict[ChunkId, list[Candidate]] = field(default_factory=OrderedDict)
     _near: OrderedDict[bytes, asyncio.Task[list[Candidate]]] = field(default_factory=OrderedDict)
+
+    @property
+    def forwarded(self) -> int:
+        """Copies the pipeline's first holders forwarded and their holders confirmed (0 without a pipeline)."""
+        return self.pipeline.forwarded if self.pipeline is not None else 0
 
     async def candidates_for(self, chunk_id: ChunkId, near: bytes | None = None) -> list[Candidate]:
         """The peers ``chunk_id`` may go to, less those that failed, are full or never answered.
@@ -312,17 +279,13 @@ class Placer:
         data: bytes,
         uploaded: Callable[[], None] | None = None,
     ) -> list[bool | BaseException]:
-        """Store on every holder of ``wanted``: the first two as a forwarding pair when forwarding."""
-        pair, swapped = wanted[:2], False
-        if len(pair) == 2 and not self._may_forward(pair):
-            pair, swapped = [pair[1], pair[0]], True  # the other may forward instead
-        if not self._may_forward(pair):
-            pair, swapped = [], False
-        rest = wanted[len(pair) :]
-        jobs: list[Awaitable[object]] = [self._store_one(c, chunk_id, data) for c in rest]
-        if pair:
+        """Store on every holder of ``wanted``: the first two through the pipeline when it takes them."""
+        pair, swapped = self.pipeline.pair(wanted) if self.pipeline is not None else ([], False)
+        rest = [c for c in wanted if c not in pair]
+        jobs: list[Awaitable[object]] = [self.store_one(c, chunk_id, data) for c in rest]
+        if pair and self.pipeline is not None:
             done = uploaded if not rest else None  # other uploads still run: not done
-            jobs.insert(0, self._forwarded_pair(pair[0], pair[1], chunk_id, data, done))
+            jobs.insert(0, self.pipeline.store_pair(pair[0], pair[1], chunk_id, data, done))
         results = cast(
             list[bool | tuple[bool, bool] | BaseException],
             await asyncio.gather(*jobs, return_exceptions=True),
@@ -336,143 +299,6 @@ class Placer:
             outcomes += both[::-1] if swapped else both
         outcomes += [r for r in results if not isinstance(r, tuple)]
         return outcomes
-
-    def _may_forward(self, pair: list[Candidate]) -> bool:
-        if not self.forwarding or self.renew_key is None or len(pair) < 2:
-            return False
-        if any((c.host, c.port) in self.no_forward for c in pair):
-            return False
-        forwarder = (pair[0].host, pair[0].port)
-        if forwarder in self.slow_forwarders:
-            return False
-        limit = FORWARDS_PER_FORWARDER if forwarder in self._delivered else 1
-        if self._forwarding[forwarder] >= limit:
-            return False
-        return self.forward_loopback or not all(_loopback(c.host) for c in pair)
-
-    def _uploaded(self, size: int) -> None:
-        """Count a confirmed upload; once enough went up, stop forwarding if our own uplink is fast."""
-        self._uploaded_bytes += size
-        if not self.forwarding or self._upload_began is None:
-            return
-        if self._uploaded_bytes < FORWARD_DECIDE_BYTES:
-            return
-        elapsed_s = asyncio.get_running_loop().time() - self._upload_began
-        if elapsed_s > 0 and self._uploaded_bytes / elapsed_s > FORWARD_FAST_UPLINK_BYTES_S:
-            log.debug(
-                "uploading at %.0f MiB/s: the holders would forward no faster; uploading both copies",
-                self._uploaded_bytes / elapsed_s / (1 << 20),
-            )
-            self.forwarding = False
-
-    async def _forwarded_pair(
-        self,
-        first: Candidate,
-        second: Candidate,
-        chunk_id: ChunkId,
-        data: bytes,
-        uploaded: Callable[[], None] | None,
-    ) -> tuple[bool, bool]:
-        forwarder = (first.host, first.port)
-        self._forwarding[forwarder] += 1
-        try:
-            return await self._store_pair(first, second, chunk_id, data, uploaded)
-        finally:
-            self._forwarding[forwarder] -= 1
-
-    async def _store_pair(
-        self,
-        first: Candidate,
-        second: Candidate,
-        chunk_id: ChunkId,
-        data: bytes,
-        uploaded: Callable[[], None] | None = None,
-    ) -> tuple[bool, bool]:
-        """Upload ``data`` once to ``first``, which forwards it to ``second``; upload again only if that fails.
-
-        ``second`` is told to expect the copy before ``first`` gets it, and confirms it to us directly (LEASES),
-        so ``first`` is trusted with nothing: a forward dropped, corrupted or late only costs the second upload.
-        """
-        assert self.renew_key is not None  # noqa: S101 - _store_all checked it
-        second_addr = (second.host, second.port)
-        # Told at the same time as the upload starts: the forward leaves the first holder only once the whole
-        # chunk is there, long after this small request. Should it lose the race, the forward is refused and
-        # the copy uploaded, as for any failed forward.
-        told = asyncio.ensure_future(
-            expect(
-                self.node.client, second_addr, [chunk_id], self.lease_s, renew_key=self.renew_key
-            )
-        )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        forwarding: list[bool] = []
-        try:
-            first_ok = await self._store_one(
-                first, chunk_id, data, forward_to=second, forwarding=forwarding
-            )
-            try:
-                [accepted] = await told
-            except P2PMegaError as exc:
-                log.debug("holder %s takes no forwards: %s", second_addr, exc)
-                self.no_forward.add(second_addr)
-                accepted = False
-        finally:
-            told.cancel()
-        if first_ok and forwarding and accepted:
-            if uploaded is not None:
-                uploaded()
-            stored_s = loop.time() - started
-            wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * stored_s)
-            confirmed = await self._confirm(second_addr, chunk_id, wait_s)
-            if confirmed:
-                self._delivered.add((first.host, first.port))
-                self.forwarded += 1
-                self.failures.pop(second_addr, None)
-                return True, True
-            # The forwarder did not deliver in time (or at all): it forwards no more of this share's chunks. If the
-            # second holder failed to answer, it is the one left out of forwards instead.
-            if confirmed is False:
-                self.slow_forwarders.add((first.host, first.port))
-            else:
-                self.no_forward.add(second_addr)
-            log.debug(
-                "forward of %s by %s:%d not confirmed by %s within %.1f s; uploading it",
-                short_id(chunk_id),
-                first.host,
-                first.port,
-                second_addr,
-                wait_s,
-            )
-        return first_ok, await self._store_one(second, chunk_id, data)
-
-    async def _confirm(
-        self, addr: tuple[str, int], chunk_id: ChunkId, wait_s: float
-    ) -> bool | None:
-        """Whether ``addr`` holds ``chunk_id`` for at least half our lease within ``wait_s`` (polled, LEASES);
-        None if ``addr`` did not answer.
-
-        The first poll comes when recent forwards took to arrive, the next ones at a quarter of that, doubling.
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + wait_s
-        typical_s = self._forward_s
-        delay_s = FORWARD_POLL_S if typical_s is None else max(FORWARD_POLL_MIN_S, 0.8 * typical_s)
-        step_s = FORWARD_POLL_S if typical_s is None else max(FORWARD_POLL_MIN_S, typical_s / 4)
-        while True:
-            await asyncio.sleep(max(0.0, min(delay_s, deadline - loop.time())))
-            try:
-                [left_s] = await self.node.client.leases(addr, [chunk_id])
-            except P2PMegaError as exc:
-                log.debug("holder %s did not confirm %s: %s", addr, short_id(chunk_id), exc)
-                return None
-            if left_s >= self.lease_s / 2:
-                took_s = loop.time() - now
-                self._forward_s = took_s if typical_s is None else 0.8 * typical_s + 0.2 * took_s
-                return True
-            if loop.time() >= deadline:
-                return False
-            delay_s, step_s = step_s, min(step_s * 2, FORWARD_POLL_MAX_S)
 
     async def _lease_holds(self, addr: tuple[str, int], chunk_id: ChunkId) -> bool:
         """Whether a copy ``addr`` already held will last: someone else may have stored it first, with a short
@@ -494,7 +320,7 @@ class Placer:
             return False
         return True
 
-    async def _store_one(
+    async def store_one(
         self,
         cand: Candidate,
         chunk_id: ChunkId,
@@ -517,15 +343,17 @@ class Placer:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
                 self.bytes_sent += len(data)
-                if self._upload_began is None:
-                    self._upload_began = asyncio.get_running_loop().time()
-                if forward_to is not None and addr not in self.no_forward:
-                    newly = await self._store_forward(addr, chunk_id, data, forward_to, forwarding)
+                pipeline = self.pipeline
+                if pipeline is not None:
+                    pipeline.uploading()
+                if pipeline is not None and forward_to is not None:
+                    newly = await pipeline.upload(addr, chunk_id, data, forward_to, forwarding)
                 else:
                     newly = await self.node.client.store(
                         addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
                     )
-                self._uploaded(len(data))
+                if pipeline is not None:
+                    pipeline.uploaded(len(data))
                 if not newly:
                     self.failures.pop(addr, None)
                     return await self._lease_holds(addr, chunk_id)
@@ -552,41 +380,4 @@ class Placer:
         self.failures[addr] += 1
         if self.failures[addr] >= MAX_HOLDER_FAILURES:
             self.dead.add(addr)
-        return False
-
-    async def _store_forward(
-        self,
-        addr: tuple[str, int],
-        chunk_id: ChunkId,
-        data: bytes,
-        target: Candidate,
-        forwarding: list[bool] | None,
-    ) -> bool:
-        """STORE_FORWARD to ``addr``; a holder that does not know it gets a plain store from now on."""
-        assert self.renew_key is not None  # noqa: S101 - only a forwarding pair gets here
-        try:
-            reply = await store_forward(
-                self.node.client,
-                addr,
-                chunk_id,
-                data,
-                self.lease_s,
-                renew_key=self.renew_key,
-                target=Target(target.node_id, target.host, target.port),
-            )
-        except RequestUnknown as exc:
-            log.debug("holder %s does not forward: %s", addr, exc)
-            self.no_forward.add(addr)
-            return await self.node.client.store(
-                addr, chunk_id, data, self.lease_s, renew_key=self.renew_key
-            )
-        if reply.forwarding and forwarding is not None:
-            forwarding.append(True)
-        return reply.newly_stored
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
         return False

@@ -24,10 +24,11 @@ from p2pmega.core.wire import MessageType, codec
 from p2pmega.net.forward_requests import Target, forwarded_store, store_forward
 from p2pmega.net.transfer_client import TransferClient
 from p2pmega.node import Node, NodeSettings
-from p2pmega.replicate import forward, placer
+from p2pmega.replicate import forward, pipeline
 from p2pmega.replicate.forward import Forwarder
 from p2pmega.replicate.holder import HolderDuties, holder_node
 from p2pmega.replicate.peers import candidate_of
+from p2pmega.replicate.pipeline import Pipeline
 from p2pmega.replicate.placer import Placer
 from tests.chunk_bytes import chunk_bytes
 
@@ -54,8 +55,9 @@ class Net:
         ]
         placing = Placer(self.sharer, pool, self.geo, 2, 2, LEASE_S)
         placing.renew_key = RENEW_KEY
-        placing.forwarding = True
-        placing.forward_loopback = True  # every peer here is on loopback
+        placing.pipeline = Pipeline(
+            placing, RENEW_KEY, loopback=True
+        )  # every peer is on loopback here
         return placing
 
     def holding(self, chunk_id: ChunkId) -> set[str]:
@@ -147,7 +149,7 @@ class Delaying(Forwarder):
 async def test_a_forward_that_fails_is_detected_and_the_sharer_uploads_the_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: type[Forwarder]
 ) -> None:
-    monkeypatch.setattr(placer, "FORWARD_WAIT_MIN_S", 0.5)
+    monkeypatch.setattr(pipeline, "FORWARD_WAIT_MIN_S", 0.5)
     monkeypatch.setattr("p2pmega.replicate.holder.Forwarder", bad)  # every holder misbehaves
     data = chunk_bytes(150_000)
     chunk_id = chunk_id_of(data)
@@ -156,7 +158,10 @@ async def test_a_forward_that_fails_is_detected_and_the_sharer_uploads_the_copy(
         await placing.place(chunk_id, data)
         assert placing.forwarded == 0
         assert placing.bytes_sent == 2 * len(data), "the sharer uploaded the second copy itself"
-        assert len(placing.slow_forwarders) == 1, "and asks that forwarder to forward no more"
+        assert placing.pipeline is not None
+        assert len(placing.pipeline.slow_forwarders) == 1, (
+            "and asks that forwarder to forward no more"
+        )
         assert net.holding(chunk_id) == {"de", "nz"}
         for name in ("de", "nz"):
             assert await fetched(net.holders[name], chunk_id) == data, "never a wrong byte"
@@ -219,7 +224,8 @@ async def test_on_loopback_a_share_uploads_both_copies_itself(tmp_path: Path) ->
     chunk_id = chunk_id_of(data)
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
         placing = net.placer("de", "nz")
-        placing.forward_loopback = False
+        assert placing.pipeline is not None
+        placing.pipeline.loopback = False
         await placing.place(chunk_id, data)
         assert placing.bytes_sent == 2 * len(data)
         assert (placing.forwarded, [net.forwarder(n).forwarded for n in ("de", "nz")]) == (
@@ -278,14 +284,15 @@ async def test_a_late_expect_does_not_cost_the_pipeline(
         await asyncio.sleep(0.1)  # as over a longer path from the sharer to the target than from A
         return await real_expect(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(placer, "expect", late)
+    monkeypatch.setattr(pipeline, "expect", late)
     data = chunk_bytes(2000)
     chunk_id = chunk_id_of(data)
     async with network(tmp_path) as net, asyncio.timeout(STEP_S):
         placing = net.placer("de", "nz")
         await placing.place(chunk_id, data)
         assert (placing.forwarded, placing.bytes_sent) == (1, len(data))
-        assert placing.no_forward == placing.slow_forwarders == set()
+        assert placing.pipeline is not None
+        assert placing.pipeline.no_forward == placing.pipeline.slow_forwarders == set()
         assert net.holding(chunk_id) == {"de", "nz"}
 
 
@@ -321,7 +328,9 @@ async def test_one_network_cannot_fill_a_holders_forward_queue(tmp_path: Path) -
             data = chunk_bytes(20_000)
             placing = net.placer("de", "nz")
             de_first, nz_second = placing.pool
-            assert await placing._store_pair(de_first, nz_second, chunk_id_of(data), data) == (
+            assert placing.pipeline is not None
+            pipeline = placing.pipeline
+            assert await pipeline.store_pair(de_first, nz_second, chunk_id_of(data), data) == (
                 True,
                 True,
             )
