@@ -41,11 +41,11 @@ FORWARDS_PER_NETWORK: Final = 8
 # Opening the connection to a target (TCP and channel handshake) must take no longer.
 FORWARD_CONNECT_TIMEOUT_S: Final = 3.0
 # A target that did not expect the chunk yet (the sharer's EXPECT still on its way) is asked again after these waits:
-# a longer path from the sharer costs a round trip or so; the sharer waits at least 0.25 s (replicate/placer.py).
+# a longer path from the sharer costs a round trip or so; the sharer waits at least 0.25 s (replicate/pipeline.py).
 FORWARD_RETRIES_S: Final = (0.05, 0.1)
 # A forward must be done this soon after it was accepted, queueing included, and at this rate at least (8 Mbit/s: a
 # 1 MiB chunk in 1 s), or it is abandoned, its connection closed: forwarding pays only when it beats the sharer's own
-# upload (the sharer waits less, replicate/placer.py), and an uplink kept full of forwards nobody waits for any more
+# upload (the sharer waits less, replicate/pipeline.py), and an uplink kept full of forwards nobody waits for any more
 # starved even the acknowledgements of what this holder receives (one 2 Mbit/s seed made a 64 MiB share take 38 s).
 FORWARD_MIN_S: Final = 1.0
 FORWARD_MIN_RATE_BYTES_S: Final = 1 << 20
