@@ -53,8 +53,9 @@ from p2pmega.storage.expect import Expectations
 if TYPE_CHECKING:
     from p2pmega.storage import ChunkStore
 
-# Offered a chunk a sharer asked to be forwarded, with the requester's address: True if it will be forwarded.
-Forward = Callable[[ForwardStoreRequest, str], bool]
+# Offered a chunk a sharer asked to be forwarded, with the requester's address and how long the chunk took to
+# arrive (seconds): True if it will be forwarded.
+Forward = Callable[[ForwardStoreRequest, str, float], bool]
 
 log = logging.getLogger("p2pmega.net.transfer")
 
@@ -328,12 +329,12 @@ class TransferServer:
         assert self._workers is not None  # noqa: S101 - connections exist only while started
         self._workers.submit(connection, event)
 
-    def forward(self, event: ForwardStoreRequest, requester: str) -> bool:
+    def forward(self, event: ForwardStoreRequest, requester: str, received_s: float) -> bool:
         """Hand a newly stored chunk to the forwarder; whether it took it."""
         if self._on_forward is None:
             return False
         try:
-            return self._on_forward(event, requester)
+            return self._on_forward(event, requester, received_s)
         except Exception:
             log.exception("on_forward callback failed for chunk %s", short_id(event.chunk_id))
             return False
@@ -384,6 +385,9 @@ class _Connection(Pump):
         self._eof = False  # the peer closed its side (core.wire decides whether cleanly)
         self._peer_done = False  # the peer closed its side at a frame boundary
         self._inflight: set[int] = set()  # request ids holding a slot, until their reply is taken
+        self._received_s: dict[
+            int, float
+        ] = {}  # STORE_FORWARD requests: how long each took to arrive
 
     @property
     def inflight(self) -> int:
@@ -525,7 +529,12 @@ class _Connection(Pump):
                 raise AssertionError("a server connection yields only requests")
             server.take_slot(self)
             self._inflight.add(event.request_id)
-            self.deadlines.request_arrived(event.request_id, self.loop.time())
+            now = self.loop.time()
+            if isinstance(event, ForwardStoreRequest):
+                # How fast the sharer sent it: the forwarder gives the forward as long as the sharer will wait.
+                started = self.deadlines.frame_started
+                self._received_s[event.request_id] = now - started if started is not None else 0.0
+            self.deadlines.request_arrived(event.request_id, now)
             self.rearm()
             server.submit(self, event)
 
@@ -557,7 +566,8 @@ class _Connection(Pump):
                 # (stored by someone, maybe a stranger replaying it) is never forwarded on request.
                 # The data went back to the pool above: the forwarder reads the stored copy.
                 job = dataclasses.replace(event, data=b"")
-                forwarding = reply.newly_stored and self.server.forward(job, self.ip)
+                received_s = self._received_s.pop(request_id, 0.0)
+                forwarding = reply.newly_stored and self.server.forward(job, self.ip, received_s)
                 reply = ForwardOK(request_id, reply.newly_stored, forwarding)
         transport = self.transport
         if transport is None or transport.is_closing() or self.conn.failed:

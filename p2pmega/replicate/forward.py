@@ -43,12 +43,13 @@ FORWARD_CONNECT_TIMEOUT_S: Final = 3.0
 # A target that did not expect the chunk yet (the sharer's EXPECT still on its way) is asked again after these waits:
 # a longer path from the sharer costs a round trip or so; the sharer waits at least 0.25 s (replicate/pipeline.py).
 FORWARD_RETRIES_S: Final = (0.05, 0.1)
-# A forward must be done this soon after it was accepted, queueing included, and at this rate at least (8 Mbit/s: a
-# 1 MiB chunk in 1 s), or it is abandoned, its connection closed: forwarding pays only when it beats the sharer's own
-# upload (the sharer waits less, replicate/pipeline.py), and an uplink kept full of forwards nobody waits for any more
-# starved even the acknowledgements of what this holder receives (one 2 Mbit/s seed made a 64 MiB share take 38 s).
-FORWARD_MIN_S: Final = 1.0
-FORWARD_MIN_RATE_BYTES_S: Final = 1 << 20
+# A forward must be done within as long as the sharer waits for it (replicate/pipeline.py: the larger of 0.25 s and
+# three times its upload, which this holder sees as the time the chunk took to arrive), counted from its acceptance,
+# queueing included, or it is abandoned, its connection closed. Forwarding pays only when it beats the sharer's own
+# upload, and an uplink kept full of forwards nobody waits for any more starved even the acknowledgements of what
+# this holder receives (one 2 Mbit/s seed made a 64 MiB share take 38 s, not 1.4 s).
+FORWARD_MIN_S: Final = 0.25
+FORWARD_WAIT_FACTOR: Final = 3.0
 # Chunks remembered as forwarded, so no request makes this holder forward one twice.
 FORWARDED_REMEMBERED: Final = 65536
 
@@ -90,7 +91,7 @@ class _Job:
     target_id: bytes
     addr: tuple[str, int]
     network: bytes  # the requester's
-    accepted_at: float  # loop time
+    deadline: float  # loop time
 
 
 @dataclass(eq=False)
@@ -120,7 +121,7 @@ class Forwarder:
         failed = f", {self.failed} failed" if self.failed else ""
         return f"{counted(self.forwarded, 'chunk')} forwarded{failed}"
 
-    def offer(self, event: ForwardStoreRequest, requester: str) -> bool:
+    def offer(self, event: ForwardStoreRequest, requester: str, received_s: float = 0.0) -> bool:
         """Take a chunk a STORE_FORWARD newly stored; False if it will not be forwarded (the sharer then uploads)."""
         addr = (event.target_host, event.target_port)
         try:
@@ -143,7 +144,8 @@ class Forwarder:
             while len(self._seen) > FORWARDED_REMEMBERED:
                 self._seen.popitem(last=False)
             self._per_network[network] += 1
-            job = _Job(event.chunk_id, event.lease_s, event.target_id, addr, network, now)
+            deadline = now + max(FORWARD_MIN_S, FORWARD_WAIT_FACTOR * received_s)
+            job = _Job(event.chunk_id, event.lease_s, event.target_id, addr, network, deadline)
             self._waiting.setdefault(network, deque()).append(job)
             self._queued += 1
             self._wake.set()
@@ -208,11 +210,10 @@ class Forwarder:
         store, client = self.node.store, self._client
         if store is None or client is None:
             return
-        data = await asyncio.to_thread(store.get, job.chunk_id)
-        allowed_s = max(FORWARD_MIN_S, len(data) / FORWARD_MIN_RATE_BYTES_S)
         client.expect_node_id(job.addr, job.target_id)
         try:
-            async with asyncio.timeout_at(job.accepted_at + allowed_s):
+            async with asyncio.timeout_at(job.deadline):
+                data = await asyncio.to_thread(store.get, job.chunk_id)
                 await self._send(client, job, data)
         finally:
             client.forget_node_id(job.addr)  # the sharer's word, good for this forward only

@@ -296,8 +296,13 @@ async def test_a_late_expect_does_not_cost_the_pipeline(
         assert net.holding(chunk_id) == {"de", "nz"}
 
 
-async def test_one_network_cannot_fill_a_holders_forward_queue(tmp_path: Path) -> None:
+async def test_one_network_cannot_fill_a_holders_forward_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Review finding: a stranger's forwards to a target that never answers held every place in the queue."""
+    monkeypatch.setattr(
+        forward, "FORWARD_MIN_S", 20.0
+    )  # as from a slow sharer: they would wait long
     silent_host = "127.53.9.1"
     accepted: list[asyncio.StreamWriter] = []
 

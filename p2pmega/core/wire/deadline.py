@@ -87,6 +87,11 @@ class ServerDeadlines:
         self._paused_base = 0
 
     @property
+    def frame_started(self) -> float | None:
+        """When the frame being received started arriving (its first wait for more bytes); None if it came whole."""
+        return self._frame_started
+
+    @property
     def write_paused(self) -> bool:
         """True while replies wait for the socket: the pump reports acknowledged bytes then."""
         return self._write_paused
