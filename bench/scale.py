@@ -40,7 +40,7 @@ TOPOLOGIES = {8: (4, 2), 60: (12, 5), 200: (10, 20)}
 CODES = ("DE", "NZ", "IS", "CH", "FR", "NL", "SE", "NO", "FI", "DK", "AT", "BE", "ES", "PT", "IT")
 _SIZE = re.compile(r"^(\d+)(KiB|MiB)$")
 # A seed's last summary line (replicate/duties.py Summary), printed as it stops.
-_ANNOUNCED = re.compile(r"^stopped: .*?(\d+) announcements? \((\d+) crawls?\)", re.MULTILINE)
+_ANNOUNCED = re.compile(r"^stopped: .*?(\d+) announcements?(?: \((\d+) crawls?\))?", re.MULTILINE)
 
 
 def parse_size(text: str) -> int:
@@ -162,7 +162,7 @@ def announce_crawls(net: TestNet) -> tuple[int, int, int]:
         if found:
             seeds += 1
             announced += int(found[-1][0])
-            crawls += int(found[-1][1])
+            crawls += int(found[-1][1] or 0)  # a version before the count says nothing
     return seeds, announced, crawls
 
 
