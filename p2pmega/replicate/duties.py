@@ -32,8 +32,8 @@ ANNOUNCE_BATCH = 1024
 # Stored chunks are announced in batches (docs/DHT.md): a share stores a chunk every few milliseconds on each
 # holder, and each announce_many costs a crawl plus requests to the k closest nodes, on the announcer and on
 # every recorder. A batch closes once no chunk was stored for ANNOUNCE_QUIET_S, or ANNOUNCE_DELAY_S after its
-# first chunk, or at ANNOUNCE_BATCH ids. Nothing urgent reads the records (a fetch or check finds a share's
-# holders by searching near its runs' keys; repair and keep-alive search there too and use the records as a
+# first chunk, or at ANNOUNCE_BATCH ids. Nothing urgent reads the records (fetch, check and the keeper find a
+# share's holders by searching near its runs' keys, a repairer in its own pool; all use the records as a
 # fallback), so a holder waits well past the share that stored them: a command run right after a share does not
 # compete with its ~20 holders' crawls (docs/SCALE.md, "Announcements").
 ANNOUNCE_QUIET_S = 10.0
