@@ -10,6 +10,7 @@ test says the holders announced.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import os
 import random
@@ -26,6 +27,7 @@ from p2pmega.errors import NetworkError
 from p2pmega.net.crawl import Peer, Provider
 from p2pmega.node import Node
 from p2pmega.replicate.keeper import Keeper
+from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.peers import batch_keys
 from p2pmega.replicate.repair import Repairer, RepairPolicy
 
@@ -223,3 +225,28 @@ async def test_a_repairer_leaves_a_chunk_stored_lately_for_when_its_records_exis
     later = await repairer.round()
     assert later.healthy == len(held)
     assert later.fresh == later.short == 0
+
+
+async def test_a_discover_waits_for_the_search_near_its_run_before_any_lookup_of_its_own() -> None:
+    """A fetch's scheduler asks the locator to discover chunks no holder is known of yet; right after a share
+    (no records) a lookup of their own cost a provider crawl and a crawl near the chunk's own key each."""
+    rng = random.Random(5)
+    world = World.make(rng)
+    chunk_ids = [ChunkId(os.urandom(32)) for _ in range(10)]
+    world.place_runs(chunk_ids, rng)
+    me = Peer(rng.randbytes(20), "127.41.250.1", 3999)
+    node = node_in(world, me)
+    lookups: list[bytes] = []
+    dht = cast(FakeDHT, node.dht_node)
+    real = dht.find_providers
+
+    async def spy(chunk_id: bytes) -> list[Provider]:
+        lookups.append(chunk_id)
+        return await real(chunk_id)
+
+    dht.find_providers = spy  # type: ignore[method-assign]
+    locator = HolderLocator(node)
+    await locator.want(chunk_ids, placed_near=batch_keys(chunk_ids))
+    await asyncio.gather(*(locator.discover(c) for c in chunk_ids))
+    assert lookups == []
+    assert all(set(locator.live_holders(c)) == world.holders_of(c) for c in chunk_ids)
