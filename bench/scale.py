@@ -7,7 +7,9 @@ time and memory per seed; then per file size the wall time of ``share`` and of `
 start included, median of --repeat, peak RSS of the slowest), and the messages one in-process share and fetch of
 that size sent per chunk (DHT requests + transfer requests; connections opened, each a channel handshake, beside
 them). Then --kill-fraction of the seeds (spread over every country, a seeded choice) get SIGKILL and the same is
-measured again: a fetch of a file shared while all were up, and new shares and fetches. Issue 19's targets:
+measured again: a fetch of a file shared while all were up, and new shares and fetches. At the end, the crawls the
+seeds' announcements ran (each seed's last summary line, at its stop; a SIGKILLed seed says nothing) per chunk
+copy they announced, and so per share of each size. Issue 19's targets:
 200-seed share/fetch within 1.3x the 8-seed times, within 1.5x of the healthy 200-seed figures once 20 % are
 killed; messages per chunk during share at 200 seeds <= 1.5x those at 8.
 """
@@ -37,6 +39,8 @@ from p2pmega.api.testnet import Peer, TestNet
 TOPOLOGIES = {8: (4, 2), 60: (12, 5), 200: (10, 20)}
 CODES = ("DE", "NZ", "IS", "CH", "FR", "NL", "SE", "NO", "FI", "DK", "AT", "BE", "ES", "PT", "IT")
 _SIZE = re.compile(r"^(\d+)(KiB|MiB)$")
+# A seed's last summary line (replicate/duties.py Summary), printed as it stops.
+_ANNOUNCED = re.compile(r"^stopped: .*?(\d+) announcements?(?: \((\d+) crawls?\))?", re.MULTILINE)
 
 
 def parse_size(text: str) -> int:
@@ -149,6 +153,19 @@ def choose_victims(net: TestNet, kept: list[ShareResult], fraction: float, seed:
     return victims
 
 
+def announce_crawls(net: TestNet) -> tuple[int, int, int]:
+    """Over the seeds that stopped cleanly: how many, the chunk copies they announced, the crawls that took."""
+    seeds = announced = crawls = 0
+    for peer in net.seeds:
+        text = peer.log_path.read_text(errors="replace")[peer.log_offset :]
+        found = _ANNOUNCED.findall(text)
+        if found:
+            seeds += 1
+            announced += int(found[-1][0])
+            crawls += int(found[-1][1] or 0)  # a version before the count says nothing
+    return seeds, announced, crawls
+
+
 def seed_rss_mib(net: TestNet) -> float:
     total, count = 0, 0
     for peer in net.seeds:
@@ -187,6 +204,7 @@ async def one_network(
                 await asyncio.to_thread(write_random, files[size], size)
         out = work / "out.bin"
         kept: dict[int, ShareResult] = {}
+        copies: dict[int, int] = {}
         for phase in ("healthy", "killed"):
             if phase == "killed":
                 victims = choose_victims(net, list(kept.values()), kill_fraction, seeds)
@@ -213,6 +231,7 @@ async def one_network(
                 )
                 shared, s_cost, f_cost = await measured_share_fetch(settings, files[size], out)
                 kept.setdefault(size, shared)
+                copies[size] = sum(len(c.holders) for c in shared.chunks)
                 print(
                     f"{_label(size):>7} {phase}: share {share_s:6.2f} s (RSS {s_rss:5.1f} MiB) "
                     f"fetch {fetch_s:6.2f} s (RSS {f_rss:5.1f} MiB)\n"
@@ -228,6 +247,15 @@ async def one_network(
             )
         t = time.perf_counter()
     print(f"   stopped in {time.perf_counter() - t:.1f} s", flush=True)
+    reporting, announced, crawls = await asyncio.to_thread(announce_crawls, net)
+    per_copy = crawls / max(announced, 1)
+    print(
+        f"   announcements: {reporting} seeds announced {announced} chunk copies with {crawls} crawls "
+        f"({per_copy:.2f} a copy: "
+        + ", ".join(f"{_label(size)} share ~{per_copy * n:.0f}" for size, n in copies.items())
+        + ")",
+        flush=True,
+    )
 
 
 def _label(size: int) -> str:

@@ -6,8 +6,9 @@ Plans with the crawls it is given and sends through the callback it is given; no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from p2pmega.net.crawl import LookupResult, Peer
 
@@ -24,6 +25,32 @@ def _distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
+class CrawlPace:
+    """Admits crawls at most ``at_once`` at a time, starting at most ``per_s`` a second (a bucket of one token).
+
+    A holder's announcer paces every batch with one (replicate/duties.py): the stores of a share come in a burst,
+    and without a pace each holder's crawls went out at once, on every holder of the share together.
+    """
+
+    def __init__(self, *, at_once: int, per_s: float) -> None:
+        if at_once < 1 or per_s <= 0:
+            raise ValueError("a pace admits at least one crawl at a time, at a positive rate")
+        self._slots = asyncio.Semaphore(at_once)
+        self._gap_s = 1.0 / per_s
+        self._next_at = 0.0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot and the crawl's turn, and hold the slot while the crawl runs."""
+        async with self._slots:
+            now = asyncio.get_running_loop().time()
+            start = max(now, self._next_at)
+            self._next_at = start + self._gap_s
+            if start > now:
+                await asyncio.sleep(start - now)
+            yield
+
+
 class AnnouncePlan:
     """Maps keys to the nodes that should record them, crawling only where a crawl could differ.
 
@@ -32,12 +59,17 @@ class AnnouncePlan:
     that is the case of a test network or a young one. Otherwise every key gets its own crawl, as
     a single announce would. Reusing a crawl for a nearby key is provable only in rare cases: the
     k closest to K1 are all nodes within R of K1, and those to K2 = K1 xor r are then provably the
-    same only if r's set bits are among R's, so it is not attempted.
+    same only if r's set bits are among R's, so it is not attempted. Nor is a guess: the keys of a batch are
+    hashes of unrelated chunks, so another key's k closest lie inside one crawl's region (about k of the N nodes)
+    only for about k/N of the keys (docs/SCALE.md, "Announcements").
+
+    With a ``pace``, every crawl waits for its turn in it (:class:`CrawlPace`).
     """
 
-    def __init__(self, *, ksize: int, crawl: Crawler) -> None:
+    def __init__(self, *, ksize: int, crawl: Crawler, pace: CrawlPace | None = None) -> None:
         self.ksize = ksize
         self.crawl = crawl
+        self.pace = pace
         self.crawls = 0
         self._everyone: list[Peer] | None = None
 
@@ -56,7 +88,7 @@ class AnnouncePlan:
                 plan.update((key, self._closest(key) or []) for key in remaining)
                 break
             batch, remaining = remaining[:width], remaining[width:]
-            results = await asyncio.gather(*(self.crawl(k) for k in batch))
+            results = await asyncio.gather(*(self._paced(k) for k in batch))
             self.crawls += len(batch)
             for key, result in zip(batch, results, strict=True):
                 plan[key] = result.peers
@@ -64,6 +96,12 @@ class AnnouncePlan:
                     self._everyone = result.answered
             width = CRAWL_CONCURRENCY
         return plan
+
+    async def _paced(self, key: bytes) -> LookupResult:
+        if self.pace is None:
+            return await self.crawl(key)
+        async with self.pace.slot():
+            return await self.crawl(key)
 
 
 async def send_plan(plan: dict[bytes, list[Peer]], send: Sender, *, batch_keys: int) -> int:

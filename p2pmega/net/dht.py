@@ -20,7 +20,7 @@ from p2pmega.core.ids import dht_key_of
 from p2pmega.core.node_id import node_id_for
 from p2pmega.core.record import is_node_id, is_peer_ip, is_port
 from p2pmega.errors import BadOption, BootstrapFailed, NetworkError
-from p2pmega.net.announce import AnnouncePlan, send_plan
+from p2pmega.net.announce import AnnouncePlan, CrawlPace, send_plan
 from p2pmega.net.crawl import LookupResult, Peer, Provider, dedupe_providers
 from p2pmega.net.dht_wire import (
     DEFAULT_RECORD_TTL_S,
@@ -97,6 +97,9 @@ class DHTNode(Service):
         self.port = port
         self.contacts_path = contacts_path
         self.reannounce_interval_s = record_ttl_s / 2
+        # A holder's announcer paces the crawls of announce_many (net/announce.py); None: 8 at once, unpaced.
+        self.announce_pace: CrawlPace | None = None
+        self.announce_crawls = 0  # crawls announce_many ran, over this node's life
         self._joining: asyncio.Task[int] | None = None
         seed = new_signing_seed() if seed is None else seed
         self.server = HardenedServer(
@@ -276,7 +279,8 @@ class DHTNode(Service):
         """Announce every chunk of ``chunk_ids`` with as few crawls and datagrams as is correct.
 
         When the first key's crawl saw the whole network (fewer than k contacts everywhere), no
-        other key is crawled; otherwise each key is (net/announce.py). Each node then gets its keys
+        other key is crawled; otherwise each key is (net/announce.py), at the pace of ``announce_pace`` if
+        set. Each node then gets its keys
         in add_providers requests of up to MAX_KEYS_PER_BATCH keys (a single key as add_provider).
         Any number of
         ids may be passed at once; a duplicate is announced once.
@@ -295,8 +299,13 @@ class DHTNode(Service):
             raise ValueError("a read-only DHT node cannot announce")
         if not keys:
             return 0
-        plan = AnnouncePlan(ksize=self.server.ksize, crawl=self._crawl_nodes)
-        targets = await plan.run(keys)
+        plan = AnnouncePlan(
+            ksize=self.server.ksize, crawl=self._crawl_nodes, pace=self.announce_pace
+        )
+        try:
+            targets = await plan.run(keys)
+        finally:
+            self.announce_crawls += plan.crawls
 
         async def send(peer: Peer, batch: list[bytes]) -> int:
             return await self._record_at(peer, batch, transfer_port)

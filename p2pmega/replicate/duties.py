@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from p2pmega.core.geo import country_of
@@ -20,6 +21,7 @@ from p2pmega.core.ids import ChunkId
 from p2pmega.core.words import counted
 from p2pmega.defaults import GC_INTERVAL_S, REANNOUNCE_INTERVAL_S
 from p2pmega.errors import P2PMegaError
+from p2pmega.net.announce import CrawlPace
 from p2pmega.node import Node
 from p2pmega.storage.sizes import format_size
 
@@ -30,9 +32,21 @@ ANNOUNCE_BATCH = 1024
 # Stored chunks are announced in batches (docs/DHT.md): a share stores a chunk every few milliseconds on each
 # holder, and each announce_many costs a crawl plus requests to the k closest nodes, on the announcer and on
 # every recorder. A batch closes once no chunk was stored for ANNOUNCE_QUIET_S, or ANNOUNCE_DELAY_S after its
-# first chunk, or at ANNOUNCE_BATCH ids.
-ANNOUNCE_QUIET_S = 0.5
-ANNOUNCE_DELAY_S = 5.0
+# first chunk, or at ANNOUNCE_BATCH ids. Nothing urgent reads the records (fetch, check and the keeper find a
+# share's holders by searching near its runs' keys, a repairer in its own pool; all use the records as a
+# fallback), so a holder waits well past the share that stored them: a command run right after a share does not
+# compete with its ~20 holders' crawls (docs/SCALE.md, "Announcements").
+ANNOUNCE_QUIET_S = 10.0
+ANNOUNCE_DELAY_S = 60.0
+# Each batch's quiet and delay are stretched by a random factor in [1, 1 + ANNOUNCE_JITTER]: the holders of one
+# share, whose last stores came together, announce spread over the next 10-20 s, not all in the same second.
+ANNOUNCE_JITTER = 1.0
+# A holder's announce crawls (one per chunk key in a network too large for one crawl to see whole) run at most
+# this many at once and start at most this many a second: a burst of stores is a trickle of crawls. 5 a second
+# re-announces 216,000 chunks (422 GiB of 2 MiB chunks) in the 12 h between re-announcements; a default seed
+# (10 GB) holds at most about 5,000.
+ANNOUNCE_CRAWLS_AT_ONCE = 2
+ANNOUNCE_CRAWLS_PER_S = 5.0
 # At stop, what is still waiting to be announced gets this long (fetchers can also find holders without the
 # record, by asking the nodes closest to the chunk).
 ANNOUNCE_FLUSH_TIMEOUT_S = 3.0
@@ -49,40 +63,102 @@ async def every(interval_s: float, duty: Callable[[], Awaitable[object]]) -> Non
 
 @dataclass(eq=False)
 class Announcer:
-    """Announces the chunks this holder stored (and the ones queued again by the re-announcer)."""
+    """Announces the chunks this holder stored (and the ones queued again by the re-announcer).
+
+    Chunks it stored wait for a batch to close (``quiet_s``, ``delay_s``, each stretched by up to ``jitter``);
+    chunks queued again (``requeue``) go out at once. Every crawl waits for its turn in ``pace``.
+    """
 
     node: Node
     quiet_s: float = ANNOUNCE_QUIET_S
     delay_s: float = ANNOUNCE_DELAY_S
+    jitter: float = ANNOUNCE_JITTER
+    rng: random.Random = field(default_factory=random.Random)
+    pace: CrawlPace = field(
+        default_factory=lambda: CrawlPace(
+            at_once=ANNOUNCE_CRAWLS_AT_ONCE, per_s=ANNOUNCE_CRAWLS_PER_S
+        )
+    )
     name: str = "announcer"
     announced: int = 0
     queue: asyncio.Queue[ChunkId] = field(default_factory=asyncio.Queue)
+    _due: list[ChunkId] = field(
+        default_factory=list
+    )  # queued again: announced without waiting for quiet
+    _due_added: asyncio.Event = field(default_factory=asyncio.Event)
     _holding: list[ChunkId] = field(default_factory=list)  # the batch being announced, until it is
 
     def __post_init__(self) -> None:
         self.node.stored_listeners.append(self.queue.put_nowait)
 
+    @property
+    def crawls(self) -> int:
+        """The crawls this node's announcements ran so far (one per key in a large network)."""
+        return self.node.dht.announce_crawls if self.node.dht is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        """Chunks waiting to be announced: stored ones and queued-again ones."""
+        return self.queue.qsize() + len(self._due)
+
+    def requeue(self, ids: Iterable[ChunkId]) -> None:
+        """Queue chunks held already for announcing again, with no quiet period (the re-announcer's)."""
+        self._due.extend(ids)
+        self._due_added.set()
+
     async def run(self) -> None:
-        queue, loop = self.queue, asyncio.get_running_loop()
+        self.node.dht_node.announce_pace = self.pace
         while True:
-            batch = self._holding = [await queue.get()]
-            deadline = loop.time() + self.delay_s
-            while len(batch) < ANNOUNCE_BATCH:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                wait_s = min(self.quiet_s, deadline - loop.time())
-                if wait_s <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(wait_s):
-                        batch.append(await queue.get())
-                except TimeoutError:
-                    break
+            if self._due:
+                batch = self._holding = self._due[:ANNOUNCE_BATCH]
+                del self._due[:ANNOUNCE_BATCH]
+            else:
+                batch = await self._stored_batch()
             await self._announce(batch)
             self._holding = []
 
+    async def _stored_batch(self) -> list[ChunkId]:
+        """The next batch of stored chunks, once it closes (none if chunks were queued again first).
+
+        The batch is ``_holding`` while it fills, so that ``close`` announces it if the node stops meanwhile.
+        """
+        queue, loop = self.queue, asyncio.get_running_loop()
+        self._holding = []
+        self._due_added.clear()
+        first = asyncio.ensure_future(queue.get())
+        due = asyncio.ensure_future(self._due_added.wait())
+        try:
+            await asyncio.wait([first, due], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            due.cancel()
+            if first.done() and not first.cancelled():
+                self._holding = [
+                    first.result()
+                ]  # taken off the queue: close() must see it if we stop now
+            else:
+                first.cancel()
+        if not self._holding:
+            return []  # chunks were queued again: the caller announces them first
+        batch = self._holding
+        stretch = 1 + self.jitter * self.rng.random()
+        quiet_s, deadline = self.quiet_s * stretch, loop.time() + self.delay_s * stretch
+        while len(batch) < ANNOUNCE_BATCH:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            wait_s = min(quiet_s, deadline - loop.time())
+            if wait_s <= 0:
+                break
+            try:
+                async with asyncio.timeout(wait_s):
+                    batch.append(await queue.get())
+            except TimeoutError:
+                break
+        return batch
+
     async def _announce(self, ids: list[ChunkId]) -> None:
+        if not ids:
+            return
         try:
             await self.node.dht_node.announce_many(ids, self.node.port)
             self.announced += len(ids)
@@ -92,6 +168,8 @@ class Announcer:
     async def close(self) -> None:
         """Announce what the stopped worker held or had queued, within ANNOUNCE_FLUSH_TIMEOUT_S."""
         ids, self._holding = self._holding, []
+        ids.extend(self._due)
+        self._due.clear()
         while not self.queue.empty():
             ids.append(self.queue.get_nowait())
         if not ids or self.node.dht is None:
@@ -142,16 +220,15 @@ class Reannouncer:
     async def reannounce(self) -> None:
         if self.node.store is None:
             return
-        if not self.announcer.queue.empty():
+        if self.announcer.waiting:
             # The last round is still being announced (a very large store on a slow network): queueing every
             # id again would only grow the queue.
             log.info(
                 "re-announcing skipped: %d chunks still wait to be announced",
-                self.announcer.queue.qsize(),
+                self.announcer.waiting,
             )
             return
-        for chunk_id in await asyncio.to_thread(self.node.store.ids):
-            self.announcer.queue.put_nowait(chunk_id)
+        self.announcer.requeue(await asyncio.to_thread(self.node.store.ids))
 
     async def close(self) -> None:
         return None
@@ -189,7 +266,10 @@ class Summary:
             contacts,
         ]
         if self.announcer is not None:
-            parts.append(counted(self.announcer.announced, "announcement"))
+            announcer = self.announcer
+            parts.append(
+                f"{counted(announcer.announced, 'announcement')} ({counted(announcer.crawls, 'crawl')})"
+            )
         parts.extend(part() for part in self.extra)
         return ", ".join(parts)
 

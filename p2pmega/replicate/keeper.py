@@ -32,7 +32,7 @@ from p2pmega.errors import P2PMegaError, PlacementImpossible
 from p2pmega.node import Node
 from p2pmega.replicate.locator import HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
-from p2pmega.replicate.peers import ask_space, candidate_of, candidate_pool
+from p2pmega.replicate.peers import ask_space, batch_keys, candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
 from p2pmega.replicate.repair import RepairPolicy, RoundReport, bounded_round, locate
 
@@ -110,6 +110,10 @@ class Keeper:
                 return report
         manifest = kept.manifest
         ids = [*manifest.manifest_ids, *manifest.chunk_ids]
+        # A share placed each run of chunks near its first chunk's key, and the manifest with the first run.
+        placed_near = batch_keys(manifest.chunk_ids)
+        if manifest.chunk_ids:
+            placed_near |= dict.fromkeys(manifest.manifest_ids, placed_near[manifest.chunk_ids[0]])
         p = self.policy
 
         def enough(chunk_id: ChunkId, holders: list[Address], ids: dict[Address, bytes]) -> bool:
@@ -117,7 +121,13 @@ class Keeper:
             return meets_rule(found, replicas=p.replicas, min_countries=p.min_countries)
 
         locator, report.gone = await locate(
-            self.node, ids, pool, hints=hints, enough=enough, retry_delay_s=p.probe_retry_delay_s
+            self.node,
+            ids,
+            pool,
+            hints=hints,
+            enough=enough,
+            retry_delay_s=p.probe_retry_delay_s,
+            placed_near=placed_near,
         )
         report.examined = len(ids)
         await self._renew(kept, locator, ids)

@@ -191,9 +191,16 @@ class HolderLocator:
         """Look the chunk up in the DHT (provider records, then the closest nodes) and confirm with them.
 
         It does not wait for ``want``'s search near the root: a provider lookup ends in a few hops, the search
-        for the closest nodes takes many more (docs/DHT.md, "A simulated internet").
+        for the closest nodes takes many more (docs/DHT.md, "A simulated internet"). It does wait for the search
+        near the chunk's run's key, if one runs, and stops there if that search found the chunk's first holder:
+        that search is where a share placed it, and provider records come only 10-20 s after a share
+        (replicate.duties), so a lookup of its own right after a share would miss and cost a crawl or two.
         """
         dht = self.node.dht_node
+        unknown = not self.live_holders(chunk_id)
+        await self._run_searched(chunk_id)
+        if unknown and self.live_holders(chunk_id):
+            return
         async with self._lookups:
             try:
                 providers = await dht.find_providers(chunk_id)

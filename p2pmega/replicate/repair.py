@@ -36,8 +36,14 @@ from p2pmega.core.words import counted
 from p2pmega.defaults import REPAIR_INTERVAL_S
 from p2pmega.errors import P2PMegaError, PlacementImpossible
 from p2pmega.node import Node
+from p2pmega.replicate.duties import (
+    ANNOUNCE_BATCH,
+    ANNOUNCE_CRAWLS_PER_S,
+    ANNOUNCE_DELAY_S,
+    ANNOUNCE_JITTER,
+)
 from p2pmega.replicate.locator import HolderLocator
-from p2pmega.replicate.peers import ask_space, candidate_of, candidate_pool
+from p2pmega.replicate.peers import SMALL_NETWORK_NODES, ask_space, candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.sizes import format_size
 
@@ -51,6 +57,12 @@ TAKEOVER_AFTER_ROUNDS = 3
 # abandoned: one slow or hostile peer must not stop repair on this holder for good.
 ROUND_LIMIT_INTERVALS = 3
 ROUND_MIN_LIMIT_S = 120.0
+# In a network too large for the pool to hold every peer, a chunk stored this recently that looks short is left
+# for a later round: a share places a run of chunks near the run's key, not each chunk's own, so the holders the
+# pool missed are found by their provider records, and they announce only after a quiet period (duties.py): a
+# batch closes at most ANNOUNCE_DELAY_S x (1 + ANNOUNCE_JITTER) after its first chunk, and a full batch's crawls
+# take ANNOUNCE_BATCH / ANNOUNCE_CRAWLS_PER_S at the announcer's pace. 120 + 205 s.
+FRESH_S = ANNOUNCE_DELAY_S * (1 + ANNOUNCE_JITTER) + ANNOUNCE_BATCH / ANNOUNCE_CRAWLS_PER_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +96,8 @@ class RoundReport:
     healthy: int = 0
     short: int = 0
     left_to_others: int = 0  # short, but another live holder is responsible
+    # Looked short, but stored too lately for its holders to have announced it (FRESH_S): judged later.
+    fresh: int = 0
     repaired: int = 0
     copies: int = 0
     bytes_pushed: int = 0
@@ -142,8 +156,17 @@ async def locate(
     hints: Sequence[Address] = (),
     enough: Callable[[ChunkId, list[Address], dict[Address, bytes]], bool],
     retry_delay_s: float,
+    placed_near: Mapping[ChunkId, bytes] | None = None,
 ) -> tuple[HolderLocator, list[Address]]:
     """Ask the pool (and the DHT for chunks not ``enough``) who holds ``ids``; a silent peer is asked twice.
+
+    A share places each run of chunks among the peers nearest the run's first chunk's key, not the chunk's own
+    (replicate.peers.batch_keys), so the DHT search near a chunk's own key finds its holders only through their
+    provider records, which come late (replicate.duties). ``placed_near`` (a keeper: the runs of its file's
+    manifest) searches near each run's key once and asks those peers about the run. A repairer knows no run
+    keys (it holds chunks, not manifests), but it is one of the peers nearest each run's key it holds chunks
+    of, and so are the other holders: its pool (its table, whose buckets near its own id hold every node there,
+    and a crawl towards its id) finds them, and FRESH_S covers the time before the records exist.
 
     Returns:
         The locator (live holders per chunk, node ids seen), and the peers that failed both probes.
@@ -155,7 +178,8 @@ async def locate(
     locator.peers.update((c.host, c.port) for c in pool)
     locator.peers.discard(me)
     locator.node_ids.update(((c.host, c.port), c.node_id) for c in pool)
-    await locator.want(ids)
+    await locator.want(ids, placed_near=placed_near)
+    await locator.settle()
     short = [c for c in ids if not enough(c, locator.live_holders(c), locator.node_ids)]
     await asyncio.gather(*(locator.discover(c) for c in short))
     locator.peers.discard(me)
@@ -198,9 +222,14 @@ class Repairer:
     last: RoundReport | None = None
     _cursor: int = 0
     _short_rounds: dict[ChunkId, int] = field(default_factory=dict)
+    _stored_at: dict[ChunkId, float] = field(default_factory=dict)  # by ``clock``, for FRESH_S
 
     def __post_init__(self) -> None:
         self._rate = RateLimit(self.policy.rate_bytes_s, time.monotonic)
+        self.node.stored_listeners.append(self._stored)
+
+    def _stored(self, chunk_id: ChunkId) -> None:
+        self._stored_at[chunk_id] = self.clock()
 
     async def run(self) -> None:
         while True:
@@ -236,6 +265,10 @@ class Repairer:
         locator, report.gone = await locate(
             self.node, ids, pool, enough=enough, retry_delay_s=p.probe_retry_delay_s
         )
+        now = self.clock()
+        self._stored_at = {c: t for c, t in self._stored_at.items() if now - t < FRESH_S}
+        # In a small network the pool is every peer, asked directly: no record is needed to find a holder.
+        wait_for_records = len(pool) >= SMALL_NETWORK_NODES
         live_pool = [c for c in pool if (c.host, c.port) not in locator.dead]
         work: list[tuple[ChunkId, list[Candidate]]] = []
         short_rounds: dict[ChunkId, int] = {}
@@ -243,6 +276,9 @@ class Repairer:
             holders = self._holders(me, locator.live_holders(chunk_id), locator.node_ids)
             if meets_rule(holders, replicas=p.replicas, min_countries=p.min_countries):
                 report.healthy += 1
+                continue
+            if wait_for_records and chunk_id in self._stored_at:
+                report.fresh += 1
                 continue
             report.short += 1
             short_rounds[chunk_id] = self._short_rounds.get(chunk_id, 0) + 1

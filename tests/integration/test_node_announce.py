@@ -138,6 +138,23 @@ async def test_stored_chunks_are_announced_after(
             assert await providers_of(dht, ids) == [{node.port}] * len(ids)
 
 
+async def test_chunks_queued_again_are_announced_without_waiting_for_quiet(tmp_path: Path) -> None:
+    """The re-announcer's chunks (the whole store, at start and every 12 h) come all at once: no batching to wait
+    for, while stored chunks wait for their batch to close (an hour here)."""
+    async with asyncio.timeout(STEP_S), recorder() as dht:
+        node, duties = holder(tmp_path, dht, announce_delay_s=3600.0, announce_quiet_s=3600.0)
+        async with node:
+            announcer = duties.announcer
+            assert announcer is not None
+            ids = [chunk_id_of(shaped(os.urandom(1000))) for _ in range(3)]
+            announcer.requeue(ids)
+            await wait_for(lambda: announced(duties) == len(ids))
+            assert await providers_of(dht, ids) == [{node.port}] * len(ids)
+            # A network one crawl sees whole: one crawl for all three, counted in the summary line.
+            assert announcer.crawls == 1
+            assert "3 announcements (1 crawl)" in duties.line()
+
+
 async def test_garbage_collection_survives_a_failed_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

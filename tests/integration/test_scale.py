@@ -29,6 +29,8 @@ COUNTRIES = ("DE", "NZ", "IS", "CH", "FR", "NL", "SE", "NO", "FI")
 PER_COUNTRY = 5
 CHUNK = 16 * 1024
 MANY_CHUNKS = 24
+# Holders announce 10-20 s after their last store, one crawl per chunk key at a pace (replicate/duties.py).
+RECORDS_WAIT_S = 90.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -98,3 +100,32 @@ async def test_share_fetch_seize_the_busiest_country_fetch(net: TestNet, tmp_pat
     assert busiest is not None
     await net.kill(net.peers_in(busiest))
     assert await _fetch(settings, shared.read_link, tmp_path / "out-2.bin") == data
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_every_chunk_gets_a_provider_record_from_its_holders(
+    net: TestNet, tmp_path: Path
+) -> None:
+    """A fetch finds a share's holders without records (it searches near the runs' keys), so holders announce
+    late and slowly; repair and keep-alive fall back on the records, which must still come for every chunk."""
+    settings = net.client_settings(tmp_path / "client")
+    src = tmp_path / "file.bin"
+    src.write_bytes(os.urandom(CHUNK * 6 + 5))
+    shared, _ = await _share(settings, src)
+    holders = {c.chunk_id: {h.address for h in c.holders} for c in shared.chunks}
+    named: dict[bytes, set[tuple[str, int]]] = {c: set() for c in holders}
+    async with client_node(settings) as node:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECORDS_WAIT_S
+        while True:
+            for chunk_id in holders:
+                providers = await node.dht_node.find_providers(chunk_id)
+                named[chunk_id] |= {(p.host, p.port) for p in providers}
+            # A provider lookup stops at the first records it meets, which may be one holder's: every chunk
+            # must be named by a holder of its own, and every holder must have announced.
+            unnamed = [c for c in holders if not named[c] & holders[c]]
+            silent = set().union(*holders.values()) - set().union(*named.values())
+            if not unnamed and not silent:
+                break
+            assert loop.time() < deadline, (len(unnamed), sorted(silent))
+            await asyncio.sleep(1.0)
