@@ -92,6 +92,11 @@ class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout_s)
         self.read_only = read_only
+        # Whether contacts that answer are challenged and admitted; a read-only client stops after its join
+        # (kademlia_server.bootstrap): its few lookups start from that table, and the id proofs of every node
+        # they meet (one request each, ~0.6 a chunk of a 64 MiB share at 200 seeds) would fill a table that
+        # dies with the command.
+        self.admitting = True
         self._seed = seed
         self.router = HardenedRoutingTable(self, ksize, source_node)
         self.storage = storage
@@ -420,7 +425,7 @@ class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
         """
         # No hand-off scan of the whole storage per new node (kademlia digests every key again and
         # crawls the table for each): provider records are re-announced and values republished.
-        if node.id == self.source_node.id:
+        if node.id == self.source_node.id or not self.admitting:
             return
         if not prefix_matches(node.id, node.ip):
             self.stats.bad_ids += 1

@@ -83,6 +83,9 @@ class HardenedServer:
         self.transport: Any = None
         self.rpc_timeout_s = rpc_timeout_s
         self.read_only = read_only
+        self.keep_learning = (
+            False  # a read-only node admits contacts after its join too (DHTNode.keep_learning)
+        )
         self.providers = ProviderTable(ttl_s=record_ttl_s, limits=self.limits.providers)
         self.protocol: HardenedProtocol | None = None
 
@@ -174,6 +177,10 @@ class HardenedServer:
         if not self.read_only:
             await self.refresh_far_buckets()
             await proto.settle_proofs(self.rpc_timeout_s)
+        elif proto.router.all_contacts() and not self.keep_learning:
+            proto.admitting = (
+                False  # its table is made: the lookups that follow prove no more contacts
+            )
         return [Node(p.node_id, p.host, p.port) for p in result.peers]
 
     async def refresh_far_buckets(self) -> None:

@@ -128,6 +128,7 @@ async def serve(
             # One client node for the whole run: every share, fetch, check and keep-alive of the page runs on
             # it (the DHT is joined once). It joins in the background, so the page opens at once.
             async with client_node(net, join_in_background=True) as node:
+                node.dht_node.keep_learning()  # it lives for hours: its table must keep up with the network
                 await _serve_on(node, net, jobs, sock, max_upload_bytes, run_dir, on_ready, stop)
         finally:
             with contextlib.suppress(OSError):

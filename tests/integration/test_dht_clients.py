@@ -257,3 +257,42 @@ async def test_a_read_only_client_joins_without_refreshing_far_buckets() -> None
             finally:
                 await client.stop()
         assert refreshes == {False: 1, True: 0}
+
+
+@pytest.mark.parametrize("keep_learning", [False, True])
+async def test_a_read_only_client_proves_no_contacts_after_its_join(keep_learning: bool) -> None:
+    """Its table is made at the join: the lookups of a share or fetch then cost no id proofs (issue 19).
+
+    A long-lived client (the web app's) keeps learning, as any node does.
+    """
+    async with swarm(49, 24, rpc_timeout_s=TIMEOUT_S, ksize=4) as nodes, asyncio.timeout(60):
+        for node in nodes:
+            await node.refresh()
+        client = DHTNode(
+            host=peer_address(50, 1 + keep_learning),
+            rpc_timeout_s=TIMEOUT_S,
+            read_only=True,
+            ksize=4,
+        )
+        await client.start()
+        try:
+            if keep_learning:
+                client.keep_learning()
+            await client.join([(nodes[0].host, nodes[0].port)])
+            proofs, known = client.stats.proofs_sent, len(client.contacts())
+            for _ in range(4):
+                key = os.urandom(20)
+                found = await client.find_peers(key)
+                expected = sorted(
+                    nodes,
+                    key=lambda n: int.from_bytes(n.node_id, "big") ^ int.from_bytes(key, "big"),
+                )
+                assert [p.node_id for p in found] == [n.node_id for n in expected[:4]]
+            await client.server._proto().settle_proofs(TIMEOUT_S)
+            if keep_learning:
+                assert client.stats.proofs_sent > proofs
+                assert len(client.contacts()) > known
+            else:
+                assert (client.stats.proofs_sent, len(client.contacts())) == (proofs, known)
+        finally:
+            await client.stop()
