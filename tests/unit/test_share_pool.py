@@ -1,0 +1,79 @@
+"""PoolFinder: a run stays among the peers nearest its key when they meet the rule (issue 19)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from p2pmega.api import share_pool
+from p2pmega.api.common import NetSettings
+from p2pmega.api.share_peers import Probe
+from p2pmega.api.share_pool import PoolFinder
+from p2pmega.core.blocs import DEFAULT_BLOCS
+from p2pmega.core.placement import Candidate
+from p2pmega.net.crawl import Peer
+from p2pmega.node import Node
+
+
+def cand(n: int, country: str) -> Candidate:
+    return Candidate(bytes([n]) * 20, f"127.{n}.1.1", 4000, country)
+
+
+NEAR = [cand(1, "DE"), cand(2, "FR"), cand(3, "SE")]  # two countries and more, one bloc (EU-EEA)
+WIDE = [cand(9, "NZ")]  # the second bloc is only in the wide pool
+
+
+class FakeDHT:
+    async def find_peers(self, key: bytes) -> list[Peer]:
+        return [Peer(c.node_id, c.host, c.port) for c in NEAR]
+
+
+class FakeNode:
+    dht_node = FakeDHT()
+
+
+def finder(min_blocs: int, monkeypatch: pytest.MonkeyPatch, wide_searches: list[int]) -> PoolFinder:
+    by_host = {c.host: c for c in [*NEAR, *WIDE]}
+
+    async def probe(_node: Any, found: list[Candidate], _rng: Any, **_kw: Any) -> Probe:
+        return Probe(live=[by_host[c.host] for c in found], silent=[], full=[], space={})
+
+    async def wide_pool(*_args: Any) -> list[Candidate]:
+        wide_searches.append(1)
+        return [*NEAR, *WIDE]
+
+    monkeypatch.setattr(share_pool, "storage_peers", probe)
+    monkeypatch.setattr(share_pool, "candidate_pool", wide_pool)
+    monkeypatch.setattr(share_pool, "candidate_of", lambda node_id, addr, geo: by_host[addr[0]])
+    net = NetSettings(data_dir=Path("/nonexistent"))
+    return PoolFinder(
+        cast(Node, FakeNode()),
+        net,
+        "f",
+        random.Random(1),
+        2,
+        2,
+        min_blocs,
+        (2, DEFAULT_BLOCS.mapping()),
+        set(),
+    )
+
+
+async def test_preferred_blocs_do_not_take_a_run_away_from_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy on a wide-pool peer is found by no search near the run, only by a record that comes 10-20 s later."""
+    searches: list[int] = []
+    found = await finder(1, monkeypatch, searches)(b"k" * 20)
+    assert sorted(str(c.country) for c in found) == ["DE", "FR", "SE"]
+    assert searches == []
+
+
+async def test_required_blocs_still_search_the_wide_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    searches: list[int] = []
+    found = await finder(2, monkeypatch, searches)(b"k" * 20)
+    assert "NZ" in {c.country for c in found}
+    assert searches == [1]
