@@ -39,8 +39,9 @@ FORWARD_WAIT_FACTOR = 3.0
 FORWARD_POLL_S = 0.005
 FORWARD_POLL_MIN_S = 0.002
 FORWARD_POLL_MAX_S = 0.5
-# A holder gets one forward at a time until it has delivered one in time, then up to this many (TCP's slow start,
-# per holder): a forwarder slower than the sharer then costs one chunk's wait, not a burst of them.
+# Forwards under way through one holder at once. (A slow start, one at a time until a holder delivered one, cost a
+# 50 Mbit/s sharer 7 % of its share time and gained nothing once forwarders close forwards as soon as the sharer
+# stops waiting, replicate/forward.py.)
 FORWARDS_PER_FORWARDER = 4
 # A share forwards only while its own upload is slow: once FORWARD_DECIDE_BYTES went up faster than this (about
 # 170 Mbit/s), holders' uplinks would rarely forward faster, and one slower than the sharer's held a share back
@@ -77,7 +78,6 @@ class Pipeline:
     _forwarding: Counter[Address] = field(
         default_factory=Counter
     )  # forwards under way per forwarder
-    _delivered: set[Address] = field(default_factory=set)  # forwarders that delivered one in time
     _forward_s: float | None = (
         None  # how long confirmed forwards took after the upload (a moving average)
     )
@@ -101,8 +101,7 @@ class Pipeline:
         forwarder = (pair[0].host, pair[0].port)
         if forwarder in self.slow_forwarders:
             return False
-        limit = FORWARDS_PER_FORWARDER if forwarder in self._delivered else 1
-        if self._forwarding[forwarder] >= limit:
+        if self._forwarding[forwarder] >= FORWARDS_PER_FORWARDER:
             return False
         return self.loopback or not all(_loopback(c.host) for c in pair)
 
@@ -192,7 +191,6 @@ class Pipeline:
             wait_s = max(FORWARD_WAIT_MIN_S, FORWARD_WAIT_FACTOR * (loop.time() - started))
             confirmed = await self._confirm(second_addr, chunk_id, wait_s)
             if confirmed:
-                self._delivered.add((first.host, first.port))
                 self.forwarded += 1
                 placer.failures.pop(second_addr, None)
                 return True, True
