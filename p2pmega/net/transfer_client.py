@@ -310,8 +310,9 @@ class TransferClient(Service):
         except asyncio.CancelledError:
             if drop_on_cancel:
                 # The protocol has no CANCEL: closing the connection is what stops the holder sending a
-                # chunk nobody wants (docs/PROTOCOL.md, "Cancelling a request").
-                peer_conn.drop()
+                # chunk nobody wants (docs/PROTOCOL.md, "Cancelling a request"), and a reset stops the kernel
+                # sending what it still holds of ours (an abandoned forward).
+                peer_conn.drop(reset=True)
             raise
         except errors.PeerUnreachable:
             if not reused:

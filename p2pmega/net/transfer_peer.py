@@ -192,8 +192,8 @@ class PeerConnection(Pump):
                 )
             )
 
-    def _fail(self, failure: errors.NetworkError) -> None:
-        self.abort()
+    def _fail(self, failure: errors.NetworkError, *, reset: bool = False) -> None:
+        self.abort(reset=reset)
         self._writable.set()
         if not self._secured.done():
             self._secured.set_exception(failure)
@@ -235,9 +235,13 @@ class PeerConnection(Pump):
             self.pending.pop(request_id, None)
             self.last_used = loop.time()
 
-    def drop(self) -> None:
-        """Close now; requests still waiting fail with PeerUnreachable."""
-        self._fail(errors.PeerUnreachable(f"connection to {where(self.addr)} was closed locally"))
+    def drop(self, *, reset: bool = False) -> None:
+        """Close now; requests still waiting fail with PeerUnreachable. With ``reset``, bytes the kernel still
+        holds for the peer are dropped too (a cancelled upload stops using the link at once)."""
+        self._fail(
+            errors.PeerUnreachable(f"connection to {where(self.addr)} was closed locally"),
+            reset=reset,
+        )
 
     async def close(self) -> None:
         self.drop()
