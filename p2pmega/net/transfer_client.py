@@ -280,9 +280,9 @@ class TransferClient(Service):
         *,
         drop_on_cancel: bool = False,
     ) -> Reply:
-        """Send the request ``event(request_id)`` to ``addr`` and return its reply (net.forward_requests).
+        """Send the request ``event(request_id)`` to ``addr`` and return its reply (also net.forward_requests').
 
-        With ``drop_on_cancel``, cancelling the call closes the connection, so a large request stops going out.
+        With ``drop_on_cancel``, cancelling the call resets the connection, so a large request stops going out.
 
         Raises:
             errors.P2PMegaError: the reply was an Error (the exception net.wire_errors names for it).
@@ -290,16 +290,6 @@ class TransferClient(Service):
             errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
                 ``connect_timeout_s``.
         """
-        return await self._request(addr, event, chunk_id, drop_on_cancel=drop_on_cancel)
-
-    async def _request(
-        self,
-        addr: Address,
-        event: Callable[[int], Request],
-        chunk_id: bytes = b"",
-        *,
-        drop_on_cancel: bool = False,
-    ) -> Reply:
         # No deadline around the request: its connection fails it (and every other request on
         # it, and is not reused) once no data moved for timeout_s (PeerConnection.request).
         peer_conn = await self._connection(addr)
@@ -361,7 +351,7 @@ class TransferClient(Service):
                 return StoreRequest(rid, chunk_id, lease, data)
             return KeyedStoreRequest(rid, chunk_id, lease, data, renew_key=renew_key)
 
-        reply = await self._request(addr, request, chunk_id)
+        reply = await self.ask(addr, request, chunk_id)
         if not isinstance(reply, StoreOK):
             raise AssertionError("core.wire matches STORE with STORE_OK")
         return reply.newly_stored
@@ -413,7 +403,7 @@ class TransferClient(Service):
         reuse: bool,
         drop_on_cancel: bool = False,
     ) -> _T:
-        reply = await self._request(
+        reply = await self.ask(
             addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id, drop_on_cancel=drop_on_cancel
         )
         if not isinstance(reply, ChunkData):
@@ -573,7 +563,7 @@ class TransferClient(Service):
         """
 
         async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
-            reply = await self._request(addr, functools.partial(HasRequest, ids=batch))
+            reply = await self.ask(addr, functools.partial(HasRequest, ids=batch))
             if not isinstance(reply, HasReply):
                 raise AssertionError("core.wire matches HAS with HAS_REPLY")
             return reply.flags
@@ -607,7 +597,7 @@ class TransferClient(Service):
 
         async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
             signature = credential.sign(holder_id, expiry_s, batch)
-            reply = await self._request(
+            reply = await self.ask(
                 addr, lambda rid: RenewSignedRequest(rid, batch, expiry_s, key, signature)
             )
             if not isinstance(reply, RenewReply):
@@ -630,9 +620,7 @@ class TransferClient(Service):
         lease = _lease_seconds(lease_s)
 
         async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
-            reply = await self._request(
-                addr, functools.partial(RenewRequest, ids=batch, lease_s=lease)
-            )
+            reply = await self.ask(addr, functools.partial(RenewRequest, ids=batch, lease_s=lease))
             if not isinstance(reply, RenewReply):
                 raise AssertionError("core.wire matches RENEW with RENEW_REPLY")
             return reply.flags
@@ -653,7 +641,7 @@ class TransferClient(Service):
         """
 
         async def ask(batch: tuple[ChunkId, ...]) -> tuple[int, ...]:
-            reply = await self._request(addr, functools.partial(LeasesRequest, ids=batch))
+            reply = await self.ask(addr, functools.partial(LeasesRequest, ids=batch))
             if not isinstance(reply, LeasesReply):
                 raise AssertionError("core.wire matches LEASES with LEASES_REPLY")
             return reply.remaining_s
@@ -673,7 +661,7 @@ class TransferClient(Service):
             errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
                 ``connect_timeout_s``.
         """
-        reply = await self._request(addr, SpaceRequest)
+        reply = await self.ask(addr, SpaceRequest)
         if not isinstance(reply, SpaceReply):
             raise AssertionError("core.wire matches SPACE with SPACE_REPLY")
         return reply

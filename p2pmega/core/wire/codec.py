@@ -155,19 +155,26 @@ def encode_store_request(event: StoreRequest) -> Body:
     return STORE_FIXED.pack(event.chunk_id, event.lease_s), event.data
 
 
-def decode_store_request(request_id: int, body: memoryview, data: bool = True) -> StoreRequest:
-    if len(body) < STORE_FIXED.size:
-        raise bad("STORE frame is too short", request_id)
-    chunk_id, lease_s = STORE_FIXED.unpack_from(body)
-    if lease_s == 0:
-        raise bad("STORE lease must be at least 1 second", request_id)
-    if len(body) - STORE_FIXED.size > MAX_SEALED_CHUNK_BYTES:
+def _store_fields(
+    name: str, fixed: struct.Struct, request_id: int, body: memoryview, data: bool
+) -> tuple[tuple[Any, ...], bytes]:
+    """The fixed fields (chunk id and lease first) and the chunk of a store-shaped frame, checked."""
+    if len(body) < fixed.size:
+        raise bad(f"{name} frame is too short", request_id)
+    fields = fixed.unpack_from(body)
+    if fields[1] == 0:
+        raise bad(f"{name} lease must be at least 1 second", request_id)
+    if len(body) - fixed.size > MAX_SEALED_CHUNK_BYTES:
         raise bad(
-            f"chunk of {len(body) - STORE_FIXED.size} bytes exceeds the maximum",
+            f"chunk of {len(body) - fixed.size} bytes exceeds the maximum",
             request_id,
             ErrorCode.TOO_LARGE,
         )
-    chunk = bytes(body[STORE_FIXED.size :]) if data else b""
+    return fields, bytes(body[fixed.size :]) if data else b""
+
+
+def decode_store_request(request_id: int, body: memoryview, data: bool = True) -> StoreRequest:
+    (chunk_id, lease_s), chunk = _store_fields("STORE", STORE_FIXED, request_id, body, data)
     return StoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk)
 
 
@@ -181,18 +188,8 @@ def encode_keyed_store_request(event: KeyedStoreRequest) -> Body:
 def decode_keyed_store_request(
     request_id: int, body: memoryview, data: bool = True
 ) -> KeyedStoreRequest:
-    if len(body) < STORE_KEYED_FIXED.size:
-        raise bad("STORE_KEYED frame is too short", request_id)
-    chunk_id, lease_s, renew_key = STORE_KEYED_FIXED.unpack_from(body)
-    if lease_s == 0:
-        raise bad("STORE_KEYED lease must be at least 1 second", request_id)
-    if len(body) - STORE_KEYED_FIXED.size > MAX_SEALED_CHUNK_BYTES:
-        raise bad(
-            f"chunk of {len(body) - STORE_KEYED_FIXED.size} bytes exceeds the maximum",
-            request_id,
-            ErrorCode.TOO_LARGE,
-        )
-    chunk = bytes(body[STORE_KEYED_FIXED.size :]) if data else b""
+    fields, chunk = _store_fields("STORE_KEYED", STORE_KEYED_FIXED, request_id, body, data)
+    chunk_id, lease_s, renew_key = fields
     return KeyedStoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk, renew_key=renew_key)
 
 
@@ -221,20 +218,10 @@ def encode_store_forward_request(event: ForwardStoreRequest) -> Body:
 def decode_store_forward_request(
     request_id: int, body: memoryview, data: bool = True
 ) -> ForwardStoreRequest:
-    if len(body) < STORE_FORWARD_FIXED.size:
-        raise bad("STORE_FORWARD frame is too short", request_id)
-    chunk_id, lease_s, renew_key, target_id, host, port = STORE_FORWARD_FIXED.unpack_from(body)
-    if lease_s == 0:
-        raise bad("STORE_FORWARD lease must be at least 1 second", request_id)
+    fields, chunk = _store_fields("STORE_FORWARD", STORE_FORWARD_FIXED, request_id, body, data)
+    chunk_id, lease_s, renew_key, target_id, host, port = fields
     if port == 0:
         raise bad("STORE_FORWARD target port must not be 0", request_id)
-    if len(body) - STORE_FORWARD_FIXED.size > MAX_SEALED_CHUNK_BYTES:
-        raise bad(
-            f"chunk of {len(body) - STORE_FORWARD_FIXED.size} bytes exceeds the maximum",
-            request_id,
-            ErrorCode.TOO_LARGE,
-        )
-    chunk = bytes(body[STORE_FORWARD_FIXED.size :]) if data else b""
     return ForwardStoreRequest(
         request_id,
         ChunkId(chunk_id),
@@ -254,10 +241,10 @@ def encode_forwarded_store_request(event: ForwardedStoreRequest) -> Body:
 def decode_forwarded_store_request(
     request_id: int, body: memoryview, data: bool = True
 ) -> ForwardedStoreRequest:
-    if len(body) < STORE_FIXED.size:
-        raise bad("FORWARDED_STORE frame is too short", request_id)
-    plain = decode_store_request(request_id, body, data)
-    return ForwardedStoreRequest(request_id, plain.chunk_id, plain.lease_s, plain.data)
+    (chunk_id, lease_s), chunk = _store_fields(
+        "FORWARDED_STORE", STORE_FIXED, request_id, body, data
+    )
+    return ForwardedStoreRequest(request_id, ChunkId(chunk_id), lease_s, chunk)
 
 
 def encode_expect_request(event: ExpectRequest) -> Body:
