@@ -14,19 +14,36 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from p2pmega.core.chunking import ChunkId, short_id
 from p2pmega.core.placement import Candidate
 from p2pmega.errors import P2PMegaError, RequestUnknown
 from p2pmega.net.forward_requests import Target, expect, store_forward
-
-if TYPE_CHECKING:
-    from p2pmega.replicate.placer import Placer
+from p2pmega.node import Node
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+
+
+class Stores(Protocol):
+    """What the pipeline needs of the placer it serves (replicate/placer.py's Placer): its direct store with retries."""
+
+    node: Node
+    lease_s: float
+    failures: Counter[Address]
+
+    async def store_one(
+        self,
+        cand: Candidate,
+        chunk_id: ChunkId,
+        data: bytes,
+        *,
+        forward_to: Candidate | None = None,
+        forwarding: list[bool] | None = None,
+    ) -> bool: ...
+
 
 # The second holder must confirm the forwarded copy within this long, or this many times as long as the upload to the
 # first took, whichever is more; else the sharer uploads it too, and that holder forwards no more of the share.
@@ -66,7 +83,7 @@ class Pipeline:
     hop and polls cost a loopback share 40-60 % of its rate) unless ``loopback`` (tests of the pipeline itself).
     """
 
-    placer: Placer
+    placer: Stores
     renew_key: bytes
     loopback: bool = False
     enabled: bool = True
