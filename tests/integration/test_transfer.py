@@ -339,7 +339,10 @@ async def test_stop_keeps_acknowledged_chunks(tmp_path: Path) -> None:
     acknowledged: list[ChunkId] = []
     async with holder(tmp_path, host) as (server, _):
         addr = (host, server.port)
-        async with TransferClient(local_host=peer_address(2, 1)) as client:
+        # A store whose connection the stop closes is retried once on a fresh connection; made while the
+        # listener is still closing, that connect is accepted by the kernel and never served, so it must give up
+        # well within STEP_S (a fresh-clone CI run waited out the default 10 s there).
+        async with TransferClient(local_host=peer_address(2, 1), connect_timeout_s=2.0) as client:
             first_ack = asyncio.Event()
 
             async def store_one(cid: ChunkId, data: bytes) -> None:
