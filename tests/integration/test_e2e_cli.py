@@ -373,6 +373,9 @@ def test_ctrl_c_during_fetch_names_the_partial_file(net: RunningTestnet, tmp_pat
     out = tmp_path / "interrupted.out"
     part = tmp_path / ".interrupted.out.p2pmega-part"
     proc = _fetch_until(net, link, out, part)
+    # The part file appears a moment before fetch names it to the CLI (its open returns from a worker thread):
+    # a Ctrl-C in between reads "nothing was written yet" (one fresh-clone CI run). 192 chunks take far longer.
+    time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, "the fetch finished (or failed) before Ctrl-C: " + stderr
