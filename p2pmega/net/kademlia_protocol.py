@@ -64,11 +64,19 @@ class _Pending:
     timer: asyncio.TimerHandle
     address: tuple[str, int]
     sent_at: float
+    deferred: bool = False
 
 
 # A query unanswered this long stops holding up a lookup at the least (on loopback a round trip is ~0.3 ms; on the
 # internet the measured RTO is far above this); at the most a quarter of the RPC timeout, as before measurements.
 STALL_FLOOR_S = 0.05
+
+# A timeout timer that fires this late means our own event loop was blocked (a GC pause, a descheduled process), not
+# that the peer was slow: its reply may sit unread in the socket buffer, and asyncio reads one datagram per loop
+# iteration, so every timer due at once would fire before most of the queued replies are read. Such a timer waits
+# LATE_GRACE_S once more, which drains the buffer many times over. A peer that is really gone costs 0.1 s more.
+LATE_TIMER_S = 0.05
+LATE_GRACE_S = 0.1
 
 
 class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
@@ -208,9 +216,15 @@ class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
 
     def _expire(self, msg_id: bytes) -> None:
         pending = self._outstanding.get(msg_id)
-        if pending is not None and not pending.future.done():
-            self.stats.timeouts += 1
-            pending.future.set_result((False, None))
+        if pending is None or pending.future.done():
+            return
+        loop = asyncio.get_running_loop()
+        if not pending.deferred and loop.time() - pending.sent_at - self._wait_timeout > LATE_TIMER_S:
+            pending.deferred = True
+            pending.timer = loop.call_later(LATE_GRACE_S, self._expire, msg_id)
+            return
+        self.stats.timeouts += 1
+        pending.future.set_result((False, None))
 
     async def _call(
         self, node: Node, name: str, args: list[object], check: Callable[[object], Any]
