@@ -219,7 +219,10 @@ class HardenedProtocol(ServesRequests, KademliaProtocol):  # type: ignore[misc]
         if pending is None or pending.future.done():
             return
         loop = asyncio.get_running_loop()
-        if not pending.deferred and loop.time() - pending.sent_at - self._wait_timeout > LATE_TIMER_S:
+        if (
+            not pending.deferred
+            and loop.time() - pending.sent_at - self._wait_timeout > LATE_TIMER_S
+        ):
             pending.deferred = True
             pending.timer = loop.call_later(LATE_GRACE_S, self._expire, msg_id)
             return

@@ -464,7 +464,7 @@ async def test_15_a_blocked_loop_does_not_turn_queued_replies_into_timeouts(kind
         contact = Node(node_id, peer[0], peer[1])
         calls = [asyncio.ensure_future(node.protocol.call_ping(contact)) for _ in range(20)]
         await asyncio.sleep(0)
-        time.sleep(TIMEOUT_S + 0.2)  # the loop is blocked past every call's deadline
+        time.sleep(TIMEOUT_S + 0.2)  # noqa: ASYNC251 - the loop is blocked past every deadline, on purpose
         async with asyncio.timeout(5):
             results = await asyncio.gather(*calls)
     answered = sum(1 for ok, _ in results if ok)
