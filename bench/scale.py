@@ -36,6 +36,7 @@ from p2pmega.api.common import NetSettings, client_node
 from p2pmega.api.fetch import fetch_on
 from p2pmega.api.share import ShareResult, share_on
 from p2pmega.api.testnet import Peer, TestNet
+from p2pmega.replicate.duties import ANNOUNCE_JITTER, ANNOUNCE_QUIET_S
 
 TOPOLOGIES = {8: (4, 2), 60: (12, 5), 200: (10, 20)}
 CODES = ("DE", "NZ", "IS", "CH", "FR", "NL", "SE", "NO", "FI", "DK", "AT", "BE", "ES", "PT", "IT")
@@ -67,6 +68,34 @@ class Cost:
             f"{(self.dht + self.transfer) / n:6.1f} msg/chunk (dht {self.dht / n:5.1f} of which id proofs "
             f"{self.proofs / n:4.1f}, transfer {self.transfer / n:5.1f}; {self.connections} connections)"
         )
+
+
+# Every holder of a share announces its new chunks ANNOUNCE_QUIET_S to twice that after the share's last store: at
+# 200 seeds ~66 crawls for 64 MiB, run by ~10 seed processes on the cores the next command runs on (in the field,
+# on the holders' own machines). A series of commands starts once that is over and the machine is idle.
+AFTER_SHARE_S = ANNOUNCE_QUIET_S * (1 + ANNOUNCE_JITTER) + 3.0
+IDLE_FRACTION = 0.9
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, idle) jiffies of the whole machine so far."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields[:8]) - idle, idle
+
+
+async def quiet(since_share: float, *, limit_s: float = 60.0) -> float:
+    """Wait until AFTER_SHARE_S passed since ``since_share`` (perf_counter) and the machine is idle; seconds waited."""
+    start = time.perf_counter()
+    await asyncio.sleep(max(0.0, since_share + AFTER_SHARE_S - start))
+    while time.perf_counter() - start < limit_s:
+        busy0, idle0 = _cpu_times()
+        await asyncio.sleep(1.0)
+        busy1, idle1 = _cpu_times()
+        if idle1 - idle0 >= IDLE_FRACTION * (busy1 - busy0 + idle1 - idle0):
+            break
+    return time.perf_counter() - start
 
 
 async def measured_share_fetch(
@@ -208,8 +237,11 @@ async def one_network(
         out = work / "out.bin"
         kept: dict[int, ShareResult] = {}
         copies: dict[int, int] = {}
+        last_share = -AFTER_SHARE_S
+        waited = 0.0
         for phase in ("healthy", "killed"):
             if phase == "killed":
+                waited += await quiet(last_share)
                 victims = choose_victims(net, list(kept.values()), kill_fraction, seeds)
                 await net.kill(victims)
                 print(
@@ -229,10 +261,12 @@ async def one_network(
                         flush=True,
                     )
             for size in sizes:
+                waited += await quiet(last_share)
                 share_s, fetch_s, s_rss, f_rss, link = await commands(
                     files[size], out, client, env, repeat
                 )
                 shared, s_cost, f_cost = await measured_share_fetch(settings, files[size], out)
+                last_share = time.perf_counter()
                 kept.setdefault(size, shared)
                 copies[size] = sum(len(c.holders) for c in shared.chunks)
                 print(
@@ -242,12 +276,14 @@ async def one_network(
                     flush=True,
                 )
             small = files[min(sizes)]
+            waited += await quiet(last_share)
             trips = [await round_trip(small, out, client, env) for _ in range(max(repeat, 3))]
             print(
                 f"   1 KiB round trip {phase} (share then fetch, two commands): median "
                 f"{statistics.median(trips):.2f} s",
                 flush=True,
             )
+        print(f"   waited {waited:.0f} s in all for the announcements and an idle machine", flush=True)
         t = time.perf_counter()
     print(f"   stopped in {time.perf_counter() - t:.1f} s", flush=True)
     reporting, announced, crawls = await asyncio.to_thread(announce_crawls, net)

@@ -20,7 +20,7 @@ from p2pmega.core.placement import (
 )
 from p2pmega.errors import P2PMegaError
 from p2pmega.node import Node
-from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.locator import EXPAND_PEERS, HolderLocator
 from p2pmega.replicate.manifest import walk_manifest
 from p2pmega.replicate.peers import batch_keys
 
@@ -141,7 +141,7 @@ async def check_on(
         ManifestNotFound: no holder has the manifest, so the chunk list cannot be known.
         IntegrityError: the manifest found does not authenticate under the link.
     """
-    locator = HolderLocator(node, hints=cap.peers)
+    locator = HolderLocator(node, hints=cap.peers, run_holders_wanted=EXPAND_PEERS)  # every copy
     blocs = bloc_table.mapping()
     try:
         manifest = await walk_manifest(locator, cap)

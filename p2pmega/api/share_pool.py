@@ -18,7 +18,7 @@ from p2pmega.core.ids import Address
 from p2pmega.core.placement import Blocs, Candidate, meets_rule, summarize
 from p2pmega.errors import NetworkError, PlacementImpossible
 from p2pmega.node import Node
-from p2pmega.replicate.peers import candidate_of, candidate_pool
+from p2pmega.replicate.peers import RUN_PEERS, candidate_of, candidate_pool
 from p2pmega.replicate.shortfall import shortfall
 
 
@@ -59,7 +59,10 @@ class PoolFinder:
         except NetworkError:
             near = []
         found = [candidate_of(p.node_id, (p.host, p.port), self.net.geo) for p in near]
-        live = await self._probe(found)
+        live = await self._probe(found[:RUN_PEERS])
+        if len(found) > RUN_PEERS and not self._meets_best(live):
+            more = await self._probe(found[RUN_PEERS:])
+            live = sorted([*live, *more], key=lambda c: c.node_id)
         if self._meets_best(live):
             return live
         if self.min_blocs <= 1 and meets_rule(

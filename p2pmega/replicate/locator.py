@@ -23,7 +23,7 @@ from p2pmega.errors import (
 )
 from p2pmega.net.dht import Peer, Provider
 from p2pmega.node import Node
-from p2pmega.replicate.peers import candidate_of
+from p2pmega.replicate.peers import RUN_PEERS, candidate_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class HolderLocator:
     # Whether a peer found while discovering one chunk is asked about every wanted chunk (a fetch: its holders
     # hold many of them) or only that one (repair: a store's chunks are spread over the whole network).
     ask_new_peers_about_all: bool = True
+    # A run's peers beyond its RUN_PEERS closest are asked only about the chunks with fewer known holders than this:
+    # a fetch needs two to choose from; check counts every copy and asks them all.
+    run_holders_wanted: int = 2
 
     def __post_init__(self) -> None:
         self._proven: set[Address] = set()
@@ -142,9 +145,16 @@ class HolderLocator:
         except NetworkError:
             return
         self._learn_ids(closest)
-        found = {(p.host, p.port) for p in closest[:EXPAND_PEERS]}
-        self.peers.update(found)
-        await self.confirm(run, found)
+        # A share put the run on the storage peers among the RUN_PEERS closest (replicate.peers): ask those first,
+        # and the rest only about the chunks they do not hold often enough (a run placed wider, an older share).
+        first = [(p.host, p.port) for p in closest[:RUN_PEERS]]
+        rest = [(p.host, p.port) for p in closest[RUN_PEERS:EXPAND_PEERS]]
+        self.peers.update(first)
+        await self.confirm(run, first)
+        short = [c for c in run if len(self.holders.get(c, ())) < self.run_holders_wanted]
+        if short and rest:
+            self.peers.update(rest)
+            await self.confirm(short, rest)
 
     async def _run_searched(self, chunk_id: ChunkId) -> None:
         """Wait for the search near the key ``chunk_id`` was placed near, if one runs (never cancelling it)."""

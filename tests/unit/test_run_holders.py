@@ -250,3 +250,61 @@ async def test_a_discover_waits_for_the_search_near_its_run_before_any_lookup_of
     await asyncio.gather(*(locator.discover(c) for c in chunk_ids))
     assert lookups == []
     assert all(set(locator.live_holders(c)) == world.holders_of(c) for c in chunk_ids)
+
+
+class CountingClient(FakeClient):
+    asked: dict[Address, int]
+
+    async def has(self, addr: Address, ids: Sequence[ChunkId]) -> list[bool]:
+        self.asked = getattr(self, "asked", {})
+        self.asked[addr] = self.asked.get(addr, 0) + len(ids)
+        return await super().has(addr, ids)
+
+
+def locator_in(
+    world: World, rng: random.Random, wanted: int = 2
+) -> tuple[HolderLocator, CountingClient]:
+    me = Peer(rng.randbytes(20), "127.41.251.1", 3998)
+    client = CountingClient(world)
+    node = cast(Node, FakeNode(FakeDHT(world, me), client))
+    return HolderLocator(node, run_holders_wanted=wanted), client
+
+
+async def test_a_fetch_asks_a_run_s_ten_closest_peers_when_they_hold_every_copy() -> None:
+    rng = random.Random(11)
+    world = World.make(rng)
+    chunk_ids = [ChunkId(os.urandom(32)) for _ in range(64)]
+    [key] = set(batch_keys(chunk_ids).values())
+    closest = nearest(world.peers, key, 10)
+    for chunk_id in chunk_ids:  # as a share with RUN_PEERS = 10 places them: one DE and one NZ copy
+        for country in ("127.41.", "127.42."):
+            holder = rng.choice([p for p in closest if p.host.startswith(country)])
+            world.holdings.setdefault((holder.host, holder.port), set()).add(chunk_id)
+    locator, client = locator_in(world, rng)
+    await locator.want(chunk_ids, placed_near=batch_keys(chunk_ids))
+    await locator.settle()
+    assert set(client.asked) == {(p.host, p.port) for p in closest}
+    assert all(set(locator.holders[c]) == world.holders_of(c) for c in chunk_ids)
+
+
+async def test_a_fetch_finds_copies_placed_among_the_twenty_closest_and_check_counts_them_all() -> (
+    None
+):
+    rng = random.Random(12)
+    world = World.make(rng)
+    chunk_ids = [ChunkId(os.urandom(32)) for _ in range(64)]
+    world.place_runs(chunk_ids, rng)  # among the k = 20 nearest, as shares before RUN_PEERS did
+    for chunk_id in chunk_ids[:8]:  # and a third copy of some, as a repair makes
+        extra = next(
+            p
+            for p in nearest(world.peers, batch_keys(chunk_ids)[chunk_id], K)[10:]
+            if (p.host, p.port) not in world.holders_of(chunk_id)
+        )
+        world.holdings.setdefault((extra.host, extra.port), set()).add(chunk_id)
+    fetch, _ = locator_in(world, rng)
+    check, _ = locator_in(world, rng, wanted=32)
+    for locator in (fetch, check):
+        await locator.want(chunk_ids, placed_near=batch_keys(chunk_ids))
+        await locator.settle()
+    assert all(len(fetch.holders[c]) >= 2 for c in chunk_ids)
+    assert all(set(check.holders[c]) == world.holders_of(c) for c in chunk_ids)

@@ -27,18 +27,30 @@ WIDE = [cand(9, "NZ")]  # the second bloc is only in the wide pool
 
 
 class FakeDHT:
+    def __init__(self, near: list[Candidate]) -> None:
+        self.near = near
+
     async def find_peers(self, key: bytes) -> list[Peer]:
-        return [Peer(c.node_id, c.host, c.port) for c in NEAR]
+        return [Peer(c.node_id, c.host, c.port) for c in self.near]
 
 
 class FakeNode:
-    dht_node = FakeDHT()
+    def __init__(self, near: list[Candidate]) -> None:
+        self.dht_node = FakeDHT(near)
 
 
-def finder(min_blocs: int, monkeypatch: pytest.MonkeyPatch, wide_searches: list[int]) -> PoolFinder:
-    by_host = {c.host: c for c in [*NEAR, *WIDE]}
+def finder(
+    min_blocs: int,
+    monkeypatch: pytest.MonkeyPatch,
+    wide_searches: list[int],
+    near: list[Candidate] = NEAR,
+    probed: list[list[Candidate]] | None = None,
+) -> PoolFinder:
+    by_host = {c.host: c for c in [*near, *WIDE]}
 
     async def probe(_node: Any, found: list[Candidate], _rng: Any, **_kw: Any) -> Probe:
+        if probed is not None:
+            probed.append(found)
         return Probe(live=[by_host[c.host] for c in found], silent=[], full=[], space={})
 
     async def wide_pool(*_args: Any) -> list[Candidate]:
@@ -50,7 +62,7 @@ def finder(min_blocs: int, monkeypatch: pytest.MonkeyPatch, wide_searches: list[
     monkeypatch.setattr(share_pool, "candidate_of", lambda node_id, addr, geo: by_host[addr[0]])
     net = NetSettings(data_dir=Path("/nonexistent"))
     return PoolFinder(
-        cast(Node, FakeNode()),
+        cast(Node, FakeNode(near)),
         net,
         "f",
         random.Random(1),
@@ -77,3 +89,29 @@ async def test_required_blocs_still_search_the_wide_pool(monkeypatch: pytest.Mon
     found = await finder(2, monkeypatch, searches)(b"k" * 20)
     assert "NZ" in {c.country for c in found}
     assert searches == [1]
+
+
+# Twenty peers as find_peers returns them, closest first: countries as given, one /24 each.
+def nearest(countries: str) -> list[Candidate]:
+    return [cand(n + 100, cc) for n, cc in enumerate(countries.split())]
+
+
+async def test_a_run_is_placed_among_its_ten_closest_peers_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each holder costs a share a connection and a handshake: the fan-out stays RUN_PEERS at any network size."""
+    near = nearest("DE FR SE NZ JP DE FR SE NZ JP " * 2)
+    probed: list[list[Candidate]] = []
+    found = await finder(1, monkeypatch, [], near, probed)(b"k" * 20)
+    assert probed == [near[:10]]
+    assert sorted(c.host for c in found) == sorted(c.host for c in near[:10])
+
+
+async def test_a_run_goes_wider_when_its_ten_closest_cannot_meet_the_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    near = nearest("DE " * 10 + "DE NZ " * 5)
+    probed: list[list[Candidate]] = []
+    found = await finder(1, monkeypatch, [], near, probed)(b"k" * 20)
+    assert probed == [near[:10], near[10:]]
+    assert sorted(c.host for c in found) == sorted(c.host for c in near)
