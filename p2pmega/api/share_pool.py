@@ -18,7 +18,12 @@ from p2pmega.core.ids import Address
 from p2pmega.core.placement import Blocs, Candidate, meets_rule, summarize
 from p2pmega.errors import NetworkError, PlacementImpossible
 from p2pmega.node import Node
-from p2pmega.replicate.peers import RUN_PEERS, candidate_of, candidate_pool
+from p2pmega.replicate.peers import (
+    PLACEMENT_BATCH_CHUNKS,
+    RUN_PEERS,
+    candidate_of,
+    candidate_pool,
+)
 from p2pmega.replicate.shortfall import shortfall
 
 
@@ -60,7 +65,7 @@ class PoolFinder:
             near = []
         found = [candidate_of(p.node_id, (p.host, p.port), self.net.geo) for p in near]
         live = await self._probe(found[:RUN_PEERS])
-        if len(found) > RUN_PEERS and not self._meets_best(live):
+        if len(found) > RUN_PEERS and not (self._meets_best(live) and self._roomy(live)):
             more = await self._probe(found[RUN_PEERS:])
             live = sorted([*live, *more], key=lambda c: c.node_id)
         if self._meets_best(live):
@@ -80,6 +85,19 @@ class PoolFinder:
         live = sorted(merged.values(), key=lambda c: c.node_id)
         self._refuse_unless_possible(live)
         return live
+
+    def _roomy(self, peers: list[Candidate]) -> bool:
+        """Whether ``peers`` said they have room for a full run's copies twice over (unknown room counts as plenty).
+
+        Peers near full would fill up during the run, and the peers beyond RUN_PEERS are not asked then.
+        """
+        room = 0
+        for c in peers:
+            free = self.space.get((c.host, c.port))
+            if free is None or free < 0:
+                return True
+            room += free
+        return room >= 2 * PLACEMENT_BATCH_CHUNKS * self.replicas * self.chunk_bytes
 
     def _meets_best(self, peers: list[Candidate]) -> bool:
         count, blocs = self.best

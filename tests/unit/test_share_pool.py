@@ -45,13 +45,15 @@ def finder(
     wide_searches: list[int],
     near: list[Candidate] = NEAR,
     probed: list[list[Candidate]] | None = None,
+    free: dict[str, int] | None = None,
 ) -> PoolFinder:
     by_host = {c.host: c for c in [*near, *WIDE]}
 
     async def probe(_node: Any, found: list[Candidate], _rng: Any, **_kw: Any) -> Probe:
         if probed is not None:
             probed.append(found)
-        return Probe(live=[by_host[c.host] for c in found], silent=[], full=[], space={})
+        room = {(c.host, c.port): (free or {})[c.host] for c in found if c.host in (free or {})}
+        return Probe(live=[by_host[c.host] for c in found], silent=[], full=[], space=room)
 
     async def wide_pool(*_args: Any) -> list[Candidate]:
         wide_searches.append(1)
@@ -115,3 +117,21 @@ async def test_a_run_goes_wider_when_its_ten_closest_cannot_meet_the_rule(
     found = await finder(1, monkeypatch, [], near, probed)(b"k" * 20)
     assert probed == [near[:10], near[10:]]
     assert sorted(c.host for c in found) == sorted(c.host for c in near)
+
+
+async def test_a_run_goes_wider_when_its_ten_closest_have_little_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """They would fill up during the run, and the peers beyond the ten are not asked then."""
+    near = nearest("DE FR SE NZ JP " * 4)
+    little = {
+        c.host: 3 for c in near[:10]
+    }  # room for 3 chunks each (chunk_bytes 1): 30 against a run's 64 x 2
+    probed: list[list[Candidate]] = []
+    found = await finder(1, monkeypatch, [], near, probed, little)(b"k" * 20)
+    assert probed == [near[:10], near[10:]]
+    assert len(found) == 20
+    plenty = {c.host: 1 << 30 for c in near}
+    probed.clear()
+    found = await finder(1, monkeypatch, [], near, probed, plenty)(b"k" * 20)
+    assert probed == [near[:10]]
