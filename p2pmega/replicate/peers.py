@@ -30,9 +30,9 @@ SMALL_NETWORK_NODES = 40
 # runs of all files, keyed by random chunk ids, balance over the network (docs/SCALE.md).
 PLACEMENT_BATCH_CHUNKS = 64
 # A run's chunks go to the storage peers among the RUN_PEERS closest to its key (more only when those cannot meet
-# the rule or are nearly full, api/share_pool.py): every holder costs a share a connection and a handshake on both ends (docs/SCALE.md, "Fan-out"). A full
-# run, 64 chunks of 2 MiB in two copies, is ~26 MiB a holder. Runs are keyed by random chunk ids, so over many files
-# every peer still gets its share of runs.
+# the rule or are nearly full, api/share_pool.py): every holder costs a share a connection and a handshake on both
+# ends (docs/SCALE.md, "Fan-out"). A full run, 64 chunks of 2 MiB in two copies, is ~26 MiB a holder. Runs are keyed
+# by random chunk ids, so over many files every peer still gets its share of runs.
 RUN_PEERS = 10
 
 
