@@ -85,8 +85,12 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields[:8]) - idle, idle
 
 
-async def quiet(since_share: float, *, limit_s: float = 60.0) -> float:
-    """Wait until AFTER_SHARE_S passed since ``since_share`` (perf_counter) and the machine is idle; seconds waited."""
+async def quiet(since_share: float, *, limit_s: float = 60.0) -> tuple[float, bool]:
+    """Wait until AFTER_SHARE_S passed since ``since_share`` (perf_counter) and the machine is idle.
+
+    Returns:
+        The seconds waited, and whether the machine went idle (False: it gave up after ``limit_s``).
+    """
     start = time.perf_counter()
     await asyncio.sleep(max(0.0, since_share + AFTER_SHARE_S - start))
     while time.perf_counter() - start < limit_s:
@@ -94,8 +98,8 @@ async def quiet(since_share: float, *, limit_s: float = 60.0) -> float:
         await asyncio.sleep(1.0)
         busy1, idle1 = _cpu_times()
         if idle1 - idle0 >= IDLE_FRACTION * (busy1 - busy0 + idle1 - idle0):
-            break
-    return time.perf_counter() - start
+            return time.perf_counter() - start, True
+    return time.perf_counter() - start, False
 
 
 # A seed's first stores cost it more than later ones (fresh heap pages, first runs of the store path): measured at
@@ -103,6 +107,8 @@ async def quiet(since_share: float, *, limit_s: float = 60.0) -> float:
 # 30-40 at 8 seeds, whose seeds are warm after the first share. In the field a seed pays that once in its life; on
 # a fresh 200-seed testnet every share lands on seeds that never stored. --warm shares 64 MiB files first until
 # this share of the seeds hold a chunk, so both networks are measured as networks in use.
+# The warm-up's files stay: 5-10 GiB of copies at 200 seeds, which the seeds' repair rounds (every ~10 min) look
+# after from then on, as they would on a network in use; the announcement tally at the end counts them too.
 WARM_FRACTION = 0.95
 WARM_MAX_SHARES = 80
 
@@ -129,6 +135,10 @@ async def warm(
         await asyncio.to_thread(run_plain, ["share", str(src), "--new", *client], env)
         shares += 1
     return shares, held
+
+
+def _add(quieted: tuple[float, bool], waited: float, busy_starts: int) -> tuple[float, int]:
+    return waited + quieted[0], busy_starts + (not quieted[1])
 
 
 async def measured_share_fetch(
@@ -278,6 +288,7 @@ async def one_network(
         copies: dict[int, int] = {}
         last_share = -AFTER_SHARE_S
         waited = 0.0
+        busy_starts = 0  # series started on a machine that never went idle
         if warm_up:
             t = time.perf_counter()
             warm_src = work / "file-warm.bin"
@@ -291,7 +302,7 @@ async def one_network(
             )
         for phase in ("healthy", "killed"):
             if phase == "killed":
-                waited += await quiet(last_share)
+                waited, busy_starts = _add(await quiet(last_share), waited, busy_starts)
                 victims = choose_victims(net, list(kept.values()), kill_fraction, seeds)
                 await net.kill(victims)
                 print(
@@ -311,7 +322,7 @@ async def one_network(
                         flush=True,
                     )
             for size in sizes:
-                waited += await quiet(last_share)
+                waited, busy_starts = _add(await quiet(last_share), waited, busy_starts)
                 share_s, fetch_s, s_rss, f_rss, link = await commands(
                     files[size], out, client, env, repeat
                 )
@@ -326,7 +337,7 @@ async def one_network(
                     flush=True,
                 )
             small = files[min(sizes)]
-            waited += await quiet(last_share)
+            waited, busy_starts = _add(await quiet(last_share), waited, busy_starts)
             trips = [await round_trip(small, out, client, env) for _ in range(max(repeat, 3))]
             print(
                 f"   1 KiB round trip {phase} (share then fetch, two commands): median "

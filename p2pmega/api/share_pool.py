@@ -87,17 +87,25 @@ class PoolFinder:
         return live
 
     def _roomy(self, peers: list[Candidate]) -> bool:
-        """Whether ``peers`` said they have room for a full run's copies twice over (unknown room counts as plenty).
+        """Whether ``peers`` said they have room for a full run's copies twice over, outside any one country too.
 
-        Peers near full would fill up during the run, and the peers beyond RUN_PEERS are not asked then.
+        Peers near full would fill up during the run, and the peers beyond RUN_PEERS are not asked then. With two
+        countries a chunk, one copy of each goes outside the country with the most room: nine roomy peers in one
+        country and one nearly full in another would fail the run half way. A peer that did not say (an older
+        holder) counts as roomy alone.
         """
-        room = 0
+        run_copy = (
+            2 * PLACEMENT_BATCH_CHUNKS * self.chunk_bytes
+        )  # one copy of a full run, twice over
+        by_country: dict[str | None, int] = {}
         for c in peers:
             free = self.space.get((c.host, c.port))
-            if free is None or free < 0:
-                return True
-            room += free
-        return room >= 2 * PLACEMENT_BATCH_CHUNKS * self.replicas * self.chunk_bytes
+            room = self.replicas * run_copy if free is None or free < 0 else free
+            by_country[c.country] = by_country.get(c.country, 0) + room
+        total = sum(by_country.values())
+        if total < self.replicas * run_copy:
+            return False
+        return self.min_countries < 2 or total - max(by_country.values(), default=0) >= run_copy
 
     def _meets_best(self, peers: list[Candidate]) -> bool:
         count, blocs = self.best

@@ -58,8 +58,8 @@ class HolderLocator:
     # Whether a peer found while discovering one chunk is asked about every wanted chunk (a fetch: its holders
     # hold many of them) or only that one (repair: a store's chunks are spread over the whole network).
     ask_new_peers_about_all: bool = True
-    # A run's peers beyond its RUN_PEERS closest are asked only about the chunks with fewer known holders than this:
-    # a fetch needs two to choose from; check counts every copy and asks them all.
+    # A run's peers beyond its RUN_PEERS closest are asked only about the chunks with fewer live holders than this:
+    # a fetch needs two to choose from; check counts every copy and a keeper renews every copy, so they ask all.
     run_holders_wanted: int = 2
 
     def __post_init__(self) -> None:
@@ -151,7 +151,7 @@ class HolderLocator:
         rest = [(p.host, p.port) for p in closest[RUN_PEERS:EXPAND_PEERS]]
         self.peers.update(first)
         await self.confirm(run, first)
-        short = [c for c in run if len(self.holders.get(c, ())) < self.run_holders_wanted]
+        short = [c for c in run if len(self.live_holders(c)) < self.run_holders_wanted]
         if short and rest:
             self.peers.update(rest)
             await self.confirm(short, rest)

@@ -42,7 +42,7 @@ from p2pmega.replicate.duties import (
     ANNOUNCE_DELAY_S,
     ANNOUNCE_JITTER,
 )
-from p2pmega.replicate.locator import HolderLocator
+from p2pmega.replicate.locator import EXPAND_PEERS, HolderLocator
 from p2pmega.replicate.peers import SMALL_NETWORK_NODES, ask_space, candidate_of, candidate_pool
 from p2pmega.replicate.placer import Placer
 from p2pmega.storage.sizes import format_size
@@ -174,7 +174,11 @@ async def locate(
     me = node.address
     # New peers found by one chunk's lookup are asked about that chunk only: about every id of a large store,
     # each round, it would be chunks x peers of `has` traffic.
-    locator = HolderLocator(node, hints=hints, ask_new_peers_about_all=False)
+    # Every copy near a run's key is asked about (run_holders_wanted): a keeper renews each one it finds, and a copy
+    # it missed (a third one, beyond the run's RUN_PEERS closest) would lapse unseen.
+    locator = HolderLocator(
+        node, hints=hints, ask_new_peers_about_all=False, run_holders_wanted=EXPAND_PEERS
+    )
     locator.peers.update((c.host, c.port) for c in pool)
     locator.peers.discard(me)
     locator.node_ids.update(((c.host, c.port), c.node_id) for c in pool)

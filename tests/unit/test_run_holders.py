@@ -308,3 +308,25 @@ async def test_a_fetch_finds_copies_placed_among_the_twenty_closest_and_check_co
         await locator.settle()
     assert all(len(fetch.holders[c]) >= 2 for c in chunk_ids)
     assert all(set(check.holders[c]) == world.holders_of(c) for c in chunk_ids)
+
+
+async def test_a_keeper_renews_a_third_copy_beyond_a_run_s_ten_closest() -> None:
+    """A fetch stops at two holders a chunk; a renewal must reach every copy, or the third one lapses unseen."""
+    rng = random.Random(100)
+    world = World.make(rng)
+    chunk_ids = [ChunkId(os.urandom(32)) for _ in range(64)]
+    manifest_ids = (ChunkId(os.urandom(32)),)
+    [key] = set(batch_keys(chunk_ids).values())
+    closest = nearest(world.peers, key, K)
+    for chunk_id in [*chunk_ids, *manifest_ids]:
+        for country in ("127.41.", "127.42."):
+            holder = rng.choice([p for p in closest[:10] if p.host.startswith(country)])
+            world.holdings.setdefault((holder.host, holder.port), set()).add(chunk_id)
+        third = rng.choice(closest[10:])  # a --replicas 3 share, or a copy a repair made
+        world.holdings.setdefault((third.host, third.port), set()).add(chunk_id)
+    me = Peer(rng.randbytes(20), "127.41.252.1", 3997)
+    node = node_in(world, me)
+    keeper = Keeper(node, [KeepCap(manifest_ids[0], os.urandom(32))], GEO, rng=rng)
+    keeper.files[0].manifest = Manifest(tuple(chunk_ids), manifest_ids, None, None, None)
+    await keeper.round()
+    assert cast(FakeClient, node.client).renewed == world.holdings

@@ -135,3 +135,14 @@ async def test_a_run_goes_wider_when_its_ten_closest_have_little_room(
     probed.clear()
     found = await finder(1, monkeypatch, [], near, probed, plenty)(b"k" * 20)
     assert probed == [near[:10]]
+
+
+async def test_a_run_goes_wider_when_its_other_countries_have_little_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every chunk needs a copy outside DE: one nearly full NZ peer among nine roomy DE ones would fail the run."""
+    near = nearest("DE " * 9 + "NZ " + "NZ JP SE FR NO " * 2)
+    free = {c.host: 1 << 30 for c in near} | {near[9].host: 10}
+    probed: list[list[Candidate]] = []
+    await finder(1, monkeypatch, [], near, probed, free)(b"k" * 20)
+    assert probed == [near[:10], near[10:]]
