@@ -1,8 +1,11 @@
 """TransferClient: talks to holders' TransferServers over a pool of pipelined connections.
 
-This module keeps the pool and turns requests into calls; each connection is a
+This module keeps the pool and sends requests over it (``ask``); each connection is a
 net.transfer_peer.PeerConnection on the shared pump, typed Error replies become exceptions in
-net.wire_errors, and the protocol rules live in p2pmega.core.wire.
+net.wire_errors, and the protocol rules live in p2pmega.core.wire. TransferClient inherits its
+calls: the fetch paths from net.transfer_fetch.FetchMixin (fetch, fetch_into, fetch_any,
+fetch_any_into) and the others from net.transfer_requests.RequestsMixin (store, has, renew,
+renew_signed, leases, space).
 """
 
 from __future__ import annotations
@@ -10,73 +13,38 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TypeVar
+from collections.abc import Callable
+from typing import Final
 
 from p2pmega import errors
-from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
 from p2pmega.core.crypto import new_signing_seed
 from p2pmega.core.ids import Address
 from p2pmega.core.node_id import matches as node_id_matches
 from p2pmega.core.node_id import node_id_for
-from p2pmega.core.renewal import RenewCredential
-from p2pmega.core.wire import (
-    MAX_BATCH_IDS,
-    MAX_LEASE_S,
-    ChunkData,
-    Error,
-    FetchRequest,
-    HasReply,
-    HasRequest,
-    KeyedStoreRequest,
-    LeasesReply,
-    LeasesRequest,
-    RenewReply,
-    RenewRequest,
-    RenewSignedRequest,
-    Reply,
-    Request,
-    Role,
-    SpaceReply,
-    SpaceRequest,
-    StoreOK,
-    StoreRequest,
-)
-from p2pmega.core.words import counted
-from p2pmega.net.buffers import BufferPool, recycle
+from p2pmega.core.wire import Error, Reply, Request, Role
+from p2pmega.net.buffers import BufferPool
 from p2pmega.net.channel import channel_layers
 from p2pmega.net.pump import LayerStack
 from p2pmega.net.service import Service
+from p2pmega.net.transfer_fetch import FetchMixin
 from p2pmega.net.transfer_peer import PeerConnection
 from p2pmega.net.transfer_peer import where as _where
+from p2pmega.net.transfer_requests import RequestsMixin
 from p2pmega.net.wire_errors import raise_for
 
 # Every transfer module logs as p2pmega.net.transfer, so one logger setting covers the transfer.
 log = logging.getLogger("p2pmega.net.transfer")
 
-_T = TypeVar("_T")
-ChunkBytes = bytes | memoryview
-
 # The client closes pooled connections idle this long: before the holder's 60 s idle timeout, and
 # so that a client that talked to many holders does not keep a receive buffer for each of them.
-# A holder that has not accepted a connection this long gets company: the next holder is tried at the same time
-# (_reachable_first). Far above a connect across the world (one round trip, <= 0.3 s), far below the connect timeout.
-CONNECT_RACE_S: Final = 0.5
 _POOL_IDLE_S: Final = 20.0
 # Holders whose proven node ids a client remembers (a long-lived client, the web app, meets many).
 MAX_PROVEN_REMEMBERED: Final = 4096
 _POOL_SWEEP_INTERVAL_S: Final = 5.0
 
 
-def _lease_seconds(lease_s: float) -> int:
-    if not lease_s > 0:
-        raise ValueError(f"lease_s must be positive, got {lease_s}")
-    return min(math.ceil(lease_s), MAX_LEASE_S)
-
-
-class TransferClient(Service):
+class TransferClient(FetchMixin, RequestsMixin, Service):
     """Talks to holders' TransferServers, reusing up to ``max_connections_per_peer`` connections.
 
     Every fetched chunk is hash-checked (in a thread) before it is returned. ``timeout_s`` is an
@@ -315,385 +283,3 @@ class TransferClient(Service):
         if isinstance(reply, Error):
             raise_for(reply, addr, chunk_id)
         return reply
-
-    async def store(
-        self,
-        addr: Address,
-        chunk_id: ChunkId,
-        data: bytes,
-        lease_s: float,
-        *,
-        renew_key: bytes | None = None,
-    ) -> bool:
-        """Ask ``addr`` to store ``data`` under ``chunk_id`` for at least ``lease_s`` seconds.
-
-        With ``renew_key`` (the file's renewal public key, core.renewal) the holder keeps it with
-        the chunk, and `renew_signed` with that file's credential extends the lease later.
-
-        Returns:
-            True if the chunk was newly stored, False if the peer already held it (its lease is
-            then left as it was).
-
-        Raises:
-            errors.QuotaExceeded: the peer's quota is full, or (SourceLimitExceeded) our network
-                used its share of it or its store rate there.
-            errors.BadChunk: the peer found ``data`` is not shaped like a stored chunk.
-            errors.ChunkHashMismatch: the peer found ``data`` does not hash to ``chunk_id``.
-            errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-            ValueError: ``data`` exceeds MAX_SEALED_CHUNK_BYTES or ``lease_s`` is not positive.
-        """
-        lease = _lease_seconds(lease_s)
-
-        def request(rid: int) -> StoreRequest:
-            if renew_key is None:
-                return StoreRequest(rid, chunk_id, lease, data)
-            return KeyedStoreRequest(rid, chunk_id, lease, data, renew_key=renew_key)
-
-        reply = await self.ask(addr, request, chunk_id)
-        if not isinstance(reply, StoreOK):
-            raise AssertionError("core.wire matches STORE with STORE_OK")
-        return reply.newly_stored
-
-    async def fetch(self, addr: Address, chunk_id: ChunkId) -> ChunkBytes:
-        """Fetch the chunk ``chunk_id`` from ``addr`` and verify its hash.
-
-        A large chunk comes as a read-only view of the buffer it was received into (no copy).
-
-        Raises:
-            errors.ChunkNotStored: the peer does not have it.
-            errors.ChunkHashMismatch: the peer sent bytes that do not hash to ``chunk_id``.
-            errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-        """
-        return await self._fetch(addr, chunk_id, _as_is, reuse=False)
-
-    async def fetch_into(
-        self,
-        addr: Address,
-        chunk_id: ChunkId,
-        consume: Callable[[ChunkBytes], _T],
-        *,
-        drop_on_cancel: bool = False,
-    ) -> _T:
-        """`fetch`, then ``consume(data)`` in the worker thread that verified it; return its result.
-
-        With ``drop_on_cancel``, cancelling the call while the reply is on its way closes the
-        connection it was sent on, so the holder stops sending; other requests pending on that
-        connection fail (or are retried once on a fresh connection, as for any dropped connection).
-
-        One thread hop per chunk for hashing and whatever the caller does with the bytes next
-        (fetch decrypts and writes them). ``consume`` runs only on bytes that match ``chunk_id``;
-        what it raises propagates unchanged. ``data`` is valid only while ``consume`` runs: its
-        buffer receives a later chunk (keep a copy, never the view).
-
-        Raises:
-            As `fetch`, and whatever ``consume`` raises.
-        """
-        return await self._fetch(addr, chunk_id, consume, reuse=True, drop_on_cancel=drop_on_cancel)
-
-    async def _fetch(
-        self,
-        addr: Address,
-        chunk_id: ChunkId,
-        consume: Callable[[ChunkBytes], _T],
-        *,
-        reuse: bool,
-        drop_on_cancel: bool = False,
-    ) -> _T:
-        reply = await self.ask(
-            addr, lambda rid: FetchRequest(rid, chunk_id), chunk_id, drop_on_cancel=drop_on_cancel
-        )
-        if not isinstance(reply, ChunkData):
-            raise AssertionError("core.wire matches FETCH with CHUNK_DATA")
-        try:
-            return await asyncio.to_thread(
-                _verified, chunk_id, reply.data, consume, self._buffers if reuse else None
-            )
-        except errors.ChunkHashMismatch:
-            log.debug(
-                "peer %s sent bad bytes for chunk %s; dropping its connections",
-                _where(addr),
-                short_id(chunk_id),
-            )
-            for peer_conn in self._pool.pop(addr, []):
-                await peer_conn.close()
-            raise
-
-    async def fetch_any(
-        self, addrs: Sequence[Address], chunk_id: ChunkId
-    ) -> tuple[ChunkBytes, Address]:
-        """Fetch ``chunk_id`` from the first holder in ``addrs`` that serves it intact.
-
-        Returns:
-            The verified bytes and the address that served them.
-
-        Raises:
-            errors.ChunkUnavailable: every holder failed (names how many were tried and why).
-        """
-        return await self._fetch_any(addrs, chunk_id, _as_is, reuse=False)
-
-    async def fetch_any_into(
-        self,
-        addrs: Sequence[Address],
-        chunk_id: ChunkId,
-        consume: Callable[[ChunkBytes], _T],
-        *,
-        failed: set[Address] | None = None,
-    ) -> tuple[_T, Address]:
-        """`fetch_any` with `fetch_into`'s ``consume``: its result and the address that served.
-
-        ``failed`` collects the holders that timed out, could not be reached or sent bad bytes (not those that
-        merely lack the chunk), so the caller can leave them out of its next requests.
-
-        Raises:
-            errors.ChunkUnavailable: every holder failed (names how many were tried and why).
-            Whatever else ``consume`` raises (the next holder is not tried for it); it should
-            raise none of the errors that mean a bad holder (hash mismatch, not stored, network).
-        """
-        return await self._fetch_any(addrs, chunk_id, consume, reuse=True, failed=failed)
-
-    async def _fetch_any(
-        self,
-        addrs: Sequence[Address],
-        chunk_id: ChunkId,
-        consume: Callable[[ChunkBytes], _T],
-        *,
-        reuse: bool,
-        failed: set[Address] | None = None,
-    ) -> tuple[_T, Address]:
-        reasons: Counter[str] = Counter()
-        bad = failed if failed is not None else set()
-        order, unreachable = await self._reachable_first([a for a in addrs if a not in bad])
-        reasons["unreachable"] += len(unreachable)
-        bad.update(unreachable)
-        for addr in order:
-            if addr in bad:
-                continue  # failed another request of the caller's meanwhile
-            try:
-                return await self._fetch(addr, chunk_id, consume, reuse=reuse), addr
-            except errors.ChunkNotStored:
-                reasons["not found"] += 1
-                continue
-            except errors.ChunkHashMismatch:
-                reasons["bad hash"] += 1
-            except errors.TransferTimeout:
-                reasons["timeout"] += 1
-            except errors.PeerNotAuthentic:
-                reasons["wrong key"] += 1
-            except errors.NetworkError:
-                reasons["unreachable"] += 1
-            bad.add(addr)
-            log.debug(
-                "chunk %s not served by %s; trying the next holder",
-                short_id(chunk_id),
-                _where(addr),
-            )
-        why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
-        raise errors.ChunkUnavailable(
-            f"no holder served chunk {short_id(chunk_id)} (tried {counted(len(addrs), 'holder')}"
-            f"{': ' + why if why else ''}); retry later or ask more peers"
-        )
-
-    async def _reachable_first(
-        self, addrs: Sequence[Address]
-    ) -> tuple[list[Address], set[Address]]:
-        """``addrs`` with the first holder to accept a connection moved to the front, and the holders whose
-        connection failed (or, when none connected, did not connect within the connect timeout).
-
-        Connections are raced as Happy Eyeballs races addresses (RFC 8305): the first holder is tried, and every
-        CONNECT_RACE_S that passes without a connection the next one is tried too, so a holder that silently
-        drops connections (gone, firewalled) costs CONNECT_RACE_S, not the connect timeout. A pooled connection
-        wins at once, so a healthy holder costs nothing extra; the losers' connections stay in the pool.
-        """
-        if len(addrs) < 2:
-            return list(addrs), set()
-        racing: dict[asyncio.Task[PeerConnection], Address] = {}
-        winner: Address | None = None
-        try:
-            for addr in addrs:
-                racing[asyncio.create_task(self._connection(addr))] = addr
-                winner = await self._first_connected(racing, CONNECT_RACE_S)
-                if winner is not None:
-                    break
-            else:
-                winner = await self._first_connected(racing, self.connect_timeout_s)
-        finally:
-            for task in racing:
-                if not task.done():
-                    task.cancel()
-            # Retrieve every outcome: a refused or cancelled attempt is not an error here.
-            await asyncio.gather(*racing, return_exceptions=True)
-        failed = {
-            addr
-            for task, addr in racing.items()
-            if winner is None
-            or (task.done() and not task.cancelled() and task.exception() is not None)
-        }
-        if winner is None:
-            return [], failed
-        return [winner, *(a for a in addrs if a != winner and a not in failed)], failed
-
-    @staticmethod
-    async def _first_connected(
-        racing: dict[asyncio.Task[PeerConnection], Address], wait_s: float
-    ) -> Address | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        pending = [t for t in racing if not t.done()]
-        while True:
-            for task in racing:
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    return racing[task]
-            pending = [t for t in pending if not t.done()]
-            left = deadline - loop.time()
-            if not pending or left <= 0:
-                return None
-            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-
-    async def has(self, addr: Address, ids: Sequence[ChunkId]) -> list[bool]:
-        """Which of ``ids`` does ``addr`` hold? Batches larger than MAX_BATCH_IDS are split.
-
-        Raises:
-            errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-        """
-
-        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
-            reply = await self.ask(addr, functools.partial(HasRequest, ids=batch))
-            if not isinstance(reply, HasReply):
-                raise AssertionError("core.wire matches HAS with HAS_REPLY")
-            return reply.flags
-
-        return await _batched(ids, ask)
-
-    async def renew_signed(
-        self,
-        addr: Address,
-        ids: Sequence[ChunkId],
-        *,
-        holder_id: bytes,
-        expiry_s: int,
-        credential: RenewCredential,
-    ) -> list[bool]:
-        """Extend ``ids`` at ``addr`` to at least ``expiry_s`` (Unix seconds), signed with ``credential``.
-
-        The holder renews only the chunks stored with ``credential``'s public key; the signature
-        names ``holder_id`` (the holder's node id), so it is worth nothing at another holder.
-
-        Returns:
-            True for each id the peer holds with that key and renewed.
-
-        Raises:
-            errors.BadSignature: the holder's node id is not ``holder_id``, so the signature failed.
-            errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-        """
-        key = credential.public_key
-
-        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
-            signature = credential.sign(holder_id, expiry_s, batch)
-            reply = await self.ask(
-                addr, lambda rid: RenewSignedRequest(rid, batch, expiry_s, key, signature)
-            )
-            if not isinstance(reply, RenewReply):
-                raise AssertionError("core.wire matches RENEW_SIGNED with RENEW_REPLY")
-            return reply.flags
-
-        return await _batched(ids, ask)
-
-    async def renew(self, addr: Address, ids: Sequence[ChunkId], lease_s: float) -> list[bool]:
-        """Extend the leases of ``ids`` at ``addr``, unsigned: `renew_signed` is what keepers use.
-
-        A holder renews this way only chunks stored without a renewal key from our own network.
-
-        Raises:
-            errors.PeerUnreachable: the peer cannot be reached or refused the request.
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-            ValueError: ``lease_s`` is not positive.
-        """
-        lease = _lease_seconds(lease_s)
-
-        async def ask(batch: tuple[ChunkId, ...]) -> tuple[bool, ...]:
-            reply = await self.ask(addr, functools.partial(RenewRequest, ids=batch, lease_s=lease))
-            if not isinstance(reply, RenewReply):
-                raise AssertionError("core.wire matches RENEW with RENEW_REPLY")
-            return reply.flags
-
-        return await _batched(ids, ask)
-
-    async def leases(self, addr: Address, ids: Sequence[ChunkId]) -> list[int]:
-        """Whole seconds left on each of ``ids``' leases at ``addr`` (0: not held there).
-
-        Batches larger than MAX_BATCH_IDS are split. A holder older than the LEASES message
-        refuses it with BAD_REQUEST and closes the connection (docs/PROTOCOL.md, "Versioning").
-
-        Raises:
-            errors.PeerUnreachable: the peer cannot be reached or refused the request (an old
-                holder that does not know LEASES).
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-        """
-
-        async def ask(batch: tuple[ChunkId, ...]) -> tuple[int, ...]:
-            reply = await self.ask(addr, functools.partial(LeasesRequest, ids=batch))
-            if not isinstance(reply, LeasesReply):
-                raise AssertionError("core.wire matches LEASES with LEASES_REPLY")
-            return reply.remaining_s
-
-        return await _batched(ids, ask)
-
-    async def space(self, addr: Address) -> SpaceReply:
-        """The bytes ``addr`` says this node's network may still store there, and its quota.
-
-        Untrusted: the holder can claim anything up to its claimed quota (core.capacity bounds what
-        the claim is worth). A holder older than the SPACE message refuses it with BAD_REQUEST and
-        closes the connection (docs/PROTOCOL.md, "Versioning").
-
-        Raises:
-            errors.PeerUnreachable: the peer cannot be reached or refused the request (an old
-                holder that does not know SPACE).
-            errors.TransferTimeout: no data moved for ``timeout_s``, or no connection within
-                ``connect_timeout_s``.
-        """
-        reply = await self.ask(addr, SpaceRequest)
-        if not isinstance(reply, SpaceReply):
-            raise AssertionError("core.wire matches SPACE with SPACE_REPLY")
-        return reply
-
-
-async def _batched(
-    ids: Sequence[ChunkId], ask: Callable[[tuple[ChunkId, ...]], Awaitable[Sequence[_T]]]
-) -> list[_T]:
-    """Ask ``ask`` about each slice of at most MAX_BATCH_IDS ``ids``; join the answers in order.
-
-    The slices go one after another, so a long list holds one pooled connection, not all of them.
-    """
-    answers: list[_T] = []
-    for start in range(0, len(ids), MAX_BATCH_IDS):
-        answers.extend(await ask(tuple(ids[start : start + MAX_BATCH_IDS])))
-    return answers
-
-
-def _as_is(data: ChunkBytes) -> ChunkBytes:
-    return data
-
-
-def _verified(
-    chunk_id: ChunkId,
-    data: ChunkBytes,
-    consume: Callable[[ChunkBytes], _T],
-    buffers: BufferPool | None,
-) -> _T:
-    """Hash-check ``data``, hand it to ``consume``, then give its buffer to ``buffers`` (if any)."""
-    try:
-        verify_chunk(chunk_id, data)
-        return consume(data)
-    finally:
-        if buffers is not None:
-            recycle(data, buffers)
