@@ -61,6 +61,10 @@ log = logging.getLogger("p2pmega.net.transfer")
 
 # How long stop() and a protocol violation wait for a refused peer to take our final Error frame.
 _CLOSE_GRACE_S: Final = 1.0
+# Loop turns stop() gives connections accepted before it to get their transports, and how long it then waits for
+# every connection to be gone.
+_ACCEPT_TURNS: Final = 3
+_STOP_DRAIN_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,8 @@ class TransferServer:
         self._server: asyncio.Server | None = None
         self._workers: Workers | None = None
         self._connections: set[_Connection] = set()
+        # Every connection accepted and not lost yet, admitted or not: stop() waits for them (below).
+        self._accepted: set[_Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._per_network: dict[bytes, set[_Connection]] = {}
         self.evicted = 0  # connections dropped to make room for a newcomer (for tests and logs)
@@ -193,7 +199,7 @@ class TransferServer:
         )
         try:
             self._server = await loop.create_server(
-                lambda: _Connection(self), host=self._host, port=self._requested_port, backlog=1024
+                self._accept, host=self._host, port=self._requested_port, backlog=1024
             )
         except BaseException:
             self._workers.shutdown()
@@ -202,13 +208,31 @@ class TransferServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.debug("transfer server listening on %s:%d", self._host, self.port)
 
+    def _accept(self) -> _Connection:
+        connection = _Connection(self)
+        self._accepted.add(connection)
+        return connection
+
     async def stop(self) -> None:
         """Stop listening, close every connection and wait for the requests being answered."""
         self._stopping = True
+        loop = asyncio.get_running_loop()
         if self._server is not None:
+            # Accept no more, then let the connections accepted already get their transports before the close:
+            # asyncio makes a connection's transport a loop turn after accepting it, and once the server is closed
+            # that fails (Server._attach asserts) and leaves the socket open (Python 3.11; a CI run saw it).
+            for sock in self._server.sockets:
+                loop.remove_reader(sock.fileno())
+            for _ in range(_ACCEPT_TURNS):
+                await asyncio.sleep(0)
             self._server.close()
-        for connection in list(self._connections):
-            connection.abort()
+        # Those connections refuse themselves (we are stopping) once started; the others are aborted here.
+        deadline = loop.time() + _STOP_DRAIN_S
+        while self._accepted and loop.time() < deadline:
+            for connection in list(self._accepted):
+                if connection.transport is not None:
+                    connection.abort()
+            await asyncio.sleep(0.001)
         if self._workers is not None:
             # Store writes run to the end, so no chunk acknowledged (or about to be) is lost
             # half-written; reads are short and must not outlive the store.
@@ -477,6 +501,7 @@ class _Connection(Pump):
         for request_id in self.deadlines.abandon_untaken():
             self.release(request_id)
         self.server.forget(self)
+        self.server._accepted.discard(self)
 
     def writing_paused(self) -> None:
         self.deadlines.writing_paused(self.acked_bytes(), self.loop.time())

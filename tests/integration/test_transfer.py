@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
+import socket
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -578,3 +581,37 @@ async def test_a_reply_that_fails_to_send_frees_its_slot(
         await server.stop()
         store.close()
     assert failures == 1
+
+
+@pytest.mark.parametrize("turns", range(5))
+def test_stop_closes_connections_accepted_just_before_it(tmp_path: Path, turns: int) -> None:
+    """CI saw a server-side socket left open: asyncio makes an accepted connection's transport a loop turn later, and
+    once the server is closed that fails and leaks the socket. Clients connect, the loop turns ``turns`` times (2:
+    accepted, no transport yet), stop(), and the loop closes at once, as a process tearing down does."""
+    host = peer_address(1, 1)
+    store = ChunkStore(tmp_path / "store", quota_bytes=1 << 20)
+    clients: list[socket.socket] = []
+
+    async def connect_then_stop() -> None:
+        server = TransferServer(store, host=host, port=0)
+        await server.start()
+        for _ in range(20):
+            clients.append(
+                socket.create_connection(
+                    (host, server.port), timeout=STEP_S, source_address=(peer_address(2, 1), 0)
+                )
+            )
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(server.stop(), STEP_S)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            asyncio.run(connect_then_stop())
+            gc.collect()
+    finally:
+        for client in clients:
+            client.close()
+        store.close()
+    assert [str(w.message) for w in caught if "unclosed transport" in str(w.message)] == []
