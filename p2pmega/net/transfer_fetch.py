@@ -17,11 +17,12 @@ from typing import Final, TypeVar
 from p2pmega import errors
 from p2pmega.core.chunking import ChunkId, short_id, verify_chunk
 from p2pmega.core.ids import Address
-from p2pmega.core.wire import ChunkData, FetchRequest, Reply, Request
+from p2pmega.core.wire import ChunkData, FetchRequest
 from p2pmega.core.words import counted
 from p2pmega.net.buffers import BufferPool, recycle
 from p2pmega.net.transfer_peer import PeerConnection
 from p2pmega.net.transfer_peer import where as _where
+from p2pmega.net.transfer_requests import Asks
 
 # Every transfer module logs as p2pmega.net.transfer, so one logger setting covers the transfer.
 log = logging.getLogger("p2pmega.net.transfer")
@@ -34,7 +35,7 @@ ChunkBytes = bytes | memoryview
 CONNECT_RACE_S: Final = 0.5
 
 
-class FetchMixin:
+class FetchMixin(Asks):
     """The fetch methods of TransferClient (``fetch``, ``fetch_into``, ``fetch_any``, ``fetch_any_into``).
 
     Every fetched chunk is hash-checked (in a thread) before it is returned or handed to ``consume``.
@@ -45,18 +46,7 @@ class FetchMixin:
     _buffers: BufferPool
     _pool: dict[Address, list[PeerConnection]]
 
-    # Implemented by TransferClient. mypy checks @abstractmethod without ABCMeta, so TransferClient keeps its metaclass.
-    @abstractmethod
-    async def ask(
-        self,
-        addr: Address,
-        event: Callable[[int], Request],
-        chunk_id: bytes = b"",
-        *,
-        drop_on_cancel: bool = False,
-    ) -> Reply:
-        """Send the request ``event(request_id)`` to ``addr`` and return its reply (TransferClient.ask)."""
-
+    # Implemented by TransferClient (as ``ask``, Asks).
     @abstractmethod
     async def _connection(self, addr: Address, *, fresh: bool = False) -> PeerConnection:
         """A pooled connection to ``addr``, or a new one (TransferClient._connection)."""

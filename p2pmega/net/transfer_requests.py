@@ -44,10 +44,12 @@ def _lease_seconds(lease_s: float) -> int:
     return min(math.ceil(lease_s), MAX_LEASE_S)
 
 
-class RequestsMixin:
-    """TransferClient's calls other than fetch: store, has, renew, renew_signed, leases and space."""
+class Asks:
+    """What both TransferClient mixins call: ``ask``, implemented by TransferClient.
 
-    # Implemented by TransferClient. mypy checks @abstractmethod without ABCMeta, so TransferClient keeps its metaclass.
+    mypy checks @abstractmethod without ABCMeta, so TransferClient keeps its metaclass.
+    """
+
     @abstractmethod
     async def ask(
         self,
@@ -58,6 +60,10 @@ class RequestsMixin:
         drop_on_cancel: bool = False,
     ) -> Reply:
         """Send the request ``event(request_id)`` to ``addr`` and return its reply (TransferClient.ask)."""
+
+
+class RequestsMixin(Asks):
+    """TransferClient's calls other than fetch: store, has, renew, renew_signed, leases and space."""
 
     async def store(
         self,
