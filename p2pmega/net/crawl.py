@@ -18,7 +18,7 @@ from kademlia.node import Node
 from p2pmega.core.node_id import prefix_matches
 from p2pmega.core.record import ProviderRecord
 from p2pmega.net.dht_wire import network_of
-from p2pmega.net.kademlia_protocol import HardenedProtocol
+from p2pmega.net.kademlia_protocol import LATE_TIMER_S, HardenedProtocol
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Crawl:
     nothing closer (section 2.3's last step) a find_node crawl asks all of the k closest not yet asked
     at once, plus as many more as the share of failed or stalled nodes so far says will not answer.
     The crawl ends when the k closest nodes neither failed nor stalled have answered, or after 1.75
-    timeouts. Unfinished queries run out in the background, so a dead node still gets its
+    timeouts, not counting a time our own loop was blocked. Unfinished queries run out in the background, so a dead node still gets its
     miss recorded and is evicted after MAX_MISSES.
     """
 
@@ -188,6 +188,10 @@ class Crawl:
             done, _ = await asyncio.wait(
                 pending, timeout=max(wake - now, 0.001), return_when=asyncio.FIRST_COMPLETED
             )
+            # Woken this late, our own loop was blocked (as in HardenedProtocol._expire): that time is not the
+            # peers', and their replies may be waiting unread in the socket.
+            if (lag := loop.time() - max(wake, now)) > LATE_TIMER_S:
+                deadline += lag
             for task in done:
                 ok, reply = task.result()
                 self._absorb(pending.pop(task), ok, reply)

@@ -87,6 +87,19 @@ async def test_find_peers_returns_the_closest_live_nodes_in_order() -> None:
         assert peers == [Peer(n.node_id, n.host, n.port) for n in expected]
 
 
+async def test_a_blocked_loop_does_not_end_a_crawl_with_its_replies_unread() -> None:
+    # CI saw find_peers return 2 of 25 live nodes: the test process was blocked past the crawl's deadline
+    # (1.75 RPC timeouts), so it ended with every reply still queued. Blocked time is not the peers'.
+    async with swarm(19, 12, rpc_timeout_s=TIMEOUT_S) as nodes:
+        key = os.urandom(20)
+        async with asyncio.timeout(10):
+            lookup = asyncio.ensure_future(nodes[3].find_peers(key))
+            await asyncio.sleep(0)  # the first queries go out
+            time.sleep(2 * TIMEOUT_S)  # noqa: ASYNC251 - the loop is blocked past the crawl's deadline, on purpose
+            peers = await lookup
+        assert {p.node_id for p in peers} == {n.node_id for n in nodes if n is not nodes[3]}
+
+
 async def test_records_expire_and_hosts_are_the_observed_address() -> None:
     async with swarm(13, 4, rpc_timeout_s=TIMEOUT_S, record_ttl_s=1.0) as nodes:
         assert nodes[0].reannounce_interval_s == 0.5
